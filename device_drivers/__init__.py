@@ -1,0 +1,1 @@
+"""Hardware drivers: each reads one protocol and yields contract events. No MQTT, no storage."""

@@ -1,0 +1,144 @@
+"""The interface every driver implements, and the registry the agent builds drivers from.
+
+A driver reads its hardware (through a real library stack: pyserial, pyscard, OpenCV, pymodbus)
+and hands :class:`Reading` objects to an ``emit`` callback. It never blocks the event loop:
+blocking library calls run in a thread (``asyncio.to_thread``) or a reader thread of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+import msgspec
+
+from schemas import events as registry
+
+
+class DriverError(Exception):
+    """A driver cannot be built or cannot run; the message is meant for a technician."""
+
+
+class DriverState(StrEnum):
+    STARTING = "starting"
+    OK = "ok"
+    DISCONNECTED = "disconnected"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One event as a driver produces it, before the outbox gives it a ``seq``."""
+
+    type: str
+    data: msgspec.Struct
+    ts: datetime = field(default_factory=lambda: datetime.now(UTC).astimezone())
+    synced: bool = True
+
+    def __post_init__(self) -> None:
+        etype = registry.get(self.type)
+        if etype is None:
+            raise DriverError(f"driver produced unregistered event type {self.type!r}")
+        if not isinstance(self.data, etype.data):
+            raise DriverError(
+                f"event type {self.type!r} needs data of {etype.data.__name__}, "
+                f"got {type(self.data).__name__}"
+            )
+
+
+Emit = Callable[[Reading], Awaitable[None]]
+
+
+class UidHasher:
+    """Turns a card UID into the keyed hash that is all that leaves the device."""
+
+    def __init__(self, key: bytes, *, send_raw: bool = False) -> None:
+        if len(key) < 16:
+            raise DriverError("the district hashing key must be at least 16 bytes")
+        self._key = key
+        #: Explicit opt-out of the privacy default: also send the raw UID.
+        self.send_raw = send_raw
+
+    def hash(self, uid: bytes) -> str:
+        return hmac.new(self._key, uid, hashlib.sha256).hexdigest()
+
+    def __repr__(self) -> str:  # never show the key
+        return f"UidHasher(send_raw={self.send_raw})"
+
+
+@dataclass(frozen=True, slots=True)
+class DriverContext:
+    """What the agent gives every driver it builds."""
+
+    device_id: str
+    hasher: UidHasher
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.counters[what] = self.counters.get(what, 0) + n
+
+
+class Driver(Protocol):
+    """A running hardware driver."""
+
+    name: str
+    state: DriverState
+    #: A plain-language word on the last problem, for `edge-agent status` and health events.
+    last_error: str | None
+
+    async def run(self, emit: Emit) -> None:
+        """Read the hardware until cancelled, recovering from unplug and bad frames by itself."""
+        ...
+
+
+DriverFactory = Callable[[str, Mapping[str, Any], DriverContext], Driver]
+
+DRIVERS: dict[str, DriverFactory] = {}
+
+
+def register_driver(type_name: str) -> Callable[[DriverFactory], DriverFactory]:
+    def deco(factory: DriverFactory) -> DriverFactory:
+        if type_name in DRIVERS:
+            raise ValueError(f"driver type {type_name!r} registered twice")
+        DRIVERS[type_name] = factory
+        return factory
+
+    return deco
+
+
+#: Built-in driver modules; each registers its types on import. Some need an optional extra.
+BUILTIN_MODULES: tuple[str, ...] = ("device_drivers.synthetic", "device_drivers.em4100")
+#: Modules that could not be imported, with the reason (usually a missing optional extra).
+UNAVAILABLE: dict[str, str] = {}
+
+
+def load_builtin_drivers() -> None:
+    """Import the built-in drivers lazily, so a gateway without OpenCV or pyscard still runs."""
+    for module in BUILTIN_MODULES:
+        if module in UNAVAILABLE or module in sys.modules:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            UNAVAILABLE[module] = str(exc)
+
+
+def build_driver(
+    type_name: str, name: str, options: Mapping[str, Any], ctx: DriverContext
+) -> Driver:
+    """Build a driver from its config section; raise :class:`DriverError` saying what is wrong."""
+    load_builtin_drivers()
+    factory = DRIVERS.get(type_name)
+    if factory is None:
+        known = ", ".join(sorted(DRIVERS))
+        hint = "".join(f"; {m} is unavailable: {why}" for m, why in sorted(UNAVAILABLE.items()))
+        raise DriverError(f"unknown driver type {type_name!r} (known: {known}){hint}")
+    return factory(name, options, ctx)

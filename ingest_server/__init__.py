@@ -1,0 +1,1 @@
+"""Ingest server: MQTT consumer → validated batches → PostgreSQL/TimescaleDB, HTTP API."""

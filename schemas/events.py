@@ -1,0 +1,264 @@
+"""The registry of event types: each ``type`` and the schema of its ``data``.
+
+Adding a type (the rule, also in docs/contract.md):
+
+1. Define a ``msgspec.Struct`` for its ``data`` here, with ``forbid_unknown_fields=False`` (devices
+   may send more than we know) and every field typed and documented by name.
+2. Register it with :func:`register`, naming any numeric fields that also go to ``readings``
+   under a metric name unique across all types.
+3. Run ``campus-schemas export --out schemas/jsonschema`` and commit the result; CI fails while
+   the checked-in JSON Schema differs from the code.
+4. Never change the meaning of an existing field: add an optional one, or a new type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Annotated, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+#: An HMAC-SHA256 of a card UID with the district key, as 64 lowercase hex digits.
+UidHash = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$", description="HMAC-SHA256 of the UID")]
+Name = Annotated[str, Meta(min_length=1, max_length=128)]
+Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
+NonNegative = Annotated[float, Meta(ge=0.0)]
+Count = Annotated[int, Meta(ge=0)]
+
+
+class DeviceKind(StrEnum):
+    SMART_BOARD = "smart_board"
+    CLASS_SIGNAGE = "class_signage"
+    CARD_READER = "card_reader"
+    RECORDING_UNIT = "recording_unit"
+    ENV_SENSOR = "env_sensor"
+    ACCESS_GATE = "access_gate"
+    LIBRARY_TERMINAL = "library_terminal"
+    GATEWAY = "gateway"
+
+
+CardTech = Literal[
+    "iso14443a",
+    "iso14443b",
+    "felica",
+    "iso15693",
+    "mifare_classic",
+    "em4100",
+    "wiegand26",
+    "wiegand34",
+    "unknown",
+]
+
+
+class _Data(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """Base of every event's ``data``."""
+
+
+class CardTap(_Data):
+    uid_hash: UidHash
+    tech: CardTech
+    reader: Name
+    #: The raw UID in hex: present only where a deployment has explicitly opted out of hashing.
+    uid: Annotated[str, Meta(pattern=r"^[0-9A-Fa-f]{2,40}$")] | None = None
+
+
+class AttendanceCheckin(_Data):
+    uid_hash: UidHash
+    reader: Name
+    class_id: Name | None = None
+    #: The timetable period the tap fell in, or null outside every period.
+    period: Name | None = None
+    status: Literal["on_time", "late", "outside_period"] = "on_time"
+
+
+class BoardPower(_Data):
+    state: Literal["on", "off", "standby"]
+    previous: Literal["on", "off", "standby", "unknown"] | None = None
+
+
+class BoardInput(_Data):
+    source: Name
+    previous: Name | None = None
+
+
+class BoardApp(_Data):
+    app: Name
+    action: Literal["foreground", "start", "stop"] = "foreground"
+
+
+class BoardTouch(_Data):
+    touches: Count
+    window_s: Annotated[float, Meta(gt=0.0)]
+
+
+class SignageNoticeShown(_Data):
+    notice_id: Name
+    title: Annotated[str, Meta(max_length=512)] | None = None
+    cmd_id: Name | None = None
+    duration_s: NonNegative | None = None
+
+
+class RecorderStatus(_Data):
+    state: Literal["stop", "record", "pause"]
+    free_space_mb: NonNegative | None = None
+    recorder: Name | None = None
+
+
+class CameraHealth(_Data):
+    camera: Name
+    fps: NonNegative
+    brightness: Annotated[float, Meta(ge=0.0, le=255.0)]
+    black_frame: bool
+    frozen: bool
+    connected: bool = True
+
+
+class CameraActivity(_Data):
+    camera: Name
+    motion: Fraction
+    people: Count
+
+
+class EnvReading(_Data):
+    sensor: Name | None = None
+    temperature_c: Annotated[float, Meta(ge=-60.0, le=100.0)] | None = None
+    humidity_pct: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
+    co2_ppm: Annotated[float, Meta(ge=0.0, le=100000.0)] | None = None
+    pm25_ugm3: Annotated[float, Meta(ge=0.0, le=10000.0)] | None = None
+    noise_db: Annotated[float, Meta(ge=0.0, le=200.0)] | None = None
+
+
+class AccessPass(_Data):
+    uid_hash: UidHash
+    gate: Name
+    direction: Literal["in", "out"]
+    result: Literal["granted", "denied"]
+    temperature_c: Annotated[float, Meta(ge=25.0, le=45.0)] | None = None
+    reason: Name | None = None
+
+
+class _LibraryTransaction(_Data):
+    student_hash: UidHash | None
+    item_id: Name
+    source: Literal["barcode", "rfid"]
+    terminal: Name
+    session_id: Name | None = None
+
+
+class LibraryLoan(_LibraryTransaction):
+    pass
+
+
+class LibraryReturn(_LibraryTransaction):
+    pass
+
+
+class AgentHealth(_Data):
+    cpu_pct: NonNegative
+    rss_mb: NonNegative
+    outbox_depth: Count
+    oldest_unsent_s: NonNegative
+    clock_offset_s: float | None = None
+    drivers: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EventType:
+    """One registered event type."""
+
+    name: str
+    data: type[_Data]
+    description: str
+    #: data field → metric name in ``readings`` (numeric fields only).
+    metrics: Mapping[str, str] = field(default_factory=dict)
+    decoder: msgspec.json.Decoder[_Data] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "decoder", msgspec.json.Decoder(self.data))
+
+
+REGISTRY: Final[dict[str, EventType]] = {}
+
+
+def register(event_type: EventType) -> EventType:
+    if event_type.name in REGISTRY:
+        raise ValueError(f"event type {event_type.name!r} is registered twice")
+    metric_names = {m for t in REGISTRY.values() for m in t.metrics.values()}
+    clash = metric_names & set(event_type.metrics.values())
+    if clash:
+        raise ValueError(f"metric names {sorted(clash)} are already used by another event type")
+    REGISTRY[event_type.name] = event_type
+    return event_type
+
+
+def get(name: str) -> EventType | None:
+    return REGISTRY.get(name)
+
+
+for _t in (
+    EventType("card.tap", CardTap, "A card was presented to a reader."),
+    EventType("attendance.checkin", AttendanceCheckin, "A student checked in at class signage."),
+    EventType("board.power", BoardPower, "A smart board's power state changed."),
+    EventType("board.input", BoardInput, "A smart board's input source changed."),
+    EventType("board.app", BoardApp, "An application came to the foreground on a board."),
+    EventType(
+        "board.touch",
+        BoardTouch,
+        "Touch activity on a board over a window.",
+        {"touches": "board_touches"},
+    ),
+    EventType("signage.notice_shown", SignageNoticeShown, "Signage displayed a notice."),
+    EventType(
+        "recorder.status",
+        RecorderStatus,
+        "A recording unit's status poll.",
+        {"free_space_mb": "recorder_free_space_mb"},
+    ),
+    EventType(
+        "camera.health",
+        CameraHealth,
+        "Figures about a camera's picture (never frames).",
+        {"fps": "camera_fps", "brightness": "camera_brightness"},
+    ),
+    EventType(
+        "camera.activity",
+        CameraActivity,
+        "Motion level and a people estimate.",
+        {"motion": "camera_motion", "people": "camera_people"},
+    ),
+    EventType(
+        "env.reading",
+        EnvReading,
+        "An environment sensor reading.",
+        {
+            "temperature_c": "temperature_c",
+            "humidity_pct": "humidity_pct",
+            "co2_ppm": "co2_ppm",
+            "pm25_ugm3": "pm25_ugm3",
+            "noise_db": "noise_db",
+        },
+    ),
+    EventType(
+        "access.pass",
+        AccessPass,
+        "A pass (or refusal) at an access gate.",
+        {"temperature_c": "body_temperature_c"},
+    ),
+    EventType("library.loan", LibraryLoan, "A book was borrowed at a library terminal."),
+    EventType("library.return", LibraryReturn, "A book was returned at a library terminal."),
+    EventType(
+        "agent.health",
+        AgentHealth,
+        "The edge agent's own health.",
+        {
+            "cpu_pct": "agent_cpu_pct",
+            "rss_mb": "agent_rss_mb",
+            "outbox_depth": "agent_outbox_depth",
+            "oldest_unsent_s": "agent_oldest_unsent_s",
+        },
+    ),
+):
+    register(_t)

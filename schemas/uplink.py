@@ -1,0 +1,234 @@
+"""The uplink batch on ``up`` (ARCHITECTURE.md section 4): encode on the device, decode and
+validate on the server.
+
+Decoding is deliberately two-level: the envelope first, then each event on its own, so one bad
+event is rejected with its reason while the valid events around it are kept.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Final
+
+import msgspec
+from msgspec import Meta
+
+from schemas import events as registry
+from schemas.errors import UplinkError
+from schemas.topics import Channel, Topic, parse
+
+VERSION: Final = 1
+#: Messages above this size are refused whole (the broker limit should sit above it).
+DEFAULT_MAX_BYTES: Final = 256 * 1024
+_SEQ_MAX: Final = 2**63 - 1
+
+Seq = Annotated[int, Meta(ge=0, le=_SEQ_MAX, description="per-device sequence number")]
+AwareDatetime = Annotated[datetime, Meta(tz=True)]
+
+
+class _Envelope(msgspec.Struct, forbid_unknown_fields=False):
+    v: int
+    device_id: str
+    kind: str
+    events: list[msgspec.Raw]
+    sent_at: AwareDatetime | None = None
+    replay: bool = False
+
+
+class _Event(msgspec.Struct, forbid_unknown_fields=False):
+    seq: Seq
+    ts: AwareDatetime
+    type: str
+    data: msgspec.Raw
+    synced: bool = True
+    replay: bool = False
+
+
+class UplinkEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event as it travels (encoding side): ``data`` is already-encoded JSON."""
+
+    seq: Seq
+    ts: AwareDatetime
+    type: str
+    data: msgspec.Raw
+    synced: bool = True
+
+
+class UplinkBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """The uplink batch as the agent sends it."""
+
+    v: int = VERSION
+    device_id: str
+    kind: str
+    sent_at: AwareDatetime
+    events: list[UplinkEvent]
+    replay: bool = False
+
+
+_encoder: Final = msgspec.json.Encoder()
+_envelope_decoder: Final = msgspec.json.Decoder(_Envelope)
+_event_decoder: Final = msgspec.json.Decoder(_Event)
+_KINDS: Final = frozenset(k.value for k in registry.DeviceKind)
+# A JSON \u0000 escape not itself escaped: PostgreSQL's jsonb cannot hold NUL characters.
+_NUL_ESCAPE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def encode_batch(batch: UplinkBatch) -> bytes:
+    return _encoder.encode(batch)
+
+
+class ValidEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated event ready to store; ``data_json`` is the event's ``data`` as sent."""
+
+    seq: int
+    ts: datetime
+    type: str
+    data_json: bytes
+    data: registry._Data
+    synced: bool
+    replay: bool
+
+
+class RejectedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event that failed validation: its raw JSON and a reason naming the field."""
+
+    raw: bytes
+    reason: str
+    seq: int | None = None
+
+
+class DecodedUplink(msgspec.Struct, frozen=True, kw_only=True):
+    topic: Topic
+    kind: str
+    replay: bool
+    events: list[ValidEvent]
+    rejected: list[RejectedEvent]
+
+
+def _describe(err: msgspec.ValidationError | msgspec.DecodeError, prefix: str) -> str:
+    """Turn msgspec's ``Expected X - at `$.a[0].b``` into ``prefix.a[0].b: expected X``."""
+    text = str(err)
+    what, sep, where = text.rpartition(" - at `$")
+    if not sep:
+        return f"{prefix}: {text[:1].lower()}{text[1:]}" if prefix else text
+    path = prefix + where.rstrip("`")
+    return f"{path.lstrip('.')}: {what[:1].lower()}{what[1:]}"
+
+
+def decode_uplink(
+    topic: str, payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> DecodedUplink:
+    """Decode and validate one ``up`` message.
+
+    Raises :class:`UplinkError` when the message as a whole is unusable; otherwise returns the
+    valid events and, separately, every rejected event with its reason.
+    """
+    try:
+        parsed = parse(topic)
+    except ValueError as exc:
+        raise UplinkError(str(exc)) from None
+    if parsed.channel is not Channel.UP:
+        raise UplinkError(f"topic {topic!r} is not an uplink ('up') topic")
+    if len(payload) > max_bytes:
+        raise UplinkError(f"message is {len(payload)} bytes, over the limit of {max_bytes} bytes")
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UplinkError(f"payload is not UTF-8: invalid byte at offset {exc.start}") from None
+    try:
+        env = _envelope_decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise UplinkError(_describe(exc, "")) from None
+    except msgspec.DecodeError as exc:
+        raise UplinkError(f"payload is not valid JSON: {exc}") from None
+    if env.v != VERSION:
+        raise UplinkError(f"v: unsupported contract version {env.v} (this server speaks {VERSION})")
+    if env.device_id != parsed.device_id:
+        raise UplinkError(
+            f"device_id: {env.device_id!r} does not match the topic's device {parsed.device_id!r}"
+        )
+    if env.kind not in _KINDS:
+        raise UplinkError(
+            f"kind: unknown device kind {env.kind!r} (known: {', '.join(sorted(_KINDS))})"
+        )
+
+    valid: list[ValidEvent] = []
+    rejected: list[RejectedEvent] = []
+    for i, raw_event in enumerate(env.events):
+        raw = bytes(raw_event)
+        where = f"events[{i}]"
+        try:
+            ev = _event_decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            rejected.append(RejectedEvent(raw=raw, reason=_describe(exc, where), seq=_seq_of(raw)))
+            continue
+        etype = registry.get(ev.type)
+        if etype is None:
+            rejected.append(
+                RejectedEvent(
+                    raw=raw,
+                    seq=ev.seq,
+                    reason=f"{where}.type: unknown event type {ev.type!r} "
+                    f"(registered: {', '.join(sorted(registry.REGISTRY))})",
+                )
+            )
+            continue
+        data_json = bytes(ev.data)
+        try:
+            data = etype.decoder.decode(data_json)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            rejected.append(
+                RejectedEvent(raw=raw, seq=ev.seq, reason=_describe(exc, f"{where}.data"))
+            )
+            continue
+        if _NUL_ESCAPE.search(data_json):
+            rejected.append(
+                RejectedEvent(
+                    raw=raw,
+                    seq=ev.seq,
+                    reason=f"{where}.data: contains a \\u0000 character, which cannot be stored",
+                )
+            )
+            continue
+        valid.append(
+            ValidEvent(
+                seq=ev.seq,
+                ts=ev.ts,
+                type=ev.type,
+                data_json=data_json,
+                data=data,
+                synced=ev.synced,
+                replay=env.replay or ev.replay,
+            )
+        )
+    return DecodedUplink(
+        topic=parsed, kind=env.kind, replay=env.replay, events=valid, rejected=rejected
+    )
+
+
+class _SeqOnly(msgspec.Struct, forbid_unknown_fields=False):
+    seq: int | None = None
+
+
+_seq_decoder: Final = msgspec.json.Decoder(_SeqOnly)
+
+
+def _seq_of(raw: bytes) -> int | None:
+    """Best-effort seq of a rejected event, so quarantine rows can be tied to gaps."""
+    try:
+        seq = _seq_decoder.decode(raw).seq
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    return seq if seq is not None and 0 <= seq <= _SEQ_MAX else None
+
+
+def metrics_of(event: ValidEvent) -> list[tuple[str, float]]:
+    """The numeric readings an event carries, as (metric, value) pairs."""
+    etype = registry.REGISTRY[event.type]
+    out: list[tuple[str, float]] = []
+    for fld, metric in etype.metrics.items():
+        value = getattr(event.data, fld, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((metric, float(value)))
+    return out

@@ -1,0 +1,1 @@
+"""Hardware simulators speaking each device's real protocol (pty serial, PC/SC, video, Modbus)."""

@@ -1,0 +1,210 @@
+"""The wire contract in code: topics, uplink decoding, and the reasons given for bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from schemas import REGISTRY, Channel, TopicError, UplinkError, decode_uplink, metrics_of, topics
+from schemas.cli import export_all
+from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
+
+TOPIC = "campus/v1/s001/cr-0101/up"
+HASH = "ab" * 32
+
+
+def event(seq: int = 1, type_: str = "card.tap", data: Any = None, **extra: Any) -> dict[str, Any]:
+    if data is None:
+        data = {"uid_hash": HASH, "tech": "iso14443a", "reader": "door-1"}
+    return {"seq": seq, "ts": "2026-11-22T07:50:01.123+08:00", "type": type_, "data": data, **extra}
+
+
+def batch(*events: dict[str, Any], **over: Any) -> bytes:
+    body = {
+        "v": 1,
+        "device_id": "cr-0101",
+        "kind": "card_reader",
+        "sent_at": "2026-11-22T07:50:02.010+08:00",
+        "events": list(events),
+    }
+    body.update(over)
+    return json.dumps(body).encode()
+
+
+def test_topic_round_trip() -> None:
+    t = topics.build("s001", "cr-0101", Channel.CMD_ACK)
+    assert t == "campus/v1/s001/cr-0101/cmd/ack"
+    parsed = topics.parse(t)
+    assert (parsed.school_id, parsed.device_id, parsed.channel) == (
+        "s001",
+        "cr-0101",
+        Channel.CMD_ACK,
+    )
+
+
+@pytest.mark.parametrize(
+    ("topic", "words"),
+    [
+        ("campus/v2/s001/d1/up", "not of the form"),
+        ("campus/v1/S001/d1/up", "school_id 'S001' is not a valid id"),
+        ("campus/v1/s001/-d/up", "device_id '-d' is not a valid id"),
+        ("campus/v1/s001/d1/down", "unknown channel 'down'"),
+        ("campus/v1/s001", "not of the form"),
+    ],
+)
+def test_bad_topics_say_what_is_wrong(topic: str, words: str) -> None:
+    with pytest.raises(TopicError, match=words):
+        topics.parse(topic)
+
+
+def test_shared_subscription_filter() -> None:
+    assert topics.subscription(Channel.UP, share_group="ingest") == "$share/ingest/campus/v1/+/+/up"
+
+
+def test_contract_example_decodes() -> None:
+    decoded = decode_uplink(TOPIC, batch(event(1841, synced=True)))
+    assert decoded.rejected == []
+    (ev,) = decoded.events
+    assert ev.seq == 1841
+    assert ev.ts.utcoffset() is not None
+    assert json.loads(ev.data_json)["reader"] == "door-1"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{not json", "payload is not valid JSON"),
+        (b"\xff\xfe{}", "payload is not UTF-8: invalid byte at offset 0"),
+        (batch(event(), v=2), "v: unsupported contract version 2"),
+        (
+            batch(event(), device_id="cr-0999"),
+            "device_id: 'cr-0999' does not match the topic's device 'cr-0101'",
+        ),
+        (batch(event(), kind="toaster"), "kind: unknown device kind 'toaster'"),
+        (
+            b'{"v": 1, "device_id": "cr-0101", "kind": "card_reader"}',
+            "missing required field `events`",
+        ),
+        (batch(event(), events="x"), "events: expected `array`, got `str`"),
+    ],
+)
+def test_whole_message_failures_name_the_problem(payload: bytes, reason: str) -> None:
+    with pytest.raises(UplinkError) as info:
+        decode_uplink(TOPIC, payload)
+    assert reason in str(info.value)
+
+
+def test_oversize_message_is_refused_with_sizes() -> None:
+    with pytest.raises(UplinkError, match=r"message is \d+ bytes, over the limit of 100 bytes"):
+        decode_uplink(TOPIC, batch(event()), max_bytes=100)
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (
+            {k: v for k, v in event().items() if k != "seq"},
+            "events[1]: object missing required field `seq`",
+        ),
+        (event(seq=-5), "events[1].seq: expected `int` >= 0"),
+        (event(seq="7"), "events[1].seq: expected `int`, got `str`"),
+        (event(seq=7.5), "events[1].seq: expected `int`, got `float`"),
+        (event(type_="card.swipe"), "events[1].type: unknown event type 'card.swipe'"),
+        (
+            event(data={"uid_hash": "nothex", "tech": "iso14443a", "reader": "r"}),
+            "events[1].data.uid_hash: expected `str` matching regex",
+        ),
+        (
+            event(data={"uid_hash": HASH, "tech": "iso14443a"}),
+            "events[1].data: object missing required field `reader`",
+        ),
+        (
+            event(type_="env.reading", data={"co2_ppm": "high"}),
+            "events[1].data.co2_ppm: expected `float | null`, got `str`",
+        ),
+        (
+            {**event(), "ts": "2026-11-22T07:50:01"},
+            "events[1].ts: expected `datetime` with a timezone component",
+        ),
+        (
+            event(data={"uid_hash": HASH, "tech": "iso14443a", "reader": "a\u0000b"}),
+            "cannot be stored",
+        ),
+    ],
+)
+def test_bad_event_is_rejected_alone(bad: dict[str, Any], reason: str) -> None:
+    decoded = decode_uplink(TOPIC, batch(event(1), bad, event(3)))
+    assert [e.seq for e in decoded.events] == [1, 3]
+    (rej,) = decoded.rejected
+    assert reason in rej.reason, rej.reason
+    assert json.loads(rej.raw) == bad
+
+
+def test_rejected_event_keeps_its_seq_when_it_has_one() -> None:
+    decoded = decode_uplink(TOPIC, batch(event(9, type_="nope")))
+    assert decoded.rejected[0].seq == 9
+
+
+def test_metrics_come_from_registered_fields_only() -> None:
+    data = {"temperature_c": 22.5, "co2_ppm": 800, "sensor": "room"}
+    decoded = decode_uplink(TOPIC, batch(event(1, "env.reading", data)))
+    assert sorted(metrics_of(decoded.events[0])) == [("co2_ppm", 800.0), ("temperature_c", 22.5)]
+
+
+def test_agent_encoding_decodes_on_the_server() -> None:
+    out = UplinkBatch(
+        device_id="cr-0101",
+        kind="card_reader",
+        sent_at=datetime.now(UTC),
+        replay=True,
+        events=[
+            UplinkEvent(
+                seq=5, ts=datetime.now(UTC), type="board.power", data=msgspec.Raw(b'{"state":"on"}')
+            )
+        ],
+    )
+    decoded = decode_uplink(TOPIC, encode_batch(out))
+    assert decoded.replay is True
+    assert decoded.events[0].replay is True
+    assert decoded.events[0].data_json == b'{"state":"on"}'
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_crash_the_decoder(payload: bytes) -> None:
+    with contextlib.suppress(UplinkError):
+        decode_uplink(TOPIC, payload)
+
+
+def test_every_registered_type_exports_a_schema() -> None:
+    exported = export_all()
+    for name in REGISTRY:
+        assert exported[f"event.{name}.json"]["title"] == name
+    assert "uplink_batch.json" in exported
+
+
+def test_contract_names_every_type_in_the_architecture() -> None:
+    named = {
+        "card.tap",
+        "attendance.checkin",
+        "board.power",
+        "board.input",
+        "board.app",
+        "board.touch",
+        "signage.notice_shown",
+        "recorder.status",
+        "camera.health",
+        "camera.activity",
+        "env.reading",
+        "access.pass",
+        "library.loan",
+        "library.return",
+        "agent.health",
+    }
+    assert named <= set(REGISTRY)
