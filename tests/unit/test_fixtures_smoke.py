@@ -36,7 +36,7 @@ def test_mosquitto_keeps_queued_qos1_across_restart(mosquitto: Mosquitto) -> Non
     sub.connect(mosquitto.host, mosquitto.port)
     sub.subscribe("smoke/#", qos=1)
     sub.loop_start()
-    wait_until(lambda: sub.is_connected(), 5, "subscriber connected")
+    wait_until(sub.is_connected, 5, "subscriber connected")
     sub.disconnect()
     sub.loop_stop()
 
