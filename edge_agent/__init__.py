@@ -1,1 +1,1 @@
-"""Edge agent: drivers → durable outbox → MQTT publisher, plus commands, config and the technician CLI."""
+"""Edge agent: drivers, durable outbox, MQTT publisher, commands, config, technician CLI."""
