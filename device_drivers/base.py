@@ -115,7 +115,14 @@ def register_driver(type_name: str) -> Callable[[DriverFactory], DriverFactory]:
 
 
 #: Built-in driver modules; each registers its types on import. Some need an optional extra.
-BUILTIN_MODULES: tuple[str, ...] = ("device_drivers.synthetic", "device_drivers.em4100")
+BUILTIN_MODULES: tuple[str, ...] = (
+    "device_drivers.synthetic",
+    "device_drivers.em4100",
+    "device_drivers.wiegand",
+    "device_drivers.signage",
+    "device_drivers.modbus_env",
+    "device_drivers.gate",
+)
 #: Modules that could not be imported, with the reason (usually a missing optional extra).
 UNAVAILABLE: dict[str, str] = {}
 

@@ -1,0 +1,560 @@
+"""Class signage: card check-ins bound to the timetable → ``attendance.checkin``; notices shown on
+the screen → ``signage.notice_shown``.
+
+Driver type ``signage``. Options:
+
+- ``cards``: a list of inner card-reader tables (``type`` = any card driver: ``em4100``,
+  ``wiegand``, ``pcsc`` …, optional ``name``, plus that driver's own options), built with the
+  same context. Their ``card.tap`` events become check-ins and are not forwarded themselves.
+- ``class_id``: the class this screen belongs to; ``timezone`` (``Asia/Shanghai``);
+  ``grace_min`` (5): a tap up to this long after a period starts is ``on_time``, later
+  ``late``; ``early_min`` (10): a tap this long before a period starts counts for it, on time.
+- ``periods``: ``[{name, start = "08:00", end = "08:45", days = ["mon", …], class_id}]``
+  (``days`` defaults to mon to fri, ``class_id`` to the driver's).
+- ``screen``: ``"host:port"`` of the display app; ``ack_timeout_s`` (5).
+
+Screen protocol (our simulator speaks it too): newline-delimited UTF-8 JSON over TCP, one
+object per line. The agent sends ``{"op": "show", "id", "title", "body", "duration_s"}``; the
+screen answers ``{"op": "shown", "id"}`` once the notice is on screen, or ``{"op":
+"rejected", "id", "reason"}``. :meth:`ClassSignage.show_notice` emits ``signage.notice_shown``
+only after ``shown``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from typing import Annotated, Any, Final, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+from msgspec import Meta
+
+from device_drivers.base import (
+    Driver,
+    DriverContext,
+    DriverError,
+    DriverState,
+    Emit,
+    Reading,
+    build_driver,
+    register_driver,
+)
+from schemas.events import AttendanceCheckin, CardTap, SignageNoticeShown
+
+log = logging.getLogger(__name__)
+
+WEEKDAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+Status = Literal["on_time", "late", "outside_period"]
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def parse_options(name: str, options: Mapping[str, Any], kind: type[S]) -> S:
+    """Config table → typed options, or a :class:`DriverError` naming the bad field."""
+    raw = {k: v for k, v in options.items() if k not in ("type", "name")}
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        raise DriverError(f"driver {name!r}: {exc}") from exc
+
+
+# -- inner card readers (shared with the gate) ---------------------------------------------------
+
+_SEVERITY: Final = (
+    DriverState.FAILED,
+    DriverState.DISCONNECTED,
+    DriverState.STARTING,
+    DriverState.OK,
+    DriverState.STOPPED,
+)
+
+
+def worst_state(states: Iterable[DriverState]) -> DriverState:
+    """The state to show for a device made of parts: the most severe one."""
+    return min(states, key=_SEVERITY.index, default=DriverState.STOPPED)
+
+
+OnTap = Callable[[Reading, CardTap, Mapping[str, Any]], Awaitable[None]]
+
+
+class CardSources:
+    """The card readers inside a composite device, each built from its own config table.
+
+    Keys named in ``consume`` (e.g. the gate's ``direction``) are taken out of each table before
+    the inner driver sees it and handed to ``on_tap`` with every tap of that reader.
+    """
+
+    def __init__(
+        self,
+        owner: str,
+        entries: Sequence[Mapping[str, Any]],
+        ctx: DriverContext,
+        *,
+        consume: Sequence[str] = (),
+    ) -> None:
+        self.parts: list[tuple[Driver, dict[str, Any]]] = []
+        for i, entry in enumerate(entries):
+            kind = entry.get("type")
+            if not isinstance(kind, str):
+                raise DriverError(f"driver {owner!r}: cards[{i}] needs a `type`")
+            extra = {k: entry[k] for k in consume if k in entry}
+            inner = {k: v for k, v in entry.items() if k not in (*consume, "type", "name")}
+            default = owner if len(entries) == 1 else f"{owner}-{i + 1}"
+            name = str(entry.get("name", default))
+            self.parts.append((build_driver(kind, name, inner, ctx), extra))
+
+    @property
+    def drivers(self) -> list[Driver]:
+        return [d for d, _ in self.parts]
+
+    async def run(self, on_tap: OnTap, emit: Emit) -> None:
+        """Run every reader until cancelled; taps go to ``on_tap``, anything else to ``emit``."""
+
+        def route(extra: Mapping[str, Any]) -> Emit:
+            async def inner_emit(reading: Reading) -> None:
+                if isinstance(reading.data, CardTap):
+                    await on_tap(reading, reading.data, extra)
+                else:
+                    await emit(reading)
+
+            return inner_emit
+
+        async with asyncio.TaskGroup() as tg:
+            for driver, extra in self.parts:
+                tg.create_task(driver.run(route(extra)), name=f"card:{driver.name}")
+
+
+# -- timetable -----------------------------------------------------------------------------------
+
+
+class PeriodOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    name: Annotated[str, Meta(min_length=1, max_length=128)]
+    start: Annotated[str, Meta(pattern=r"^\d{1,2}:\d{2}$")]
+    end: Annotated[str, Meta(pattern=r"^\d{1,2}:\d{2}$")]
+    days: list[Weekday] = msgspec.field(default_factory=lambda: list(WEEKDAYS[:5]))
+    class_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    name: str
+    days: frozenset[int]
+    start: time
+    end: time
+    class_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Timetable:
+    periods: tuple[Period, ...]
+    tz: ZoneInfo
+    grace: timedelta = timedelta(minutes=5)
+    early: timedelta = timedelta(minutes=10)
+    class_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a tap falls in the timetable."""
+
+    period: str | None
+    class_id: str | None
+    status: Status
+
+
+def place_tap(when: datetime, timetable: Timetable) -> Placement:
+    """Bind a tap (an aware datetime) to a period of the timetable, in the timetable's zone.
+
+    Inside a period: ``on_time`` up to and including ``start + grace``, then ``late``. In the
+    ``early`` window before a period starts (and not inside another): that period, ``on_time``.
+    Otherwise ``outside_period`` with no period and the timetable's own class.
+    """
+    local = when.astimezone(timetable.tz)
+    wall = local.replace(tzinfo=None)
+    today = [p for p in timetable.periods if local.weekday() in p.days]
+
+    def at(t: time) -> datetime:
+        return datetime.combine(local.date(), t)
+
+    for p in today:
+        if at(p.start) <= wall < at(p.end):
+            status: Status = "on_time" if wall <= at(p.start) + timetable.grace else "late"
+            return Placement(p.name, p.class_id or timetable.class_id, status)
+    for p in today:
+        if at(p.start) - timetable.early <= wall < at(p.start):
+            return Placement(p.name, p.class_id or timetable.class_id, "on_time")
+    return Placement(None, timetable.class_id, "outside_period")
+
+
+def _clock(text: str) -> time:
+    hour, minute = (int(x) for x in text.split(":"))
+    if hour > 23 or minute > 59:
+        raise ValueError(f"{text!r} is not a time of day")
+    return time(hour, minute)
+
+
+def parse_timetable(
+    periods: Sequence[PeriodOptions],
+    *,
+    timezone: str = "Asia/Shanghai",
+    grace_min: float = 5,
+    early_min: float = 10,
+    class_id: str | None = None,
+) -> Timetable:
+    """Validate the configured periods (times, no overlaps on a day) into a :class:`Timetable`."""
+    try:
+        tz = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {timezone!r}") from exc
+    parsed = []
+    for p in periods:
+        start, end = _clock(p.start), _clock(p.end)
+        if start >= end:
+            raise ValueError(f"period {p.name!r} ends before it starts")
+        days = frozenset(WEEKDAYS.index(d) for d in p.days)
+        parsed.append(Period(p.name, days, start, end, p.class_id))
+    for i, a in enumerate(parsed):
+        for b in parsed[i + 1 :]:
+            if a.days & b.days and a.start < b.end and b.start < a.end:
+                raise ValueError(f"periods {a.name!r} and {b.name!r} overlap")
+    return Timetable(
+        tuple(parsed),
+        tz,
+        timedelta(minutes=grace_min),
+        timedelta(minutes=early_min),
+        class_id,
+    )
+
+
+# -- the screen ----------------------------------------------------------------------------------
+
+
+class _ScreenReply(msgspec.Struct, frozen=True):
+    op: str
+    id: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScreenReply:
+    notice_id: str
+    shown: bool
+    reason: str | None = None
+
+
+class ScreenCodec:
+    """Sans-I/O: the screen's reply lines in, :class:`ScreenReply` out; bad lines counted."""
+
+    MAX_LINE = 64 * 1024
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.bad_lines = 0
+        self._decoder = msgspec.json.Decoder(_ScreenReply)
+
+    def feed(self, data: bytes) -> list[ScreenReply]:
+        self._buf += data
+        out: list[ScreenReply] = []
+        while (nl := self._buf.find(b"\n")) >= 0:
+            line = bytes(self._buf[:nl]).strip()
+            del self._buf[: nl + 1]
+            if line:
+                out.extend(self._decode(line))
+        if len(self._buf) > self.MAX_LINE:
+            self._buf.clear()
+            self.bad_lines += 1
+        return out
+
+    def _decode(self, line: bytes) -> list[ScreenReply]:
+        try:
+            msg = self._decoder.decode(line)
+        except msgspec.DecodeError:
+            self.bad_lines += 1
+            return []
+        if msg.op not in ("shown", "rejected"):
+            self.bad_lines += 1
+            return []
+        return [ScreenReply(msg.id, msg.op == "shown", msg.reason)]
+
+    @staticmethod
+    def show(
+        notice_id: str, title: str | None, body: str | None, duration_s: float | None
+    ) -> bytes:
+        msg = {
+            "op": "show",
+            "id": notice_id,
+            "title": title,
+            "body": body,
+            "duration_s": duration_s,
+        }
+        return msgspec.json.encode(msg) + b"\n"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"screen must be host:port, not {address!r}")
+    return host or "127.0.0.1", int(port)
+
+
+class ScreenLink:
+    """A persistent connection to the display app, reconnected with backoff."""
+
+    BACKOFF_MIN_S = 0.5
+    BACKOFF_MAX_S = 10.0
+    MAX_PENDING = 16
+
+    def __init__(self, address: str, owner: str, ctx: DriverContext) -> None:
+        self.host, self.port = split_address(address)
+        self.state = DriverState.STARTING
+        self.last_error: str | None = None
+        self._owner = owner
+        self._ctx = ctx
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[str, asyncio.Future[ScreenReply]] = {}
+
+    async def run(self) -> None:
+        backoff = self.BACKOFF_MIN_S
+        try:
+            while True:
+                try:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(self.host, self.port), timeout=5
+                    )
+                except (OSError, TimeoutError) as exc:
+                    self._down(f"cannot reach the screen at {self.host}:{self.port}: {exc}")
+                    await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+                    backoff = min(backoff * 2, self.BACKOFF_MAX_S)
+                    continue
+                self.state, self._writer = DriverState.OK, writer
+                backoff = self.BACKOFF_MIN_S
+                try:
+                    await self._read(reader)
+                    self._down("the screen closed the connection")
+                except OSError as exc:
+                    self._down(f"lost the screen: {exc}")
+                finally:
+                    self._writer = None
+                    self._fail_pending()
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
+        finally:
+            self.state = DriverState.STOPPED
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        codec = ScreenCodec()
+        while data := await reader.read(4096):
+            bad = codec.bad_lines
+            for reply in codec.feed(data):
+                fut = self._pending.get(reply.notice_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+            if codec.bad_lines > bad:
+                self._ctx.count("signage.bad_screen_reply", codec.bad_lines - bad)
+
+    async def show(
+        self,
+        notice_id: str,
+        title: str | None,
+        body: str | None,
+        duration_s: float | None,
+        timeout_s: float,
+    ) -> None:
+        """Put a notice on screen; return once the screen confirms, raise DriverError if not."""
+        writer = self._writer
+        if writer is None:
+            raise DriverError(f"screen not connected ({self.last_error or 'starting'})")
+        if notice_id in self._pending or len(self._pending) >= self.MAX_PENDING:
+            raise DriverError(f"notice {notice_id!r} is already waiting, or too many are")
+        fut: asyncio.Future[ScreenReply] = asyncio.get_running_loop().create_future()
+        self._pending[notice_id] = fut
+        try:
+            writer.write(ScreenCodec.show(notice_id, title, body, duration_s))
+            await writer.drain()
+            reply = await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            raise DriverError(
+                f"the screen did not confirm notice {notice_id!r} in {timeout_s:g} s"
+            ) from None
+        except OSError as exc:
+            raise DriverError(f"could not send notice {notice_id!r} to the screen: {exc}") from exc
+        finally:
+            self._pending.pop(notice_id, None)
+        if not reply.shown:
+            raise DriverError(
+                f"the screen refused notice {notice_id!r}: {reply.reason or 'no reason'}"
+            )
+
+    def _fail_pending(self) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(OSError("the screen went away"))
+
+    def _down(self, message: str) -> None:
+        if self.state != DriverState.DISCONNECTED or message != self.last_error:
+            log.warning("%s: %s", self._owner, message)
+        self.state = DriverState.DISCONNECTED
+        self.last_error = message
+
+
+# -- the driver ----------------------------------------------------------------------------------
+
+
+class SignageOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    cards: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    class_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    timezone: str = "Asia/Shanghai"
+    grace_min: Annotated[float, Meta(ge=0)] = 5.0
+    early_min: Annotated[float, Meta(ge=0)] = 10.0
+    periods: list[PeriodOptions] = msgspec.field(default_factory=list)
+    screen: str | None = None
+    ack_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
+
+
+class ClassSignage:
+    """A class signage unit: its card readers, its timetable and its screen."""
+
+    def __init__(self, name: str, options: SignageOptions, ctx: DriverContext) -> None:
+        self.name = name
+        self.options = options
+        self._ctx = ctx
+        self._state = DriverState.STARTING
+        self._error: str | None = None
+        try:
+            self.timetable = parse_timetable(
+                options.periods,
+                timezone=options.timezone,
+                grace_min=options.grace_min,
+                early_min=options.early_min,
+                class_id=options.class_id,
+            )
+            self.screen = ScreenLink(options.screen, name, ctx) if options.screen else None
+        except ValueError as exc:
+            raise DriverError(f"driver {name!r}: {exc}") from exc
+        if not options.cards and self.screen is None:
+            raise DriverError(f"driver {name!r}: configure `cards`, a `screen`, or both")
+        self.cards = CardSources(name, options.cards, ctx)
+        self._emit: Emit | None = None
+
+    @property
+    def state(self) -> DriverState:
+        parts = [d.state for d in self.cards.drivers]
+        if self.screen is not None:
+            parts.append(self.screen.state)
+        return self._state if self._state != DriverState.OK else worst_state(parts)
+
+    @state.setter
+    def state(self, value: DriverState) -> None:
+        self._state = value
+
+    @property
+    def last_error(self) -> str | None:
+        parts = [self._error, *(d.last_error for d in self.cards.drivers)]
+        if self.screen is not None:
+            parts.append(self.screen.last_error)
+        return next((e for e in parts if e), None)
+
+    @last_error.setter
+    def last_error(self, value: str | None) -> None:
+        self._error = value
+
+    async def run(self, emit: Emit) -> None:
+        self._emit = emit
+        self.state = DriverState.OK
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if self.cards.parts:
+                    tg.create_task(self.cards.run(self._on_tap, emit), name=f"{self.name}:cards")
+                if self.screen is not None:
+                    tg.create_task(self.screen.run(), name=f"{self.name}:screen")
+        except ExceptionGroup as group:
+            first = group.exceptions[0]
+            self.state, self.last_error = DriverState.FAILED, str(first)
+            raise first from group
+        finally:
+            self._emit = None
+            if self.state != DriverState.FAILED:
+                self.state = DriverState.STOPPED
+
+    async def _on_tap(self, reading: Reading, tap: CardTap, extra: Mapping[str, Any]) -> None:
+        where = place_tap(reading.ts, self.timetable)
+        checkin = AttendanceCheckin(
+            uid_hash=tap.uid_hash,
+            reader=tap.reader,
+            class_id=where.class_id,
+            period=where.period,
+            status=where.status,
+        )
+        await self._emit_reading(Reading("attendance.checkin", checkin, reading.ts, reading.synced))
+
+    async def show_notice(
+        self,
+        notice_id: str,
+        title: str | None,
+        body: str | None,
+        duration_s: float | None,
+        cmd_id: str | None = None,
+    ) -> None:
+        """Show a notice (the agent's command handler calls this); emit once it is on screen.
+
+        Raises :class:`DriverError` with a technician-readable reason when it could not be shown.
+        """
+        if self.screen is None:
+            raise DriverError(f"{self.name} has no screen configured")
+        if self._emit is None:
+            raise DriverError(f"{self.name} is not running")
+        if not 1 <= len(notice_id) <= 128:
+            raise DriverError("notice_id must be 1 to 128 characters")
+        await self.screen.show(notice_id, title, body, duration_s, self.options.ack_timeout_s)
+        shown = SignageNoticeShown(
+            notice_id=notice_id,
+            title=title[:512] if title is not None else None,
+            cmd_id=cmd_id,
+            duration_s=duration_s,
+        )
+        await self._emit_reading(Reading("signage.notice_shown", shown))
+
+    async def _emit_reading(self, reading: Reading) -> None:
+        if self._emit is None:
+            raise DriverError(f"{self.name} is not running")
+        await self._emit(reading)
+
+
+def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> ClassSignage:
+    return ClassSignage(name, parse_options(name, options, SignageOptions), ctx)
+
+
+register_driver("signage")(build)
+
+
+async def probe(options: Mapping[str, Any]) -> str:
+    """Check the timetable and that the screen answers a connection; name the current period."""
+    try:
+        opts = parse_options("probe", options, SignageOptions)
+        timetable = parse_timetable(
+            opts.periods,
+            timezone=opts.timezone,
+            grace_min=opts.grace_min,
+            early_min=opts.early_min,
+            class_id=opts.class_id,
+        )
+    except (DriverError, ValueError) as exc:
+        return f"configuration problem: {exc}"
+    now = place_tap(datetime.now(timetable.tz), timetable)
+    verdict = f"{len(timetable.periods)} period(s); now: {now.period or 'no period'}"
+    if opts.screen:
+        try:
+            host, port = split_address(opts.screen)
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
+            writer.close()
+            verdict += f"; screen at {opts.screen} accepts connections"
+        except (OSError, TimeoutError, ValueError) as exc:
+            verdict += f"; screen at {opts.screen} unreachable: {exc}"
+    return verdict

@@ -1,0 +1,334 @@
+"""Wiegand-26 / Wiegand-34 card readers behind a serial Wiegand-to-UART converter → ``card.tap``.
+
+Driver type ``wiegand``. Options: ``port`` (serial device or any pyserial URL such as
+``socket://host:port``), ``baudrate`` (9600), ``debounce_s`` (1.0: the same card again within
+this time is one tap; readers that repeat a held card keep extending the window).
+
+Converter framing (our simulator speaks the same): one ASCII line per card read,
+``W26:XXXXXXX`` or ``W34:XXXXXXXXX``, ended by CR, LF or CRLF. The digits are the raw Wiegand
+bits as upper- or lower-case hex, the first bit on the wire being the most significant,
+left-padded with zeros to 7 (26 bits) or 9 (34 bits) digits. The frame's first bit is even
+parity over the first half of the payload, its last bit odd parity over the second half.
+Payload: W26 = 8-bit facility code + 16-bit card number, W34 = 32-bit card number. The UID
+that is hashed is the payload as big-endian bytes (3 bytes for W26, 4 for W34), so the same
+card read by a PC/SC reader hashes differently: Wiegand only carries part of the serial.
+
+Lines that are not frames, frames with bad parity and lines over 64 bytes are counted
+(``wiegand.garbage``, ``wiegand.bad_parity``, ``wiegand.overlong``) and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, Literal, Protocol
+
+import msgspec
+import serial
+from msgspec import Meta
+
+from device_drivers.base import (
+    DriverContext,
+    DriverError,
+    DriverState,
+    Emit,
+    Reading,
+    register_driver,
+)
+from schemas.events import CardTap
+
+log = logging.getLogger(__name__)
+
+MAX_LINE: Final = 64
+_FRAME = re.compile(rb"W(26|34):([0-9A-Fa-f]+)")
+_DIGITS: Final = {26: 7, 34: 9}
+_SKIPPED: Final = {
+    "garbage": "skipped a line that is not a Wiegand frame",
+    "bad_parity": "skipped a frame with bad parity",
+    "overlong": "skipped an overlong line",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WiegandFrame:
+    """A parity-checked Wiegand read."""
+
+    bits: Literal[26, 34]
+    #: The payload between the parity bits: facility+card (W26) or card (W34).
+    payload: int
+
+    @property
+    def facility(self) -> int | None:
+        return self.payload >> 16 if self.bits == 26 else None
+
+    @property
+    def card(self) -> int:
+        return self.payload & 0xFFFF if self.bits == 26 else self.payload
+
+    @property
+    def uid(self) -> bytes:
+        return self.payload.to_bytes((self.bits - 2) // 8, "big")
+
+    @property
+    def tech(self) -> Literal["wiegand26", "wiegand34"]:
+        return "wiegand26" if self.bits == 26 else "wiegand34"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A line the parser threw away, and why."""
+
+    reason: Literal["garbage", "bad_parity", "overlong"]
+    line: bytes
+
+
+def check_parity(bits: int, raw: int) -> int | None:
+    """The payload of a raw ``bits``-long frame if both parity bits are right, else None."""
+    half = (bits - 2) // 2
+    payload = (raw >> 1) & ((1 << (bits - 2)) - 1)
+    first, second = payload >> half, payload & ((1 << half) - 1)
+    leading, trailing = raw >> (bits - 1), raw & 1
+    even_ok = (leading + first.bit_count()) % 2 == 0
+    odd_ok = (trailing + second.bit_count()) % 2 == 1
+    return payload if even_ok and odd_ok else None
+
+
+class WiegandParser:
+    """Sans-I/O: converter bytes in, frames and rejects out."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._skipping = False
+
+    def feed(self, data: bytes) -> list[WiegandFrame | Rejected]:
+        out: list[WiegandFrame | Rejected] = []
+        for byte in data:
+            if byte in b"\r\n":
+                if self._skipping:
+                    self._skipping = False
+                elif self._buf:
+                    out.append(self._parse(bytes(self._buf)))
+                self._buf.clear()
+            elif not self._skipping:
+                self._buf.append(byte)
+                if len(self._buf) > MAX_LINE:
+                    out.append(Rejected("overlong", bytes(self._buf[:MAX_LINE])))
+                    self._buf.clear()
+                    self._skipping = True
+        return out
+
+    @staticmethod
+    def _parse(line: bytes) -> WiegandFrame | Rejected:
+        m = _FRAME.fullmatch(line.strip(b" \t"))
+        if m is None:
+            return Rejected("garbage", line)
+        bits: Literal[26, 34] = 26 if m[1] == b"26" else 34
+        if len(m[2]) != _DIGITS[bits] or (raw := int(m[2], 16)) >> bits:
+            return Rejected("garbage", line)
+        payload = check_parity(bits, raw)
+        if payload is None:
+            return Rejected("bad_parity", line)
+        return WiegandFrame(bits, payload)
+
+
+class ByteStream(Protocol):
+    """What the driver reads: a pyserial port, a pty or a ``socket://`` URL all fit."""
+
+    def read(self, size: int = 1) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class PortLost(Exception):
+    """The serial device went away while being read."""
+
+
+class SerialReader:
+    """Reads a :class:`ByteStream` on its own thread and hands chunks to the event loop.
+
+    The queue is bounded: when the loop falls behind, the oldest chunk is dropped and counted.
+    A read error ends the thread and surfaces as :class:`PortLost` from :meth:`next_chunk`.
+    """
+
+    QUEUE_CHUNKS = 64
+
+    def __init__(self, stream: ByteStream, name: str, on_drop: Callable[[], None]) -> None:
+        self._stream = stream
+        self._on_drop = on_drop
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[bytes | Exception] = asyncio.Queue(self.QUEUE_CHUNKS)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name=f"serial-{name}", daemon=True)
+        self._thread.start()
+
+    async def next_chunk(self) -> bytes:
+        item = await self._queue.get()
+        if isinstance(item, Exception):
+            raise PortLost(str(item)) from item
+        return item
+
+    async def aclose(self) -> None:
+        """Stop the thread (it wakes within its read timeout) and close the port."""
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join, 5)
+        with contextlib.suppress(Exception):
+            self._stream.close()
+
+    def _pump(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._stream.read(256)
+            except Exception as exc:  # any read failure means the port is gone
+                self._deliver(exc)
+                return
+            if data:
+                self._deliver(data)
+
+    def _deliver(self, item: bytes | Exception) -> None:
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self._loop.call_soon_threadsafe(self._offer, item)
+
+    def _offer(self, item: bytes | Exception) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self._on_drop()
+        self._queue.put_nowait(item)
+
+
+class WiegandOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    port: str
+    baudrate: Annotated[int, Meta(gt=0)] = 9600
+    debounce_s: Annotated[float, Meta(ge=0)] = 1.0
+
+
+def open_serial(opts: WiegandOptions) -> ByteStream:
+    """Open the port with a short read timeout so the reader thread can stop promptly."""
+    port: ByteStream = serial.serial_for_url(opts.port, baudrate=opts.baudrate, timeout=0.1)
+    return port
+
+
+class WiegandReader:
+    """A Wiegand-to-UART converter on a serial port."""
+
+    BACKOFF_MIN_S = 0.5
+    BACKOFF_MAX_S = 10.0
+
+    def __init__(self, name: str, options: WiegandOptions, ctx: DriverContext) -> None:
+        self.name = name
+        self.state = DriverState.STARTING
+        self.last_error: str | None = None
+        self.options = options
+        self._ctx = ctx
+        self._last: tuple[bytes, float] | None = None
+
+    async def run(self, emit: Emit) -> None:
+        backoff = self.BACKOFF_MIN_S
+        try:
+            while True:
+                try:
+                    stream = await asyncio.to_thread(open_serial, self.options)
+                except (OSError, ValueError) as exc:
+                    self._down(f"cannot open {self.options.port}: {exc}")
+                    await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+                    backoff = min(backoff * 2, self.BACKOFF_MAX_S)
+                    continue
+                self.state = DriverState.OK
+                backoff = self.BACKOFF_MIN_S
+                reader = SerialReader(stream, self.name, lambda: self._ctx.count("wiegand.dropped"))
+                try:
+                    await self._read(reader, emit)
+                except PortLost as exc:
+                    self._down(f"{self.options.port} went away ({exc})")
+                finally:
+                    await reader.aclose()
+        finally:
+            self.state = DriverState.STOPPED
+
+    async def _read(self, reader: SerialReader, emit: Emit) -> None:
+        parser = WiegandParser()
+        while True:
+            for item in parser.feed(await reader.next_chunk()):
+                if isinstance(item, Rejected):
+                    self._ctx.count(f"wiegand.{item.reason}")
+                    self.last_error = _SKIPPED[item.reason]
+                    log.warning("%s: %s: %r", self.name, self.last_error, item.line)
+                elif tap := self._tap(item):
+                    await emit(Reading("card.tap", tap))
+
+    def _tap(self, frame: WiegandFrame) -> CardTap | None:
+        now = time.monotonic()
+        if (
+            self._last
+            and self._last[0] == frame.uid
+            and now - self._last[1] < self.options.debounce_s
+        ):
+            self._ctx.count("wiegand.debounced")
+            self._last = (frame.uid, now)
+            return None
+        self._last = (frame.uid, now)
+        hasher = self._ctx.hasher
+        return CardTap(
+            uid_hash=hasher.hash(frame.uid),
+            tech=frame.tech,
+            reader=self.name,
+            uid=frame.uid.hex().upper() if hasher.send_raw else None,
+        )
+
+    def _down(self, message: str) -> None:
+        if self.state != DriverState.DISCONNECTED:
+            self._ctx.count("wiegand.disconnected")
+        if self.state != DriverState.DISCONNECTED or message != self.last_error:
+            log.warning("%s: %s", self.name, message)
+        self.state = DriverState.DISCONNECTED
+        self.last_error = message
+
+
+def parse_options(name: str, options: Mapping[str, Any]) -> WiegandOptions:
+    raw = {k: v for k, v in options.items() if k not in ("type", "name")}
+    try:
+        return msgspec.convert(raw, WiegandOptions)
+    except msgspec.ValidationError as exc:
+        raise DriverError(f"driver {name!r}: {exc}") from exc
+
+
+def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> WiegandReader:
+    return WiegandReader(name, parse_options(name, options), ctx)
+
+
+register_driver("wiegand")(build)
+
+
+async def probe(options: Mapping[str, Any], listen_s: float = 3.0) -> str:
+    """Open the port and listen briefly; say whether the converter sent anything sensible."""
+    try:
+        opts = parse_options("probe", options)
+        stream = await asyncio.to_thread(open_serial, opts)
+    except (DriverError, OSError, ValueError) as exc:
+        return f"cannot open the converter: {exc}"
+    parser = WiegandParser()
+    items: list[WiegandFrame | Rejected] = []
+    deadline = time.monotonic() + listen_s
+    try:
+        while time.monotonic() < deadline:
+            items += parser.feed(await asyncio.to_thread(stream.read, 256))
+    except Exception as exc:  # report whatever the port says
+        return f"{opts.port} opened but reading failed: {exc}"
+    finally:
+        stream.close()
+    frames = [i for i in items if isinstance(i, WiegandFrame)]
+    rejects = [i.reason for i in items if isinstance(i, Rejected)]
+    if not items:
+        return (
+            f"{opts.port} open at {opts.baudrate} baud; no data in {listen_s:.0f} s "
+            "(present a card while probing)"
+        )
+    kinds = ", ".join(sorted({f.tech for f in frames})) or "none"
+    why = f" ({', '.join(sorted(set(rejects)))})" if rejects else ""
+    return f"{opts.port}: {len(frames)} valid frame(s) ({kinds}), {len(rejects)} rejected{why}"
