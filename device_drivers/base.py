@@ -122,6 +122,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "device_drivers.signage",
     "device_drivers.modbus_env",
     "device_drivers.gate",
+    "device_drivers.pcsc",
 )
 #: Modules that could not be imported, with the reason (usually a missing optional extra).
 UNAVAILABLE: dict[str, str] = {}

@@ -1,0 +1,241 @@
+"""The pcsc driver reading virtual cards through a real pcscd and its vpcd virtual readers.
+
+This module owns one pcscd for its tests (simulators.pcscd): in a private mount namespace where
+the kernel allows it, so a pcscd already running on the machine is left alone; elsewhere on the
+system socket, failing with a clear message if another pcscd holds it. The client library reads
+``PCSCLITE_CSOCK_NAME`` once per process, so the path is fixed for the test process.
+Each insert/remove cycle costs ~0.5-0.8 s of pcscd polling: keep them few.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from smartcard import scard
+
+from device_drivers.base import DriverContext, DriverState, Reading, UidHasher
+from device_drivers.pcsc import PcscCardReader, ReaderWatcher, build, probe
+from schemas.events import CardTap
+from simulators.pcscd import Pcscd, PcscdUnavailable, find_pcscd
+from simulators.vpcd_card import DESFIRE_ATR, MIFARE_1K_ATR, TYPE_B_ATR, VirtualCard
+from tests.services import wait_until
+
+pytestmark = pytest.mark.integration
+
+KEY = b"district-test-key-0123456789abcdef"
+HASHER = UidHasher(KEY)
+SOCKET_LINK = Path(tempfile.gettempdir()) / f"campus-pcscd-{os.getpid()}.comm"
+UID_A = bytes.fromhex("04A1B2C3D4E5F6")
+UID_B = bytes.fromhex("DEADBEEF")
+
+
+@pytest.fixture(scope="module")
+def pcscd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pcscd]:
+    try:
+        find_pcscd()
+    except PcscdUnavailable as exc:
+        pytest.skip(str(exc))
+    os.environ["PCSCLITE_CSOCK_NAME"] = str(SOCKET_LINK)
+    daemon = Pcscd(tmp_path_factory.mktemp("pcscd"), SOCKET_LINK)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def reader_empty(reader: str) -> bool:
+    code, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    if code != scard.SCARD_S_SUCCESS:
+        return False
+    try:
+        query = [(reader, scard.SCARD_STATE_UNAWARE)]
+        code, result = scard.SCardGetStatusChange(context, 0, query)
+        return code == scard.SCARD_S_SUCCESS and bool(result[0][1] & scard.SCARD_STATE_EMPTY)
+    finally:
+        scard.SCardReleaseContext(context)
+
+
+@pytest.fixture
+def cards(pcscd: Pcscd) -> Iterator[tuple[VirtualCard, VirtualCard]]:
+    """A virtual card for each of vpcd's two readers; both readers empty before and after."""
+    with VirtualCard(pcscd.port) as first, VirtualCard(pcscd.port + 1) as second:
+        for reader in pcscd.readers:
+            wait_until(lambda r=reader: reader_empty(r), 10, f"{reader} to be empty")
+        yield first, second
+    for reader in pcscd.readers:
+        wait_until(lambda r=reader: reader_empty(r), 10, f"{reader} to be empty")
+
+
+@pytest.fixture
+def card(cards: tuple[VirtualCard, VirtualCard]) -> VirtualCard:
+    return cards[0]
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ReaderWatcher, "BACKOFF_MIN_S", 0.05)
+    monkeypatch.setattr(ReaderWatcher, "BACKOFF_MAX_S", 0.2)
+
+
+@pytest.fixture
+def ctx() -> DriverContext:
+    return DriverContext("cr-0101", UidHasher(KEY))
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.readings: list[Reading] = []
+
+    async def __call__(self, reading: Reading) -> None:
+        self.readings.append(reading)
+
+    @property
+    def taps(self) -> list[CardTap]:
+        return [r.data for r in self.readings if isinstance(r.data, CardTap)]
+
+
+async def until(pred: Callable[[], object], what: str, within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not pred():
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def on_reader(card: VirtualCard, uid: bytes, atr: bytes = MIFARE_1K_ATR) -> None:
+    await asyncio.to_thread(card.present, uid, atr)
+
+
+async def off_reader(card: VirtualCard, reader: str) -> None:
+    await asyncio.to_thread(card.remove)
+    await until(lambda: reader_empty(reader), f"{reader} to see the card go")
+
+
+@contextlib.asynccontextmanager
+async def running(driver: PcscCardReader) -> AsyncIterator[Collector]:
+    out = Collector()
+    task = asyncio.create_task(driver.run(out), name="driver")
+    try:
+        await until(lambda: driver.state == DriverState.OK, "the driver to find its reader")
+        yield out
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert driver.state == DriverState.STOPPED
+    assert not [t for t in threading.enumerate() if t.name.startswith("pcsc-")]
+
+
+def reader(ctx: DriverContext, pcscd: Pcscd, **options: Any) -> PcscCardReader:
+    return build("door-1", {"reader": pcscd.readers[0], "poll_ms": 200, **options}, ctx)
+
+
+async def test_one_tap_per_insertion(pcscd: Pcscd, card: VirtualCard, ctx: DriverContext) -> None:
+    driver = reader(ctx, pcscd, reader_name="room-204")
+    async with running(driver) as out:
+        await on_reader(card, UID_A)
+        await until(lambda: out.taps, "the first tap")
+        await off_reader(card, pcscd.readers[0])
+        await on_reader(card, UID_A, DESFIRE_ATR)
+        await until(lambda: len(out.taps) == 2, "a second tap for the second insertion")
+        await off_reader(card, pcscd.readers[0])
+    assert out.taps == [
+        CardTap(uid_hash=HASHER.hash(UID_A), tech="mifare_classic", reader="room-204"),
+        CardTap(uid_hash=HASHER.hash(UID_A), tech="iso14443a", reader="room-204"),
+    ]
+    assert card.apdus == [bytes.fromhex("FFCA000000")] * 2
+    assert not ctx.counters
+
+
+async def test_6c_reissues_with_le(pcscd: Pcscd, card: VirtualCard) -> None:
+    ctx = DriverContext("cr-0101", UidHasher(KEY, send_raw=True))
+    async with running(reader(ctx, pcscd)) as out:
+        card.set_response(b"\x6c\x07")
+        await on_reader(card, UID_A, TYPE_B_ATR)
+        await until(lambda: out.taps, "a tap after the re-issued GET UID")
+    assert out.taps == [
+        CardTap(
+            uid_hash=HASHER.hash(UID_A), tech="iso14443b", reader="door-1", uid=UID_A.hex().upper()
+        )
+    ]
+    assert card.apdus == [bytes.fromhex("FFCA000000"), bytes.fromhex("FFCA000007")]
+    assert ctx.counters == {"pcsc.uid_retry": 1}
+
+
+async def test_failed_reads_counted_and_next_card_read(
+    pcscd: Pcscd, cards: tuple[VirtualCard, VirtualCard], ctx: DriverContext
+) -> None:
+    first, second = cards
+    driver = reader(ctx, pcscd, reader="campus vpcd")  # both slots, matched case-insensitively
+    async with running(driver) as out:
+        first.set_response(b"\x63\x00")
+        second.set_response(b"\x6a\x81")
+        await on_reader(first, UID_A)
+        await on_reader(second, UID_B)
+        await until(lambda: ctx.counters.get("pcsc.read_failed") == 2, "two failed reads")
+        assert driver.last_error is not None
+        assert "operation failed" in driver.last_error or "not supported" in driver.last_error
+        await off_reader(first, pcscd.readers[0])
+        await on_reader(first, UID_B)
+        await until(lambda: out.taps, "the next card's tap")
+        await off_reader(second, pcscd.readers[1])
+        second.set_response(b"\x6f\x00")
+        await on_reader(second, UID_A)
+        await until(lambda: ctx.counters.get("pcsc.read_error") == 1, "an error counted")
+        assert driver.state == DriverState.OK
+        assert "6F 00" in (driver.last_error or "")
+    assert out.taps == [
+        CardTap(uid_hash=HASHER.hash(UID_B), tech="mifare_classic", reader="door-1")
+    ]
+    assert ctx.counters == {"pcsc.read_failed": 2, "pcsc.read_error": 1}
+
+
+async def test_pcscd_restart(pcscd: Pcscd, card: VirtualCard, ctx: DriverContext) -> None:
+    driver = reader(ctx, pcscd)
+    async with running(driver) as out:
+        await on_reader(card, UID_A)
+        await until(lambda: out.taps, "a tap before the restart")
+        await asyncio.to_thread(pcscd.kill)
+        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        await until(lambda: "cannot reach pcscd" in (driver.last_error or ""), "the reason")
+        assert "cannot reach pcscd" in await probe({"reader": pcscd.readers[0]})
+        await asyncio.to_thread(pcscd.start)
+        await until(lambda: driver.state == DriverState.OK, "OK after the restart")
+        # the card lay there all along: seen again, but no second tap
+        await until(lambda: ctx.counters.get("pcsc.still_present") == 1, "the card seen again")
+        await off_reader(card, pcscd.readers[0])
+        await on_reader(card, UID_B)
+        await until(lambda: len(out.taps) == 2, "a tap after the restart")
+    assert [t.uid_hash for t in out.taps] == [HASHER.hash(UID_A), HASHER.hash(UID_B)]
+    assert ctx.counters["pcsc.disconnected"] == 1
+
+
+async def test_no_matching_reader(pcscd: Pcscd, ctx: DriverContext) -> None:
+    driver = build("door-9", {"reader": "no such reader"}, ctx)
+    task = asyncio.create_task(driver.run(Collector()))
+    try:
+        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        assert driver.last_error == "no PC/SC reader whose name contains 'no such reader'"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_probe(pcscd: Pcscd, card: VirtualCard) -> None:
+    await on_reader(card, UID_B)
+    await until(lambda: not reader_empty(pcscd.readers[0]), "the card on the reader")
+    verdict = await probe({"reader": "Campus vpcd"})
+    assert f"{pcscd.readers[0]}: mifare_classic card, UID read (4 bytes)" in verdict
+    assert f"{pcscd.readers[1]}: no card" in verdict
+    assert "no PC/SC reader whose name contains 'nothing'" in await probe({"reader": "nothing"})
