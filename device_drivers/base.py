@@ -123,6 +123,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "device_drivers.modbus_env",
     "device_drivers.gate",
     "device_drivers.pcsc",
+    "device_drivers.camera",
 )
 #: Modules that could not be imported, with the reason (usually a missing optional extra).
 UNAVAILABLE: dict[str, str] = {}

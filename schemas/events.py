@@ -109,8 +109,9 @@ class RecorderStatus(_Data):
 
 class CameraHealth(_Data):
     camera: Name
-    fps: NonNegative
-    brightness: Annotated[float, Meta(ge=0.0, le=255.0)]
+    #: Null while the camera is disconnected: there is no picture to measure.
+    fps: NonNegative | None
+    brightness: Annotated[float, Meta(ge=0.0, le=255.0)] | None
     black_frame: bool
     frozen: bool
     connected: bool = True
@@ -119,7 +120,8 @@ class CameraHealth(_Data):
 class CameraActivity(_Data):
     camera: Name
     motion: Fraction
-    people: Count
+    #: Null when people counting is switched off on this camera.
+    people: Count | None = None
 
 
 class EnvReading(_Data):
