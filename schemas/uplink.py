@@ -112,7 +112,7 @@ def _describe(err: msgspec.ValidationError | msgspec.DecodeError, prefix: str) -
     what, sep, where = text.rpartition(" - at `$")
     if not sep:
         return f"{prefix}: {text[:1].lower()}{text[1:]}" if prefix else text
-    path = prefix + where.rstrip("`")
+    path = (prefix + where.rstrip("`")).removeprefix("payload.")
     return f"{path.lstrip('.')}: {what[:1].lower()}{what[1:]}"
 
 
@@ -139,7 +139,7 @@ def decode_uplink(
     try:
         env = _envelope_decoder.decode(payload)
     except msgspec.ValidationError as exc:
-        raise UplinkError(_describe(exc, "")) from None
+        raise UplinkError(_describe(exc, "payload")) from None
     except msgspec.DecodeError as exc:
         raise UplinkError(f"payload is not valid JSON: {exc}") from None
     if env.v != VERSION:
@@ -182,7 +182,7 @@ def decode_uplink(
                 RejectedEvent(raw=raw, seq=ev.seq, reason=_describe(exc, f"{where}.data"))
             )
             continue
-        if _NUL_ESCAPE.search(data_json):
+        if b"\\u0000" in data_json and _NUL_ESCAPE.search(data_json):
             rejected.append(
                 RejectedEvent(
                     raw=raw,

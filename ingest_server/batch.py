@@ -1,0 +1,191 @@
+"""From MQTT messages to rows: decoding, validation and quarantine decisions, without I/O."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Final
+
+import msgspec
+
+from schemas import state as state_schema
+from schemas.errors import ContractError, UplinkError
+from schemas.topics import Channel, Topic, parse
+from schemas.uplink import DEFAULT_MAX_BYTES, ValidEvent, decode_uplink
+
+log = logging.getLogger(__name__)
+
+#: At most this much of an oversize payload is kept in quarantine.
+QUARANTINE_KEEP_BYTES: Final = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One message as the network thread received it."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: datetime
+    retain: bool = False
+    #: Which broker connection delivered it: a PUBACK is only valid on that connection.
+    generation: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    school_id: str
+    device_id: str
+    kind: str
+    received_at: datetime
+    event: ValidEvent
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.device_id, self.event.seq
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRow:
+    received_at: datetime
+    topic: str
+    payload: bytes
+    reason: str
+    device_id: str | None = None
+    seq: int | None = None
+    #: Coarse class of the failure, for metrics: oversize, message, event, state, database,
+    #: internal.
+    kind: str = "message"
+
+
+@dataclass(frozen=True, slots=True)
+class StateRow:
+    school_id: str
+    device_id: str
+    state: state_schema.DeviceState
+    #: When the state took effect as far as the server can tell (see :func:`_state_row`).
+    state_at: datetime
+
+
+@dataclass(slots=True)
+class Rows:
+    """Everything one transaction writes."""
+
+    events: list[EventRow] = field(default_factory=list)
+    quarantine: list[QuarantineRow] = field(default_factory=list)
+    states: list[StateRow] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.quarantine) + len(self.states)
+
+    def extend(self, other: Rows) -> None:
+        self.events += other.events
+        self.quarantine += other.quarantine
+        self.states += other.states
+
+
+def _device_of(topic: str) -> Topic | None:
+    try:
+        return parse(topic)
+    except ContractError:
+        return None
+
+
+def _quarantine(
+    msg: Inbound, reason: str, kind: str, *, payload: bytes | None = None, seq: int | None = None
+) -> QuarantineRow:
+    where = _device_of(msg.topic)
+    return QuarantineRow(
+        received_at=msg.received_at,
+        topic=msg.topic,
+        payload=msg.payload if payload is None else payload,
+        reason=reason,
+        device_id=where.device_id if where else None,
+        seq=seq,
+        kind=kind,
+    )
+
+
+def _state_row(msg: Inbound, topic: Topic) -> StateRow | QuarantineRow:
+    try:
+        state = state_schema.state_decoder.decode(msg.payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return _quarantine(msg, f"state: {exc}", "state")
+    # A retained copy replayed at subscribe time arrived late: its own ts is the best guess.
+    # A live one (including a will, whose ts dates from the device's connect) is news now.
+    state_at = state.ts if msg.retain else msg.received_at
+    return StateRow(topic.school_id, topic.device_id, state, state_at)
+
+
+def rows_of(msg: Inbound, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Rows, int]:
+    """The rows one message becomes, and how many events it carried (valid or not)."""
+    rows = Rows()
+    if len(msg.payload) > max_bytes:
+        kept = msg.payload[:QUARANTINE_KEEP_BYTES]
+        reason = f"message is {len(msg.payload)} bytes, over the limit of {max_bytes} bytes"
+        if len(kept) < len(msg.payload):
+            reason += f"; only its first {len(kept)} bytes are kept here"
+        rows.quarantine.append(_quarantine(msg, reason, "oversize", payload=kept))
+        return rows, 0
+    topic = _device_of(msg.topic)
+    if topic is not None and topic.channel is Channel.STATE:
+        if msg.payload:  # an empty retained publish only clears the retained state
+            row = _state_row(msg, topic)
+            if isinstance(row, StateRow):
+                rows.states.append(row)
+            else:
+                rows.quarantine.append(row)
+        return rows, 0
+    try:
+        decoded = decode_uplink(msg.topic, msg.payload, max_bytes=max_bytes)
+    except UplinkError as exc:
+        rows.quarantine.append(_quarantine(msg, str(exc), "message"))
+        return rows, 0
+    school, device = decoded.topic.school_id, decoded.topic.device_id
+    kind, at = decoded.kind, msg.received_at
+    rows.events = [EventRow(school, device, kind, at, e) for e in decoded.events]
+    rows.quarantine = [
+        _quarantine(msg, r.reason, "event", payload=r.raw, seq=r.seq) for r in decoded.rejected
+    ]
+    return rows, len(decoded.events) + len(decoded.rejected)
+
+
+def refused(msg: Inbound, reason: str, kind: str = "database") -> Rows:
+    """The whole message to quarantine, for when its rows cannot be written as decoded."""
+    payload = msg.payload[:QUARANTINE_KEEP_BYTES]
+    return Rows(quarantine=[_quarantine(msg, reason, kind, payload=payload)])
+
+
+class Batch:
+    """Messages taken for one transaction and the rows they decode to."""
+
+    def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.messages: list[Inbound] = []
+        self.rows = Rows()
+        #: Events carried by the messages, valid or rejected.
+        self.events_received = 0
+        #: Rows to write, counting each message as at least one: what the batch limit bounds.
+        self.size = 0
+        self._parts: list[Rows] = []
+
+    def add(self, msg: Inbound) -> None:
+        try:
+            rows, n_events = rows_of(msg, max_bytes=self.max_bytes)
+        except Exception as exc:  # a decoder bug must not stop the pipeline: keep the message
+            log.exception("cannot decode a message on %s", msg.topic)
+            rows, n_events = refused(msg, f"internal error while decoding: {exc!r}", "internal"), 0
+        self.messages.append(msg)
+        self._parts.append(rows)
+        self.rows.extend(rows)
+        self.events_received += n_events
+        self.size += max(1, len(rows))
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def parts(self) -> list[tuple[Inbound, Rows]]:
+        """Each message with its own rows, to find the one the database refuses."""
+        return list(zip(self.messages, self._parts, strict=True))

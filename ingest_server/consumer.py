@@ -1,0 +1,450 @@
+"""MQTT in, PostgreSQL out, PUBACK last.
+
+paho's network thread hands each message to :class:`Inbox` (bounded: when it is full the network
+thread waits, so the broker's TCP stream backs up instead of our memory growing). One writer
+thread takes up to ``batch_events`` rows or ``batch_ms`` of messages, writes them in one
+transaction and only after the commit acknowledges them. If the database is down the batch is
+kept and retried; nothing is acknowledged meanwhile. A message delivered on an earlier broker
+connection is not acknowledged on a later one: the broker resends it and the writer counts it as
+a duplicate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+import paho.mqtt.client as mqtt
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ingest_server.batch import Batch, Inbound, refused
+from ingest_server.metrics import IngestMetrics
+from ingest_server.migrate import migrate
+from ingest_server.settings import BrokerUrl, Settings, mask
+from ingest_server.writer import BatchWriter, WriteResult, missing_total
+from schemas.topics import Channel, subscription
+
+log = logging.getLogger(__name__)
+
+_MQTT5: Final = 5
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+class Inbox:
+    """A FIFO bounded by message count and total payload bytes; ``put`` waits while full."""
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._items: deque[Inbound] = deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Inbound) -> bool:
+        """Queue ``item``; False (and dropped, so never acknowledged) once closed."""
+        with self._cond:
+            while not self._closed and (
+                len(self._items) >= self.max_messages
+                or (self._items and self._bytes + len(item.payload) > self.max_bytes)
+            ):
+                self._cond.wait()
+            if self._closed:
+                return False
+            self._items.append(item)
+            self._bytes += len(item.payload)
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout: float) -> Inbound | None:
+        """The oldest item, waiting up to ``timeout`` seconds; None if there is none by then."""
+        with self._cond:
+            if not self._items and timeout > 0:
+                self._cond.wait_for(lambda: self._items or self._closed, timeout)
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            self._bytes -= len(item.payload)
+            self._cond.notify_all()
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+def collect(
+    inbox: Inbox, *, max_size: int, max_wait_s: float, idle_s: float, max_bytes: int
+) -> Batch | None:
+    """Wait up to ``idle_s`` for a first message, then gather until the batch is full or
+    ``max_wait_s`` has passed since that first message. None when nothing came."""
+    first = inbox.get(idle_s)
+    if first is None:
+        return None
+    batch = Batch(max_bytes=max_bytes)
+    batch.add(first)
+    deadline = time.monotonic() + max_wait_s
+    while batch.size < max_size:
+        msg = inbox.get(max(0.0, deadline - time.monotonic()))
+        if msg is None:
+            break
+        batch.add(msg)
+    return batch
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    mqtt_connected: bool
+    db_ok: bool
+    queued: int
+    last_commit_age_s: float | None
+
+
+class Consumer:
+    """Subscribes, batches, writes, acknowledges; reconnects to broker and database by itself."""
+
+    #: Database retry backoff (seconds), doubled per failure up to the maximum, with jitter.
+    BACKOFF_MIN_S = 0.1
+    BACKOFF_MAX_S = 5.0
+    #: How long the writer waits for a message before doing housekeeping.
+    IDLE_S = 0.5
+    #: How often the seq-missing gauge is refreshed (and an idle database is pinged).
+    REFRESH_S = 5.0
+    MQTT_KEEPALIVE_S = 30
+    MQTT_RECONNECT_S = (1, 30)
+    SESSION_EXPIRY_S = 7 * 24 * 3600
+    RECEIVE_MAXIMUM = 65535
+    DB_CONNECT_TIMEOUT_S = 5
+
+    def __init__(
+        self, settings: Settings, broker: BrokerUrl, db_url: str, metrics: IngestMetrics
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.db_url = db_url
+        self.metrics = metrics
+        self.inbox = Inbox(settings.queue_messages, settings.queue_bytes)
+        self._stopping = threading.Event()
+        self._generation = 0
+        self._ack_lock = threading.Lock()
+        self._writer: BatchWriter | None = None
+        self._migrated = False
+        self._last_commit: float | None = None
+        self._next_refresh = 0.0
+        self._idle_backoff = 0.0
+        self._client = self._make_client()
+        self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        b = self.broker
+        log.info("connecting to MQTT broker %s as %r", b, self.settings.client_id)
+        props = None
+        if b.protocol == _MQTT5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho
+            props.SessionExpiryInterval = self.SESSION_EXPIRY_S
+            props.ReceiveMaximum = self.RECEIVE_MAXIMUM
+        self._client.connect_async(
+            b.host,
+            b.port,
+            keepalive=self.MQTT_KEEPALIVE_S,
+            clean_start=False if b.protocol == _MQTT5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=props,
+        )
+        self._client.loop_start()
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish (or abandon, unacknowledged) the current batch, then leave the broker."""
+        self._stopping.set()
+        self.inbox.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.metrics.mqtt_connected.set(0)
+
+    def health(self) -> Health:
+        last = self._last_commit
+        return Health(
+            mqtt_connected=bool(self.metrics.mqtt_connected.value()),
+            db_ok=bool(self.metrics.db_connected.value()) and self._thread.is_alive(),
+            queued=len(self.inbox),
+            last_commit_age_s=None if last is None else time.monotonic() - last,
+        )
+
+    # -- MQTT (paho's network thread) ------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        b = self.broker
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.settings.client_id,
+            clean_session=None if b.protocol == _MQTT5 else False,
+            protocol=mqtt.MQTTv5 if b.protocol == _MQTT5 else mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        if b.username is not None:
+            client.username_pw_set(b.username, b.password)
+        if b.tls:
+            client.tls_set(ca_certs=b.ca)
+        client.reconnect_delay_set(*self.MQTT_RECONNECT_S)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        _userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.warning("MQTT broker %s refused the connection: %s", self.broker, reason)
+            return
+        with self._ack_lock:
+            self._generation += 1
+            reconnect = self._generation > 1
+        log.info("connected to MQTT broker (session present: %s)", flags.session_present)
+        if reconnect and not flags.session_present:
+            log.warning("the broker lost this client's session: messages queued in it are gone")
+        group = self.settings.share_group
+        up = subscription(Channel.UP, share_group=group)
+        state = subscription(Channel.STATE)
+        if self.broker.protocol == _MQTT5:
+            client.subscribe(
+                [
+                    (up, SubscribeOptions(qos=1)),
+                    (
+                        state,
+                        SubscribeOptions(
+                            qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
+                        ),
+                    ),
+                ]
+            )
+        else:
+            client.subscribe([(up, 1), (state, 1)])
+
+    def _on_subscribe(
+        self,
+        _client: mqtt.Client,
+        _userdata: object,
+        _mid: int,
+        reasons: list[ReasonCode],
+        _props: Properties | None,
+    ) -> None:
+        refused = [str(code) for code in reasons if code.is_failure]
+        if refused:
+            log.error("the broker refused a subscription: %s", ", ".join(refused))
+        else:  # connected means consuming: only once the subscriptions are in place
+            self.metrics.mqtt_connected.set(1)
+
+    def _on_disconnect(
+        self,
+        _client: mqtt.Client,
+        _userdata: object,
+        _flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        _props: Properties | None,
+    ) -> None:
+        self.metrics.mqtt_connected.set(0)
+        if not self._stopping.is_set():
+            log.warning("disconnected from MQTT broker (%s); reconnecting", reason)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = "<topic is not UTF-8>"
+        self.metrics.messages_received.inc()
+        self.inbox.put(
+            Inbound(
+                topic=topic,
+                payload=bytes(msg.payload),
+                mid=msg.mid,
+                qos=msg.qos,
+                received_at=datetime.now(UTC),
+                retain=bool(msg.retain),
+                generation=self._generation,
+            )
+        )
+        self.metrics.queue_depth.set(len(self.inbox))
+
+    # -- writer thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        s = self.settings
+        try:
+            self._housekeeping()  # connect and migrate before the first message
+            while not self._stopping.is_set():
+                batch = collect(
+                    self.inbox,
+                    max_size=s.batch_events,
+                    max_wait_s=s.batch_ms / 1000,
+                    idle_s=self.IDLE_S,
+                    max_bytes=s.max_bytes,
+                )
+                self.metrics.queue_depth.set(len(self.inbox))
+                if batch is not None:
+                    if not self._commit(batch):
+                        log.info("stopping: %d messages left unacknowledged", len(batch))
+                        break
+                    self._ack(batch)
+                self._housekeeping()
+        except Exception:
+            log.exception("the writer thread failed")
+            raise
+        finally:
+            self._disconnect_db()
+
+    def _connect_db(self) -> BatchWriter:
+        if self._writer is None:
+            conn = psycopg.connect(
+                self.db_url,
+                autocommit=True,
+                connect_timeout=self.DB_CONNECT_TIMEOUT_S,
+                application_name="campus-ingest",
+                # notice a database host that vanished from the network within ~25 s
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+            )
+            try:
+                if not self._migrated:
+                    migrate(conn)
+                    self._migrated = True
+                self._writer = BatchWriter(conn)
+            except BaseException:
+                conn.close()
+                raise
+            log.info("connected to database %s", mask(self.db_url))
+            self.metrics.db_connected.set(1)
+        return self._writer
+
+    def _disconnect_db(self) -> None:
+        writer, self._writer = self._writer, None
+        self.metrics.db_connected.set(0)
+        if writer is not None:
+            with contextlib.suppress(psycopg.Error):
+                writer.conn.close()
+
+    def _housekeeping(self) -> None:
+        """Every few seconds: reconnect if idle and down, refresh the seq-missing gauge."""
+        if time.monotonic() < self._next_refresh:
+            return
+        was_up = self._writer is not None
+        try:
+            writer = self._connect_db()
+            self.metrics.seq_missing.set(missing_total(writer.conn))
+        except psycopg.Error as exc:
+            if was_up or not self._idle_backoff:
+                log.warning("database unavailable: %s", _one_line(exc))
+            self._disconnect_db()
+            # A dropped connection is retried at once: the server may be back already.
+            backoff = 0.0 if was_up else max(self._idle_backoff * 2, self.BACKOFF_MIN_S)
+            self._idle_backoff = min(backoff, self.BACKOFF_MAX_S)
+            self._next_refresh = time.monotonic() + self._idle_backoff
+            return
+        self._idle_backoff = 0.0
+        self._next_refresh = time.monotonic() + self.REFRESH_S
+
+    def _commit(self, batch: Batch) -> bool:
+        """Write ``batch`` until it is committed (True) or the server stops first (False)."""
+        delay = self.BACKOFF_MIN_S
+        while True:
+            try:
+                writer = self._connect_db()
+                started = time.perf_counter()
+                result = self._write(writer, batch)
+                elapsed = time.perf_counter() - started
+            except psycopg.Error as exc:
+                log.warning(
+                    "database write of %d messages failed (%s: %s); retrying in %.1f s",
+                    len(batch),
+                    type(exc).__name__,
+                    _one_line(exc),
+                    delay,
+                )
+                self._disconnect_db()
+                if self._stopping.wait(delay * random.uniform(0.5, 1.0)):  # noqa: S311
+                    return False
+                delay = min(delay * 2, self.BACKOFF_MAX_S)
+                continue
+            self._record(batch, result, elapsed)
+            return True
+
+    def _write(self, writer: BatchWriter, batch: Batch) -> WriteResult:
+        try:
+            return writer.write(batch.rows)
+        except psycopg.DataError as exc:
+            log.warning("the database refused a batch (%s); trying each message", _one_line(exc))
+        total: WriteResult | None = None
+        for msg, rows in batch.parts():
+            try:
+                result = writer.write(rows)
+            except psycopg.DataError as exc:
+                why = exc.diag.message_primary or _one_line(exc)
+                reason = f"the database refused this message: {why}"
+                result = writer.write(refused(msg, reason))
+            total = result if total is None else total + result
+        assert total is not None
+        return total
+
+    def _record(self, batch: Batch, result: WriteResult, elapsed: float) -> None:
+        m = self.metrics
+        now = time.time()
+        self._last_commit = time.monotonic()
+        m.batch_latency.observe(elapsed)
+        m.event_latency.observe_many(now - r.event.ts.timestamp() for r in result.stored)
+        m.events_received.inc(batch.events_received)
+        m.events_stored.inc(result.inserted)
+        m.events_duplicate.inc(result.duplicates)
+        m.seq_gaps.inc(result.new_missing)
+        for q in result.quarantine:
+            m.quarantined.inc(reason=q.kind)
+        if result.new_missing:
+            self._next_refresh = 0.0
+
+    def _ack(self, batch: Batch) -> None:
+        stale = 0
+        with self._ack_lock:
+            for msg in batch.messages:
+                if msg.qos == 0:
+                    continue
+                if msg.generation == self._generation:
+                    self._client.ack(msg.mid, msg.qos)
+                else:
+                    stale += 1
+        if stale:
+            log.info(
+                "%d messages came on an earlier connection: the broker will resend them", stale
+            )
+
+
+__all__ = ["Consumer", "Health", "Inbox", "collect"]

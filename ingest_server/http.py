@@ -1,0 +1,80 @@
+"""HTTP: ``/healthz`` for orchestration and ``/metrics`` for Prometheus, served by uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any, Protocol
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+
+from ingest_server.consumer import Health
+from ingest_server.metrics import CONTENT_TYPE, IngestMetrics
+
+log = logging.getLogger(__name__)
+
+
+class HealthSource(Protocol):
+    def health(self) -> Health: ...
+
+
+def create_app(source: HealthSource, metrics: IngestMetrics) -> FastAPI:
+    app = FastAPI(title="campus-edge ingest server", docs_url=None, redoc_url=None)
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        h = source.health()
+        body: dict[str, Any] = {
+            "status": "ok" if h.mqtt_connected and h.db_ok else "down",
+            "mqtt": "connected" if h.mqtt_connected else "disconnected",
+            "db": "ok" if h.db_ok else "down",
+            "queued_messages": h.queued,
+            "last_commit_age_s": (
+                None if h.last_commit_age_s is None else round(h.last_commit_age_s, 3)
+            ),
+        }
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+class HttpServer:
+    """uvicorn on a thread of its own, on a socket bound before it starts (so port 0 works)."""
+
+    STOP_TIMEOUT_S = 10.0
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family)
+        self.host = host
+        self.port: int = self._sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [self._sock]},
+            name="ingest-http",
+            daemon=True,
+        )
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("HTTP on %s (/healthz, /metrics)", self.url)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(self.STOP_TIMEOUT_S)
+        self._sock.close()

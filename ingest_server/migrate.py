@@ -1,0 +1,89 @@
+"""Versioned schema migrations (``migrations/NNNN_name.sql``), applied under an advisory lock.
+
+Each file runs once, in its own transaction, and is recorded in ``schema_migrations``; servers
+starting together wait for each other on the lock, so running this any number of times is safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Final
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+#: Key of the session advisory lock held while migrating (any fixed bigint; "campus\0\1").
+LOCK_KEY: Final = 0x63616D7075730001
+_FILE_RE: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def available() -> list[Migration]:
+    """The migrations shipped with this package, in version order."""
+    found = []
+    for entry in (resources.files(__package__) / "migrations").iterdir():
+        if m := _FILE_RE.match(entry.name):
+            found.append(Migration(int(m[1]), m[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda mig: mig.version)
+    versions = [mig.version for mig in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two migration files share a version: {versions}")
+    return found
+
+
+def migrate(conn: psycopg.Connection[Any]) -> list[int]:
+    """Apply every pending migration; return the versions applied now (empty when up to date)."""
+    if not conn.autocommit:
+        conn.commit()
+        conn.autocommit = True
+    conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
+        applied = []
+        for mig in available():
+            if mig.version in done:
+                if done[mig.version] != mig.checksum:
+                    log.warning(
+                        "migration %04d_%s changed after it was applied; not re-running it",
+                        mig.version,
+                        mig.name,
+                    )
+                continue
+            with conn.transaction():
+                conn.execute(mig.sql.encode())
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                    (mig.version, mig.name, mig.checksum),
+                )
+            log.info("applied migration %04d_%s", mig.version, mig.name)
+            applied.append(mig.version)
+        return applied
+    finally:
+        if not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
+def migrate_url(conninfo: str) -> list[int]:
+    """Connect, migrate, disconnect."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        return migrate(conn)

@@ -1,0 +1,144 @@
+"""Settings of one ingest server process, and the URLs it is given (parsed and masked)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from schemas.uplink import DEFAULT_MAX_BYTES
+
+_PROTOCOLS: Final = {"5": 5, "3.1.1": 4, "311": 4}
+_DEFAULT_PORTS: Final = {"mqtt": 1883, "mqtts": 8883}
+_GROUP_RE: Final = re.compile(r"^[^/+#]+$")
+
+
+class SettingsError(ValueError):
+    """A setting or URL is unusable; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerUrl:
+    """``mqtt[s]://[user[:password]@]host[:port][?protocol=5|3.1.1][&ca=PATH]``."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    #: MQTT protocol level as on the wire: 5, or 4 for MQTT 3.1.1.
+    protocol: int = 5
+    #: CA bundle to verify the broker with (mqtts); the system's when absent.
+    ca: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerUrl:
+        parts = urlsplit(url)
+        if parts.scheme not in _DEFAULT_PORTS:
+            raise SettingsError(f"broker URL must start with mqtt:// or mqtts://, got {mask(url)}")
+        try:
+            port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        except ValueError:
+            raise SettingsError(f"broker URL has an invalid port: {mask(url)}") from None
+        if not parts.hostname:
+            raise SettingsError(f"broker URL has no host: {mask(url)}")
+        query = parse_qs(parts.query, keep_blank_values=True)
+        unknown = set(query) - {"protocol", "ca"}
+        if unknown:
+            raise SettingsError(f"broker URL has unknown parameters {sorted(unknown)}")
+        proto_text = query.get("protocol", ["5"])[-1]
+        if proto_text not in _PROTOCOLS:
+            raise SettingsError(f"broker URL protocol must be 5 or 3.1.1, got {proto_text!r}")
+        return cls(
+            host=parts.hostname,
+            port=port,
+            tls=parts.scheme == "mqtts",
+            username=unquote(parts.username) if parts.username is not None else None,
+            password=unquote(parts.password) if parts.password is not None else None,
+            protocol=_PROTOCOLS[proto_text],
+            ca=query.get("ca", [None])[-1],
+        )
+
+    def __str__(self) -> str:
+        """The URL with the password masked: safe to log."""
+        user = (
+            f"{self.username}{':***' if self.password is not None else ''}@"
+            if self.username
+            else ""
+        )
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        query = "?protocol=" + ("5" if self.protocol == 5 else "3.1.1")
+        if self.ca:
+            query += f"&ca={self.ca}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}{query}"
+
+
+def mask(url: str) -> str:
+    """A broker or libpq URL (or libpq key=value string) without its password."""
+    parts = urlsplit(url)
+    if parts.scheme.startswith("mqtt"):
+        if parts.password is None:
+            return url
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparseable database URL>"
+    if "password" in params:
+        params["password"] = "***"  # noqa: S105  # the mask, not a password
+    return make_conninfo("", **params)
+
+
+def parse_http(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6) → (host, port); port 0 picks a free one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise SettingsError(f"--http must be HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server is told; ``None`` URLs mean the embedded broker / database."""
+
+    broker_url: str | None = None
+    db_url: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    #: Fixed, so the broker keeps this server's session; unique per server when sharing.
+    client_id: str = "campus-ingest"
+    share_group: str | None = None
+    batch_events: int = 5000
+    batch_ms: int = 50
+    data_dir: Path = Path("campus-data")
+    #: Port of the embedded broker (when no broker URL is given); 0 picks a free one.
+    embedded_broker_port: int = 1883
+    max_bytes: int = DEFAULT_MAX_BYTES
+    #: Bounds of the hand-over from the network thread to the writer.
+    queue_messages: int = 20_000
+    queue_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.batch_events < 1 or self.batch_ms < 0:
+            raise SettingsError("--batch-events must be at least 1 and --batch-ms at least 0")
+        if self.max_bytes < 1 or self.queue_messages < 1 or self.queue_bytes < self.max_bytes:
+            raise SettingsError("queue bounds must hold at least one message of max_bytes")
+        if not self.client_id or len(self.client_id) > 128:
+            raise SettingsError("--client-id must be 1-128 characters")
+        if self.share_group is not None:
+            if not _GROUP_RE.match(self.share_group):
+                raise SettingsError(f"--share-group {self.share_group!r} may not contain / + #")
+            if self.broker_url is None or self.broker().protocol != 5:
+                raise SettingsError("--share-group needs an MQTT 5 broker (?protocol=5)")
+        if self.broker_url is not None:
+            self.broker()
+
+    def broker(self) -> BrokerUrl:
+        if self.broker_url is None:
+            raise SettingsError("no broker URL: the embedded broker is used")
+        return BrokerUrl.parse(self.broker_url)

@@ -1,0 +1,268 @@
+"""One transaction per batch: events by binary COPY, readings, quarantine, the device registry.
+
+The fast path copies the events straight into ``events`` inside a savepoint. Only when that hits
+the unique ``(device_id, seq)`` index (a resend) does the batch go the slower way: COPY into a
+temporary staging table, then ``INSERT … ON CONFLICT DO NOTHING RETURNING`` to learn which rows
+were new. Readings and device counters follow from the rows actually inserted, so a duplicate
+never counts twice. Any error other than a unique violation propagates: the caller reconnects
+and writes the same batch again.
+
+Binary COPY, because it measured ~25% faster than text COPY here (~75k vs ~60k rows/s into
+``events`` with its three indexes), and jsonb then takes the device's JSON bytes as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, LiteralString
+
+import psycopg
+from psycopg import errors
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
+
+from ingest_server.batch import EventRow, QuarantineRow, Rows, StateRow
+from schemas.uplink import metrics_of
+
+_EVENT_COLUMNS: Final = (
+    "time, school_id, device_id, device_kind, seq, type, data, received_at, synced"
+)
+_EVENT_TYPES: Final = [
+    "timestamptz",
+    "text",
+    "text",
+    "text",
+    "int8",
+    "text",
+    "jsonb",
+    "timestamptz",
+    "bool",
+]
+_INSERT_FROM_STAGING: Final = """
+INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data, received_at, synced)
+SELECT time, school_id, device_id, device_kind, seq, type, data, received_at, synced
+FROM events_staging
+ON CONFLICT (device_id, seq) DO NOTHING
+RETURNING device_id, seq
+"""
+_READING_TYPES: Final = ["timestamptz", "text", "text", "text", "float8"]
+_QUARANTINE_TYPES: Final = ["timestamptz", "text", "bytea", "text", "text", "int8"]
+
+_UPSERT_DEVICES: Final = """
+WITH batch AS (
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[],
+                         %s::bigint[], %s::bigint[], %s::bigint[])
+        AS b (device_id, school_id, kind, seen, min_seq, max_seq, stored)
+), old AS (
+    SELECT device_id, missing FROM devices JOIN batch USING (device_id)
+), up AS (
+    INSERT INTO devices AS d
+        (device_id, school_id, kind, first_seen, last_seen, min_seq, max_seq, event_count)
+    SELECT device_id, school_id, kind, seen, seen, min_seq, max_seq, stored FROM batch
+    ON CONFLICT (device_id) DO UPDATE SET
+        school_id = EXCLUDED.school_id,
+        kind = EXCLUDED.kind,
+        last_seen = greatest(d.last_seen, EXCLUDED.last_seen),
+        min_seq = least(d.min_seq, EXCLUDED.min_seq),
+        max_seq = greatest(d.max_seq, EXCLUDED.max_seq),
+        event_count = d.event_count + EXCLUDED.event_count
+    RETURNING d.device_id, d.missing
+)
+SELECT coalesce(sum(greatest(up.missing - coalesce(old.missing, 0), 0)), 0)::bigint
+FROM up LEFT JOIN old USING (device_id)
+"""
+
+_UPSERT_STATES: Final = """
+INSERT INTO devices AS d (device_id, school_id, state, state_at, boot, agent_version)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::bigint[],
+                     %s::text[])
+ON CONFLICT (device_id) DO UPDATE SET
+    state = EXCLUDED.state,
+    state_at = EXCLUDED.state_at,
+    boot = EXCLUDED.boot,
+    agent_version = EXCLUDED.agent_version
+"""
+
+
+class _RawJsonbDumper(Dumper):
+    """Binary jsonb from JSON text that is already encoded (and validated): no re-encoding."""
+
+    format = Format.BINARY
+    oid = psycopg.postgres.types["jsonb"].oid
+
+    def dump(self, obj: bytes) -> bytes:
+        return b"\x01" + obj
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    #: The events inserted by this batch (not those already stored).
+    stored: list[EventRow]
+    duplicates: int
+    quarantine: list[QuarantineRow]
+    #: How many more seqs are now known missing across the batch's devices.
+    new_missing: int
+    states: int
+
+    @property
+    def inserted(self) -> int:
+        return len(self.stored)
+
+    @property
+    def quarantined(self) -> int:
+        return len(self.quarantine)
+
+    def __add__(self, other: WriteResult) -> WriteResult:
+        return WriteResult(
+            stored=self.stored + other.stored,
+            duplicates=self.duplicates + other.duplicates,
+            quarantine=self.quarantine + other.quarantine,
+            new_missing=self.new_missing + other.new_missing,
+            states=self.states + other.states,
+        )
+
+
+def _unique(events: Sequence[EventRow]) -> list[EventRow]:
+    """The first of each (device_id, seq): a batch may carry the same event twice."""
+    seen: set[tuple[str, int]] = set()
+    out = []
+    for row in events:
+        if row.key not in seen:
+            seen.add(row.key)
+            out.append(row)
+    return out
+
+
+def _event_tuple(r: EventRow) -> tuple[Any, ...]:
+    e = r.event
+    return (
+        e.ts,
+        r.school_id,
+        r.device_id,
+        r.kind,
+        e.seq,
+        e.type,
+        e.data_json,
+        r.received_at,
+        e.synced,
+    )
+
+
+def _text(value: str) -> str:
+    """PostgreSQL text cannot hold NUL: make it visible instead."""
+    return value.replace("\x00", "\\x00")
+
+
+class BatchWriter:
+    """Writes :class:`~ingest_server.batch.Rows` over one psycopg connection (autocommit mode)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.rollback()
+        conn.autocommit = True  # transactions are explicit: conn.transaction()
+        self.conn = conn
+        self._cur = conn.cursor()
+        self._cur.adapters.register_dumper(None, _RawJsonbDumper)
+
+    def write(self, rows: Rows) -> WriteResult:
+        events = _unique(rows.events)
+        with self.conn.transaction():
+            stored = self._insert_events(events)
+            self._copy(
+                "readings (time, school_id, device_id, metric, value)",
+                _READING_TYPES,
+                (
+                    (r.event.ts, r.school_id, r.device_id, metric, value)
+                    for r in stored
+                    for metric, value in metrics_of(r.event)
+                ),
+            )
+            self._copy(
+                "quarantine (received_at, topic, payload, reason, device_id, seq)",
+                _QUARANTINE_TYPES,
+                (
+                    (q.received_at, _text(q.topic), q.payload, _text(q.reason), q.device_id, q.seq)
+                    for q in rows.quarantine
+                ),
+            )
+            new_missing = self._upsert_devices(events, stored)
+            self._upsert_states(rows.states)
+        return WriteResult(
+            stored=stored,
+            duplicates=len(rows.events) - len(stored),
+            quarantine=rows.quarantine,
+            new_missing=new_missing,
+            states=len(rows.states),
+        )
+
+    def _copy(
+        self, target: LiteralString, types: list[str], rows: Iterable[tuple[Any, ...]]
+    ) -> None:
+        with self._cur.copy(f"COPY {target} FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(types)
+            for row in rows:
+                copy.write_row(row)
+
+    def _insert_events(self, events: list[EventRow]) -> list[EventRow]:
+        if not events:
+            return []
+        try:
+            with self.conn.transaction():  # a savepoint: the fast path may fail on a resend
+                self._copy(f"events ({_EVENT_COLUMNS})", _EVENT_TYPES, map(_event_tuple, events))
+        except errors.UniqueViolation:
+            pass
+        else:
+            return events
+        self._cur.execute(
+            "CREATE TEMP TABLE events_staging (LIKE events INCLUDING DEFAULTS) ON COMMIT DROP"
+        )
+        self._copy(f"events_staging ({_EVENT_COLUMNS})", _EVENT_TYPES, map(_event_tuple, events))
+        self._cur.execute(_INSERT_FROM_STAGING)
+        new = set(self._cur.fetchall())
+        return [r for r in events if r.key in new]
+
+    def _upsert_devices(self, events: list[EventRow], stored: list[EventRow]) -> int:
+        """Register every device of the batch; count only what was inserted. Returns new gaps."""
+        if not events:
+            return 0
+        agg: dict[str, list[Any]] = {}  # device_id → [school, kind, seen, min, max, stored]
+        for r in events:
+            if (a := agg.get(r.device_id)) is None:
+                agg[r.device_id] = [r.school_id, r.kind, r.received_at, None, None, 0]
+            elif r.received_at > a[2]:
+                a[2] = r.received_at
+        for r in stored:
+            a = agg[r.device_id]
+            seq = r.event.seq
+            a[3] = seq if a[3] is None else min(a[3], seq)
+            a[4] = seq if a[4] is None else max(a[4], seq)
+            a[5] += 1
+        columns = [list(agg), *map(list, zip(*agg.values(), strict=True))]
+        row = self._cur.execute(_UPSERT_DEVICES, columns).fetchone()
+        return int(row[0]) if row else 0
+
+    def _upsert_states(self, states: list[StateRow]) -> None:
+        if not states:
+            return
+        latest: dict[str, StateRow] = {s.device_id: s for s in states}  # arrival order: last wins
+        self._cur.execute(
+            _UPSERT_STATES,
+            [
+                list(latest),
+                [s.school_id for s in latest.values()],
+                [s.state.state for s in latest.values()],
+                [s.state_at for s in latest.values()],
+                [s.state.boot for s in latest.values()],
+                [s.state.agent_version for s in latest.values()],
+            ],
+        )
+
+
+def missing_total(conn: psycopg.Connection[Any]) -> int:
+    """Seqs missing across all devices (the ``campus_ingest_seq_missing`` gauge)."""
+    row = conn.execute("SELECT coalesce(sum(missing), 0)::bigint FROM devices").fetchone()
+    return int(row[0]) if row else 0
+
+
+__all__ = ["BatchWriter", "QuarantineRow", "WriteResult", "missing_total"]

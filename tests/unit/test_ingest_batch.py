@@ -1,0 +1,161 @@
+"""Batch assembly without I/O: messages → rows, the bounded inbox, and collecting a batch."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+
+from ingest_server.batch import QUARANTINE_KEEP_BYTES, Batch, Inbound, StateRow, rows_of
+from ingest_server.consumer import Inbox, collect
+from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
+
+NOW = datetime(2026, 11, 22, 0, 0, tzinfo=UTC)
+
+
+def board_touch(seq: int, touches: object = 3) -> UplinkEvent:
+    data = msgspec.json.encode({"touches": touches, "window_s": 60.0})
+    return UplinkEvent(seq=seq, ts=NOW, type="board.touch", data=msgspec.Raw(data))
+
+
+def msg(payload: bytes, topic: str = "campus/v1/sch-1/sb-1/up", *, retain: bool = False) -> Inbound:
+    return Inbound(topic, payload, 1, 1, NOW, retain=retain)
+
+
+def uplink(*events: UplinkEvent) -> bytes:
+    return encode_batch(
+        UplinkBatch(device_id="sb-1", kind="smart_board", sent_at=NOW, events=list(events))
+    )
+
+
+def test_valid_and_rejected_events_of_one_message() -> None:
+    rows, n = rows_of(msg(uplink(board_touch(1), board_touch(2, touches=-1), board_touch(3))))
+    assert n == 3
+    assert [(r.school_id, r.device_id, r.kind, r.event.seq) for r in rows.events] == [
+        ("sch-1", "sb-1", "smart_board", 1),
+        ("sch-1", "sb-1", "smart_board", 3),
+    ]
+    (q,) = rows.quarantine
+    assert (q.kind, q.device_id, q.seq) == ("event", "sb-1", 2)
+    assert q.reason == "events[1].data.touches: expected `int` >= 0"
+    assert msgspec.json.decode(q.payload)["seq"] == 2  # the event's own JSON
+
+
+def test_whole_message_failure_is_one_quarantine_row() -> None:
+    rows, n = rows_of(msg(b"{1, 2"))
+    assert n == 0
+    assert not rows.events
+    (q,) = rows.quarantine
+    assert (q.kind, q.payload, q.device_id, q.seq) == ("message", b"{1, 2", "sb-1", None)
+    assert q.reason.startswith("payload is not valid JSON")
+
+
+def test_bad_topic_is_quarantined_without_a_device() -> None:
+    rows, _ = rows_of(msg(uplink(board_touch(1)), topic="campus/v1/sch-1/SB-1/up"))
+    (q,) = rows.quarantine
+    assert q.device_id is None
+    assert "device_id 'SB-1' is not a valid id" in q.reason
+
+
+def test_oversize_is_cut_and_says_so() -> None:
+    payload = b"x" * (QUARANTINE_KEEP_BYTES + 10)
+    (q,) = rows_of(msg(payload), max_bytes=1000)[0].quarantine
+    assert (q.kind, len(q.payload)) == ("oversize", QUARANTINE_KEEP_BYTES)
+    assert q.reason == (
+        f"message is {len(payload)} bytes, over the limit of 1000 bytes; "
+        f"only its first {QUARANTINE_KEEP_BYTES} bytes are kept here"
+    )
+    (q,) = rows_of(msg(b"x" * 1001), max_bytes=1000)[0].quarantine
+    assert q.reason == "message is 1001 bytes, over the limit of 1000 bytes"
+    assert len(q.payload) == 1001
+
+
+def test_state_messages() -> None:
+    topic = "campus/v1/sch-1/sb-1/state"
+    body = b'{"state": "offline", "boot": 2, "agent_version": "1.0", "ts": "2026-11-21T10:00:00Z"}'
+    (live,) = rows_of(msg(body, topic=topic))[0].states
+    assert isinstance(live, StateRow)
+    assert (live.device_id, live.state.state, live.state_at) == ("sb-1", "offline", NOW)
+    (retained,) = rows_of(msg(body, topic=topic, retain=True))[0].states
+    assert retained.state_at == datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
+    assert len(rows_of(msg(b"", topic=topic))[0]) == 0  # a cleared retained message
+    (q,) = rows_of(msg(b'{"state": "online"}', topic=topic))[0].quarantine
+    assert q.kind == "state"
+    assert q.reason == "state: Object missing required field `boot`"
+
+
+def test_batch_counts_rows_and_events() -> None:
+    batch = Batch()
+    batch.add(msg(uplink(board_touch(1), board_touch(2))))
+    batch.add(msg(b"nonsense"))
+    batch.add(msg(uplink()))
+    assert (len(batch), batch.size, batch.events_received) == (3, 4, 2)
+    assert [len(rows) for _, rows in batch.parts()] == [2, 1, 0]
+
+
+def test_inbox_waits_when_full_and_releases_on_get() -> None:
+    inbox = Inbox(max_messages=2, max_bytes=1 << 20)
+    assert inbox.put(msg(b"1"))
+    assert inbox.put(msg(b"2"))
+    third = threading.Thread(target=inbox.put, args=(msg(b"3"),))
+    third.start()
+    third.join(0.2)
+    assert third.is_alive(), "a put into a full inbox must wait"
+    got = inbox.get(1.0)
+    assert got is not None
+    assert got.payload == b"1"
+    third.join(5.0)
+    assert not third.is_alive()
+    assert [getattr(inbox.get(0), "payload", None) for _ in range(2)] == [b"2", b"3"]
+    assert inbox.get(0) is None
+
+
+def test_inbox_bounds_bytes_but_takes_one_big_message() -> None:
+    inbox = Inbox(max_messages=100, max_bytes=100)
+    assert inbox.put(msg(b"x" * 500))  # alone, it is allowed through
+    late = threading.Thread(target=inbox.put, args=(msg(b"y"),))
+    late.start()
+    late.join(0.2)
+    assert late.is_alive()
+    inbox.close()
+    late.join(5.0)
+    assert not late.is_alive()
+    assert inbox.put(msg(b"z")) is False
+
+
+def test_collect_stops_at_the_size_limit() -> None:
+    inbox = Inbox(100, 1 << 20)
+    for i in range(10):
+        inbox.put(msg(uplink(board_touch(i))))
+    batch = collect(inbox, max_size=4, max_wait_s=10.0, idle_s=0.0, max_bytes=1 << 20)
+    assert batch is not None
+    assert len(batch) == 4
+    assert len(inbox) == 6
+
+
+def test_collect_stops_at_the_time_limit() -> None:
+    inbox = Inbox(100, 1 << 20)
+    inbox.put(msg(uplink(board_touch(1))))
+    started = time.monotonic()
+    batch = collect(inbox, max_size=1000, max_wait_s=0.05, idle_s=0.0, max_bytes=1 << 20)
+    assert batch is not None
+    assert len(batch) == 1
+    assert time.monotonic() - started < 2.0
+    assert collect(inbox, max_size=1000, max_wait_s=0.05, idle_s=0.01, max_bytes=1) is None
+
+
+@pytest.mark.parametrize("seq", [-1, 2**63, "1", 1.0, None])
+def test_bad_seq_is_rejected(seq: object) -> None:
+    event: dict[str, object] = {"ts": "2026-11-22T07:50:01Z", "type": "board.touch", "data": {}}
+    if seq is not None:
+        event["seq"] = seq
+    payload = msgspec.json.encode(
+        {"v": 1, "device_id": "sb-1", "kind": "smart_board", "events": [event]}
+    )
+    rows, _ = rows_of(msg(payload))
+    (q,) = rows.quarantine
+    assert q.reason.startswith("events[0]")
+    assert "seq" in q.reason
