@@ -81,6 +81,9 @@ class DriverContext:
     device_id: str
     hasher: UidHasher
     counters: dict[str, int] = field(default_factory=dict)
+    #: How many events this device has handed its agent over its whole life, across restarts:
+    #: the outbox's highest seq plus readings queued for it (load generators stop at a count).
+    accepted_events: Callable[[], int] = field(default=lambda: 0)
 
     def count(self, what: str, n: int = 1) -> None:
         self.counters[what] = self.counters.get(what, 0) + n
@@ -124,6 +127,9 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "device_drivers.gate",
     "device_drivers.pcsc",
     "device_drivers.camera",
+    "device_drivers.panel",
+    "device_drivers.recorder",
+    "device_drivers.board_os",
 )
 #: Modules that could not be imported, with the reason (usually a missing optional extra).
 UNAVAILABLE: dict[str, str] = {}

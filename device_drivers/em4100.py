@@ -292,7 +292,9 @@ class Em4100Reader:
         device = _device_identity(path)
         while True:
             try:
-                chunk = await asyncio.wait_for(reader.next_chunk(), self.PRESENCE_CHECK_S)
+                # Not wait_for: on 3.11 it can swallow a cancellation that lands with the chunk.
+                async with asyncio.timeout(self.PRESENCE_CHECK_S):
+                    chunk = await reader.next_chunk()
             except TimeoutError:
                 if _device_identity(path) != device:
                     raise PortLost(f"{path} disappeared") from None

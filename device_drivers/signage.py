@@ -378,7 +378,8 @@ class ScreenLink:
         try:
             writer.write(ScreenCodec.show(notice_id, title, body, duration_s))
             await writer.drain()
-            reply = await asyncio.wait_for(fut, timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: see em4100's read loop
+                reply = await fut
         except TimeoutError:
             raise DriverError(
                 f"the screen did not confirm notice {notice_id!r} in {timeout_s:g} s"

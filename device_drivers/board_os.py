@@ -1,0 +1,415 @@
+"""A smart board's OS-side activity → ``board.app`` (foreground app changes), ``board.touch``.
+
+The driver reads a :class:`BoardActivitySource`; the one shipped, :class:`JsonFeedSource`, follows
+the line-delimited JSON feed an on-board helper writes to a file or a FIFO.
+
+Driver type ``board_os``. Options: ``path`` (the feed file or FIFO), ``from_start`` (false: a
+file is first read from its end, so an agent restart does not resend old lines).
+
+Feed format, UTF-8 JSON, one object per line (``ts`` optional, RFC 3339, when it happened)::
+
+    {"type": "app", "app": "com.smart.notebook", "action": "foreground", "ts": "…+08:00"}
+    {"type": "touch", "touches": 37, "window_s": 60, "ts": "…+08:00"}
+
+``action`` is ``foreground`` (default), ``start`` or ``stop``. A foreground line naming the app
+already in the foreground is one event, not two (``board_os.repeated``). Lines that are not such
+objects, and lines over 4 KiB, are counted (``board_os.bad_line``, ``board_os.overlong``) and
+skipped.
+
+A FIFO is opened read-write, so the helper restarting is not an end of file. A file is followed
+like ``tail -F``: a replacement (new inode) is read from its start, a truncated file from its new
+start, and reopening the same file resumes where reading stopped, so no line is read twice. A
+feed that disappears makes the driver DISCONNECTED until it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import select
+import stat
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+from device_drivers.base import (
+    DriverContext,
+    DriverError,
+    DriverState,
+    Emit,
+    Reading,
+    register_driver,
+)
+from device_drivers.transport import READ_TIMEOUT_S, Link, LinkLost, describe, open_in_thread
+from schemas.events import BoardApp, BoardTouch, Count, Name
+
+log = logging.getLogger(__name__)
+
+MAX_LINE: Final = 4096
+Action = Literal["foreground", "start", "stop"]
+
+
+@dataclass(frozen=True, slots=True)
+class AppChange:
+    app: str
+    action: Action
+    ts: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TouchCount:
+    touches: int
+    window_s: float
+    ts: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    reason: Literal["bad_line", "overlong"]
+    raw: bytes
+    detail: str = ""
+
+
+Activity = AppChange | TouchCount | BadRecord
+
+
+class SourceLost(Exception):
+    """The activity source went away while being read."""
+
+
+class BoardActivitySource(ABC):
+    """Where a board's OS-side activity comes from: app changes and touch counts per window."""
+
+    #: What the source reads, for messages ("feed /run/board/activity").
+    description: str
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Start reading; raise :class:`OSError` saying why the source is unavailable."""
+
+    @abstractmethod
+    async def next(self, within: float) -> list[Activity]:
+        """What arrived within ``within`` s (maybe nothing); :class:`SourceLost` if it went away."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Stop reading; safe to call when not open."""
+
+
+# --- the JSON-lines feed -----------------------------------------------------------------------
+
+
+class _AppLine(msgspec.Struct, tag="app", tag_field="type", frozen=True):
+    app: Name
+    action: Action = "foreground"
+    ts: datetime | None = None
+
+
+class _TouchLine(msgspec.Struct, tag="touch", tag_field="type", frozen=True):
+    touches: Count
+    window_s: Annotated[float, Meta(gt=0, le=86400)]
+    ts: datetime | None = None
+
+
+_DECODER: Final = msgspec.json.Decoder(_AppLine | _TouchLine)
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    return ts if ts is None or ts.tzinfo else ts.astimezone()
+
+
+class FeedCodec:
+    """Sans-I/O: feed bytes in, activity out."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._skipping = False
+
+    def feed(self, data: bytes) -> list[Activity]:
+        out: list[Activity] = []
+        for line in bytes(data).splitlines(keepends=True):
+            ended = line.endswith((b"\n", b"\r"))
+            if not self._skipping:
+                self._buf += line.rstrip(b"\r\n")
+                if len(self._buf) > MAX_LINE:
+                    out.append(BadRecord("overlong", bytes(self._buf[:64])))
+                    self._buf.clear()
+                    self._skipping = not ended
+                    continue
+            if ended:
+                if not self._skipping and self._buf.strip():
+                    out.append(self._decode(bytes(self._buf)))
+                self._buf.clear()
+                self._skipping = False
+        return out
+
+    @staticmethod
+    def _decode(line: bytes) -> Activity:
+        try:
+            rec = _DECODER.decode(line)
+        except msgspec.DecodeError as exc:
+            return BadRecord("bad_line", line[:256], str(exc))
+        if isinstance(rec, _AppLine):
+            return AppChange(rec.app, rec.action, _aware(rec.ts))
+        return TouchCount(rec.touches, rec.window_s, _aware(rec.ts))
+
+
+class FeedGone(OSError):
+    """The feed's path no longer exists."""
+
+
+class FeedFile:
+    """A feed file or FIFO as a read-only transport; reads wait up to ``READ_TIMEOUT_S``."""
+
+    def __init__(self, path: Path, *, resume: FeedFile | None = None, from_end: bool) -> None:
+        self.path = path
+        self.fd = -1
+        self.ino = 0
+        self.offset = 0
+        self.fifo = False
+        self._open(resume, from_end=from_end)
+
+    def _open(self, resume: FeedFile | None, *, from_end: bool) -> None:
+        st = os.stat(self.path)
+        self.fifo = stat.S_ISFIFO(st.st_mode)
+        if not (self.fifo or stat.S_ISREG(st.st_mode)):
+            raise OSError(f"{self.path} is neither a file nor a FIFO")
+        # Read-write on a FIFO: we are a writer too, so the helper closing it is not EOF.
+        flags = os.O_RDWR | os.O_NONBLOCK if self.fifo else os.O_RDONLY
+        self.fd = os.open(self.path, flags | os.O_CLOEXEC)
+        fst = os.fstat(self.fd)
+        self.ino = fst.st_ino
+        if self.fifo:
+            return
+        if resume is not None and resume.ino == self.ino:
+            self.offset = resume.offset if resume.offset <= fst.st_size else 0
+        else:
+            self.offset = fst.st_size if from_end else 0
+        os.lseek(self.fd, self.offset, os.SEEK_SET)
+
+    def read(self, size: int = 1) -> bytes:
+        if self.fifo:
+            ready, _, _ = select.select([self.fd], [], [], READ_TIMEOUT_S)
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    return os.read(self.fd, size)
+        else:
+            data = os.read(self.fd, size)
+            if data:
+                self.offset += len(data)
+                return data
+        self._check_path()
+        if not self.fifo:
+            time.sleep(READ_TIMEOUT_S)
+        return b""
+
+    def _check_path(self) -> None:
+        """Follow a replaced or truncated feed; raise :class:`FeedGone` if it was removed."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise FeedGone(f"{self.path} was removed") from None
+        if st.st_ino != self.ino:
+            log.info("feed %s was replaced: reading the new one from its start", self.path)
+            os.close(self.fd)
+            self._open(None, from_end=False)
+        elif not self.fifo and st.st_size < self.offset:
+            log.info("feed %s was truncated: reading from its start", self.path)
+            self.offset = 0
+            os.lseek(self.fd, 0, os.SEEK_SET)
+
+    def write(self, data: bytes) -> None:
+        raise OSError("the activity feed is read-only")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class JsonFeedSource(BoardActivitySource):
+    """Line-delimited JSON from a file or FIFO that an on-board helper writes."""
+
+    def __init__(
+        self, path: str | Path, *, from_start: bool = False, name: str = "board-os"
+    ) -> None:
+        self.path = Path(path)
+        self.description = f"feed {self.path}"
+        self.from_start = from_start
+        self._name = name
+        self._link: Link | None = None
+        self._file: FeedFile | None = None
+        self._codec = FeedCodec()
+        self._looked = False
+
+    async def open(self) -> None:
+        # Only a feed that was already there when we first looked is read from its end: one
+        # that appears later was started after us, and all of it is new.
+        from_end = not (self.from_start or self._looked)
+        self._looked = True
+        last = self._file
+        feed = await open_in_thread(partial(FeedFile, self.path, resume=last, from_end=from_end))
+        if last is None or feed.ino != last.ino:
+            self._codec = FeedCodec()
+        self._file = feed
+        self._link = Link(feed, self._name)
+
+    async def next(self, within: float) -> list[Activity]:
+        if self._link is None:
+            raise SourceLost("the feed is not open")
+        try:
+            chunk = await self._link.read(within)
+        except LinkLost as exc:
+            raise SourceLost(str(exc)) from exc
+        return self._codec.feed(chunk) if chunk else []
+
+    async def aclose(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            await link.aclose()
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+class BoardOsOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    path: Annotated[str, Meta(min_length=1)]
+    from_start: bool = False
+
+
+class BoardOsDriver:
+    """Board activity from any :class:`BoardActivitySource`, as events."""
+
+    BACKOFF_MIN_S = 0.5
+    BACKOFF_MAX_S = 10.0
+    WAIT_S = 1.0
+
+    def __init__(self, name: str, source: BoardActivitySource, ctx: DriverContext) -> None:
+        self.name = name
+        self.state = DriverState.STARTING
+        self.last_error: str | None = None
+        self.source = source
+        self._ctx = ctx
+        self._foreground: str | None = None
+
+    async def run(self, emit: Emit) -> None:
+        backoff = self.BACKOFF_MIN_S
+        try:
+            while True:
+                try:
+                    await self.source.open()
+                except OSError as exc:
+                    self._down(f"cannot read the {self.source.description}: {describe(exc)}")
+                else:
+                    self.state = DriverState.OK
+                    backoff = self.BACKOFF_MIN_S
+                    try:
+                        while True:
+                            for item in await self.source.next(self.WAIT_S):
+                                await self._handle(item, emit)
+                    except SourceLost as exc:
+                        self._down(f"lost the {self.source.description} ({exc})")
+                    finally:
+                        await self.source.aclose()
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+                backoff = min(backoff * 2, self.BACKOFF_MAX_S)
+        finally:
+            self.state = DriverState.STOPPED
+
+    async def _handle(self, item: Activity, emit: Emit) -> None:
+        if isinstance(item, BadRecord):
+            self._ctx.count(f"board_os.{item.reason}")
+            self.last_error = f"skipped a bad feed line ({item.detail or item.reason})"
+            log.warning("%s: %s: %r", self.name, self.last_error, item.raw[:64])
+        elif isinstance(item, TouchCount):
+            data = BoardTouch(touches=item.touches, window_s=item.window_s)
+            await emit(_reading("board.touch", data, item.ts))
+        elif item.action == "foreground" and item.app == self._foreground:
+            self._ctx.count("board_os.repeated")
+        else:
+            if item.action == "foreground":
+                self._foreground = item.app
+            elif item.action == "stop" and item.app == self._foreground:
+                self._foreground = None
+            await emit(_reading("board.app", BoardApp(app=item.app, action=item.action), item.ts))
+
+    def _down(self, message: str) -> None:
+        if self.state != DriverState.DISCONNECTED:
+            self._ctx.count("board_os.disconnected")
+        if self.state != DriverState.DISCONNECTED or message != self.last_error:
+            log.warning("%s: %s", self.name, message)
+        self.state = DriverState.DISCONNECTED
+        self.last_error = message
+
+
+def _reading(kind: str, data: msgspec.Struct, ts: datetime | None) -> Reading:
+    return Reading(kind, data) if ts is None else Reading(kind, data, ts)
+
+
+def parse_options(name: str, options: Mapping[str, Any]) -> BoardOsOptions:
+    raw = {k: v for k, v in options.items() if k not in ("type", "name")}
+    try:
+        return msgspec.convert(raw, BoardOsOptions)
+    except msgspec.ValidationError as exc:
+        raise DriverError(f"driver {name!r}: {exc}") from exc
+
+
+def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> BoardOsDriver:
+    opts = parse_options(name, options)
+    return BoardOsDriver(
+        name, JsonFeedSource(opts.path, from_start=opts.from_start, name=name), ctx
+    )
+
+
+register_driver("board_os")(build)
+
+
+async def probe(options: Mapping[str, Any], listen_s: float = 2.0) -> str:
+    """Check the feed exists and what its recent lines (file) or next lines (FIFO) look like."""
+    try:
+        opts = parse_options("probe", options)
+        st = await asyncio.to_thread(os.stat, opts.path)
+    except DriverError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"feed {options.get('path')} is not there ({exc}): is the board helper running?"
+    codec = FeedCodec()
+    if stat.S_ISREG(st.st_mode):
+        kind = f"a file of {st.st_size} bytes"
+        tail = await asyncio.to_thread(_tail, Path(opts.path), 64 * 1024)
+        items = codec.feed(tail.split(b"\n", 1)[-1] if len(tail) == 64 * 1024 else tail)
+    elif stat.S_ISFIFO(st.st_mode):
+        kind = "a FIFO"
+        source = JsonFeedSource(opts.path, name="probe")
+        items = []
+        try:
+            await source.open()
+            deadline = time.monotonic() + listen_s
+            while (left := deadline - time.monotonic()) > 0:
+                items += await source.next(left)
+        except (OSError, SourceLost) as exc:
+            return f"feed {opts.path} is a FIFO but reading it failed: {exc}"
+        finally:
+            await source.aclose()
+    else:
+        return f"feed {opts.path} is neither a file nor a FIFO"
+    good = sum(not isinstance(i, BadRecord) for i in items)
+    bad = len(items) - good
+    return f"feed {opts.path} is {kind}: {good} good and {bad} bad line(s) seen"
+
+
+def _tail(path: Path, size: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+        return f.read()

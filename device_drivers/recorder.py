@@ -1,0 +1,276 @@
+"""Lecture-capture recording units (Extron SMP-style SIS control) polled → ``recorder.status``.
+
+Driver type ``recorder``. Options: ``port`` (device path, ``usb:VID:PID[:SERIAL]`` or
+``tcp://host:port``: SIS over Telnet is port 23), ``baudrate`` (9600, 8N1), ``poll_s`` (5),
+``timeout_s`` (1), ``report_s`` (60). An event is emitted at once when the record state changes
+(and for the first poll), otherwise every ``report_s`` seconds so free space is tracked
+(``report_s = 0``: every poll).
+
+SIS commands sent (ESC is 0x1B; replies end with CR LF):
+
+- on every (re)connect ``ESC 0CV CR`` → ``Vrb0``: terse replies, so they carry no prefix;
+- ``ESC YRCDR CR`` → ``0`` stop, ``1`` record, ``2`` pause;
+- ``I`` → ``ChA<n>*ChB<n>*<state>*<destination>*<free KB>*<elapsed hh:mm:ss>*<left hh:mm:ss>``,
+  of which the free space (KBytes, reported as ``free_space_mb`` = KB / 1024) is used.
+
+``E<nn>`` replies (E10 invalid command, E13 invalid parameter, E14 not valid in this
+configuration …) are counted as ``recorder.refused``. The copyright banner and date lines a unit
+sends after power-up or on a new Telnet connection are skipped. Other lines are counted
+(``recorder.malformed``, ``recorder.malformed.<reason>``) and skipped. A unit that leaves
+``UNREACHABLE_AFTER`` polls in a row without a status reply is DISCONNECTED and the port is
+reopened with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+from device_drivers.base import DriverContext, DriverError, Emit, Reading, register_driver
+from device_drivers.transport import Link, LinkedDriver, exchange, open_transport
+from schemas.events import RecorderStatus
+
+log = logging.getLogger(__name__)
+
+RecordState = Literal["stop", "record", "pause"]
+STATES: Final[Mapping[str, RecordState]] = {"0": "stop", "1": "record", "2": "pause"}
+ESC: Final = b"\x1b"
+TERSE = ESC + b"0CV\r"
+STATUS_QUERY = ESC + b"YRCDR\r"
+INFO_QUERY = b"I"
+MAX_LINE: Final = 160
+ERRORS: Final[Mapping[str, str]] = {
+    "E10": "invalid command",
+    "E13": "invalid parameter",
+    "E14": "not valid for this configuration",
+    "E22": "busy",
+    "E24": "privilege violation",
+    "E25": "device not present",
+}
+_INFO = re.compile(
+    rb"ChA(\d{1,2})\*ChB(\d{1,2})\*([012])\*([^*]{0,64})\*(\d{1,12})"
+    rb"\*(\d{2,3}:\d\d:\d\d)\*(\d{2,3}:\d\d:\d\d)"
+)
+_BANNER = re.compile(rb"\(c\) ?Copyright.*|[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} [\d:]{8}.*")
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    state: RecordState
+
+
+@dataclass(frozen=True, slots=True)
+class InfoReply:
+    state: RecordState
+    destination: str
+    free_kb: int
+
+
+@dataclass(frozen=True, slots=True)
+class VerboseAck:
+    mode: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceError:
+    code: str
+
+    @property
+    def meaning(self) -> str:
+        return ERRORS.get(self.code, "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: Literal["garbage", "overlong"]
+    raw: bytes
+
+
+RecorderItem = StatusReply | InfoReply | VerboseAck | DeviceError | Rejected
+
+
+class SisCodec:
+    """Sans-I/O: SIS reply lines in, typed replies out (banner lines dropped)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._skipping = False
+
+    def feed(self, data: bytes) -> list[RecorderItem]:
+        out: list[RecorderItem] = []
+        for byte in data:
+            if byte in b"\r\n":
+                if not self._skipping and self._buf:
+                    item = self._line(bytes(self._buf))
+                    if item is not None:
+                        out.append(item)
+                self._buf.clear()
+                self._skipping = False
+            elif not self._skipping:
+                self._buf.append(byte)
+                if len(self._buf) > MAX_LINE:
+                    out.append(Rejected("overlong", bytes(self._buf)))
+                    self._buf.clear()
+                    self._skipping = True
+        return out
+
+    @staticmethod
+    def _line(raw: bytes) -> RecorderItem | None:
+        line = raw.strip(b" \t")
+        if not line or _BANNER.fullmatch(line):
+            return None
+        if len(line) == 1 and line in b"012":
+            return StatusReply(STATES[line.decode()])
+        if re.fullmatch(rb"RcdrY[012]", line):  # a record command's echo: the new state
+            return StatusReply(STATES[line[-1:].decode()])
+        if m := re.fullmatch(rb"Vrb([0-3])", line):
+            return VerboseAck(int(m[1]))
+        if re.fullmatch(rb"E\d\d", line):
+            return DeviceError(line.decode())
+        if m := _INFO.fullmatch(line):
+            try:
+                destination = m[4].decode("ascii")
+            except UnicodeDecodeError:
+                return Rejected("garbage", raw)
+            return InfoReply(STATES[m[3].decode()], destination, int(m[5]))
+        return Rejected("garbage", raw)
+
+
+class RecorderOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    port: Annotated[str, Meta(min_length=1)]
+    baudrate: Annotated[int, Meta(gt=0)] = 9600
+    poll_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0
+    timeout_s: Annotated[float, Meta(gt=0, le=60)] = 1.0
+    report_s: Annotated[float, Meta(ge=0)] = 60.0
+
+
+class RecorderPoller(LinkedDriver):
+    """A recording unit's SIS control port, polled for record state and free space."""
+
+    counters = "recorder"
+    UNREACHABLE_AFTER = 3
+
+    def __init__(self, name: str, options: RecorderOptions, ctx: DriverContext) -> None:
+        opener = partial(open_transport, options.port, baudrate=options.baudrate)
+        super().__init__(name, options.port, opener, ctx)
+        self.options = options
+        self.recorder_state: RecordState | None = None
+        self.free_kb: int | None = None
+        self._last_report = 0.0
+
+    async def session(self, link: Link, emit: Emit) -> None:
+        codec = SisCodec()
+        missed = 0
+        await self._ask(link, codec, TERSE, VerboseAck)
+        while True:
+            state, heard = await self._ask(link, codec, STATUS_QUERY, StatusReply)
+            if state is None:
+                missed += 1
+                if missed >= self.UNREACHABLE_AFTER:
+                    self.down(self._unreachable(heard))
+                    return
+            else:
+                missed = 0
+                self.up()
+                await self._ask(link, codec, INFO_QUERY, InfoReply)
+                await self._report(state, emit)
+            await asyncio.sleep(self.options.poll_s)
+
+    async def _ask(
+        self, link: Link, codec: SisCodec, query: bytes, kind: type[RecorderItem]
+    ) -> tuple[RecordState | None, bool]:
+        """Send one query and absorb the replies; the record state they gave, and if any came."""
+        answer = await exchange(link, query, codec.feed, partial(_is, kind), self.options.timeout_s)
+        state: RecordState | None = None
+        for item in answer.items:
+            if isinstance(item, StatusReply):
+                state = item.state
+            elif isinstance(item, InfoReply):
+                self.free_kb = item.free_kb
+            elif isinstance(item, DeviceError):
+                self.count("refused")
+                log.info("%s: the recorder answered %s (%s)", self.name, item.code, item.meaning)
+            elif isinstance(item, Rejected):
+                self.count("malformed")
+                self.count(f"malformed.{item.reason}")
+                self.last_error = f"skipped a malformed reply ({item.reason})"
+                log.warning("%s: %s: %r", self.name, self.last_error, item.raw[:64])
+        return state, answer.heard
+
+    async def _report(self, state: RecordState, emit: Emit) -> None:
+        now = time.monotonic()
+        changed = state != self.recorder_state
+        if not changed and now - self._last_report < self.options.report_s:
+            return
+        self.recorder_state = state
+        self._last_report = now
+        free = None if self.free_kb is None else round(self.free_kb / 1024, 3)
+        await emit(
+            Reading(
+                "recorder.status",
+                RecorderStatus(state=state, free_space_mb=free, recorder=self.name),
+            )
+        )
+
+    def _unreachable(self, heard: bool) -> str:
+        if heard:
+            return (
+                f"the recorder on {self.port} answers nothing readable: check the baud rate "
+                f"({self.options.baudrate}) and that it is an SIS device"
+            )
+        return f"no reply from the recorder on {self.port}: check the cable and that it is on"
+
+
+def _is(kind: type[RecorderItem], item: RecorderItem) -> bool:
+    return isinstance(item, kind)
+
+
+def parse_options(name: str, options: Mapping[str, Any]) -> RecorderOptions:
+    raw = {k: v for k, v in options.items() if k not in ("type", "name")}
+    try:
+        return msgspec.convert(raw, RecorderOptions)
+    except msgspec.ValidationError as exc:
+        raise DriverError(f"driver {name!r}: {exc}") from exc
+
+
+def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> RecorderPoller:
+    return RecorderPoller(name, parse_options(name, options), ctx)
+
+
+register_driver("recorder")(build)
+
+
+async def probe(options: Mapping[str, Any]) -> str:
+    """Ask the recorder once for its record state and free space; say what came back."""
+    try:
+        opts = parse_options("probe", options)
+        opener = partial(open_transport, opts.port, baudrate=opts.baudrate)
+        link = await Link.open(opener, "probe")
+    except (DriverError, OSError, ValueError) as exc:
+        return f"cannot open the recorder port: {exc}"
+    codec = SisCodec()
+    items: list[RecorderItem] = []
+    try:
+        async with link:
+            for query, kind in ((STATUS_QUERY, StatusReply), (INFO_QUERY, InfoReply)):
+                answer = await exchange(link, query, codec.feed, partial(_is, kind), opts.timeout_s)
+                items += answer.items
+    except Exception as exc:  # report whatever the port says
+        return f"{opts.port} opened but talking to it failed: {exc}"
+    states = [i.state for i in items if isinstance(i, StatusReply)]
+    infos = [i for i in items if isinstance(i, InfoReply)]
+    if not states:
+        bad = sum(isinstance(i, Rejected | DeviceError) for i in items)
+        why = f"{bad} unreadable or refused repl(ies)" if bad else "no reply"
+        return f"recorder on {opts.port}: {why} in {opts.timeout_s:g} s"
+    free = f", {infos[-1].free_kb / 1024:.0f} MB free on {infos[-1].destination}" if infos else ""
+    return f"recorder on {opts.port}: {states[-1]}{free}"
