@@ -54,12 +54,24 @@ def _parser() -> argparse.ArgumentParser:
         help="embedded mode (0: any free port)",
     )
 
+    demo = sub.add_parser(
+        "demo",
+        help="the embedded default with a small simulated school, showing live counts",
+        add_help=False,
+    )
+    demo.add_argument("options", nargs="*", help="see ingest-server demo --help")
+
     mig = sub.add_parser("migrate", help="apply pending database migrations and exit")
     mig.add_argument("--db", metavar="URL", help=f"libpq URL (default ${DB_ENV})")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options
+        from simulators.demo import main as demo_main  # noqa: PLC0415  # simulators are optional
+
+        return demo_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

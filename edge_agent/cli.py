@@ -1,0 +1,105 @@
+"""``edge-agent``: run the agent from a config file, or show its outbox."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+
+from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig, ConfigError, load_config
+from edge_agent.outbox import Outbox, OutboxError
+
+log = logging.getLogger("edge_agent")
+
+
+def _setup_logging(verbosity: int) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if verbosity >= 2 else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    if verbosity == 1:
+        logging.getLogger("edge_agent").setLevel(logging.DEBUG)
+    if verbosity < 2:  # paho's packet trace only at -vv
+        logging.getLogger("edge_agent.mqtt").setLevel(logging.WARNING)
+
+
+async def _run(config: AgentConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Agent(config):
+        await stop.wait()
+        log.info("stopping")
+
+
+def cmd_run(config: AgentConfig) -> int:
+    asyncio.run(_run(config))
+    return 0
+
+
+def cmd_status(config: AgentConfig, *, as_json: bool) -> int:
+    path = config.outbox_path
+    if not path.exists():
+        print(f"edge-agent: no outbox at {path} yet (the agent has not run)", file=sys.stderr)
+        return 1
+    with Outbox(path, readonly=True) as outbox:
+        s = outbox.stats()
+    if as_json:
+        doc = {
+            "device_id": config.device.id,
+            "outbox": str(path),
+            "depth": s.depth,
+            "oldest_unsent_s": s.oldest_age_s,
+            "highest_seq": s.highest_seq,
+            "boot": s.boot,
+        }
+        print(json.dumps(doc))
+        return 0
+    oldest = "-" if s.oldest_age_s is None else f"{s.oldest_age_s:.1f} s"
+    print(f"device          {config.device.id} ({config.device.kind})")
+    print(f"outbox          {path}")
+    print(f"unsent events   {s.depth}")
+    print(f"oldest unsent   {oldest}")
+    print(f"highest seq     {s.highest_seq}")
+    print(f"boots           {s.boot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run the agent")
+    run.add_argument("--config", type=Path, required=True, help="the agent's TOML config")
+    run.add_argument("-v", "--verbose", action="count", default=0, help="-v debug, -vv with MQTT")
+    status = sub.add_parser("status", help="show the outbox: unsent events, highest seq, boots")
+    status.add_argument("--config", type=Path, required=True, help="the agent's TOML config")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    try:
+        config = load_config(args.config)
+        if args.cmd == "status":
+            return cmd_status(config, as_json=args.json)
+        _setup_logging(args.verbose)
+        with contextlib.suppress(KeyboardInterrupt):
+            return cmd_run(config)
+        return 0
+    except (ConfigError, OutboxError) as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:
+        print(f"edge-agent: the outbox {config.outbox_path}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,330 @@
+"""The durable outbox: every reading gets its ``seq`` here and stays until the broker's PUBACK.
+
+SQLite in WAL mode with ``synchronous=FULL``: a reading whose :meth:`Outbox.append_many` has
+returned survives a power cut. ``seq`` is an ``INTEGER PRIMARY KEY AUTOINCREMENT``, so it never
+goes back, not even after the table empties. ``ts`` and ``data`` are stored as the exact text
+and JSON bytes that go on the wire, so a resent event is byte-for-byte the same event.
+
+:class:`Outbox` is the blocking core (one connection, used from one thread);
+:class:`AsyncOutbox` runs it on a thread of its own so the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self, TypeVar
+
+import msgspec
+
+from device_drivers.base import Reading
+
+T = TypeVar("T")
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts TEXT NOT NULL,
+    type TEXT NOT NULL,
+    data BLOB NOT NULL,
+    synced INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+#: Bytes an event adds to an ``up`` batch besides its ts, type and data (keys, a 19-digit seq,
+#: ``"synced":false``, a comma).
+EVENT_OVERHEAD: Final = 72
+_encode = msgspec.json.Encoder().encode
+
+
+class OutboxError(Exception):
+    """The outbox cannot be opened or is in use by another agent."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A stored event, exactly as it will be sent."""
+
+    seq: int
+    ts: str
+    type: str
+    data: bytes
+    synced: bool
+
+    @property
+    def wire_size(self) -> int:
+        """An upper bound of the bytes this event takes in an ``up`` batch."""
+        return EVENT_OVERHEAD + len(self.ts) + len(self.type) + len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    depth: int
+    oldest_age_s: float | None
+    highest_seq: int
+    boot: int
+
+
+def rfc3339(ts: datetime) -> str:
+    """``ts`` as RFC 3339 with its offset; a naive time is taken as local time."""
+    aware = ts if ts.tzinfo is not None else ts.astimezone()
+    return _encode(aware)[1:-1].decode()
+
+
+class Outbox:
+    """The blocking outbox: use it from one thread only."""
+
+    def __init__(self, path: Path | str, *, readonly: bool = False, lock: bool = False) -> None:
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+        try:
+            if readonly:
+                uri = f"file:{self.path}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, isolation_level=None)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                if lock:
+                    self._take_lock()
+                self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            if not readonly:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = FULL")
+                self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self._release_lock()
+            raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
+        self._last_created = self._newest_created()
+
+    def _newest_created(self) -> float:
+        try:
+            row = self._db.execute(
+                "SELECT created_at FROM events ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+        except sqlite3.OperationalError:  # a read-only open of a file with no events table yet
+            return 0.0
+        return 0.0 if row is None else float(row[0])
+
+    def _take_lock(self) -> None:
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutboxError(f"another edge-agent is using the outbox {self.path}") from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def close(self) -> None:
+        self._db.close()
+        self._release_lock()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def append_many(self, readings: Sequence[Reading]) -> list[int]:
+        """Store readings in one transaction; return their seqs, in order."""
+        if not readings:
+            return []
+        now = max(time.time(), self._last_created)
+        rows = [(rfc3339(r.ts), r.type, _encode(r.data), int(r.synced), now) for r in readings]
+        with self._transaction():
+            base = self._highest_seq()
+            self._db.executemany(
+                "INSERT INTO events (ts, type, data, synced, created_at) VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+            top = self._highest_seq()
+        # One writer holds the lock for the whole transaction, so the seqs are contiguous.
+        if top != base + len(rows):
+            raise OutboxError(f"seqs {base + 1}..{top} for {len(rows)} events: not contiguous")
+        self._last_created = now
+        return list(range(base + 1, top + 1))
+
+    def peek(
+        self,
+        after_seq: int = 0,
+        max_events: int = 500,
+        max_bytes: int = 65536,
+        *,
+        upto: int | None = None,
+    ) -> list[OutboxRow]:
+        """The oldest unsent events after ``after_seq`` (and at most ``upto``), within both limits.
+
+        The byte limit counts :attr:`OutboxRow.wire_size`; the first row always comes, even when
+        it alone is larger.
+        """
+        sql = "SELECT seq, ts, type, data, synced FROM events WHERE seq > ?"
+        args: tuple[int, ...] = (after_seq,)
+        if upto is not None:
+            sql += " AND seq <= ?"
+            args += (upto,)
+        cur = self._db.execute(sql + " ORDER BY seq LIMIT ?", (*args, max_events))
+        out: list[OutboxRow] = []
+        size = 0
+        for seq, ts, etype, data, synced in cur:
+            row = OutboxRow(seq, ts, etype, bytes(data), bool(synced))
+            size += row.wire_size
+            if out and size > max_bytes:
+                break
+            out.append(row)
+        cur.close()
+        return out
+
+    def delete(self, seqs: Iterable[int]) -> int:
+        """Delete exactly these seqs (after their PUBACK); return how many were there."""
+        with self._transaction():
+            cur = self._db.executemany("DELETE FROM events WHERE seq = ?", ((s,) for s in seqs))
+            return cur.rowcount
+
+    def depth(self) -> int:
+        row = self._db.execute("SELECT count(*) FROM events").fetchone()
+        return int(row[0])
+
+    def oldest_age(self) -> float | None:
+        """Seconds since the oldest unsent event was stored, or None when there is none."""
+        row = self._db.execute("SELECT created_at FROM events ORDER BY seq LIMIT 1").fetchone()
+        return None if row is None else max(0.0, time.time() - float(row[0]))
+
+    def highest_seq(self) -> int:
+        """The last seq ever assigned (0 before the first), whether or not it is still stored."""
+        return self._highest_seq()
+
+    def _highest_seq(self) -> int:
+        try:
+            row = self._db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
+            ).fetchone()
+        except sqlite3.OperationalError:  # a read-only open of a file with no events table yet
+            return 0
+        return 0 if row is None else int(row[0])
+
+    def boot(self) -> int:
+        """How many times an agent has started on this outbox."""
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'boot'").fetchone()
+        except sqlite3.OperationalError:
+            return 0
+        return 0 if row is None else int(row[0])
+
+    def next_boot(self) -> int:
+        """Count one more agent start and return the new count."""
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('boot', 1) "
+                "ON CONFLICT (key) DO UPDATE SET value = value + 1"
+            )
+            return self.boot()
+
+    def stats(self) -> OutboxStats:
+        return OutboxStats(self.depth(), self.oldest_age(), self.highest_seq(), self.boot())
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+
+class AsyncOutbox:
+    """An :class:`Outbox` on a thread of its own, as an async context manager.
+
+    Keeps :attr:`highest_seq` in memory and lets a consumer wait for new events.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.highest_seq = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
+        self._outbox: Outbox | None = None
+        self._grown = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        try:
+            self._outbox = await self._call(lambda: Outbox(self.path, lock=True))
+            self.highest_seq = await self._call(self._core.highest_seq)
+        except BaseException:
+            await self._shutdown()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        if self._outbox is not None:
+            outbox, self._outbox = self._outbox, None
+            # Shielded: the connection must be closed on its own thread even if we are cancelled.
+            await asyncio.shield(self._call(outbox.close))
+        self._pool.shutdown(wait=False)
+
+    @property
+    def _core(self) -> Outbox:
+        if self._outbox is None:
+            raise OutboxError("the outbox is not open")
+        return self._outbox
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    async def append_many(self, readings: Sequence[Reading]) -> list[int]:
+        seqs = await self._call(lambda: self._core.append_many(readings))
+        if seqs:
+            self.highest_seq = seqs[-1]
+            self._grown.set()
+            self._grown = asyncio.Event()
+        return seqs
+
+    async def peek(
+        self, after_seq: int, max_events: int, max_bytes: int, *, upto: int | None = None
+    ) -> list[OutboxRow]:
+        return await self._call(
+            lambda: self._core.peek(after_seq, max_events, max_bytes, upto=upto)
+        )
+
+    async def delete(self, seqs: Sequence[int]) -> int:
+        return await self._call(lambda: self._core.delete(seqs))
+
+    async def depth(self) -> int:
+        return await self._call(self._core.depth)
+
+    async def oldest_age(self) -> float | None:
+        return await self._call(self._core.oldest_age)
+
+    async def next_boot(self) -> int:
+        return await self._call(self._core.next_boot)
+
+    async def stats(self) -> OutboxStats:
+        return await self._call(self._core.stats)
+
+    async def wait_beyond(self, seq: int) -> None:
+        """Return once an event with a seq above ``seq`` has been stored."""
+        while self.highest_seq <= seq:
+            await self._grown.wait()

@@ -1,0 +1,282 @@
+"""Outbox → MQTT: ``up`` batches, deletes only after PUBACK, reconnects, paced replay, presence.
+
+One connection at a time. On each connect the publisher says ``online`` (retained, with a will
+saying ``offline``), then sends every row still in the outbox from the start: rows leave the
+outbox only when their batch's PUBACK arrives, so whatever was in flight when a link dropped is
+sent again with the same seq, ts and data. Rows that were already waiting when the link came up
+are backlog: they go in ``replay: true`` batches, paced, and never share a batch with live rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Final, Literal
+
+import aiomqtt
+import msgspec
+
+from edge_agent import __version__
+from edge_agent.config import Broker, DeviceConfig, PublishConfig
+from edge_agent.outbox import AsyncOutbox, OutboxRow
+from schemas import topics
+from schemas.state import DeviceState
+from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
+
+log = logging.getLogger(__name__)
+_ts_decoder: Final = msgspec.json.Decoder(datetime)
+#: Bytes of an ``up`` batch besides its events (keys, v, sent_at, replay) and the two ids.
+ENVELOPE_OVERHEAD: Final = 128
+
+
+class LinkState(StrEnum):
+    CONNECTING = "connecting"
+    ONLINE = "online"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"
+
+
+@dataclass(slots=True)
+class PublisherStats:
+    connects: int = 0
+    batches: int = 0
+    events: int = 0
+    replayed_events: int = 0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).astimezone()
+
+
+class Publisher:
+    """Publishes the outbox over MQTT until cancelled; see the module docstring."""
+
+    #: Used when ``[publish]`` leaves the backoff unset; tests patch these.
+    BACKOFF_INITIAL_S = 0.5
+    BACKOFF_MAX_S = 30.0
+    #: Each delay is scaled by a random factor in 1 ± this.
+    BACKOFF_JITTER = 0.25
+    CONNECT_TIMEOUT_S = 10.0
+    PUBACK_TIMEOUT_S = 30.0
+    #: How long a clean shutdown may spend saying ``offline``.
+    CLOSE_TIMEOUT_S = 3.0
+
+    def __init__(
+        self,
+        device: DeviceConfig,
+        broker: Broker,
+        publish: PublishConfig,
+        outbox: AsyncOutbox,
+        *,
+        boot: int,
+    ) -> None:
+        self.device = device
+        self.broker = broker
+        self.publish = publish
+        self.boot = boot
+        self.state = LinkState.STOPPED
+        self.last_error: str | None = None
+        #: The backlog of the current connection: seqs up to this one go as replay.
+        self.replay_until = 0
+        self.stats = PublisherStats()
+        self._outbox = outbox
+        self._up_topic = topics.build(device.school_id, device.id, topics.Channel.UP)
+        self._state_topic = topics.build(device.school_id, device.id, topics.Channel.STATE)
+        self._budget = (
+            publish.max_batch_bytes - ENVELOPE_OVERHEAD - len(device.id) - len(device.kind)
+        )
+
+    async def run(self) -> None:
+        """Connect, publish, reconnect with jittered exponential backoff; until cancelled."""
+        initial = self.publish.backoff_initial_s or self.BACKOFF_INITIAL_S
+        ceiling = self.publish.backoff_max_s or self.BACKOFF_MAX_S
+        delay, this = initial, asyncio.current_task()
+        try:
+            while True:
+                self.state = LinkState.CONNECTING
+                connects = self.stats.connects
+                error, level = "the session ended", logging.WARNING
+                try:
+                    await self._session()
+                except* aiomqtt.MqttError as group:
+                    exc = group.exceptions[0]
+                    error = str(exc.__cause__ or exc) or type(exc).__name__
+                    if self.stats.connects == connects and "timed out" in error:
+                        error = f"no answer to CONNECT ({error}){self._hint}"
+                    # Say it once; the same error on every retry of a long outage is noise.
+                    level = logging.DEBUG if error == self.last_error else logging.WARNING
+                    self.last_error = error
+                # A cancellation can be swallowed while a task group reports a link error.
+                if this is not None and this.cancelling():
+                    raise asyncio.CancelledError
+                if self.stats.connects > connects:
+                    delay = initial
+                wait = delay * random.uniform(1 - self.BACKOFF_JITTER, 1 + self.BACKOFF_JITTER)  # noqa: S311 - jitter
+                log.log(level, "MQTT %s: %s; retrying in %.1f s", self.broker.address, error, wait)
+                self.state = LinkState.BACKOFF
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, ceiling)
+        finally:
+            self.state = LinkState.STOPPED
+
+    @property
+    def _hint(self) -> str:
+        if self.broker.protocol != "5":
+            return ""
+        return '; a broker that speaks only MQTT 3.1.1 ignores MQTT 5: try protocol = "3.1.1"'
+
+    def _client(self) -> aiomqtt.Client:
+        b = self.broker
+        v5 = b.protocol == "5"
+        tls = None
+        if b.tls:
+            tls = ssl.create_default_context(cafile=str(b.ca_file) if b.ca_file else None)
+        return aiomqtt.Client(
+            b.host,
+            b.port,
+            username=b.username,
+            password=b.password,
+            identifier=b.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if v5 else True,
+            will=aiomqtt.Will(self._state_topic, self._presence("offline"), qos=1, retain=True),
+            keepalive=b.keepalive_s,
+            timeout=self.CONNECT_TIMEOUT_S,
+            max_inflight_messages=self.publish.inflight + 2,
+            tls_context=tls,
+            logger=logging.getLogger("edge_agent.mqtt"),
+        )
+
+    async def _session(self) -> None:
+        async with self._client() as client:
+            self.stats.connects += 1
+            try:
+                await client.publish(
+                    self._state_topic,
+                    self._presence("online"),
+                    qos=1,
+                    retain=True,
+                    timeout=self.PUBACK_TIMEOUT_S,
+                )
+                backlog = await self._outbox.peek(0, 1, 1 << 30)
+                self.replay_until = replay_until = self._outbox.highest_seq if backlog else 0
+                self.state = LinkState.ONLINE
+                log.info(
+                    "connected to %s as %r (MQTT %s, boot %d)%s",
+                    self.broker.address,
+                    self.broker.client_id,
+                    self.broker.protocol,
+                    self.boot,
+                    f"; replaying backlog up to seq {replay_until}" if replay_until else "",
+                )
+                # The pump runs in the group's body, not as a task: on Python 3.11 a task
+                # failing after the body has ended leaves this task marked as cancelling.
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._watch(client), name="mqtt-watch")
+                    await self._pump(client, tg, replay_until)
+            except asyncio.CancelledError:
+                await self._say_offline(client)
+                raise
+
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
+        """A clean shutdown disconnects politely, so the will is not sent: say it ourselves."""
+        try:
+            await client.publish(
+                self._state_topic,
+                self._presence("offline"),
+                qos=1,
+                retain=True,
+                timeout=self.CLOSE_TIMEOUT_S,
+            )
+        except aiomqtt.MqttError as exc:
+            log.warning("could not publish the offline state: %s", exc)
+
+    @staticmethod
+    async def _watch(client: aiomqtt.Client) -> None:
+        """Raise when the connection drops (nothing is subscribed, so no message comes)."""
+        async for _ in client.messages:
+            pass
+        raise aiomqtt.MqttError("the connection closed")
+
+    async def _pump(self, client: aiomqtt.Client, tg: asyncio.TaskGroup, replay_until: int) -> None:
+        """Turn outbox rows into batches, keeping at most ``inflight`` awaiting PUBACK."""
+        p, loop = self.publish, asyncio.get_running_loop()
+        window = asyncio.Semaphore(p.inflight)
+        cursor, replay_at = 0, loop.time()
+        while True:
+            await window.acquire()
+            replay = cursor < replay_until
+            upto = replay_until if replay else None
+            rows = await self._outbox.peek(cursor, p.max_batch_events, self._budget, upto=upto)
+            if not rows:
+                window.release()
+                if replay:
+                    cursor = replay_until
+                else:
+                    await self._outbox.wait_beyond(cursor)
+                continue
+            if replay and p.replay_rate:
+                replay_at = max(replay_at, loop.time())
+                await asyncio.sleep(replay_at - loop.time())
+                replay_at += len(rows) / p.replay_rate
+            elif (
+                not replay
+                and p.linger_ms
+                and len(rows) < p.max_batch_events
+                and self._outbox.highest_seq == rows[-1].seq  # not cut short by the byte limit
+            ):
+                await asyncio.sleep(p.linger_ms / 1000)
+                rows = await self._outbox.peek(cursor, p.max_batch_events, self._budget)
+            cursor = rows[-1].seq
+            tg.create_task(
+                self._send(client, rows, replay, window), name=f"mqtt-send-{rows[0].seq}"
+            )
+
+    async def _send(
+        self,
+        client: aiomqtt.Client,
+        rows: Sequence[OutboxRow],
+        replay: bool,
+        window: asyncio.Semaphore,
+    ) -> None:
+        try:
+            payload = self.encode(rows, replay=replay)
+            await client.publish(self._up_topic, payload, qos=1, timeout=self.PUBACK_TIMEOUT_S)
+            await self._outbox.delete([r.seq for r in rows])
+        finally:
+            window.release()
+        self.stats.batches += 1
+        self.stats.events += len(rows)
+        if replay:
+            self.stats.replayed_events += len(rows)
+
+    def encode(self, rows: Sequence[OutboxRow], *, replay: bool = False) -> bytes:
+        """An ``up`` batch of these rows, with ts and data exactly as stored."""
+        events = [
+            UplinkEvent(
+                seq=r.seq,
+                ts=_ts_decoder.decode(f'"{r.ts}"'),
+                type=r.type,
+                data=msgspec.Raw(r.data),
+                synced=r.synced,
+            )
+            for r in rows
+        ]
+        batch = UplinkBatch(
+            device_id=self.device.id,
+            kind=self.device.kind,
+            sent_at=_now(),
+            events=events,
+            replay=replay,
+        )
+        return encode_batch(batch)
+
+    def _presence(self, state: Literal["online", "offline"]) -> bytes:
+        presence = DeviceState(state=state, boot=self.boot, agent_version=__version__, ts=_now())
+        return msgspec.json.encode(presence)

@@ -1,0 +1,389 @@
+"""The agent against a real Mosquitto: every seq delivered, presence, broker and agent crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as mqtt
+import pytest
+
+from device_drivers.base import Reading
+from edge_agent.agent import Agent
+from edge_agent.config import load_config
+from edge_agent.outbox import Outbox
+from schemas.events import EnvReading
+from schemas.state import DeviceState, state_decoder
+from schemas.uplink import DecodedUplink, decode_uplink
+from tests.services import Mosquitto, wait_until
+
+pytestmark = pytest.mark.integration
+SCHOOL, DEVICE = "s001", "env-0101"
+_ids = itertools.count()
+
+
+class Collector:
+    """A persistent-session QoS 1 subscriber to one device's topics, on paho's own thread."""
+
+    def __init__(self, broker: Mosquitto, *, protocol: int = mqtt.MQTTv311) -> None:
+        self.batches: list[DecodedUplink] = []
+        self.states: list[DeviceState] = []
+        self.arrivals: list[float] = []
+        self.sizes: list[int] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        client_id = f"collector-{os.getpid()}-{next(_ids)}"
+        kwargs: dict[str, object] = {"clean_session": False} if protocol != mqtt.MQTTv5 else {}
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.05, 0.5)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        wait_until(self._subscribed.is_set, 10, "the collector's subscription")
+
+    def _on_connect(self, client: mqtt.Client, *_: object) -> None:
+        client.subscribe(f"campus/v1/{SCHOOL}/{DEVICE}/#", qos=1)
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            if msg.topic.endswith("/up"):
+                self.batches.append(decode_uplink(msg.topic, msg.payload))
+                self.arrivals.append(time.monotonic())
+                self.sizes.append(len(msg.payload))
+            elif msg.topic.endswith("/state"):
+                self.states.append(state_decoder.decode(msg.payload))
+
+    def seqs(self) -> list[int]:
+        with self._lock:
+            return [e.seq for b in self.batches for e in b.events]
+
+    def has_all(self, count: int) -> bool:
+        return set(self.seqs()) >= set(range(1, count + 1))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def collector(mosquitto: Mosquitto) -> Iterator[Collector]:
+    c = Collector(mosquitto)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def retained_state(broker: Mosquitto) -> DeviceState:
+    """What a newcomer sees on the device's ``state`` topic."""
+    c = Collector(broker)
+    try:
+        wait_until(lambda: c.states, 10, "the retained state")
+        return c.states[-1]
+    finally:
+        c.close()
+
+
+class _Url:
+    """Stands in for a broker where only the url matters."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+
+def write_config(
+    tmp_path: Path, broker: Mosquitto | _Url, driver: str, *, protocol: str = "5", publish: str = ""
+) -> Path:
+    path = tmp_path / "agent.toml"
+    protocol_line = f'protocol = "{protocol}"' if protocol else ""
+    path.write_text(f"""
+[device]
+id = "{DEVICE}"
+school_id = "{SCHOOL}"
+kind = "env_sensor"
+[outbox]
+path = "outbox.db"
+[mqtt]
+url = "{broker.url}"
+{protocol_line}
+[publish]
+backoff_initial_s = 0.1
+backoff_max_s = 0.5
+{publish}
+[[drivers]]
+type = "synthetic"
+name = "gen"
+{driver}
+""")
+    return path
+
+
+async def until(pred: Callable[[], object], what: str, within: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not pred():
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def drained(agent: Agent, within: float = 30.0) -> None:
+    """Wait until every stored event has had its PUBACK and left the outbox."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while depth := await agent.outbox.depth():
+        if loop.time() > deadline:
+            raise TimeoutError(f"{depth} events still in the outbox after {within}s")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+async def no_task_left_behind() -> AsyncIterator[None]:
+    yield
+    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert not left, f"tasks left running: {[t.get_name() for t in left]}"
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_every_event_arrives_once_in_bounded_batches(
+    tmp_path: Path, mosquitto: Mosquitto, collector: Collector, protocol: str
+) -> None:
+    count = 3000
+    publish = "max_batch_events = 200\nmax_batch_bytes = 16384\n"
+    cfg = load_config(
+        write_config(tmp_path, mosquitto, f"count = {count}", protocol=protocol, publish=publish)
+    )
+    async with Agent(cfg) as agent:
+        await until(lambda: collector.has_all(count), f"{count} events")
+        await drained(agent)
+        assert agent.publisher.stats.events == count
+        assert collector.states[-1].state == "online"
+        assert collector.states[-1].boot == 1
+    assert sorted(collector.seqs()) == list(range(1, count + 1))
+    for batch in collector.batches:
+        assert batch.rejected == []
+        assert len(batch.events) <= 200
+    assert max(collector.sizes) <= 16384
+    assert max(collector.sizes) > 16384 * 0.9  # the byte bound, not the count, cut them
+    await until(lambda: collector.states[-1].state == "offline", "the offline state")
+    assert collector.states[-1].boot == 1
+
+
+async def test_works_with_the_embedded_mqtt_311_broker(tmp_path: Path) -> None:
+    # Imported here: another team's module should not stop the rest of this file loading.
+    from ingest_server.embedded import EmbeddedBroker
+
+    count = 2000
+    async with EmbeddedBroker() as broker:
+        host, port = broker.host, broker.port
+        got: list[int] = []
+        sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="collector-embedded")
+        sub.on_message = lambda _c, _u, m: got.extend(
+            e.seq for e in decode_uplink(m.topic, m.payload).events
+        )
+        subscribed = threading.Event()
+        sub.on_subscribe = lambda *_: subscribed.set()
+        await asyncio.to_thread(sub.connect, host, port)
+        sub.loop_start()
+        try:
+            sub.subscribe(f"campus/v1/{SCHOOL}/{DEVICE}/up", qos=1)
+            await until(subscribed.is_set, "the subscription")
+            path = write_config(tmp_path, _Url(broker.url), f"count = {count}", protocol="")
+            async with Agent(load_config(path)) as agent:
+                assert agent.config.broker.protocol == "3.1.1"  # from the url's ?protocol=
+                await until(lambda: set(got) >= set(range(1, count + 1)), f"{count} events")
+                await drained(agent)
+        finally:
+            sub.disconnect()
+            sub.loop_stop()
+
+
+async def test_no_more_than_inflight_batches_await_their_puback(
+    tmp_path: Path, mosquitto: Mosquitto, collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waiting, most = 0, 0
+    real_publish = aiomqtt.Client.publish
+
+    async def counting(self: aiomqtt.Client, topic: str, *args: Any, **kwargs: Any) -> None:
+        nonlocal waiting, most
+        if not topic.endswith("/up"):
+            return await real_publish(self, topic, *args, **kwargs)
+        waiting += 1
+        most = max(most, waiting)
+        try:
+            result = await real_publish(self, topic, *args, **kwargs)
+            await asyncio.sleep(0.02)  # a slow PUBACK path, so the window has to fill
+            return result
+        finally:
+            waiting -= 1
+
+    monkeypatch.setattr(aiomqtt.Client, "publish", counting)
+    publish = "inflight = 3\nmax_batch_events = 20\n"
+    cfg = load_config(write_config(tmp_path, mosquitto, "count = 3000", publish=publish))
+    async with Agent(cfg) as agent:
+        await until(lambda: collector.has_all(3000), "3000 events")
+        await drained(agent)
+    # The window is used (batches overlap) and never exceeded.
+    assert 2 <= most <= 3
+
+
+async def test_pushes_a_backlog_as_paced_replay_then_goes_live(
+    tmp_path: Path, mosquitto: Mosquitto, collector: Collector
+) -> None:
+    path = write_config(
+        tmp_path,
+        mosquitto,
+        "rate = 200",
+        publish="replay_rate = 1000\nmax_batch_events = 100\nlinger_ms = 0",
+    )
+    cfg = load_config(path)
+    with Outbox(cfg.outbox_path) as ob:  # an outage's worth of events, stored earlier
+        ob.append_many([Reading("env.reading", EnvReading(sensor="old"))] * 2000)
+    async with Agent(cfg) as agent:
+        await until(lambda: collector.has_all(2000) and max(collector.seqs()) > 2100, "live")
+        assert agent.publisher.stats.replayed_events >= 2000
+    replay = [i for i, b in enumerate(collector.batches) if b.replay]
+    live = [i for i, b in enumerate(collector.batches) if not b.replay]
+    # The backlog is what the outbox held when the link came up: the old 2000, and maybe a
+    # few the driver stored before the connection was made.
+    replayed = {e.seq for i in replay for e in collector.batches[i].events}
+    assert replayed == set(range(1, max(replayed) + 1))
+    assert 2000 <= max(replayed) < 2050
+    assert all(e.seq > max(replayed) for i in live for e in collector.batches[i].events)
+    # 20 batches of 100 at 1000 events/s: the last leaves ~1.9 s after the first.
+    spread = collector.arrivals[replay[-1]] - collector.arrivals[replay[0]]
+    assert 1.6 < spread < 4.0
+
+
+async def test_broker_restart_mid_stream_loses_nothing(
+    tmp_path: Path, mosquitto: Mosquitto, collector: Collector
+) -> None:
+    count = 6000
+    cfg = load_config(write_config(tmp_path, mosquitto, f"rate = 2000\ncount = {count}"))
+    async with Agent(cfg) as agent:
+        await until(lambda: len(collector.seqs()) > 1000, "the stream to flow")
+        await asyncio.to_thread(mosquitto.stop)
+        await asyncio.sleep(0.5)  # the outage: the driver keeps producing meanwhile
+        await asyncio.to_thread(mosquitto.start)
+        restarted_at = len(collector.batches)
+        await until(lambda: collector.has_all(count), f"all {count} events")
+        await until(lambda: agent.publisher.stats.connects >= 2, "the reconnect")
+        await until(lambda: agent.outbox.highest_seq == count, "the count")
+        await drained(agent)
+        backlog = agent.publisher.replay_until
+    assert set(collector.seqs()) == set(range(1, count + 1))
+    # After the restart: the backlog of the outage went as replay, what followed as live.
+    after = collector.batches[restarted_at:]
+    first = next(i for i, b in enumerate(after) if b.replay)
+    assert all(e.seq <= backlog for b in after if b.replay for e in b.events)
+    assert all(e.seq > backlog for b in after[first:] if not b.replay for e in b.events)
+    assert any(not b.replay for b in after[first:])
+
+
+def spawn(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+            stdout=out,
+            stderr=out,
+        )
+
+
+def status(config: Path) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "status", "--config", str(config), "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    doc: dict[str, object] = json.loads(out.stdout)
+    return doc
+
+
+def test_presence_online_then_offline_by_will_after_sigkill(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    config = write_config(tmp_path, mosquitto, "rate = 10")
+    agent = spawn(config, tmp_path / "agent.log")
+    try:
+        c = Collector(mosquitto)
+        try:
+            wait_until(lambda: c.states, 10, "the online state")
+            assert (c.states[-1].state, c.states[-1].boot) == ("online", 1)
+            os.kill(agent.pid, signal.SIGKILL)
+            agent.wait(10)
+            wait_until(lambda: c.states[-1].state == "offline", 10, "the will")
+        finally:
+            c.close()
+        assert (retained_state(mosquitto).state, retained_state(mosquitto).boot) == ("offline", 1)
+    finally:
+        agent.kill()
+        agent.wait(10)
+
+
+def test_sigterm_says_offline_and_exits_cleanly(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    config = write_config(tmp_path, mosquitto, "rate = 10")
+    agent = spawn(config, tmp_path / "agent.log")
+    try:
+        wait_until(lambda: retained_state(mosquitto).state == "online", 10, "online")
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(15) == 0, (tmp_path / "agent.log").read_text()
+    finally:
+        agent.kill()
+        agent.wait(10)
+    assert retained_state(mosquitto).state == "offline"
+    log = (tmp_path / "agent.log").read_text()
+    assert "Traceback" not in log
+
+
+@pytest.mark.chaos
+@pytest.mark.slow
+def test_agent_killed_mid_publish_resumes_without_renumbering(
+    tmp_path: Path, mosquitto: Mosquitto, collector: Collector
+) -> None:
+    count = 20_000
+    config = write_config(tmp_path, mosquitto, f"count = {count}")
+    log = tmp_path / "agent.log"
+    agent = spawn(config, log)
+    try:
+        wait_until(lambda: len(collector.seqs()) >= 2000, 30, "the first events")
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait(10)
+        seen_before = set(collector.seqs())
+        assert len(seen_before) < count, "the agent finished before it could be killed"
+        agent = spawn(config, log)
+        wait_until(lambda: collector.has_all(count), 60, f"all {count} events")
+        wait_until(lambda: status(config)["depth"] == 0, 30, "an empty outbox")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(15)
+    assert set(collector.seqs()) == set(range(1, count + 1))
+    # A seq sent twice is the same event both times: same ts, same data.
+    first: dict[int, tuple[object, bytes]] = {}
+    for batch in collector.batches:
+        for e in batch.events:
+            assert first.setdefault(e.seq, (e.ts, e.data_json)) == (e.ts, e.data_json)
+    assert status(config) | {"oldest_unsent_s": None} == {
+        "device_id": DEVICE,
+        "outbox": str(tmp_path / "outbox.db"),
+        "depth": 0,
+        "oldest_unsent_s": None,
+        "highest_seq": count,
+        "boot": 2,
+    }
+    assert [s.boot for s in collector.states if s.state == "online"][-1] == 2
