@@ -75,124 +75,88 @@ def run_fleet(
             a.terminate()
 
 
-def test_three_agents_through_mosquitto_stored_exactly_once(
-    workdir: Path, mosquitto: Mosquitto, db_url: str
-) -> None:
+@pytest.fixture
+def ingest(workdir: Path, mosquitto: Mosquitto, db_url: str) -> Iterator[IngestServer]:
+    """A healthy ingest server process on the test's Mosquitto and database."""
     server = IngestServer(workdir, mosquitto.url, db_url)
     server.start()
     try:
         server.wait_healthy()
-        run_fleet(workdir, mosquitto.url, db_url, server)
-        assert server.metric("campus_ingest_events_stored_total") == AGENTS * COUNT
-        assert server.metric("campus_ingest_quarantined_total") == 0
+        yield server
     finally:
         server.terminate()
+
+
+def test_three_agents_through_mosquitto_stored_exactly_once(
+    workdir: Path, mosquitto: Mosquitto, db_url: str, ingest: IngestServer
+) -> None:
+    run_fleet(workdir, mosquitto.url, db_url, ingest)
+    assert ingest.metric("campus_ingest_events_stored_total") == AGENTS * COUNT
+    assert ingest.metric("campus_ingest_quarantined_total") == 0
 
 
 def test_three_agents_through_embedded_broker_stored_exactly_once(
     workdir: Path, db_url: str
 ) -> None:
     port = free_port()
-    url = f"mqtt://127.0.0.1:{port}"
     server = IngestServer(workdir, None, db_url, "--embedded-broker-port", str(port))
     server.start()
     try:
         server.wait_healthy()
-        run_fleet(workdir, url, db_url, server, protocol="3.1.1")
+        run_fleet(workdir, f"mqtt://127.0.0.1:{port}", db_url, server, protocol="3.1.1")
     finally:
         server.terminate()
+
+
+def _fault_mid_stream(
+    workdir: Path,
+    mosquitto: Mosquitto,
+    db_url: str,
+    ingest: IngestServer,
+    fault: Callable[[list[Agent]], None],
+) -> None:
+    """Agents at a paced 2,000 events/s each; ``fault`` strikes once a third is stored."""
+    run_fleet(
+        workdir, mosquitto.url, db_url, ingest, rate=2000, fault=fault, fault_at=AGENTS * COUNT // 3
+    )
 
 
 @pytest.mark.chaos
-def test_broker_restarted_mid_stream(workdir: Path, mosquitto: Mosquitto, db_url: str) -> None:
-    server = IngestServer(workdir, mosquitto.url, db_url)
-    server.start()
-    try:
-        server.wait_healthy()
-        run_fleet(
-            workdir,
-            mosquitto.url,
-            db_url,
-            server,
-            rate=2000,
-            fault=lambda _agents: mosquitto.restart(),
-            fault_at=AGENTS * COUNT // 3,
-        )
-    finally:
-        server.terminate()
+def test_broker_restarted_mid_stream(
+    workdir: Path, mosquitto: Mosquitto, db_url: str, ingest: IngestServer
+) -> None:
+    _fault_mid_stream(workdir, mosquitto, db_url, ingest, lambda _agents: mosquitto.restart())
 
 
 @pytest.mark.chaos
 def test_ingest_server_sigkilled_mid_batch_and_restarted(
-    workdir: Path, mosquitto: Mosquitto, db_url: str
+    workdir: Path, mosquitto: Mosquitto, db_url: str, ingest: IngestServer
 ) -> None:
-    server = IngestServer(workdir, mosquitto.url, db_url)
-    server.start()
-
     def crash(_agents: list[Agent]) -> None:
-        server.kill()
-        server.start()
+        ingest.kill()
+        ingest.start()
 
-    try:
-        server.wait_healthy()
-        run_fleet(
-            workdir,
-            mosquitto.url,
-            db_url,
-            server,
-            rate=2000,
-            fault=crash,
-            fault_at=AGENTS * COUNT // 3,
-        )
-    finally:
-        server.terminate()
+    _fault_mid_stream(workdir, mosquitto, db_url, ingest, crash)
 
 
 @pytest.mark.chaos
 def test_postgres_restarted_mid_stream(
-    workdir: Path, mosquitto: Mosquitto, pg_server: Postgres, db_url: str
+    workdir: Path, mosquitto: Mosquitto, pg_server: Postgres, db_url: str, ingest: IngestServer
 ) -> None:
-    server = IngestServer(workdir, mosquitto.url, db_url)
-    server.start()
-    try:
-        server.wait_healthy()
-        run_fleet(
-            workdir,
-            mosquitto.url,
-            db_url,
-            server,
-            rate=2000,
-            fault=lambda _agents: pg_server.restart("immediate"),
-            fault_at=AGENTS * COUNT // 3,
-        )
-        assert server.healthy()
-    finally:
-        server.terminate()
+    _fault_mid_stream(
+        workdir, mosquitto, db_url, ingest, lambda _agents: pg_server.restart("immediate")
+    )
+    assert ingest.healthy()
 
 
 @pytest.mark.chaos
 def test_agent_sigkilled_mid_publish_and_restarted(
-    workdir: Path, mosquitto: Mosquitto, db_url: str
+    workdir: Path, mosquitto: Mosquitto, db_url: str, ingest: IngestServer
 ) -> None:
-    server = IngestServer(workdir, mosquitto.url, db_url)
-    server.start()
-
     def crash(agents: list[Agent]) -> None:
         for a in agents:
             a.kill()
         for a in agents:
             a.start()
 
-    try:
-        server.wait_healthy()
-        run_fleet(
-            workdir,
-            mosquitto.url,
-            db_url,
-            server,
-            rate=2000,
-            fault=crash,
-            fault_at=AGENTS * COUNT // 3,
-        )
-    finally:
-        server.terminate()
+    _fault_mid_stream(workdir, mosquitto, db_url, ingest, crash)
