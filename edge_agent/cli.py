@@ -1,4 +1,4 @@
-"""``edge-agent``: run the agent from a config file, or show its outbox."""
+"""``edge-agent``: run the agent from a config file, show its outbox, or check the gateway."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, ConfigError, load_config
+from edge_agent.doctor import run as doctor_run
 from edge_agent.outbox import Outbox, OutboxError
 
 log = logging.getLogger("edge_agent")
@@ -83,7 +84,24 @@ def main(argv: list[str] | None = None) -> int:
     status = sub.add_parser("status", help="show the outbox: unsent events, highest seq, boots")
     status.add_argument("--config", type=Path, required=True, help="the agent's TOML config")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    doctor = sub.add_parser(
+        "doctor",
+        help="check config, broker, clock, outbox, hardware and drivers",
+        description="A check-up of this gateway: one OK / WARN / FAIL line per check, saying "
+        "what to do about each problem. Exit status: 0 when no check FAILs (WARNs allowed), "
+        "1 when any check FAILs, 2 when the config file is unusable.",
+    )
+    doctor.add_argument("--config", type=Path, required=True, help="the agent's TOML config")
+    doctor.add_argument(
+        "--server",
+        metavar="URL",
+        help="check the clock against this URL's Date header "
+        "(e.g. the ingest server's http://HOST:PORT/healthz)",
+    )
+    doctor.add_argument("--json", action="store_true", help="print a JSON list of checks")
     args = parser.parse_args(argv)
+    if args.cmd == "doctor":
+        return doctor_run(args.config, server=args.server, as_json=args.json)
 
     try:
         config = load_config(args.config)
