@@ -1,9 +1,10 @@
 """The running agent: drivers → a bounded queue → the outbox writer → the publisher.
 
 :class:`Agent` is an async context manager owning one TaskGroup of named tasks: ``driver:NAME``
-per driver (restarted with backoff when it crashes), ``outbox-writer`` (group commits) and
-``publisher``. Leaving the context stops them in that order: drivers first, then the writer
-stores whatever is still queued, then the publisher says ``offline`` and disconnects.
+per driver (restarted with backoff when it crashes), ``outbox-writer`` (group commits),
+``publisher`` and ``commands`` (the server's commands, see :mod:`edge_agent.commands`). Leaving
+the context stops them in this order: commands, drivers, then the writer stores whatever is
+still queued, then the publisher says ``offline`` and disconnects.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from device_drivers.base import (
     UidHasher,
     build_driver,
 )
+from edge_agent.commands import AckLog, CommandHandler
 from edge_agent.config import AgentConfig, ConfigError, DriverConfig
 from edge_agent.outbox import AsyncOutbox
 from edge_agent.publisher import LinkState, Publisher
@@ -104,6 +106,9 @@ class Agent:
         )
         self._slots: list[_Slot] = []
         self._publisher: Publisher | None = None
+        self._acks = AckLog(config.outbox_path)
+        self.commands: CommandHandler | None = None
+        self._command_tasks: list[asyncio.Task[None]] = []
         self._tg = asyncio.TaskGroup()
         self._driver_tasks: list[asyncio.Task[None]] = []
         self._service_tasks: list[asyncio.Task[None]] = []
@@ -125,15 +130,18 @@ class Agent:
         try:
             self.boot = await self.outbox.next_boot()
             self._base_seq = self.outbox.highest_seq
+            await self._acks.__aenter__()
         except BaseException:
             await self.outbox.__aexit__(None, None, None)
             raise
+        self.commands = CommandHandler([s.driver for s in self._slots], self.outbox, self._acks)
         self._publisher = Publisher(
             self.config.device,
             self.config.broker,
             self.config.publish,
             self.outbox,
             boot=self.boot,
+            commands=self.commands,
         )
         await self._tg.__aenter__()
         self._service_tasks = [
@@ -144,6 +152,7 @@ class Agent:
             self._tg.create_task(self._supervise(s), name=f"driver:{s.config.name}")
             for s in self._slots
         ]
+        self._command_tasks = [self._tg.create_task(self.commands.run(), name="commands")]
         log.info(
             "agent %s started: boot %d, %d driver(s), outbox %s (highest seq %d)",
             self.config.device.id,
@@ -161,14 +170,16 @@ class Agent:
         tb: TracebackType | None,
     ) -> None:
         try:
-            for stage in (self._driver_tasks, *([t] for t in self._service_tasks)):
+            stages = (self._command_tasks, self._driver_tasks, *([t] for t in self._service_tasks))
+            for stage in stages:
                 await self._stop(stage)
         finally:
-            for task in (*self._driver_tasks, *self._service_tasks):
+            for task in (*self._command_tasks, *self._driver_tasks, *self._service_tasks):
                 task.cancel()  # whatever an interrupted orderly stop did not reach
             try:
                 await self._tg.__aexit__(exc_type, exc, tb)
             finally:
+                await self._acks.__aexit__(None, None, None)
                 await self.outbox.__aexit__(None, None, None)
                 log.info("agent %s stopped", self.config.device.id)
 

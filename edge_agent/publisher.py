@@ -5,6 +5,9 @@ saying ``offline``), then sends every row still in the outbox from the start: ro
 outbox only when their batch's PUBACK arrives, so whatever was in flight when a link dropped is
 sent again with the same seq, ts and data. Rows that were already waiting when the link came up
 are backlog: they go in ``replay: true`` batches, paced, and never share a batch with live rows.
+
+With a :class:`~edge_agent.commands.CommandHandler`, each connection also subscribes to the
+device's ``cmd`` topic, hands what arrives to it and publishes its acks on ``cmd/ack``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import aiomqtt
 import msgspec
 
 from edge_agent import __version__
+from edge_agent.commands import CommandHandler
 from edge_agent.config import Broker, DeviceConfig, PublishConfig
 from edge_agent.outbox import AsyncOutbox, OutboxRow
 from schemas import topics
@@ -75,6 +79,7 @@ class Publisher:
         outbox: AsyncOutbox,
         *,
         boot: int,
+        commands: CommandHandler | None = None,
     ) -> None:
         self.device = device
         self.broker = broker
@@ -86,8 +91,11 @@ class Publisher:
         self.replay_until = 0
         self.stats = PublisherStats()
         self._outbox = outbox
+        self._commands = commands
         self._up_topic = topics.build(device.school_id, device.id, topics.Channel.UP)
         self._state_topic = topics.build(device.school_id, device.id, topics.Channel.STATE)
+        self._cmd_topic = topics.build(device.school_id, device.id, topics.Channel.CMD)
+        self._ack_topic = topics.build(device.school_id, device.id, topics.Channel.CMD_ACK)
         self._budget = (
             publish.max_batch_bytes - ENVELOPE_OVERHEAD - len(device.id) - len(device.kind)
         )
@@ -157,6 +165,8 @@ class Publisher:
         async with self._client() as client:
             self.stats.connects += 1
             try:
+                if self._commands is not None:  # before ``online``, so commands sent then arrive
+                    await self._subscribe(client)
                 await client.publish(
                     self._state_topic,
                     self._presence("online"),
@@ -179,10 +189,28 @@ class Publisher:
                 # failing after the body has ended leaves this task marked as cancelling.
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._watch(client), name="mqtt-watch")
+                    if self._commands is not None:
+                        tg.create_task(
+                            self._commands.send_acks(
+                                lambda ack: client.publish(
+                                    self._ack_topic, ack, qos=1, timeout=self.PUBACK_TIMEOUT_S
+                                )
+                            ),
+                            name="mqtt-acks",
+                        )
                     await self._pump(client, tg, replay_until)
             except asyncio.CancelledError:
                 await self._say_offline(client)
                 raise
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        granted = await client.subscribe(self._cmd_topic, qos=1, timeout=self.PUBACK_TIMEOUT_S)
+        codes = [g if isinstance(g, int) else g.value for g in granted]
+        if any(c >= 0x80 for c in codes):
+            log.warning(
+                "the broker refused the subscription to %s: commands will not arrive",
+                self._cmd_topic,
+            )
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         """A clean shutdown disconnects politely, so the will is not sent: say it ourselves."""
@@ -197,11 +225,14 @@ class Publisher:
         except aiomqtt.MqttError as exc:
             log.warning("could not publish the offline state: %s", exc)
 
-    @staticmethod
-    async def _watch(client: aiomqtt.Client) -> None:
-        """Raise when the connection drops (nothing is subscribed, so no message comes)."""
-        async for _ in client.messages:
-            pass
+    async def _watch(self, client: aiomqtt.Client) -> None:
+        """Hand ``cmd`` messages to the command handler; raise when the connection drops."""
+        async for message in client.messages:
+            if self._commands is not None and message.topic.matches(self._cmd_topic):
+                payload = message.payload
+                self._commands.receive(
+                    bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+                )
         raise aiomqtt.MqttError("the connection closed")
 
     async def _pump(self, client: aiomqtt.Client, tg: asyncio.TaskGroup, replay_until: int) -> None:
