@@ -180,6 +180,9 @@ class AccessGate:
     async def run(self, emit: Emit) -> None:
         self._emit = emit
         self.state = DriverState.OK
+        if self.thermometer is not None:
+            # One read at start, so a dead thermometer shows in status before the first pass.
+            await self.thermometer.read()
         try:
             await self.cards.run(self._on_tap, emit)
         except ExceptionGroup as group:
