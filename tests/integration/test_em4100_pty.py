@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,36 +11,13 @@ from typing import Any
 import pytest
 
 from device_drivers import em4100
-from device_drivers.base import DriverContext, DriverState, Reading, UidHasher
+from device_drivers.base import DriverContext, DriverState, UidHasher
 from device_drivers.em4100 import Em4100Reader, build, probe
 from schemas.events import CardTap
 from simulators.em4100 import Em4100Simulator
+from tests.driver_harness import HASHER, KEY, RunningDriver, ctx_fixture, fast_backoff, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-KEY = b"district-test-key-0123456789abcdef"
-HASHER = UidHasher(KEY)
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    async def __call__(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-    @property
-    def taps(self) -> list[CardTap]:
-        return [r.data for r in self.readings if isinstance(r.data, CardTap)]
-
-
-async def until(pred: Callable[[], object], what: str, within: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def present(sim: Em4100Simulator, card: bytes, repeats: int = 1) -> bytes:
@@ -50,31 +25,12 @@ async def present(sim: Em4100Simulator, card: bytes, repeats: int = 1) -> bytes:
     return await asyncio.to_thread(sim.present, card, repeats)
 
 
-@contextlib.asynccontextmanager
-async def running(driver: Em4100Reader) -> AsyncIterator[Collector]:
-    out = Collector()
-    task = asyncio.create_task(driver.run(out), name="em4100-driver")
-    try:
-        await until(lambda: driver.state == DriverState.OK, "the port to open")
-        yield out
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert driver.state == DriverState.STOPPED
-    assert not [t for t in threading.enumerate() if t.name.startswith("serial-")]
+def running(driver: Em4100Reader) -> RunningDriver:
+    return RunningDriver(driver, ready=DriverState.OK, what="the port to open", threads="serial-")
 
 
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Em4100Reader, "BACKOFF_MIN_S", 0.05)
-    monkeypatch.setattr(Em4100Reader, "BACKOFF_MAX_S", 0.2)
-    monkeypatch.setattr(Em4100Reader, "PRESENCE_CHECK_S", 0.2)
-
-
-@pytest.fixture
-def ctx() -> DriverContext:
-    return DriverContext("cr-0101", HASHER)
+fast = fast_backoff(Em4100Reader, PRESENCE_CHECK_S=0.2)
+ctx = ctx_fixture("cr-0101")
 
 
 @pytest.fixture
@@ -94,7 +50,7 @@ def card(n: int) -> bytes:
 async def test_taps_become_hashed_card_taps(sim: Em4100Simulator, ctx: DriverContext) -> None:
     async with running(reader(ctx, sim, hold_ms=200)) as out:
         uids = [await present(sim, card(n)) for n in range(10)]
-        await until(lambda: len(out.taps) == 10, "ten taps")
+        await out.until_count(10, CardTap, "ten taps")
     assert out.taps == [
         CardTap(uid_hash=HASHER.hash(uid), tech="em4100", reader="door-1") for uid in uids
     ]
@@ -113,11 +69,11 @@ async def test_a_held_card_is_one_tap(sim: Em4100Simulator, ctx: DriverContext) 
     async with running(reader(ctx, sim, hold_ms=400)) as out:
         await present(sim, card(1), repeats=12)  # ~600 ms in the field, a frame every 50 ms
         await present(sim, card(2), repeats=3)
-        await until(lambda: len(out.taps) == 2, "one tap per card")
+        await out.until_count(2, CardTap, "one tap per card")
         await until(lambda: ctx.counters.get("em4100.repeats") == 13, "repeats absorbed")
         await asyncio.sleep(0.6)  # the card stays away longer than hold_ms: a new presence
         await present(sim, card(1), repeats=2)
-        await until(lambda: len(out.taps) == 3, "the returning card")
+        await out.until_count(3, CardTap, "the returning card")
     assert [t.uid_hash for t in out.taps] == [HASHER.hash(card(n)) for n in (1, 2, 1)]
 
 
@@ -134,7 +90,7 @@ async def test_bad_frames_counted_and_neighbours_read(
         await present(sim, card(3))
         sim.send_raw(b"\x0262E3086CEDXY\x03")
         await present(sim, card(4))
-        await until(lambda: len(out.taps) == 3, "the three good taps")
+        await out.until_count(3, CardTap, "the three good taps")
         await until(lambda: ctx.counters.get("em4100.bad_hex") == 1, "all bad frames counted")
         assert driver.state == DriverState.OK  # bad frames are not a broken port
         assert driver.last_error == "skipped a frame with non-hex characters"
@@ -153,17 +109,17 @@ async def test_unplug_and_replug_under_another_name(
     driver = reader(ctx, sim)
     async with running(driver) as out:
         await present(sim, card(1))
-        await until(lambda: len(out.taps) == 1, "a tap before the unplug")
+        await out.until_count(1, CardTap, "a tap before the unplug")
         first = sim.pts_name
         sim.unplug()
         assert sim.link.is_symlink()
         assert not sim.link.exists()  # dangling, like a by-id name of an unplugged adapter
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         assert str(sim.link) in (driver.last_error or "")
         assert sim.replug() != first
-        await until(lambda: driver.state == DriverState.OK, "OK after the re-plug")
+        await out.until_state(DriverState.OK, "OK after the re-plug")
         await present(sim, card(2))
-        await until(lambda: len(out.taps) == 2, "a tap after the re-plug")
+        await out.until_count(2, CardTap, "a tap after the re-plug")
     assert ctx.counters["em4100.disconnected"] == 1
 
 
@@ -177,7 +133,7 @@ async def test_silent_swap_of_the_device_is_noticed(
         async with running(driver) as out:
             other.link.replace(sim.link)  # sim.link now leads to the other reader's pty
             await until(lambda: ctx.counters.get("em4100.disconnected") == 1, "the swap noticed")
-            await until(lambda: driver.state == DriverState.OK, "reading the new device")
+            await out.until_state(DriverState.OK, "reading the new device")
             await present(other, card(9))
             await until(lambda: out.taps, "a tap from the new device")
         assert "disappeared" in (driver.last_error or "")
@@ -194,9 +150,9 @@ async def test_usb_ids_found_again_after_replug(
     driver = build("em-1", {"port": "usb:1a86:7523:R1"}, ctx)
     async with running(driver) as out:
         sim.unplug()
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         sim.replug()
-        await until(lambda: driver.state == DriverState.OK, "OK again")
+        await out.until_state(DriverState.OK, "OK again")
         await present(sim, card(5))
         await until(lambda: out.taps, "a tap")
     assert out.taps[0].reader == "em-1"
@@ -205,18 +161,12 @@ async def test_usb_ids_found_again_after_replug(
 async def test_missing_port_at_start_then_plugged(tmp_path: Path, ctx: DriverContext) -> None:
     link = tmp_path / "ttyLATE"
     driver = build("em-2", {"port": str(link)}, ctx)
-    out = Collector()
-    task = asyncio.create_task(driver.run(out))
-    try:
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+    async with RunningDriver(driver, check_stopped=False) as out:
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         with Em4100Simulator(link) as late:
-            await until(lambda: driver.state == DriverState.OK, "OK once plugged")
+            await out.until_state(DriverState.OK, "OK once plugged")
             await present(late, card(7))
             await until(lambda: out.taps, "a tap")
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_random_demo_feeds_the_driver(sim: Em4100Simulator, ctx: DriverContext) -> None:

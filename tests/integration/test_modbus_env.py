@@ -3,65 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from device_drivers.base import DriverContext, DriverState, Reading, UidHasher
+from device_drivers.base import DriverContext, DriverState
 from device_drivers.modbus_env import ModbusEnvSensor, build, probe
 from schemas.events import EnvReading
 from simulators.modbus_sensor import Field as SimField
 from simulators.modbus_sensor import ModbusSensorSim
+from tests.driver_harness import RunningDriver, ctx_fixture, fast_backoff, until
 
 pytestmark = pytest.mark.integration
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    async def __call__(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-    @property
-    def env(self) -> list[EnvReading]:
-        return [r.data for r in self.readings if isinstance(r.data, EnvReading)]
+def running(driver: ModbusEnvSensor) -> RunningDriver:
+    return RunningDriver(driver)
 
 
-async def until(pred: Callable[[], object], what: str, within: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running(driver: ModbusEnvSensor) -> AsyncIterator[Collector]:
-    out = Collector()
-    task = asyncio.create_task(driver.run(out), name="driver")
-    try:
-        yield out
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert driver.state == DriverState.STOPPED
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ModbusEnvSensor, "BACKOFF_MIN_S", 0.05)
-    monkeypatch.setattr(ModbusEnvSensor, "BACKOFF_MAX_S", 0.2)
-
-
-@pytest.fixture
-def ctx() -> DriverContext:
-    return DriverContext("env-0101", UidHasher(b"k" * 32))
+fast = fast_backoff(ModbusEnvSensor)
+ctx = ctx_fixture("env-0101")
 
 
 @pytest.fixture
@@ -79,9 +42,9 @@ async def test_tcp_reading_matches_registers(sim: ModbusSensorSim, ctx: DriverCo
     port = sim.start_tcp()
     driver = sensor(ctx, host="127.0.0.1", port=port)
     async with running(driver) as out:
-        await until(lambda: out.env, "a reading")
+        await until(lambda: out.of_type(EnvReading), "a reading")
         assert driver.state == DriverState.OK
-    assert out.env[0] == EnvReading(
+    assert out.of_type(EnvReading)[0] == EnvReading(
         sensor="room-101",
         temperature_c=-3.5,
         humidity_pct=41.7,
@@ -114,8 +77,8 @@ async def test_float32_word_orders_and_input_registers(ctx: DriverContext) -> No
         assert sim.registers("input")[10:12] == [0x0000, 0x41BA]
         driver = sensor(ctx, host="127.0.0.1", port=sim.start_tcp(), registers=registers)
         async with running(driver) as out:
-            await until(lambda: out.env, "a reading")
-    got = out.env[0]
+            await until(lambda: out.of_type(EnvReading), "a reading")
+    got = out.of_type(EnvReading)[0]
     assert (got.temperature_c, got.humidity_pct, got.co2_ppm) == (23.25, 55.5, 70000.0)
     assert got.noise_db is None
 
@@ -128,14 +91,14 @@ async def test_rtu_over_pty_follows_a_script(
     sim.start_rtu(link)
     driver = sensor(ctx, port=str(link), baudrate=9600, parity="N")
     async with running(driver) as out:
-        await until(lambda: out.env, "a first RTU reading")
+        await until(lambda: out.of_type(EnvReading), "a first RTU reading")
         sim.script([(0.0, {"co2_ppm": 900}), (0.5, {"co2_ppm": 1400, "temperature_c": 24.1})])
-        await until(lambda: out.env[-1].co2_ppm == 1400, "the scripted CO2 rise")
-    co2 = [r.co2_ppm for r in out.env]
+        await until(lambda: out.of_type(EnvReading)[-1].co2_ppm == 1400, "the scripted CO2 rise")
+    co2 = [r.co2_ppm for r in out.of_type(EnvReading)]
     assert co2[0] == 450
     assert 900 in co2
     assert co2.index(900) < co2.index(1400)
-    assert out.env[-1].temperature_c == 24.1
+    assert out.of_type(EnvReading)[-1].temperature_c == 24.1
 
 
 async def test_tcp_server_restart_is_survived(sim: ModbusSensorSim, ctx: DriverContext) -> None:
@@ -143,16 +106,18 @@ async def test_tcp_server_restart_is_survived(sim: ModbusSensorSim, ctx: DriverC
     port = sim.start_tcp()
     driver = sensor(ctx, host="127.0.0.1", port=port)
     async with running(driver) as out:
-        await until(lambda: out.env, "a reading")
+        await until(lambda: out.of_type(EnvReading), "a reading")
         sim.stop()
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         assert "127.0.0.1" in (driver.last_error or "")
-        before = len(out.env)
+        before = len(out.of_type(EnvReading))
         await asyncio.sleep(0.3)
-        assert len(out.env) == before  # nothing invented while the sensor is away
+        assert len(out.of_type(EnvReading)) == before  # nothing invented while the sensor is away
         sim.set(co2_ppm=600)
         sim.start_tcp(port)
-        await until(lambda: out.env[-1].co2_ppm == 600, "readings after the restart")
+        await until(
+            lambda: out.of_type(EnvReading)[-1].co2_ppm == 600, "readings after the restart"
+        )
         assert driver.state == DriverState.OK
     assert (
         ctx.counters.get("modbus_env.disconnected", 0) + ctx.counters.get("modbus_env.timeout", 0)
@@ -168,12 +133,14 @@ async def test_rtu_unplug_and_replug(
     first = sim.start_rtu(link)
     driver = sensor(ctx, port=str(link))
     async with running(driver) as out:
-        await until(lambda: out.env, "a reading")
+        await until(lambda: out.of_type(EnvReading), "a reading")
         sim.unplug()
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         sim.set(pm25_ugm3=77)
         assert sim.replug() != first
-        await until(lambda: out.env[-1].pm25_ugm3 == 77, "readings after the re-plug")
+        await until(
+            lambda: out.of_type(EnvReading)[-1].pm25_ugm3 == 77, "readings after the re-plug"
+        )
         assert driver.state == DriverState.OK
 
 
@@ -183,15 +150,17 @@ async def test_silent_sensor_times_out_then_recovers(
     sim.set(noise_db=40.0)
     driver = sensor(ctx, host="127.0.0.1", port=sim.start_tcp())
     async with running(driver) as out:
-        await until(lambda: out.env, "a reading")
+        await until(lambda: out.of_type(EnvReading), "a reading")
         sim.silent = True
         await until(lambda: ctx.counters.get("modbus_env.timeout"), "a counted timeout")
         assert driver.state == DriverState.DISCONNECTED
         assert "no answer" in (driver.last_error or "")
         sim.silent = False
         sim.set(noise_db=62.5)
-        await until(lambda: out.env[-1].noise_db == 62.5, "readings after the silence")
-        await until(lambda: driver.state == DriverState.OK, "OK again")
+        await until(
+            lambda: out.of_type(EnvReading)[-1].noise_db == 62.5, "readings after the silence"
+        )
+        await out.until_state(DriverState.OK, "OK again")
 
 
 async def test_illegal_address_costs_one_metric(sim: ModbusSensorSim, ctx: DriverContext) -> None:
@@ -199,9 +168,9 @@ async def test_illegal_address_costs_one_metric(sim: ModbusSensorSim, ctx: Drive
     sim.illegal = {2}  # the CO2 register
     driver = sensor(ctx, host="127.0.0.1", port=sim.start_tcp())
     async with running(driver) as out:
-        await until(lambda: out.env, "a reading")
+        await until(lambda: out.of_type(EnvReading), "a reading")
         assert driver.state == DriverState.OK
-    got = out.env[0]
+    got = out.of_type(EnvReading)[0]
     assert got.co2_ppm is None
     assert (got.temperature_c, got.humidity_pct, got.pm25_ugm3, got.noise_db) == (
         22.0,
@@ -225,7 +194,7 @@ async def test_device_failure_everywhere_emits_nothing(
         assert driver.state == DriverState.OK  # the sensor is there, it just fails
         assert "device failure" in (driver.last_error or "")
         sim.exception_code = None
-        await until(lambda: out.env, "readings once the sensor heals")
+        await until(lambda: out.of_type(EnvReading), "readings once the sensor heals")
 
 
 async def test_out_of_range_value_is_dropped(sim: ModbusSensorSim, ctx: DriverContext) -> None:
@@ -233,9 +202,9 @@ async def test_out_of_range_value_is_dropped(sim: ModbusSensorSim, ctx: DriverCo
     sim.set_raw("holding", 1, [1500])  # 150.0 °C: a broken probe, not a classroom
     driver = sensor(ctx, host="127.0.0.1", port=sim.start_tcp())
     async with running(driver) as out:
-        await until(lambda: out.env, "a reading")
-    assert out.env[0].temperature_c is None
-    assert out.env[0].humidity_pct == 40.0
+        await until(lambda: out.of_type(EnvReading), "a reading")
+    assert out.of_type(EnvReading)[0].temperature_c is None
+    assert out.of_type(EnvReading)[0].humidity_pct == 40.0
     assert ctx.counters["modbus_env.bad_value"] >= 1
 
 

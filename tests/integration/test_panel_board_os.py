@@ -2,68 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
-import threading
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from device_drivers.base import DriverContext, DriverState, Reading, UidHasher
+from device_drivers.base import DriverContext, DriverState
 from device_drivers.board_os import BoardOsDriver, build, probe
 from schemas.events import BoardApp, BoardTouch
+from tests.driver_harness import RunningDriver, ctx_fixture, fast_backoff, until
 
 pytestmark = pytest.mark.integration
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    async def __call__(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-    @property
-    def data(self) -> list[Any]:
-        return [r.data for r in self.readings]
+def running(driver: BoardOsDriver) -> RunningDriver:
+    return RunningDriver(driver, threads=f"link-{driver.name}".__eq__)
 
 
-async def until(pred: Callable[[], object], what: str, within: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running(driver: BoardOsDriver) -> AsyncIterator[Collector]:
-    out = Collector()
-    task = asyncio.create_task(driver.run(out), name="board-os-driver")
-    try:
-        yield out
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert driver.state == DriverState.STOPPED
-    assert not [t for t in threading.enumerate() if t.name == f"link-{driver.name}"]
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(BoardOsDriver, "BACKOFF_MIN_S", 0.05)
-    monkeypatch.setattr(BoardOsDriver, "BACKOFF_MAX_S", 0.2)
-
-
-@pytest.fixture
-def ctx() -> DriverContext:
-    return DriverContext("sb-0101", UidHasher(b"district-test-key-0123456789"))
+fast = fast_backoff(BoardOsDriver)
+ctx = ctx_fixture("sb-0101")
 
 
 def app(name: str, action: str = "foreground") -> bytes:
@@ -95,12 +53,12 @@ async def test_fifo_lines_become_events_and_bad_lines_are_counted(
     os.mkfifo(fifo)
     driver = build("board-os", {"path": str(fifo)}, ctx)
     async with running(driver) as out:
-        await until(lambda: driver.state == DriverState.OK, "the FIFO to open")
+        await out.until_state(DriverState.OK, "the FIFO to open")
         write_fifo(fifo, app("com.smart.notebook") + b"{broken\n" + touch(12))
-        await until(lambda: len(out.data) == 2, "two events")
+        await out.until_count(2, what="two events")
         # the helper restarts: a new writer, no end of file for the driver
         write_fifo(fifo, app("com.smart.notebook") + app("chrome") + b'{"type":"touch"}\n')
-        await until(lambda: len(out.data) == 3, "the third event")
+        await out.until_count(3, what="the third event")
         await until(lambda: ctx.counters.get("board_os.bad_line") == 2, "two bad lines")
         assert driver.state == DriverState.OK
     assert out.data == [
@@ -118,20 +76,20 @@ async def test_file_is_followed_through_truncation_replacement_and_removal(
     feed.write_bytes(app("old-app") + touch(99))  # history from before the agent started
     driver = build("board-os", {"path": str(feed)}, ctx)
     async with running(driver) as out:
-        await until(lambda: driver.state == DriverState.OK, "the file to open")
+        await out.until_state(DriverState.OK, "the file to open")
         append(feed, app("notebook") + touch(3, 30))
-        await until(lambda: len(out.data) == 2, "appended lines")
+        await out.until_count(2, what="appended lines")
         feed.write_bytes(touch(1))  # truncated and rewritten (copytruncate)
-        await until(lambda: len(out.data) == 3, "a line after truncation")
+        await out.until_count(3, what="a line after truncation")
         fresh = tmp_path / "activity.jsonl.new"
         fresh.write_bytes(app("whiteboard"))
         fresh.replace(feed)  # rotated: a new file under the same name
-        await until(lambda: len(out.data) == 4, "a line from the new file")
+        await out.until_count(4, what="a line from the new file")
         feed.unlink()
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         assert "was removed" in (driver.last_error or "")
         feed.write_bytes(app("browser", "start"))
-        await until(lambda: len(out.data) == 5, "a line once it is back")
+        await out.until_count(5, what="a line once it is back")
         assert driver.state == DriverState.OK
     assert out.data == [
         BoardApp(app="notebook"),
@@ -149,10 +107,10 @@ async def test_from_start_and_a_feed_that_appears_later(tmp_path: Path, ctx: Dri
     first = build("os-1", {"path": str(old), "from_start": True}, ctx)
     second = build("os-2", {"path": str(late)}, ctx)
     async with running(first) as out1, running(second) as out2:
-        await until(lambda: len(out1.data) == 2, "the whole existing file")
-        await until(lambda: second.state == DriverState.DISCONNECTED, "missing feed")
+        await out1.until_count(2, what="the whole existing file")
+        await out2.until_state(DriverState.DISCONNECTED, "missing feed")
         late.write_bytes(touch(5))  # created after the agent started: all of it is new
-        await until(lambda: len(out2.data) == 1, "the late feed's line")
+        await out2.until_count(1, what="the late feed's line")
     assert out1.data == [BoardApp(app="a"), BoardApp(app="b")]
     assert out2.data == [BoardTouch(touches=5, window_s=60.0)]
 

@@ -2,69 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from device_drivers.base import DriverContext, DriverState, Reading, UidHasher
+from device_drivers.base import DriverContext, DriverState
 from device_drivers.panel import PanelPoller, build, probe
 from schemas.events import BoardInput, BoardPower
 from simulators.panel import MaxhubPanel, SimulatedPanel, SmartPanel
+from tests.driver_harness import RunningDriver, ctx_fixture, fast_backoff, until
 
 pytestmark = pytest.mark.integration
 
 PROFILES = {"smart": SmartPanel, "maxhub": MaxhubPanel}
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    async def __call__(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-    @property
-    def events(self) -> list[tuple[str, Any]]:
-        return [(r.type, r.data) for r in self.readings]
+def running(driver: PanelPoller) -> RunningDriver:
+    return RunningDriver(driver, threads=f"link-{driver.name}".__eq__)
 
 
-async def until(pred: Callable[[], object], what: str, within: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running(driver: PanelPoller) -> AsyncIterator[Collector]:
-    out = Collector()
-    task = asyncio.create_task(driver.run(out), name="panel-driver")
-    try:
-        yield out
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert driver.state == DriverState.STOPPED
-    assert not [t for t in threading.enumerate() if t.name == f"link-{driver.name}"]
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(PanelPoller, "BACKOFF_MIN_S", 0.05)
-    monkeypatch.setattr(PanelPoller, "BACKOFF_MAX_S", 0.2)
-
-
-@pytest.fixture
-def ctx() -> DriverContext:
-    return DriverContext("sb-0101", UidHasher(b"district-test-key-0123456789"))
+fast = fast_backoff(PanelPoller)
+ctx = ctx_fixture("sb-0101")
 
 
 @pytest.fixture(params=["smart", "maxhub"])
@@ -108,16 +68,16 @@ async def test_changes_become_exactly_the_expected_events(
 ) -> None:
     driver = driver_for(ctx, panel, profile, via)
     async with running(driver) as out:
-        await until(lambda: len(out.events) == 2, "first observation")
+        await out.until_count(2, what="first observation")
         assert driver.state == DriverState.OK
         panel.set_input("hdmi2")
-        await until(lambda: len(out.events) == 3, "input change")
+        await out.until_count(3, what="input change")
         panel.set_power("off")
-        await until(lambda: len(out.events) == 4, "power off")
+        await out.until_count(4, what="power off")
         panel.set_input("hdmi3")  # not visible while the screen is off
         await polls(panel, 4)
         panel.set_power("on")
-        await until(lambda: len(out.events) == 6, "power on and the new input")
+        await out.until_count(6, what="power on and the new input")
         await polls(panel, 6)  # steady polling adds nothing
     assert out.events == [
         power("on", "unknown"),
@@ -135,12 +95,12 @@ async def test_standby_silence_is_standby_not_an_error(
 ) -> None:
     driver = driver_for(ctx, panel, profile, via)
     async with running(driver) as out:
-        await until(lambda: len(out.events) == 2, "first observation")
+        await out.until_count(2, what="first observation")
         panel.set_power("standby")
-        await until(lambda: len(out.events) == 3, "standby")
+        await out.until_count(3, what="standby")
         assert driver.state == DriverState.OK
         panel.set_power("on")  # a real panel wakes by touch or the power button
-        await until(lambda: len(out.events) == 4, "back on")
+        await out.until_count(4, what="back on")
         await polls(panel, 4)
         assert driver.state == DriverState.OK
         assert driver.last_error is None
@@ -158,11 +118,11 @@ async def test_malformed_replies_are_counted_and_later_replies_processed(
 ) -> None:
     driver = driver_for(ctx, panel, profile, via)
     async with running(driver) as out:
-        await until(lambda: len(out.events) == 2, "first observation")
+        await out.until_count(2, what="first observation")
         panel.corrupt(2)
         await until(lambda: ctx.counters.get("panel.malformed") == 2, "two malformed replies")
         panel.set_input("hdmi2")
-        await until(lambda: len(out.events) == 3, "the change after them")
+        await out.until_count(3, what="the change after them")
         assert driver.state == DriverState.OK
         assert driver.last_error is not None
         assert driver.last_error.startswith("skipped a malformed reply")
@@ -175,17 +135,17 @@ async def test_unplug_and_replug_recovers_without_restart(
 ) -> None:
     driver = driver_for(ctx, panel, profile, via)
     async with running(driver) as out:
-        await until(lambda: len(out.events) == 2, "first observation")
+        await out.until_count(2, what="first observation")
         before = panel.pts_name
         panel.unplug()
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         assert driver.port in (driver.last_error or "")
         after = panel.replug()
         assert after != before
         await polls(panel, 1)
-        await until(lambda: driver.state == DriverState.OK, "OK after the re-plug")
+        await out.until_state(DriverState.OK, "OK after the re-plug")
         panel.set_input("hdmi3")
-        await until(lambda: len(out.events) == 3, "a change after the re-plug")
+        await out.until_count(3, what="a change after the re-plug")
     assert out.events == [power("on", "unknown"), source("hdmi1", None), source("hdmi3", "hdmi1")]
     assert ctx.counters["panel.disconnected"] == 1
 
@@ -196,11 +156,11 @@ async def test_a_panel_that_never_answers_is_disconnected_until_it_does(
     with PROFILES[profile](tmp_path / "ttyP", power="standby") as sim:
         driver = driver_for(ctx, sim, profile, via)
         async with running(driver) as out:
-            await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+            await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
             assert "no reply from the panel" in (driver.last_error or "")
             assert out.events == []
             sim.set_power("on")
-            await until(lambda: len(out.events) == 2, "events once it answers")
+            await out.until_count(2, what="events once it answers")
             assert driver.state == DriverState.OK
     assert out.events == [power("on", "unknown"), source("hdmi1", None)]
 
@@ -209,10 +169,10 @@ async def test_missing_port_at_start_then_plugged(tmp_path: Path, ctx: DriverCon
     link = tmp_path / "ttyLATE"
     driver = build("board-2", {"port": str(link), "poll_s": 0.05, "timeout_s": 0.25}, ctx)
     async with running(driver) as out:
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         assert "no such device" in (driver.last_error or "")
         with SmartPanel(link, source="ops"):
-            await until(lambda: len(out.events) == 2, "events once plugged")
+            await out.until_count(2, what="events once plugged")
     assert out.events == [power("on", "unknown"), source("ops", None)]
 
 

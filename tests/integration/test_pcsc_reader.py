@@ -10,28 +10,27 @@ Each insert/remove cycle costs ~0.5-0.8 s of pcscd polling: keep them few.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import tempfile
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from smartcard import scard
 
-from device_drivers.base import DriverContext, DriverState, Reading, UidHasher
+from device_drivers.base import DriverContext, DriverState, UidHasher
 from device_drivers.pcsc import PcscCardReader, ReaderWatcher, build, probe
 from schemas.events import CardTap
 from simulators.pcscd import Pcscd, PcscdUnavailable, find_pcscd
 from simulators.vpcd_card import DESFIRE_ATR, MIFARE_1K_ATR, TYPE_B_ATR, VirtualCard
+from tests.driver_harness import HASHER, KEY, RunningDriver, ctx_fixture, fast_backoff
+from tests.driver_harness import until as poll
 from tests.services import wait_until
 
 pytestmark = pytest.mark.integration
 
-KEY = b"district-test-key-0123456789abcdef"
-HASHER = UidHasher(KEY)
+
 SOCKET_LINK = Path(tempfile.gettempdir()) / f"campus-pcscd-{os.getpid()}.comm"
 UID_A = bytes.fromhex("04A1B2C3D4E5F6")
 UID_B = bytes.fromhex("DEADBEEF")
@@ -80,36 +79,23 @@ def card(cards: tuple[VirtualCard, VirtualCard]) -> VirtualCard:
     return cards[0]
 
 
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ReaderWatcher, "BACKOFF_MIN_S", 0.05)
-    monkeypatch.setattr(ReaderWatcher, "BACKOFF_MAX_S", 0.2)
+fast = fast_backoff(ReaderWatcher)
+ctx = ctx_fixture("cr-0101")
 
 
-@pytest.fixture
-def ctx() -> DriverContext:
-    return DriverContext("cr-0101", UidHasher(KEY))
+async def until(pred: Callable[[], object], what: str) -> None:
+    """pcscd polls slowly: a longer deadline than the harness default."""
+    await poll(pred, what, within=10.0)
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    async def __call__(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-    @property
-    def taps(self) -> list[CardTap]:
-        return [r.data for r in self.readings if isinstance(r.data, CardTap)]
-
-
-async def until(pred: Callable[[], object], what: str, within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
+def running(driver: PcscCardReader) -> RunningDriver:
+    return RunningDriver(
+        driver,
+        ready=DriverState.OK,
+        what="the driver to find its reader",
+        threads="pcsc-",
+        within=10.0,
+    )
 
 
 async def on_reader(card: VirtualCard, uid: bytes, atr: bytes = MIFARE_1K_ATR) -> None:
@@ -119,21 +105,6 @@ async def on_reader(card: VirtualCard, uid: bytes, atr: bytes = MIFARE_1K_ATR) -
 async def off_reader(card: VirtualCard, reader: str) -> None:
     await asyncio.to_thread(card.remove)
     await until(lambda: reader_empty(reader), f"{reader} to see the card go")
-
-
-@contextlib.asynccontextmanager
-async def running(driver: PcscCardReader) -> AsyncIterator[Collector]:
-    out = Collector()
-    task = asyncio.create_task(driver.run(out), name="driver")
-    try:
-        await until(lambda: driver.state == DriverState.OK, "the driver to find its reader")
-        yield out
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert driver.state == DriverState.STOPPED
-    assert not [t for t in threading.enumerate() if t.name.startswith("pcsc-")]
 
 
 def reader(ctx: DriverContext, pcscd: Pcscd, **options: Any) -> PcscCardReader:
@@ -147,7 +118,7 @@ async def test_one_tap_per_insertion(pcscd: Pcscd, card: VirtualCard, ctx: Drive
         await until(lambda: out.taps, "the first tap")
         await off_reader(card, pcscd.readers[0])
         await on_reader(card, UID_A, DESFIRE_ATR)
-        await until(lambda: len(out.taps) == 2, "a second tap for the second insertion")
+        await out.until_count(2, CardTap, "a second tap for the second insertion")
         await off_reader(card, pcscd.readers[0])
     assert out.taps == [
         CardTap(uid_hash=HASHER.hash(UID_A), tech="mifare_classic", reader="room-204"),
@@ -206,30 +177,25 @@ async def test_pcscd_restart(pcscd: Pcscd, card: VirtualCard, ctx: DriverContext
         await on_reader(card, UID_A)
         await until(lambda: out.taps, "a tap before the restart")
         await asyncio.to_thread(pcscd.kill)
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         await until(lambda: "cannot reach pcscd" in (driver.last_error or ""), "the reason")
         assert "cannot reach pcscd" in await probe({"reader": pcscd.readers[0]})
         await asyncio.to_thread(pcscd.start)
-        await until(lambda: driver.state == DriverState.OK, "OK after the restart")
+        await out.until_state(DriverState.OK, "OK after the restart")
         # the card lay there all along: seen again, but no second tap
         await until(lambda: ctx.counters.get("pcsc.still_present") == 1, "the card seen again")
         await off_reader(card, pcscd.readers[0])
         await on_reader(card, UID_B)
-        await until(lambda: len(out.taps) == 2, "a tap after the restart")
+        await out.until_count(2, CardTap, "a tap after the restart")
     assert [t.uid_hash for t in out.taps] == [HASHER.hash(UID_A), HASHER.hash(UID_B)]
     assert ctx.counters["pcsc.disconnected"] == 1
 
 
 async def test_no_matching_reader(pcscd: Pcscd, ctx: DriverContext) -> None:
     driver = build("door-9", {"reader": "no such reader"}, ctx)
-    task = asyncio.create_task(driver.run(Collector()))
-    try:
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+    async with RunningDriver(driver, check_stopped=False, within=10.0) as out:
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         assert driver.last_error == "no PC/SC reader whose name contains 'no such reader'"
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_probe(pcscd: Pcscd, card: VirtualCard) -> None:

@@ -2,68 +2,33 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from device_drivers.base import DriverContext, DriverState, Reading, UidHasher
+from device_drivers.base import DriverContext, DriverState, Reading
 from device_drivers.recorder import RecorderPoller, build, probe
 from schemas.events import RecorderStatus
 from simulators.recorder import SmpRecorder
+from tests.driver_harness import RunningDriver, ctx_fixture, fast_backoff, until
 
 pytestmark = pytest.mark.integration
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
+class Running(RunningDriver):
     async def __call__(self, reading: Reading) -> None:
         assert reading.type == "recorder.status"
-        self.readings.append(reading)
-
-    @property
-    def statuses(self) -> list[RecorderStatus]:
-        return [r.data for r in self.readings if isinstance(r.data, RecorderStatus)]
+        await super().__call__(reading)
 
 
-async def until(pred: Callable[[], object], what: str, within: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
+def running(driver: RecorderPoller) -> RunningDriver:
+    return Running(driver, threads=f"link-{driver.name}".__eq__)
 
 
-@contextlib.asynccontextmanager
-async def running(driver: RecorderPoller) -> AsyncIterator[Collector]:
-    out = Collector()
-    task = asyncio.create_task(driver.run(out), name="recorder-driver")
-    try:
-        yield out
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert driver.state == DriverState.STOPPED
-    assert not [t for t in threading.enumerate() if t.name == f"link-{driver.name}"]
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(RecorderPoller, "BACKOFF_MIN_S", 0.05)
-    monkeypatch.setattr(RecorderPoller, "BACKOFF_MAX_S", 0.2)
-
-
-@pytest.fixture
-def ctx() -> DriverContext:
-    return DriverContext("ru-0101", UidHasher(b"district-test-key-0123456789"))
+fast = fast_backoff(RecorderPoller)
+ctx = ctx_fixture("ru-0101")
 
 
 @pytest.fixture(params=["pty", "tcp"])
@@ -96,18 +61,18 @@ async def test_stop_record_pause_transitions_with_free_space(
 ) -> None:
     driver = recorder(ctx, smp, via)
     async with running(driver) as out:
-        await until(lambda: len(out.statuses) == 1, "the first status")
+        await out.until_count(1, RecorderStatus, "the first status")
         assert driver.state == DriverState.OK
         smp.set_free_mb(2000)
         smp.set_state("record")
-        await until(lambda: len(out.statuses) == 2, "record")
+        await out.until_count(2, RecorderStatus, "record")
         smp.set_free_mb(1500)
         smp.set_state("pause")
-        await until(lambda: len(out.statuses) == 3, "pause")
+        await out.until_count(3, RecorderStatus, "pause")
         smp.set_state("stop")
-        await until(lambda: len(out.statuses) == 4, "stop")
+        await out.until_count(4, RecorderStatus, "stop")
         await polls(smp, 6)  # no change, no event (report_s is 60 s)
-    assert out.statuses == [
+    assert out.of_type(RecorderStatus) == [
         status("stop", 2048.0),
         status("record", 2000.0),
         status("pause", 1500.0),
@@ -121,9 +86,11 @@ async def test_stop_record_pause_transitions_with_free_space(
 async def test_periodic_report_carries_free_space(smp: SmpRecorder, ctx: DriverContext) -> None:
     driver = recorder(ctx, smp, "pty", report_s=0)
     async with running(driver) as out:
-        await until(lambda: len(out.statuses) >= 2, "two reports")
+        await until(lambda: len(out.of_type(RecorderStatus)) >= 2, "two reports")
         smp.set_free_mb(512)
-        await until(lambda: out.statuses[-1] == status("stop", 512.0), "the new free space")
+        await until(
+            lambda: out.of_type(RecorderStatus)[-1] == status("stop", 512.0), "the new free space"
+        )
 
 
 async def test_malformed_and_refused_replies_are_counted(
@@ -131,15 +98,15 @@ async def test_malformed_and_refused_replies_are_counted(
 ) -> None:
     driver = recorder(ctx, smp, via)
     async with running(driver) as out:
-        await until(lambda: len(out.statuses) == 1, "the first status")
+        await out.until_count(1, RecorderStatus, "the first status")
         smp.corrupt(2)
         await until(lambda: ctx.counters.get("recorder.malformed") == 2, "two malformed replies")
         smp.set_state("record")
-        await until(lambda: len(out.statuses) == 2, "the change after them")
+        await out.until_count(2, RecorderStatus, "the change after them")
         smp.endpoint.send(b"E14\r\n")
         await until(lambda: ctx.counters.get("recorder.refused") == 1, "an error reply")
         assert driver.state == DriverState.OK
-    assert out.statuses[-1] == status("record", 2048.0)
+    assert out.of_type(RecorderStatus)[-1] == status("record", 2048.0)
 
 
 async def test_silent_unit_is_disconnected_then_recovers(
@@ -147,30 +114,30 @@ async def test_silent_unit_is_disconnected_then_recovers(
 ) -> None:
     driver = recorder(ctx, smp, via)
     async with running(driver) as out:
-        await until(lambda: len(out.statuses) == 1, "the first status")
+        await out.until_count(1, RecorderStatus, "the first status")
         smp.mute()
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         assert "no reply from the recorder" in (driver.last_error or "")
         smp.set_state("pause")
         smp.mute(False)
-        await until(lambda: len(out.statuses) == 2, "status once it answers again")
+        await out.until_count(2, RecorderStatus, "status once it answers again")
         assert driver.state == DriverState.OK
-    assert out.statuses[-1] == status("pause", 2048.0)
+    assert out.of_type(RecorderStatus)[-1] == status("pause", 2048.0)
 
 
 async def test_unplug_and_replug(smp: SmpRecorder, ctx: DriverContext, via: str) -> None:
     driver = recorder(ctx, smp, via)
     async with running(driver) as out:
-        await until(lambda: len(out.statuses) == 1, "the first status")
+        await out.until_count(1, RecorderStatus, "the first status")
         before = smp.pts_name
         smp.unplug()
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         assert driver.port in (driver.last_error or "")
         smp.set_state("record")
         assert smp.replug() != before
-        await until(lambda: len(out.statuses) == 2, "status after the re-plug")
+        await out.until_count(2, RecorderStatus, "status after the re-plug")
         assert driver.state == DriverState.OK
-    assert out.statuses == [status("stop", 2048.0), status("record", 2048.0)]
+    assert out.of_type(RecorderStatus) == [status("stop", 2048.0), status("record", 2048.0)]
     assert ctx.counters["recorder.disconnected"] == 1
     assert "recorder.malformed" not in ctx.counters  # the power-up banner is not an error
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -12,62 +10,23 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from device_drivers.base import DriverContext, DriverError, DriverState, Reading, UidHasher
+from device_drivers.base import DriverContext, DriverError, DriverState, UidHasher
 from device_drivers.signage import WEEKDAYS, ClassSignage, ScreenLink, build, probe
 from device_drivers.wiegand import WiegandReader
 from schemas.events import AttendanceCheckin, SignageNoticeShown
 from simulators.signage import Notice, SignageScreen
 from simulators.wiegand import WiegandConverter
+from tests.driver_harness import KEY, RunningDriver, ctx_fixture, fast_backoff, until
 
 pytestmark = pytest.mark.integration
 
-KEY = b"district-test-key-0123456789abcdef"
+
+def running(signage: ClassSignage) -> RunningDriver:
+    return RunningDriver(signage, ready=DriverState.OK, what="the signage to come up")
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    async def __call__(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-    def of(self, kind: str) -> list[Any]:
-        return [r.data for r in self.readings if r.type == kind]
-
-
-async def until(pred: Callable[[], object], what: str, within: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running(signage: ClassSignage) -> AsyncIterator[Collector]:
-    out = Collector()
-    task = asyncio.create_task(signage.run(out), name="signage")
-    try:
-        await until(lambda: signage.state == DriverState.OK, "the signage to come up")
-        yield out
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert signage.state == DriverState.STOPPED
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    for cls in (WiegandReader, ScreenLink):
-        monkeypatch.setattr(cls, "BACKOFF_MIN_S", 0.05)
-        monkeypatch.setattr(cls, "BACKOFF_MAX_S", 0.2)
-
-
-@pytest.fixture
-def ctx() -> DriverContext:
-    return DriverContext("cs-0101", UidHasher(KEY))
+fast = fast_backoff(WiegandReader, ScreenLink)
+ctx = ctx_fixture("cs-0101")
 
 
 @pytest.fixture
@@ -180,11 +139,11 @@ async def test_screen_restart_is_survived(ctx: DriverContext, screen: SignageScr
     signage = with_screen(ctx, screen)
     async with running(signage) as out:
         await screen.stop()
-        await until(lambda: signage.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         with pytest.raises(DriverError, match="not connected"):
             await signage.show_notice("n-1", "t", "b", 5.0)
         await screen.start()
-        await until(lambda: signage.state == DriverState.OK, "OK after the restart")
+        await out.until_state(DriverState.OK, "OK after the restart")
         await signage.show_notice("n-2", "t", "b", 5.0)
         assert screen.showing is not None
         assert screen.showing.id == "n-2"

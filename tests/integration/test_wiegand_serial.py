@@ -3,69 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from device_drivers.base import DriverContext, DriverState, Reading, UidHasher
+from device_drivers.base import DriverContext, DriverState, UidHasher
 from device_drivers.wiegand import WiegandReader, build, probe
 from schemas.events import CardTap
 from simulators.wiegand import WiegandConverter
+from tests.driver_harness import KEY, RunningDriver, ctx_fixture, fast_backoff, until
 
 pytestmark = pytest.mark.integration
 
-KEY = b"district-test-key-0123456789abcdef"
+
+def running(driver: WiegandReader) -> RunningDriver:
+    return RunningDriver(driver, ready=DriverState.OK, what="the port to open", threads="serial-")
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-
-    async def __call__(self, reading: Reading) -> None:
-        self.readings.append(reading)
-
-    @property
-    def taps(self) -> list[CardTap]:
-        return [r.data for r in self.readings if isinstance(r.data, CardTap)]
-
-
-async def until(pred: Callable[[], object], what: str, within: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not pred():
-        if loop.time() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running(driver: WiegandReader) -> AsyncIterator[Collector]:
-    out = Collector()
-    task = asyncio.create_task(driver.run(out), name="driver")
-    try:
-        await until(lambda: driver.state == DriverState.OK, "the port to open")
-        yield out
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert driver.state == DriverState.STOPPED
-    assert not [t for t in threading.enumerate() if t.name.startswith("serial-")]
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(WiegandReader, "BACKOFF_MIN_S", 0.05)
-    monkeypatch.setattr(WiegandReader, "BACKOFF_MAX_S", 0.2)
-
-
-@pytest.fixture
-def ctx() -> DriverContext:
-    return DriverContext("cr-0101", UidHasher(KEY))
+fast = fast_backoff(WiegandReader)
+ctx = ctx_fixture("cr-0101")
 
 
 @pytest.fixture
@@ -83,7 +41,7 @@ async def test_w26_and_w34_hashes(converter: WiegandConverter, ctx: DriverContex
     async with running(driver) as out:
         uid26 = converter.present(0xABCD, facility=0x12)
         uid34 = converter.present(0xDEADBEEF, bits=34)
-        await until(lambda: len(out.taps) == 2, "two taps")
+        await out.until_count(2, CardTap, "two taps")
     hasher = UidHasher(KEY)
     assert out.taps == [
         CardTap(uid_hash=hasher.hash(b"\x12\xab\xcd"), tech="wiegand26", reader="door-1"),
@@ -111,7 +69,7 @@ async def test_bad_frames_counted_and_neighbours_read(
         converter.send_raw(b"\x00\x7fW26:zz\r\n" + b"#" * 100 + b"\r\n")
         converter.present(0x00C0FFEE, bits=34, bad_parity=True)
         converter.present(0x00C0FFEE, bits=34)
-        await until(lambda: len(out.taps) == 2, "the two good taps")
+        await out.until_count(2, CardTap, "the two good taps")
         await until(lambda: ctx.counters.get("wiegand.bad_parity") == 2, "bad parity counted")
         assert driver.state == DriverState.OK  # bad frames are not a broken port
         assert driver.last_error == "skipped a frame with bad parity"
@@ -129,7 +87,7 @@ async def test_debounce(converter: WiegandConverter, ctx: DriverContext) -> None
         for _ in range(3):
             converter.present(0x1234, facility=7)
         converter.present(0x1235, facility=7)
-        await until(lambda: len(out.taps) == 2, "two distinct cards")
+        await out.until_count(2, CardTap, "two distinct cards")
         await until(lambda: ctx.counters.get("wiegand.debounced") == 2, "repeats dropped")
 
 
@@ -137,33 +95,27 @@ async def test_unplug_and_replug(converter: WiegandConverter, ctx: DriverContext
     driver = reader(ctx, converter)
     async with running(driver) as out:
         converter.present(0x0001, facility=1)
-        await until(lambda: len(out.taps) == 1, "a tap before the unplug")
+        await out.until_count(1, CardTap, "a tap before the unplug")
         first = converter.pts_name
         converter.unplug()
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         assert str(converter.link) in (driver.last_error or "")
         assert converter.replug() != first
-        await until(lambda: driver.state == DriverState.OK, "OK after the re-plug")
+        await out.until_state(DriverState.OK, "OK after the re-plug")
         converter.present(0x0002, facility=1)
-        await until(lambda: len(out.taps) == 2, "a tap after the re-plug")
+        await out.until_count(2, CardTap, "a tap after the re-plug")
     assert ctx.counters["wiegand.disconnected"] == 1
 
 
 async def test_missing_port_at_start_then_plugged(tmp_path: Path, ctx: DriverContext) -> None:
     link = tmp_path / "ttyLATE"
     driver = build("door-2", {"port": str(link)}, ctx)
-    out = Collector()
-    task = asyncio.create_task(driver.run(out))
-    try:
-        await until(lambda: driver.state == DriverState.DISCONNECTED, "DISCONNECTED")
+    async with RunningDriver(driver, check_stopped=False) as out:
+        await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         with WiegandConverter(link) as conv:
-            await until(lambda: driver.state == DriverState.OK, "OK once plugged")
+            await out.until_state(DriverState.OK, "OK once plugged")
             conv.present(0xBEEF, facility=9)
             await until(lambda: out.taps, "a tap")
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_probe(converter: WiegandConverter) -> None:
