@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import random
 import threading
 import time
@@ -152,6 +153,10 @@ class Consumer:
         self._next_refresh = 0.0
         self._idle_backoff = 0.0
         self._client = self._make_client()
+        # One decoded batch waits while the writer commits the previous one: decoding (CPU,
+        # holds the GIL) overlaps the database's share of the work (the GIL is released).
+        self._decoded: queue.Queue[Batch] = queue.Queue(maxsize=1)
+        self._decoder = threading.Thread(target=self._decode, name="ingest-decoder", daemon=True)
         self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -172,14 +177,17 @@ class Consumer:
             properties=props,
         )
         self._client.loop_start()
+        self._decoder.start()
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish (or abandon, unacknowledged) the current batch, then leave the broker."""
         self._stopping.set()
         self.inbox.close()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in (self._decoder, self._thread):
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
         self._client.disconnect()
         self._client.loop_stop()
         self.metrics.mqtt_connected.set(0)
@@ -188,7 +196,9 @@ class Consumer:
         last = self._last_commit
         return Health(
             mqtt_connected=bool(self.metrics.mqtt_connected.value()),
-            db_ok=bool(self.metrics.db_connected.value()) and self._thread.is_alive(),
+            db_ok=bool(self.metrics.db_connected.value())
+            and self._thread.is_alive()
+            and self._decoder.is_alive(),
             queued=len(self.inbox),
             last_commit_age_s=None if last is None else time.monotonic() - last,
         )
@@ -295,12 +305,12 @@ class Consumer:
         )
         self.metrics.queue_depth.set(len(self.inbox))
 
-    # -- writer thread ---------------------------------------------------------------------
+    # -- decoder thread --------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _decode(self) -> None:
+        """Collect and decode batches ahead of the writer; never acknowledges anything."""
         s = self.settings
         try:
-            self._housekeeping()  # connect and migrate before the first message
             while not self._stopping.is_set():
                 batch = collect(
                     self.inbox,
@@ -310,6 +320,26 @@ class Consumer:
                     max_bytes=s.max_bytes,
                 )
                 self.metrics.queue_depth.set(len(self.inbox))
+                while batch is not None and not self._stopping.is_set():
+                    try:
+                        self._decoded.put(batch, timeout=self.IDLE_S)
+                    except queue.Full:
+                        continue
+                    batch = None
+        except Exception:
+            log.exception("the decoder thread failed")
+            raise
+
+    # -- writer thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._housekeeping()  # connect and migrate before the first message
+            while not self._stopping.is_set():
+                try:
+                    batch: Batch | None = self._decoded.get(timeout=self.IDLE_S)
+                except queue.Empty:
+                    batch = None
                 if batch is not None:
                     if not self._commit(batch):
                         log.info("stopping: %d messages left unacknowledged", len(batch))

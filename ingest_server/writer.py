@@ -125,11 +125,14 @@ class WriteResult:
 
 def _unique(events: Sequence[EventRow]) -> list[EventRow]:
     """The first of each (device_id, seq): a batch may carry the same event twice."""
+    keys = [(r.device_id, r.event.seq) for r in events]
+    if len(set(keys)) == len(keys):  # the common case: no repeats, keep the list as it is
+        return list(events)
     seen: set[tuple[str, int]] = set()
     out = []
-    for row in events:
-        if row.key not in seen:
-            seen.add(row.key)
+    for key, row in zip(keys, events, strict=True):
+        if key not in seen:
+            seen.add(key)
             out.append(row)
     return out
 
