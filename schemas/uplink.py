@@ -165,7 +165,8 @@ def decode_uplink(
     if fast is not None:
         valid = fast[1]
     else:
-        valid, rejected = _decode_events(_envelope_decoder.decode(payload))
+        assert isinstance(env, _Envelope)  # the slow path decoded the loose envelope above
+        valid, rejected = _decode_events(env)
     return DecodedUplink(
         topic=parsed, kind=env.kind, replay=env.replay, events=valid, rejected=rejected
     )
