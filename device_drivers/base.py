@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, Self
 
 import msgspec
 
@@ -24,6 +24,26 @@ from schemas import events as registry
 
 class DriverError(Exception):
     """A driver cannot be built or cannot run; the message is meant for a technician."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """A module's ``probe(options)`` verdict: how bad it is, and plain words for a technician."""
+
+    status: Literal["ok", "warn", "fail"]
+    message: str
+
+    @classmethod
+    def ok(cls, message: str) -> Self:
+        return cls("ok", message)
+
+    @classmethod
+    def warn(cls, message: str) -> Self:
+        return cls("warn", message)
+
+    @classmethod
+    def fail(cls, message: str) -> Self:
+        return cls("fail", message)
 
 
 class DriverState(StrEnum):

@@ -48,6 +48,7 @@ from device_drivers.base import (
     DriverError,
     DriverState,
     Emit,
+    ProbeResult,
     Reading,
     register_driver,
 )
@@ -375,15 +376,17 @@ def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> BoardOsD
 register_driver("board_os")(build)
 
 
-async def probe(options: Mapping[str, Any], listen_s: float = 2.0) -> str:
+async def probe(options: Mapping[str, Any], listen_s: float = 2.0) -> ProbeResult:
     """Check the feed exists and what its recent lines (file) or next lines (FIFO) look like."""
     try:
         opts = parse_options("probe", options)
         st = await asyncio.to_thread(os.stat, opts.path)
     except DriverError as exc:
-        return str(exc)
+        return ProbeResult.fail(str(exc))
     except OSError as exc:
-        return f"feed {options.get('path')} is not there ({exc}): is the board helper running?"
+        return ProbeResult.fail(
+            f"feed {options.get('path')} is not there ({exc}): is the board helper running?"
+        )
     codec = FeedCodec()
     if stat.S_ISREG(st.st_mode):
         kind = f"a file of {st.st_size} bytes"
@@ -399,14 +402,16 @@ async def probe(options: Mapping[str, Any], listen_s: float = 2.0) -> str:
             while (left := deadline - time.monotonic()) > 0:
                 items += await source.next(left)
         except (OSError, SourceLost) as exc:
-            return f"feed {opts.path} is a FIFO but reading it failed: {exc}"
+            return ProbeResult.fail(f"feed {opts.path} is a FIFO but reading it failed: {exc}")
         finally:
             await source.aclose()
     else:
-        return f"feed {opts.path} is neither a file nor a FIFO"
+        return ProbeResult.fail(f"feed {opts.path} is neither a file nor a FIFO")
     good = sum(not isinstance(i, BadRecord) for i in items)
     bad = len(items) - good
-    return f"feed {opts.path} is {kind}: {good} good and {bad} bad line(s) seen"
+    verdict = f"feed {opts.path} is {kind}: {good} good and {bad} bad line(s) seen"
+    # Bad lines mean the helper and this driver disagree on the format: worth a look.
+    return ProbeResult.warn(verdict) if bad else ProbeResult.ok(verdict)
 
 
 def _tail(path: Path, size: int) -> bytes:

@@ -50,6 +50,7 @@ from device_drivers.base import (
     DriverError,
     DriverState,
     Emit,
+    ProbeResult,
     Reading,
     register_driver,
 )
@@ -532,15 +533,15 @@ def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> Camera:
     return Camera(name, opts, ctx)
 
 
-def _probe(opts: CameraOptions) -> str:
+def _probe(opts: CameraOptions) -> ProbeResult:
     try:
         cap = open_capture(opts)
     except SourceLost as exc:
-        return str(exc)
+        return ProbeResult.fail(str(exc))
     try:
         ok, frame = cap.read()
         if not ok:
-            return (
+            return ProbeResult.fail(
                 f"{opts.describe()} opened but gave no picture within {opts.read_timeout_s:.0f} s"
             )
         grey = to_grey(frame)
@@ -548,16 +549,21 @@ def _probe(opts: CameraOptions) -> str:
         rate = cap.get(cv2.CAP_PROP_FPS)
     finally:
         cap.release()
-    black = " — the picture is black" if is_black(grey, opts.black_threshold) else ""
+    dark = is_black(grey, opts.black_threshold)
+    black = " — the picture is black" if dark else ""
     nominal = f", nominal {rate:.0f} fps" if rate else ""
-    return f"{opts.describe()}: OK, {w}x{h}{nominal}, brightness {grey_brightness(grey):.0f}{black}"
+    verdict = (
+        f"{opts.describe()}: OK, {w}x{h}{nominal}, brightness {grey_brightness(grey):.0f}{black}"
+    )
+    # A black picture may be a covered lens or a dark room: a camera that answers, oddly.
+    return ProbeResult.warn(verdict) if dark else ProbeResult.ok(verdict)
 
 
-async def probe(options: Mapping[str, Any]) -> str:
+async def probe(options: Mapping[str, Any]) -> ProbeResult:
     """Open the source, read one picture and say what it looks like, for ``edge-agent doctor``."""
     try:
         opts = parse_options("probe", options)
         require_opencv("probe", people=False)
     except DriverError as exc:
-        return f"configuration problem: {exc}"
+        return ProbeResult.fail(f"configuration problem: {exc}")
     return await asyncio.to_thread(_probe, opts)

@@ -46,6 +46,7 @@ from device_drivers.base import (
     DriverError,
     DriverState,
     Emit,
+    ProbeResult,
     Reading,
     register_driver,
 )
@@ -343,14 +344,14 @@ def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> Em4100Re
     return Em4100Reader(name, parse_options(name, options), ctx)
 
 
-async def probe(options: Mapping[str, Any], listen_s: float = 3.0) -> str:
+async def probe(options: Mapping[str, Any], listen_s: float = 3.0) -> ProbeResult:
     """Open the port and listen briefly; say whether the reader sent anything sensible."""
     try:
         opts = parse_options("probe", options)
         path = await asyncio.to_thread(resolve_port, opts.port)
         stream = await asyncio.to_thread(open_port, path, opts.baudrate)
     except (DriverError, OSError, ValueError) as exc:
-        return f"cannot open the reader: {exc}"
+        return ProbeResult.fail(f"cannot open the reader: {exc}")
     parser = Em4100Parser()
     items: list[Em4100Frame | FrameError] = []
     deadline = time.monotonic() + listen_s
@@ -358,14 +359,18 @@ async def probe(options: Mapping[str, Any], listen_s: float = 3.0) -> str:
         while time.monotonic() < deadline:
             items += parser.feed(await asyncio.to_thread(stream.read, 256))
     except Exception as exc:  # report whatever the port says
-        return f"{path} opened but reading failed: {exc}"
+        return ProbeResult.fail(f"{path} opened but reading failed: {exc}")
     finally:
         with contextlib.suppress(Exception):
             stream.close()
     cards = {i.uid for i in items if isinstance(i, Em4100Frame)}
     errors = sorted({i.reason for i in items if isinstance(i, FrameError)})
-    if not items:
-        return f"{path} open at {opts.baudrate} baud; no data in {listen_s:.0f} s (hold a card)"
+    if not items:  # an idle reader is silent until a card comes near
+        return ProbeResult.ok(
+            f"{path} open at {opts.baudrate} baud; no data in {listen_s:.0f} s (hold a card)"
+        )
     why = f" ({', '.join(errors)})" if errors else ""
     bad = sum(isinstance(i, FrameError) for i in items)
-    return f"{path}: {len(cards)} card(s) seen, {bad} bad frame(s){why}"
+    verdict = f"{path}: {len(cards)} card(s) seen, {bad} bad frame(s){why}"
+    # Bad frames point at noise on the line or a wrong baud rate.
+    return ProbeResult.warn(verdict) if bad else ProbeResult.ok(verdict)

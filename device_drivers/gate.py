@@ -33,6 +33,7 @@ from device_drivers.base import (
     DriverError,
     DriverState,
     Emit,
+    ProbeResult,
     Reading,
     register_driver,
 )
@@ -229,19 +230,27 @@ def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> AccessGa
 register_driver("gate")(build)
 
 
-async def probe(options: Mapping[str, Any]) -> str:
+async def probe(options: Mapping[str, Any]) -> ProbeResult:
     """Read the thermometer once; the card readers have probes of their own."""
     try:
         opts = parse_options("probe", options, GateOptions)
     except DriverError as exc:
-        return f"configuration problem: {exc}"
+        return ProbeResult.fail(f"configuration problem: {exc}")
     readers = ", ".join(str(c.get("type")) for c in opts.cards)
     if opts.thermometer is None:
-        return f"readers: {readers}; no thermometer configured (passes carry no temperature)"
+        return ProbeResult.ok(
+            f"readers: {readers}; no thermometer configured (passes carry no temperature)"
+        )
     thermometer = Thermometer(opts.thermometer)
     try:
         value = await thermometer.read()
     finally:
         thermometer.close()
     seen = f"{value} °C" if value is not None else f"no reading ({thermometer.last_error})"
-    return f"readers: {readers}; thermometer {thermometer.describe}: {seen}"
+    verdict = f"readers: {readers}; thermometer {thermometer.describe}: {seen}"
+    if value is not None:
+        return ProbeResult.ok(verdict)
+    # Unreachable fails; a thermometer that answered (refused, or out of range) only warns.
+    if thermometer.state == DriverState.DISCONNECTED:
+        return ProbeResult.fail(verdict)
+    return ProbeResult.warn(verdict)

@@ -38,6 +38,7 @@ from device_drivers.base import (
     DriverError,
     DriverState,
     Emit,
+    ProbeResult,
     Reading,
     UidHasher,
     register_driver,
@@ -364,23 +365,27 @@ def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> ModbusEn
 register_driver("modbus_env")(build)
 
 
-async def probe(options: Mapping[str, Any]) -> str:
+async def probe(options: Mapping[str, Any]) -> ProbeResult:
     """Read the sensor once and say what came back, for ``edge-agent doctor``."""
     try:
         opts = parse_options("probe", options, ModbusEnvOptions)
         sensor = ModbusEnvSensor("probe", opts, DriverContext("probe", UidHasher(bytes(16))))
     except DriverError as exc:
-        return f"configuration problem: {exc}"
+        return ProbeResult.fail(f"configuration problem: {exc}")
     try:
         reading = await sensor.poll_once()
     except LinkDown as exc:
-        return f"{opts.describe()}: {exc}"
+        return ProbeResult.fail(f"{opts.describe()}: {exc}")
     finally:
         sensor._link.close()
     if reading is None:
-        return f"{opts.describe()}: answered, but no metric could be read ({sensor.last_error})"
+        return ProbeResult.warn(
+            f"{opts.describe()}: answered, but no metric could be read ({sensor.last_error})"
+        )
     got = ", ".join(
         f"{m}={getattr(reading, m)}" for m in METRICS if getattr(reading, m) is not None
     )
     tail = f"; last problem: {sensor.last_error}" if sensor.last_error else ""
-    return f"{opts.describe()}: OK, {got}{tail}"
+    verdict = f"{opts.describe()}: OK, {got}{tail}"
+    # A problem beside good metrics is one register refused or out of range.
+    return ProbeResult.warn(verdict) if sensor.last_error else ProbeResult.ok(verdict)

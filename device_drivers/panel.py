@@ -50,7 +50,14 @@ from typing import Annotated, Any, Final, Literal, Protocol
 import msgspec
 from msgspec import Meta
 
-from device_drivers.base import DriverContext, DriverError, Emit, Reading, register_driver
+from device_drivers.base import (
+    DriverContext,
+    DriverError,
+    Emit,
+    ProbeResult,
+    Reading,
+    register_driver,
+)
 from device_drivers.transport import Link, LinkedDriver, exchange, open_transport
 from schemas.events import BoardInput, BoardPower
 
@@ -422,13 +429,13 @@ def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> PanelPol
 register_driver("panel")(build)
 
 
-async def probe(options: Mapping[str, Any]) -> str:
+async def probe(options: Mapping[str, Any]) -> ProbeResult:
     """Ask the panel once for its power state and input; say what came back."""
     try:
         opts = parse_options("probe", options)
         link = await Link.open(partial(open_transport, opts.port, baudrate=opts.speed), "probe")
     except (DriverError, OSError, ValueError) as exc:
-        return f"cannot open the panel port: {exc}"
+        return ProbeResult.fail(f"cannot open the panel port: {exc}")
     codec = opts.codec()
     items: list[PanelItem] = []
     heard = False
@@ -445,10 +452,10 @@ async def probe(options: Mapping[str, Any]) -> str:
                 items += answer.items
                 heard = heard or answer.heard
     except Exception as exc:  # report whatever the port says
-        return f"{opts.port} opened but talking to it failed: {exc}"
+        return ProbeResult.fail(f"{opts.port} opened but talking to it failed: {exc}")
     where = f"{opts.profile} panel on {opts.port} at {opts.speed} baud"
     if not heard:
-        return (
+        return ProbeResult.fail(
             f"{where}: no reply in {opts.timeout_s:g} s (a panel in standby is silent; "
             "otherwise check the cable and that RS-232 control is enabled)"
         )
@@ -456,5 +463,8 @@ async def probe(options: Mapping[str, Any]) -> str:
     found += [f"input {i.source}" for i in items if isinstance(i, InputReply)]
     bad = sum(isinstance(i, Rejected) for i in items)
     if not found:
-        return f"{where}: answered, but with {bad} unreadable repl(ies): check profile and baud"
-    return f"{where}: " + ", ".join(found) + (f" ({bad} unreadable)" if bad else "")
+        return ProbeResult.warn(
+            f"{where}: answered, but with {bad} unreadable repl(ies): check profile and baud"
+        )
+    verdict = f"{where}: " + ", ".join(found) + (f" ({bad} unreadable)" if bad else "")
+    return ProbeResult.warn(verdict) if bad else ProbeResult.ok(verdict)

@@ -37,6 +37,7 @@ from device_drivers.base import (
     DriverError,
     DriverState,
     Emit,
+    ProbeResult,
     Reading,
     register_driver,
 )
@@ -505,18 +506,19 @@ def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> PcscCard
 register_driver("pcsc")(build)
 
 
-def _probe(opts: PcscOptions) -> str:
+def _probe(opts: PcscOptions) -> ProbeResult:
     code, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
     if code != scard.SCARD_S_SUCCESS:
-        return f"cannot reach pcscd: {describe(code)} (is pcscd running?)"
+        return ProbeResult.fail(f"cannot reach pcscd: {describe(code)} (is pcscd running?)")
     try:
         readers = list_readers(context, opts.reader)
         if not readers:
-            return f"pcscd is running but there is {no_reader(opts.reader)}"
+            return ProbeResult.fail(f"pcscd is running but there is {no_reader(opts.reader)}")
         query = [(r, scard.SCARD_STATE_UNAWARE) for r in readers]
         code, result = scard.SCardGetStatusChange(context, 0, query)
         _check("reading reader states", code)
         verdicts = []
+        unread = False
         for reader, event, atr in result:
             if not event & scard.SCARD_STATE_PRESENT:
                 verdicts.append(f"{reader}: no card (present one to test a read)")
@@ -524,20 +526,23 @@ def _probe(opts: PcscOptions) -> str:
             read = read_card(context, reader)
             tech = card_tech(bytes(atr))
             if isinstance(read, UidFailure):
+                unread = True
                 verdicts.append(f"{reader}: {tech} card, UID not read: {read.reason}")
             else:
                 verdicts.append(f"{reader}: {tech} card, UID read ({len(read.uid)} bytes)")
-        return "; ".join(verdicts)
+        # No card on a reader is its normal state; a card whose UID will not read is odd.
+        verdict = "; ".join(verdicts)
+        return ProbeResult.warn(verdict) if unread else ProbeResult.ok(verdict)
     except PcscError as exc:
-        return f"pcscd failed while probing: {exc}"
+        return ProbeResult.fail(f"pcscd failed while probing: {exc}")
     finally:
         scard.SCardReleaseContext(context)
 
 
-async def probe(options: Mapping[str, Any]) -> str:
+async def probe(options: Mapping[str, Any]) -> ProbeResult:
     """Connect to pcscd once, list the readers and read the UID of any card lying on them."""
     try:
         opts = parse_options("probe", options)
     except DriverError as exc:
-        return str(exc)
+        return ProbeResult.fail(str(exc))
     return await asyncio.to_thread(_probe, opts)

@@ -35,7 +35,14 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from device_drivers.base import DriverContext, DriverError, Emit, Reading, register_driver
+from device_drivers.base import (
+    DriverContext,
+    DriverError,
+    Emit,
+    ProbeResult,
+    Reading,
+    register_driver,
+)
 from device_drivers.transport import Link, LinkedDriver, exchange, open_transport
 from schemas.events import RecorderStatus
 
@@ -249,14 +256,14 @@ def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> Recorder
 register_driver("recorder")(build)
 
 
-async def probe(options: Mapping[str, Any]) -> str:
+async def probe(options: Mapping[str, Any]) -> ProbeResult:
     """Ask the recorder once for its record state and free space; say what came back."""
     try:
         opts = parse_options("probe", options)
         opener = partial(open_transport, opts.port, baudrate=opts.baudrate)
         link = await Link.open(opener, "probe")
     except (DriverError, OSError, ValueError) as exc:
-        return f"cannot open the recorder port: {exc}"
+        return ProbeResult.fail(f"cannot open the recorder port: {exc}")
     codec = SisCodec()
     items: list[RecorderItem] = []
     try:
@@ -265,12 +272,13 @@ async def probe(options: Mapping[str, Any]) -> str:
                 answer = await exchange(link, query, codec.feed, partial(_is, kind), opts.timeout_s)
                 items += answer.items
     except Exception as exc:  # report whatever the port says
-        return f"{opts.port} opened but talking to it failed: {exc}"
+        return ProbeResult.fail(f"{opts.port} opened but talking to it failed: {exc}")
     states = [i.state for i in items if isinstance(i, StatusReply)]
     infos = [i for i in items if isinstance(i, InfoReply)]
     if not states:
         bad = sum(isinstance(i, Rejected | DeviceError) for i in items)
         why = f"{bad} unreadable or refused repl(ies)" if bad else "no reply"
-        return f"recorder on {opts.port}: {why} in {opts.timeout_s:g} s"
+        verdict = f"recorder on {opts.port}: {why} in {opts.timeout_s:g} s"
+        return ProbeResult.warn(verdict) if bad else ProbeResult.fail(verdict)
     free = f", {infos[-1].free_kb / 1024:.0f} MB free on {infos[-1].destination}" if infos else ""
-    return f"recorder on {opts.port}: {states[-1]}{free}"
+    return ProbeResult.ok(f"recorder on {opts.port}: {states[-1]}{free}")

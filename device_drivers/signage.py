@@ -41,6 +41,7 @@ from device_drivers.base import (
     DriverError,
     DriverState,
     Emit,
+    ProbeResult,
     Reading,
     build_driver,
     register_driver,
@@ -535,7 +536,7 @@ def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> ClassSig
 register_driver("signage")(build)
 
 
-async def probe(options: Mapping[str, Any]) -> str:
+async def probe(options: Mapping[str, Any]) -> ProbeResult:
     """Check the timetable and that the screen answers a connection; name the current period."""
     try:
         opts = parse_options("probe", options, SignageOptions)
@@ -547,7 +548,7 @@ async def probe(options: Mapping[str, Any]) -> str:
             class_id=opts.class_id,
         )
     except (DriverError, ValueError) as exc:
-        return f"configuration problem: {exc}"
+        return ProbeResult.fail(f"configuration problem: {exc}")
     now = place_tap(datetime.now(timetable.tz), timetable)
     verdict = f"{len(timetable.periods)} period(s); now: {now.period or 'no period'}"
     if opts.screen:
@@ -557,5 +558,5 @@ async def probe(options: Mapping[str, Any]) -> str:
             writer.close()
             verdict += f"; screen at {opts.screen} accepts connections"
         except (OSError, TimeoutError, ValueError) as exc:
-            verdict += f"; screen at {opts.screen} unreachable: {exc}"
-    return verdict
+            return ProbeResult.fail(f"{verdict}; screen at {opts.screen} unreachable: {exc}")
+    return ProbeResult.ok(verdict)

@@ -39,6 +39,7 @@ from device_drivers.base import (
     DriverError,
     DriverState,
     Emit,
+    ProbeResult,
     Reading,
     register_driver,
 )
@@ -305,13 +306,13 @@ def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> WiegandR
 register_driver("wiegand")(build)
 
 
-async def probe(options: Mapping[str, Any], listen_s: float = 3.0) -> str:
+async def probe(options: Mapping[str, Any], listen_s: float = 3.0) -> ProbeResult:
     """Open the port and listen briefly; say whether the converter sent anything sensible."""
     try:
         opts = parse_options("probe", options)
         stream = await asyncio.to_thread(open_serial, opts)
     except (DriverError, OSError, ValueError) as exc:
-        return f"cannot open the converter: {exc}"
+        return ProbeResult.fail(f"cannot open the converter: {exc}")
     parser = WiegandParser()
     items: list[WiegandFrame | Rejected] = []
     deadline = time.monotonic() + listen_s
@@ -319,16 +320,18 @@ async def probe(options: Mapping[str, Any], listen_s: float = 3.0) -> str:
         while time.monotonic() < deadline:
             items += parser.feed(await asyncio.to_thread(stream.read, 256))
     except Exception as exc:  # report whatever the port says
-        return f"{opts.port} opened but reading failed: {exc}"
+        return ProbeResult.fail(f"{opts.port} opened but reading failed: {exc}")
     finally:
         stream.close()
     frames = [i for i in items if isinstance(i, WiegandFrame)]
     rejects = [i.reason for i in items if isinstance(i, Rejected)]
-    if not items:
-        return (
+    if not items:  # an idle converter is silent until a card is presented
+        return ProbeResult.ok(
             f"{opts.port} open at {opts.baudrate} baud; no data in {listen_s:.0f} s "
             "(present a card while probing)"
         )
     kinds = ", ".join(sorted({f.tech for f in frames})) or "none"
     why = f" ({', '.join(sorted(set(rejects)))})" if rejects else ""
-    return f"{opts.port}: {len(frames)} valid frame(s) ({kinds}), {len(rejects)} rejected{why}"
+    verdict = f"{opts.port}: {len(frames)} valid frame(s) ({kinds}), {len(rejects)} rejected{why}"
+    # Rejected frames point at noise on the line or a converter set to another format.
+    return ProbeResult.warn(verdict) if rejects else ProbeResult.ok(verdict)

@@ -36,7 +36,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from serial.tools import list_ports
 
 from device_drivers import base as drivers
-from device_drivers.base import DriverContext, DriverError, UidHasher
+from device_drivers.base import DriverContext, DriverError, ProbeResult, UidHasher
 from edge_agent.config import AgentConfig, Broker, ConfigError, DriverConfig, load_config
 from edge_agent.outbox import Outbox, OutboxError
 
@@ -64,15 +64,6 @@ _EXTRAS: Final = {
 }
 _MQTT_LOGIN_REFUSED: Final = {4, 5, 134, 135, 140}
 _MQTT_BAD_PROTOCOL: Final = {1, 132}
-# Probes return prose; these words mark a verdict as a failure or a warning.
-_PROBE_FAIL: Final = re.compile(
-    r"cannot |failed|unreachable|configuration problem|not there|does not exist|neither a file"
-    r"|no reply|no answer|no picture|no reading|stopped sending|^lost |^driver '",
-    re.IGNORECASE,
-)
-_PROBE_WARN: Final = re.compile(
-    r"unreadable|answered, but|not read|picture is black|refused", re.IGNORECASE
-)
 
 
 class Status(StrEnum):
@@ -492,12 +483,14 @@ def _missing_extra(type_name: str) -> str | None:
     return None
 
 
-def _probe_status(verdict: str) -> Status:
-    if _PROBE_FAIL.search(verdict):
-        return Status.FAIL
-    if _PROBE_WARN.search(verdict):
-        return Status.WARN
-    return Status.OK
+_PROBE_STATUS: Final = {"ok": Status.OK, "warn": Status.WARN, "fail": Status.FAIL}
+
+
+def _probe_verdict(result: ProbeResult | str) -> tuple[Status, str]:
+    # A plain string is a third-party probe written before ProbeResult: taken as OK.
+    if isinstance(result, str):
+        return Status.OK, result
+    return _PROBE_STATUS[result.status], result.message
 
 
 async def check_driver(config: AgentConfig, d: DriverConfig) -> Check:
@@ -512,11 +505,13 @@ async def check_driver(config: AgentConfig, d: DriverConfig) -> Check:
     except DriverError as exc:
         return _fail(check, f"{exc} — fix [[drivers]] {d.name!r} in {config.source}")
     module = sys.modules[drivers.DRIVERS[d.type].__module__]
-    probe: Callable[[Mapping[str, Any]], Awaitable[str]] | None = getattr(module, "probe", None)
+    probe: Callable[[Mapping[str, Any]], Awaitable[ProbeResult | str]] | None = getattr(
+        module, "probe", None
+    )
     if probe is None:
         return _ok(check, f"{d.type}: built; this driver type has no probe")
     try:
-        verdict = await asyncio.wait_for(probe(d.options), PROBE_TIMEOUT_S)
+        result = await asyncio.wait_for(probe(d.options), PROBE_TIMEOUT_S)
     except TimeoutError:
         return _fail(
             check,
@@ -525,7 +520,7 @@ async def check_driver(config: AgentConfig, d: DriverConfig) -> Check:
         )
     except Exception as exc:  # a probe bug must not end the check-up
         return _fail(check, f"{d.type}: the probe failed: {type(exc).__name__}: {exc}")
-    status = _probe_status(verdict)
+    status, verdict = _probe_verdict(result)
     if status is Status.FAIL and "?" not in verdict:
         verdict += (
             f" — is the device plugged in and powered, and are the options of [[drivers]] "

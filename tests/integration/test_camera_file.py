@@ -189,7 +189,9 @@ async def test_a_missing_file_is_reported_once_and_picked_up_when_it_appears(
 
 
 async def test_probe_reads_one_picture(tmp_path: Path) -> None:
-    make_test_video(tmp_path / "p.avi", [("black", 0.5)], fps=10, size=(320, 240))
-    verdict = await camera.probe({"source": str(tmp_path / "p.avi")})
-    assert verdict.startswith(f"video file {tmp_path / 'p.avi'}: OK, 320x240, nominal 10 fps")
-    assert verdict.endswith("the picture is black")
+    video = tmp_path / "p.avi"
+    make_test_video(video, [("black", 0.5)], fps=10, size=(320, 240))
+    result = await camera.probe({"source": str(video)})
+    assert result.status == "warn"  # black, though it answered
+    assert result.message.startswith(f"video file {video}: OK, 320x240, nominal 10 fps")
+    assert result.message.endswith("the picture is black")

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("cv2", reason="the camera extra (OpenCV) is not installed")
 
 from device_drivers import camera
-from device_drivers.base import DriverState
+from device_drivers.base import DriverState, ProbeResult
 from simulators.camera import MjpegCamera, RtspCamera, make_test_video, read_video
 from tests.integration.test_camera_file import running
 
@@ -93,9 +93,11 @@ async def test_probe_on_a_stream_and_on_a_camera_that_is_away(tmp_path: Path) ->
     make_test_video(tmp_path / "lesson.mp4", [("normal", 0.5)], fps=10, size=(640, 480))
     frames, fps = read_video(tmp_path / "lesson.mp4")
     with MjpegCamera(fps=fps, frames=frames) as cam:
-        verdict = await camera.probe({"source": cam.url, "open_timeout_s": 2})
-        assert verdict.startswith(f"{cam.url}: OK, 640x480")
-    assert await camera.probe({"source": cam.url, "open_timeout_s": 2}) == f"cannot open {cam.url}"
+        result = await camera.probe({"source": cam.url, "open_timeout_s": 2})
+        assert result.status == "ok"
+        assert result.message.startswith(f"{cam.url}: OK, 640x480")
+    result = await camera.probe({"source": cam.url, "open_timeout_s": 2})
+    assert result == ProbeResult.fail(f"cannot open {cam.url}")
 
 
 @pytest.fixture

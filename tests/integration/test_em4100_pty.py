@@ -185,7 +185,10 @@ async def test_probe(sim: Em4100Simulator) -> None:
         sim.send_raw(b"\x02junk\x03")
 
     feeder = asyncio.create_task(tap_soon())
-    verdict = await probe({"port": str(sim.link)}, listen_s=1.0)
+    result = await probe({"port": str(sim.link)}, listen_s=1.0)
     await feeder
-    assert verdict.endswith("1 card(s) seen, 1 bad frame(s) (short)")
-    assert "cannot open" in await probe({"port": "/nonexistent/tty"}, listen_s=0.1)
+    assert result.status == "warn"  # the junk frame was bad
+    assert result.message.endswith("1 card(s) seen, 1 bad frame(s) (short)")
+    result = await probe({"port": "/nonexistent/tty"}, listen_s=0.1)
+    assert result.status == "fail"
+    assert "cannot open" in result.message

@@ -167,4 +167,6 @@ async def test_probe(thermometer: ModbusSensorSim, tmp_path: Path) -> None:
         "cards": [{"type": "wiegand", "port": str(tmp_path / "x")}],
         "thermometer": {"host": "127.0.0.1", "port": thermometer.port, "unit": 3},
     }
-    assert (await probe(options)).endswith(f"127.0.0.1:{thermometer.port} unit 3: 36.4 °C")
+    result = await probe(options)
+    assert result.status == "ok"
+    assert result.message.endswith(f"127.0.0.1:{thermometer.port} unit 3: 36.4 °C")

@@ -211,10 +211,14 @@ async def test_out_of_range_value_is_dropped(sim: ModbusSensorSim, ctx: DriverCo
 async def test_probe(sim: ModbusSensorSim) -> None:
     sim.set(temperature_c=21.0)
     port = sim.start_tcp()
-    verdict = await probe({"host": "127.0.0.1", "port": port, "timeout_s": 0.3})
-    assert verdict.startswith(f"Modbus TCP 127.0.0.1:{port} unit 1: OK")
-    assert "temperature_c=21.0" in verdict
+    result = await probe({"host": "127.0.0.1", "port": port, "timeout_s": 0.3})
+    assert result.status == "ok"
+    assert result.message.startswith(f"Modbus TCP 127.0.0.1:{port} unit 1: OK")
+    assert "temperature_c=21.0" in result.message
     sim.stop()
-    verdict = await probe({"host": "127.0.0.1", "port": port, "timeout_s": 0.3})
-    assert "cannot open" in verdict
-    assert "configuration problem" in await probe({"host": "127.0.0.1", "port": "x"})
+    result = await probe({"host": "127.0.0.1", "port": port, "timeout_s": 0.3})
+    assert result.status == "fail"
+    assert "cannot open" in result.message
+    result = await probe({"host": "127.0.0.1", "port": "x"})
+    assert result.status == "fail"
+    assert "configuration problem" in result.message

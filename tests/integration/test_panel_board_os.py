@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from device_drivers.base import DriverContext, DriverState
+from device_drivers.base import DriverContext, DriverState, ProbeResult
 from device_drivers.board_os import BoardOsDriver, build, probe
 from schemas.events import BoardApp, BoardTouch
 from tests.driver_harness import RunningDriver, ctx_fixture, fast_backoff, until
@@ -118,11 +118,13 @@ async def test_from_start_and_a_feed_that_appears_later(tmp_path: Path, ctx: Dri
 async def test_probe(tmp_path: Path) -> None:
     feed = tmp_path / "f.jsonl"
     feed.write_bytes(app("x") + b"junk\n" + touch(2))
-    assert await probe({"path": str(feed)}) == (
+    assert await probe({"path": str(feed)}) == ProbeResult.warn(
         f"feed {feed} is a file of {feed.stat().st_size} bytes: 2 good and 1 bad line(s) seen"
     )
     fifo = tmp_path / "f.fifo"
     os.mkfifo(fifo)
-    verdict = await probe({"path": str(fifo)}, listen_s=0.3)
-    assert verdict == f"feed {fifo} is a FIFO: 0 good and 0 bad line(s) seen"
-    assert "is not there" in await probe({"path": str(tmp_path / "nope")})
+    result = await probe({"path": str(fifo)}, listen_s=0.3)
+    assert result == ProbeResult.ok(f"feed {fifo} is a FIFO: 0 good and 0 bad line(s) seen")
+    result = await probe({"path": str(tmp_path / "nope")})
+    assert result.status == "fail"
+    assert "is not there" in result.message

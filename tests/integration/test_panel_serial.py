@@ -178,8 +178,13 @@ async def test_missing_port_at_start_then_plugged(tmp_path: Path, ctx: DriverCon
 
 async def test_probe(panel: SimulatedPanel, profile: str, via: str) -> None:
     port = panel.port if via == "pty" else panel.url
-    verdict = await probe({"port": port, "profile": profile, "timeout_s": 0.5})
-    assert verdict.endswith(": power on, input hdmi1"), verdict
+    result = await probe({"port": port, "profile": profile, "timeout_s": 0.5})
+    assert result.status == "ok", result
+    assert result.message.endswith(": power on, input hdmi1"), result
     panel.set_power("standby")
-    assert "no reply" in await probe({"port": port, "profile": profile, "timeout_s": 0.2})
-    assert "cannot open" in await probe({"port": "/nonexistent/tty", "profile": profile})
+    result = await probe({"port": port, "profile": profile, "timeout_s": 0.2})
+    assert result.status == "fail"
+    assert "no reply" in result.message
+    result = await probe({"port": "/nonexistent/tty", "profile": profile})
+    assert result.status == "fail"
+    assert "cannot open" in result.message

@@ -179,7 +179,9 @@ async def test_pcscd_restart(pcscd: Pcscd, card: VirtualCard, ctx: DriverContext
         await asyncio.to_thread(pcscd.kill)
         await out.until_state(DriverState.DISCONNECTED, "DISCONNECTED")
         await until(lambda: "cannot reach pcscd" in (driver.last_error or ""), "the reason")
-        assert "cannot reach pcscd" in await probe({"reader": pcscd.readers[0]})
+        result = await probe({"reader": pcscd.readers[0]})
+        assert result.status == "fail"
+        assert "cannot reach pcscd" in result.message
         await asyncio.to_thread(pcscd.start)
         await out.until_state(DriverState.OK, "OK after the restart")
         # the card lay there all along: seen again, but no second tap
@@ -201,7 +203,10 @@ async def test_no_matching_reader(pcscd: Pcscd, ctx: DriverContext) -> None:
 async def test_probe(pcscd: Pcscd, card: VirtualCard) -> None:
     await on_reader(card, UID_B)
     await until(lambda: not reader_empty(pcscd.readers[0]), "the card on the reader")
-    verdict = await probe({"reader": "Campus vpcd"})
-    assert f"{pcscd.readers[0]}: mifare_classic card, UID read (4 bytes)" in verdict
-    assert f"{pcscd.readers[1]}: no card" in verdict
-    assert "no PC/SC reader whose name contains 'nothing'" in await probe({"reader": "nothing"})
+    result = await probe({"reader": "Campus vpcd"})
+    assert result.status == "ok"
+    assert f"{pcscd.readers[0]}: mifare_classic card, UID read (4 bytes)" in result.message
+    assert f"{pcscd.readers[1]}: no card" in result.message
+    result = await probe({"reader": "nothing"})
+    assert result.status == "fail"
+    assert "no PC/SC reader whose name contains 'nothing'" in result.message

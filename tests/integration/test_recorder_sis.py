@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from device_drivers.base import DriverContext, DriverState, Reading
+from device_drivers.base import DriverContext, DriverState, ProbeResult, Reading
 from device_drivers.recorder import RecorderPoller, build, probe
 from schemas.events import RecorderStatus
 from simulators.recorder import SmpRecorder
@@ -145,7 +145,13 @@ async def test_unplug_and_replug(smp: SmpRecorder, ctx: DriverContext, via: str)
 async def test_probe(smp: SmpRecorder, via: str) -> None:
     port = smp.port if via == "pty" else smp.url
     smp.set_state("record")
-    assert await probe({"port": port}) == f"recorder on {port}: record, 2048 MB free on internal"
+    assert await probe({"port": port}) == ProbeResult.ok(
+        f"recorder on {port}: record, 2048 MB free on internal"
+    )
     smp.mute()
-    assert "no reply" in await probe({"port": port, "timeout_s": 0.2})
-    assert "cannot open" in await probe({"port": "tcp://127.0.0.1:1"})
+    result = await probe({"port": port, "timeout_s": 0.2})
+    assert result.status == "fail"
+    assert "no reply" in result.message
+    result = await probe({"port": "tcp://127.0.0.1:1"})
+    assert result.status == "fail"
+    assert "cannot open" in result.message

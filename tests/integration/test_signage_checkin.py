@@ -151,14 +151,17 @@ async def test_screen_restart_is_survived(ctx: DriverContext, screen: SignageScr
 
 
 async def test_probe(screen: SignageScreen) -> None:
-    verdict = await probe(
+    result = await probe(
         {
             "screen": f"127.0.0.1:{screen.port}",
             "periods": [{"name": "p1", "start": "08:00", "end": "08:45"}],
         }
     )
-    assert verdict.startswith("1 period(s); now: ")
-    assert verdict.endswith("accepts connections")
+    assert result.status == "ok"
+    assert result.message.startswith("1 period(s); now: ")
+    assert result.message.endswith("accepts connections")
     port = screen.port
     await screen.stop()
-    assert "unreachable" in await probe({"screen": f"127.0.0.1:{port}"})
+    result = await probe({"screen": f"127.0.0.1:{port}"})
+    assert result.status == "fail"
+    assert "unreachable" in result.message

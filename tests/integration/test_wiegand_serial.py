@@ -125,7 +125,10 @@ async def test_probe(converter: WiegandConverter) -> None:
         converter.send_raw(b"junk\r\n")
 
     feeder = asyncio.create_task(tap_soon())
-    verdict = await probe({"port": str(converter.link)}, listen_s=1.0)
+    result = await probe({"port": str(converter.link)}, listen_s=1.0)
     await feeder
-    assert "1 valid frame(s) (wiegand26), 1 rejected (garbage)" in verdict
-    assert "cannot open" in await probe({"port": "/nonexistent/tty"}, listen_s=0.1)
+    assert result.status == "warn"  # the junk line was rejected
+    assert "1 valid frame(s) (wiegand26), 1 rejected (garbage)" in result.message
+    result = await probe({"port": "/nonexistent/tty"}, listen_s=0.1)
+    assert result.status == "fail"
+    assert "cannot open" in result.message

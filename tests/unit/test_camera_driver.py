@@ -9,7 +9,14 @@ pytest.importorskip("cv2", reason="the camera extra (OpenCV) is not installed")
 import cv2
 
 from device_drivers import camera
-from device_drivers.base import DRIVERS, DriverContext, DriverError, DriverState, UidHasher
+from device_drivers.base import (
+    DRIVERS,
+    DriverContext,
+    DriverError,
+    DriverState,
+    ProbeResult,
+    UidHasher,
+)
 
 
 @pytest.fixture
@@ -74,6 +81,8 @@ def test_without_hog_people_counting_says_what_to_do(
 
 
 async def test_probe_reports_configuration_and_missing_sources() -> None:
-    assert (await camera.probe({"sample_fps": 1})).startswith("configuration problem")
-    verdict = await camera.probe({"source": "/nonexistent/room.mp4"})
-    assert verdict == "video file /nonexistent/room.mp4 does not exist"
+    result = await camera.probe({"sample_fps": 1})
+    assert result.status == "fail"
+    assert result.message.startswith("configuration problem")
+    result = await camera.probe({"source": "/nonexistent/room.mp4"})
+    assert result == ProbeResult.fail("video file /nonexistent/room.mp4 does not exist")
