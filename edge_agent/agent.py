@@ -2,9 +2,10 @@
 
 :class:`Agent` is an async context manager owning one TaskGroup of named tasks: ``driver:NAME``
 per driver (restarted with backoff when it crashes), ``outbox-writer`` (group commits),
-``publisher`` and ``commands`` (the server's commands, see :mod:`edge_agent.commands`). Leaving
-the context stops them in this order: commands, drivers, then the writer stores whatever is
-still queued, then the publisher says ``offline`` and disconnects.
+``publisher``, ``commands`` (the server's commands, see :mod:`edge_agent.commands`) and
+``health`` (see :mod:`edge_agent.health`; absent when ``[health] interval_s = 0``). Leaving the
+context stops them in this order: commands, drivers and health, then the writer stores whatever
+is still queued, then the publisher says ``offline`` and disconnects.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from device_drivers.base import (
 )
 from edge_agent.commands import AckLog, CommandHandler
 from edge_agent.config import AgentConfig, ConfigError, DriverConfig
+from edge_agent.health import HealthReporter
 from edge_agent.outbox import AsyncOutbox
 from edge_agent.publisher import LinkState, Publisher
 
@@ -153,6 +155,10 @@ class Agent:
             for s in self._slots
         ]
         self._command_tasks = [self._tg.create_task(self.commands.run(), name="commands")]
+        if interval := self.config.health.interval_s:
+            drivers = [s.driver for s in self._slots]
+            health = HealthReporter(interval, self._emit, self.outbox, drivers)
+            self._driver_tasks.append(self._tg.create_task(health.run(), name="health"))
         log.info(
             "agent %s started: boot %d, %d driver(s), outbox %s (highest seq %d)",
             self.config.device.id,

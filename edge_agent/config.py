@@ -80,12 +80,18 @@ class PrivacyConfig(_Section, frozen=True):
         return f"PrivacyConfig(send_raw_uid={self.send_raw_uid})"
 
 
+class HealthConfig(_Section, frozen=True):
+    #: Seconds between ``agent.health`` events; 0 sends none.
+    interval_s: Annotated[float, Meta(ge=0)] = 60.0
+
+
 class _File(_Section, frozen=True):
     device: DeviceConfig
     mqtt: MqttConfig
     outbox: OutboxConfig = OutboxConfig()
     publish: PublishConfig = PublishConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    health: HealthConfig = HealthConfig()
     drivers: list[dict[str, Any]] = []
 
 
@@ -127,6 +133,7 @@ class AgentConfig:
     send_raw_uid: bool = False
     #: The district key for UID hashes; None when the config gives none.
     hash_key: bytes | None = field(default=None, repr=False)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 _ENUMS: Final = {
@@ -140,6 +147,7 @@ _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "mqtt": MqttConfig,
     "publish": PublishConfig,
     "privacy": PrivacyConfig,
+    "health": HealthConfig,
 }
 
 
@@ -199,6 +207,7 @@ def _resolve(source: Path, f: _File) -> AgentConfig:
         drivers=_drivers(f.drivers),
         send_raw_uid=f.privacy.send_raw_uid,
         hash_key=_hash_key(base, f.privacy),
+        health=f.health,
     )
 
 

@@ -165,6 +165,8 @@ class Agent(Proc):
             "[publish]\n"
             + "".join(f"{k} = {v}\n" for k, v in pub.items())
             + '[privacy]\nhash_key_file = "district.key"\n'
+            # exact seq accounting: only the load generator's events, no periodic health events
+            + "[health]\ninterval_s = 0\n"
             f'[[drivers]]\ntype = "synthetic"\nname = "gen"\nevent_type = "{event_type}"\n'
             f"rate = {rate}\ncount = {count}\n"
         )

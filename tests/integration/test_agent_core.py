@@ -57,6 +57,8 @@ url = "mqtt://127.0.0.1:{free_port()}"
 [publish]
 backoff_initial_s = 0.05
 backoff_max_s = 0.2
+[health]
+interval_s = 0
 [privacy]
 {privacy}
 {drivers}

@@ -107,10 +107,19 @@ class _Url:
 
 
 def write_config(
-    tmp_path: Path, broker: Mosquitto | _Url, driver: str, *, protocol: str = "5", publish: str = ""
+    tmp_path: Path,
+    broker: Mosquitto | _Url,
+    driver: str,
+    *,
+    protocol: str = "5",
+    publish: str = "",
+    health_interval_s: float | str | None = 0,  # off: tests count seqs exactly; None: default
 ) -> Path:
     path = tmp_path / "agent.toml"
     protocol_line = f'protocol = "{protocol}"' if protocol else ""
+    health_lines = (
+        "" if health_interval_s is None else f"[health]\ninterval_s = {health_interval_s}"
+    )
     path.write_text(f"""
 [device]
 id = "{DEVICE}"
@@ -125,6 +134,7 @@ url = "{broker.url}"
 backoff_initial_s = 0.1
 backoff_max_s = 0.5
 {publish}
+{health_lines}
 [[drivers]]
 type = "synthetic"
 name = "gen"

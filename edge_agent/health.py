@@ -1,0 +1,93 @@
+"""The agent's own health, reported as an ``agent.health`` event every interval.
+
+The events go through the agent's normal ``emit`` path, so each gets a seq and is as durable as
+any driver's reading. CPU and memory come from the standard library (no psutil on the device).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from device_drivers.base import Driver, Emit, Reading
+from edge_agent.outbox import AsyncOutbox
+from schemas.events import AgentHealth
+
+_STATM: Final = Path("/proc/self/statm")
+_MIB: Final = 1024 * 1024
+#: A driver's last_error is cut to this many characters in a health event.
+MAX_ERROR_CHARS: Final = 200
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MiB."""
+    try:
+        pages = int(_STATM.read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / _MIB
+    except (OSError, ValueError, IndexError):
+        # No /proc: the peak RSS is the best the standard library offers (KiB; bytes on macOS).
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (_MIB if sys.platform == "darwin" else 1024)
+
+
+def driver_summary(drivers: Sequence[Driver]) -> dict[str, str]:
+    """``{name: "state"}`` or ``{name: "state: last_error"}`` for each driver."""
+    out: dict[str, str] = {}
+    for d in drivers:
+        text = d.state.value
+        if d.last_error:
+            text += f": {d.last_error[:MAX_ERROR_CHARS]}"
+        out[d.name] = text
+    return out
+
+
+class HealthReporter:
+    """Emits ``agent.health`` every ``interval_s``; the first one interval after ``run`` starts."""
+
+    def __init__(
+        self, interval_s: float, emit: Emit, outbox: AsyncOutbox, drivers: Sequence[Driver]
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError("interval_s must be positive")
+        self.interval_s = interval_s
+        self._emit = emit
+        self._outbox = outbox
+        self._drivers = drivers
+        self._wall = time.monotonic()
+        self._cpu = time.process_time()
+
+    def _cpu_pct(self) -> float:
+        """This process's CPU use since the previous call, in % of one core."""
+        wall, cpu = time.monotonic(), time.process_time()
+        elapsed, used = wall - self._wall, cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
+        return max(0.0, 100.0 * used / elapsed) if elapsed > 0 else 0.0
+
+    async def sample(self) -> AgentHealth:
+        stats = await self._outbox.stats()
+        return AgentHealth(
+            cpu_pct=round(self._cpu_pct(), 2),
+            rss_mb=round(rss_mb(), 2),
+            outbox_depth=stats.depth,
+            oldest_unsent_s=round(stats.oldest_age_s or 0.0, 3),
+            # No reference clock yet. A server time source would come from the ingest side,
+            # e.g. a server timestamp on PUBACK properties (MQTT 5) or on the `cmd` topic.
+            clock_offset_s=None,
+            drivers=driver_summary(self._drivers),
+        )
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wall, self._cpu = time.monotonic(), time.process_time()
+        due = loop.time()
+        while True:
+            # Scheduled against a fixed timeline, so a slow outbox does not make reports drift.
+            due = max(due + self.interval_s, loop.time())
+            await asyncio.sleep(due - loop.time())
+            await self._emit(Reading("agent.health", await self.sample()))
