@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Literal, Protocol, Self, TypeVar
 
 import msgspec
 
@@ -75,6 +75,18 @@ class Reading:
 
 
 Emit = Callable[[Reading], Awaitable[None]]
+
+_Options = TypeVar("_Options")
+
+
+def convert_options(name: str, options: Mapping[str, Any], kind: type[_Options]) -> _Options:
+    """A driver's config table (less ``type`` and ``name``) → its typed options, or a
+    :class:`DriverError` naming the driver and the bad field."""
+    raw = {k: v for k, v in options.items() if k not in ("type", "name")}
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        raise DriverError(f"driver {name!r}: {exc}") from exc
 
 
 class UidHasher:

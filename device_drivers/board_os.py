@@ -50,6 +50,7 @@ from device_drivers.base import (
     Emit,
     ProbeResult,
     Reading,
+    convert_options,
     register_driver,
 )
 from device_drivers.transport import READ_TIMEOUT_S, Link, LinkLost, describe, open_in_thread
@@ -359,11 +360,7 @@ def _reading(kind: str, data: msgspec.Struct, ts: datetime | None) -> Reading:
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> BoardOsOptions:
-    raw = {k: v for k, v in options.items() if k not in ("type", "name")}
-    try:
-        return msgspec.convert(raw, BoardOsOptions)
-    except msgspec.ValidationError as exc:
-        raise DriverError(f"driver {name!r}: {exc}") from exc
+    return convert_options(name, options, BoardOsOptions)
 
 
 def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> BoardOsDriver:

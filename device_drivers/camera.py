@@ -52,6 +52,7 @@ from device_drivers.base import (
     Emit,
     ProbeResult,
     Reading,
+    convert_options,
     register_driver,
 )
 from schemas.events import CameraActivity, CameraHealth
@@ -132,11 +133,7 @@ class CameraOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fr
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> CameraOptions:
-    raw = {k: v for k, v in options.items() if k not in ("type", "name")}
-    try:
-        return msgspec.convert(raw, CameraOptions)
-    except msgspec.ValidationError as exc:
-        raise DriverError(f"driver {name!r}: {exc}") from exc
+    return convert_options(name, options, CameraOptions)
 
 
 def require_opencv(name: str, *, people: bool) -> None:

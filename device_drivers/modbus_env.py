@@ -41,6 +41,7 @@ from device_drivers.base import (
     ProbeResult,
     Reading,
     UidHasher,
+    convert_options,
     register_driver,
 )
 from schemas.events import EnvReading
@@ -132,11 +133,7 @@ DEFAULT_REGISTERS: Final[Mapping[str, RegisterSpec]] = {
 
 def parse_options(name: str, options: Mapping[str, Any], kind: type[S]) -> S:
     """Config table → typed options, or a :class:`DriverError` naming the bad field."""
-    raw = {k: v for k, v in options.items() if k not in ("type", "name")}
-    try:
-        return msgspec.convert(raw, kind)
-    except msgspec.ValidationError as exc:
-        raise DriverError(f"driver {name!r}: {exc}") from exc
+    return convert_options(name, options, kind)
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ from device_drivers.base import (
     Emit,
     ProbeResult,
     Reading,
+    convert_options,
     register_driver,
 )
 from device_drivers.transport import Link, LinkedDriver, exchange, open_transport
@@ -415,11 +416,7 @@ class PanelPoller(LinkedDriver):
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> PanelOptions:
-    raw = {k: v for k, v in options.items() if k not in ("type", "name")}
-    try:
-        return msgspec.convert(raw, PanelOptions)
-    except msgspec.ValidationError as exc:
-        raise DriverError(f"driver {name!r}: {exc}") from exc
+    return convert_options(name, options, PanelOptions)
 
 
 def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> PanelPoller:

@@ -39,6 +39,7 @@ from device_drivers.base import (
     Emit,
     ProbeResult,
     Reading,
+    convert_options,
     register_driver,
 )
 from schemas.events import CardTap, CardTech
@@ -492,11 +493,7 @@ class PcscCardReader:
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> PcscOptions:
-    raw = {k: v for k, v in options.items() if k not in ("type", "name")}
-    try:
-        return msgspec.convert(raw, PcscOptions)
-    except msgspec.ValidationError as exc:
-        raise DriverError(f"driver {name!r}: {exc}") from exc
+    return convert_options(name, options, PcscOptions)
 
 
 def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> PcscCardReader:

@@ -41,6 +41,7 @@ from device_drivers.base import (
     Emit,
     ProbeResult,
     Reading,
+    convert_options,
     register_driver,
 )
 from device_drivers.transport import Link, LinkedDriver, exchange, open_transport
@@ -242,11 +243,7 @@ def _is(kind: type[RecorderItem], item: RecorderItem) -> bool:
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> RecorderOptions:
-    raw = {k: v for k, v in options.items() if k not in ("type", "name")}
-    try:
-        return msgspec.convert(raw, RecorderOptions)
-    except msgspec.ValidationError as exc:
-        raise DriverError(f"driver {name!r}: {exc}") from exc
+    return convert_options(name, options, RecorderOptions)
 
 
 def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> RecorderPoller:

@@ -44,6 +44,7 @@ from device_drivers.base import (
     ProbeResult,
     Reading,
     build_driver,
+    convert_options,
     register_driver,
 )
 from schemas.events import AttendanceCheckin, CardTap, SignageNoticeShown
@@ -58,11 +59,7 @@ S = TypeVar("S", bound=msgspec.Struct)
 
 def parse_options(name: str, options: Mapping[str, Any], kind: type[S]) -> S:
     """Config table → typed options, or a :class:`DriverError` naming the bad field."""
-    raw = {k: v for k, v in options.items() if k not in ("type", "name")}
-    try:
-        return msgspec.convert(raw, kind)
-    except msgspec.ValidationError as exc:
-        raise DriverError(f"driver {name!r}: {exc}") from exc
+    return convert_options(name, options, kind)
 
 
 # -- inner card readers (shared with the gate) ---------------------------------------------------

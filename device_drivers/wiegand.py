@@ -41,6 +41,7 @@ from device_drivers.base import (
     Emit,
     ProbeResult,
     Reading,
+    convert_options,
     register_driver,
 )
 from schemas.events import CardTap
@@ -292,11 +293,7 @@ class WiegandReader:
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> WiegandOptions:
-    raw = {k: v for k, v in options.items() if k not in ("type", "name")}
-    try:
-        return msgspec.convert(raw, WiegandOptions)
-    except msgspec.ValidationError as exc:
-        raise DriverError(f"driver {name!r}: {exc}") from exc
+    return convert_options(name, options, WiegandOptions)
 
 
 def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> WiegandReader:
