@@ -47,7 +47,7 @@ from device_drivers.modbus_env import (
     Table,
     parse_options,
 )
-from device_drivers.signage import CardSources, worst_state
+from device_drivers.signage import CardSources, CompositeDriver, DriverPart
 from schemas.events import AccessPass, CardTap
 
 log = logging.getLogger(__name__)
@@ -140,15 +140,14 @@ class Thermometer:
         self._link.close()
 
 
-class AccessGate:
+class AccessGate(CompositeDriver):
     """A gate made of card readers and an optional thermometer."""
 
     def __init__(self, name: str, options: GateOptions, ctx: DriverContext) -> None:
         self.name = name
         self.options = options
         self._ctx = ctx
-        self._state = DriverState.STARTING
-        self._error: str | None = None
+        super().__init__()
         for i, entry in enumerate(options.cards):
             if entry.get("direction", "in") not in ("in", "out"):
                 raise DriverError(f"driver {name!r}: cards[{i}].direction must be in or out")
@@ -156,27 +155,8 @@ class AccessGate:
         self.thermometer = Thermometer(options.thermometer) if options.thermometer else None
         self._emit: Emit | None = None
 
-    @property
-    def state(self) -> DriverState:
-        parts = [d.state for d in self.cards.drivers]
-        if self.thermometer is not None:
-            parts.append(self.thermometer.state)
-        return self._state if self._state != DriverState.OK else worst_state(parts)
-
-    @state.setter
-    def state(self, value: DriverState) -> None:
-        self._state = value
-
-    @property
-    def last_error(self) -> str | None:
-        parts = [self._error, *(d.last_error for d in self.cards.drivers)]
-        if self.thermometer is not None:
-            parts.append(self.thermometer.last_error)
-        return next((e for e in parts if e), None)
-
-    @last_error.setter
-    def last_error(self, value: str | None) -> None:
-        self._error = value
+    def _other_parts(self) -> list[DriverPart]:
+        return [self.thermometer] if self.thermometer is not None else []
 
     async def run(self, emit: Emit) -> None:
         self._emit = emit

@@ -29,7 +29,7 @@ import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, Protocol, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -129,6 +129,45 @@ class CardSources:
 
 
 # -- timetable -----------------------------------------------------------------------------------
+
+
+class DriverPart(Protocol):
+    state: DriverState
+    last_error: str | None
+
+
+class CompositeDriver:
+    """A driver made of card sources and other parts: its state is the worst of theirs while
+    it runs, and its last error the first one any of them has."""
+
+    cards: CardSources
+
+    def __init__(self) -> None:
+        self._state = DriverState.STARTING
+        self._error: str | None = None
+
+    def _other_parts(self) -> list[DriverPart]:
+        """Parts besides the card readers (a screen, a thermometer)."""
+        return []
+
+    @property
+    def state(self) -> DriverState:
+        parts = [d.state for d in self.cards.drivers] + [p.state for p in self._other_parts()]
+        return self._state if self._state != DriverState.OK else worst_state(parts)
+
+    @state.setter
+    def state(self, value: DriverState) -> None:
+        self._state = value
+
+    @property
+    def last_error(self) -> str | None:
+        parts = [self._error, *(d.last_error for d in self.cards.drivers)]
+        parts += [p.last_error for p in self._other_parts()]
+        return next((e for e in parts if e), None)
+
+    @last_error.setter
+    def last_error(self, value: str | None) -> None:
+        self._error = value
 
 
 class PeriodOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -417,15 +456,14 @@ class SignageOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     ack_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
 
 
-class ClassSignage:
+class ClassSignage(CompositeDriver):
     """A class signage unit: its card readers, its timetable and its screen."""
 
     def __init__(self, name: str, options: SignageOptions, ctx: DriverContext) -> None:
         self.name = name
         self.options = options
         self._ctx = ctx
-        self._state = DriverState.STARTING
-        self._error: str | None = None
+        super().__init__()
         try:
             self.timetable = parse_timetable(
                 options.periods,
@@ -442,27 +480,8 @@ class ClassSignage:
         self.cards = CardSources(name, options.cards, ctx)
         self._emit: Emit | None = None
 
-    @property
-    def state(self) -> DriverState:
-        parts = [d.state for d in self.cards.drivers]
-        if self.screen is not None:
-            parts.append(self.screen.state)
-        return self._state if self._state != DriverState.OK else worst_state(parts)
-
-    @state.setter
-    def state(self, value: DriverState) -> None:
-        self._state = value
-
-    @property
-    def last_error(self) -> str | None:
-        parts = [self._error, *(d.last_error for d in self.cards.drivers)]
-        if self.screen is not None:
-            parts.append(self.screen.last_error)
-        return next((e for e in parts if e), None)
-
-    @last_error.setter
-    def last_error(self, value: str | None) -> None:
-        self._error = value
+    def _other_parts(self) -> list[DriverPart]:
+        return [self.screen] if self.screen is not None else []
 
     async def run(self, emit: Emit) -> None:
         self._emit = emit
