@@ -47,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir", metavar="DIR", type=Path, default=_DEFAULTS.data_dir, help="embedded mode"
     )
     run.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        type=Path,
+        help="admin API token: registered if the file exists, else created there when the "
+        "database has none (default DATA_DIR/admin-token)",
+    )
+    run.add_argument(
         "--embedded-broker-port",
         metavar="PORT",
         type=int,
@@ -60,6 +67,18 @@ def _parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     demo.add_argument("options", nargs="*", help="see ingest-server demo --help")
+
+    tok = sub.add_parser("token", help="create, list or revoke API tokens")
+    tok.add_argument("--db", metavar="URL", help=f"libpq URL (default ${DB_ENV})")
+    tok_sub = tok.add_subparsers(dest="action", required=True)
+    create = tok_sub.add_parser("create", help="create a token and print it (shown only once)")
+    create.add_argument("--name", required=True, help="who or what uses it")
+    create.add_argument(
+        "--scope", action="append", choices=["read", "admin"], required=True, dest="scopes"
+    )
+    tok_sub.add_parser("list", help="list tokens (never the tokens themselves)")
+    revoke = tok_sub.add_parser("revoke", help="revoke a token by id")
+    revoke.add_argument("id", type=int)
 
     mig = sub.add_parser("migrate", help="apply pending database migrations and exit")
     mig.add_argument("--db", metavar="URL", help=f"libpq URL (default ${DB_ENV})")
@@ -92,6 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"applied {applied}" if applied else "database schema up to date")
         return 0
 
+    if args.command == "token":
+        if db_url is None:
+            parser.error(f"token needs --db URL or ${DB_ENV}")
+        return _token(args, db_url)
+
     from ingest_server.server import run_server  # noqa: PLC0415
 
     host, port = args.http
@@ -108,10 +132,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_bytes=args.max_bytes,
             data_dir=args.data_dir,
             embedded_broker_port=args.embedded_broker_port,
+            admin_token_file=args.admin_token_file,
         )
     except SettingsError as exc:
         parser.error(str(exc))
     run_server(settings)
+    return 0
+
+
+def _token(args: argparse.Namespace, db_url: str) -> int:
+    from ingest_server.api import auth  # noqa: PLC0415
+    from ingest_server.migrate import migrate  # noqa: PLC0415
+
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            migrate(conn)
+            if args.action == "create":
+                token_id, token = auth.create_token(conn, args.name, args.scopes)
+                print(f"token {token_id} ({args.name}, {', '.join(sorted(set(args.scopes)))}):")
+                print(token)
+            elif args.action == "list":
+                for t in auth.list_tokens(conn):
+                    state = f"revoked {t.revoked_at:%Y-%m-%d}" if t.revoked_at else "active"
+                    used = f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never"
+                    print(
+                        f"{t.id:>5}  {t.name:<30} {','.join(t.scopes):<11} {state:<18} used {used}"
+                    )
+            elif not auth.revoke_token(conn, args.id):
+                print(f"ingest-server: no active token with id {args.id}", file=sys.stderr)
+                return 1
+            else:
+                print(f"token {args.id} revoked")
+    except (psycopg.Error, ValueError) as exc:
+        print(f"ingest-server: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

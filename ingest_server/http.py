@@ -1,16 +1,20 @@
-"""HTTP: ``/healthz`` for orchestration and ``/metrics`` for Prometheus, served by uvicorn."""
+"""HTTP: ``/healthz`` for orchestration, ``/metrics`` for Prometheus and the ``/api/v1`` API
+(OpenAPI at ``/openapi.json``, browsable at ``/docs``), served by uvicorn."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import threading
+from pathlib import Path
 from typing import Any, Protocol
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 
+from ingest_server.api import auth, tokens
+from ingest_server.api.deps import install_error_handlers, make_pool
 from ingest_server.consumer import Health
 from ingest_server.metrics import CONTENT_TYPE, IngestMetrics
 
@@ -21,8 +25,25 @@ class HealthSource(Protocol):
     def health(self) -> Health: ...
 
 
-def create_app(source: HealthSource, metrics: IngestMetrics) -> FastAPI:
-    app = FastAPI(title="campus-edge ingest server", docs_url=None, redoc_url=None)
+def create_app(
+    source: HealthSource,
+    metrics: IngestMetrics,
+    db_url: str | None = None,
+    token_file: Path | None = None,
+) -> FastAPI:
+    """The app; with ``db_url`` also the token-guarded API (its pool is ``app.state.pool``)."""
+    app = FastAPI(
+        title="campus-edge ingest server",
+        description="Device data of the district's classrooms. Every endpoint but /healthz "
+        "needs an API token (Authorization: Bearer <token>) with the scope it names.",
+        version="1",
+        redoc_url=None,
+    )
+    if db_url is not None:
+        app.state.pool = make_pool(db_url)
+        app.state.tokens = auth.TokenChecker(app.state.pool.connection, token_file)
+        install_error_handlers(app)
+        app.include_router(tokens.router)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
@@ -38,7 +59,9 @@ def create_app(source: HealthSource, metrics: IngestMetrics) -> FastAPI:
         }
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
-    @app.get("/metrics")
+    guard = [Depends(auth.require("read"))] if db_url is not None else []
+
+    @app.get("/metrics", dependencies=guard)
     def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

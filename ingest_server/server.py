@@ -14,9 +14,13 @@ import threading
 from types import FrameType
 from typing import Self
 
+import psycopg
+
+from ingest_server.api import auth
 from ingest_server.consumer import Consumer
 from ingest_server.http import HttpServer, create_app
 from ingest_server.metrics import IngestMetrics
+from ingest_server.migrate import migrate
 from ingest_server.settings import BrokerUrl, Settings, mask
 
 log = logging.getLogger(__name__)
@@ -51,13 +55,16 @@ class IngestServer:
             db_url = s.db_url or self._embedded_database()
             log.info("broker %s, database %s", mask(broker_url), mask(db_url))
             consumer = Consumer(s, BrokerUrl.parse(broker_url), db_url, self.metrics)
-            http = HttpServer(create_app(consumer, self.metrics), s.http_host, s.http_port)
+            app = create_app(consumer, self.metrics, db_url, s.token_file)
+            self._stack.callback(app.state.pool.close)
+            http = HttpServer(app, s.http_host, s.http_port)
             consumer.start()
             self._stack.callback(consumer.stop)
             self._consumer = consumer
             http.start()
             self._stack.callback(http.stop)
             self._http = http
+            self._start_bootstrap(db_url)
         except BaseException:
             self.stop()
             raise
@@ -72,6 +79,27 @@ class IngestServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _start_bootstrap(self, db_url: str) -> None:
+        """Once the database answers: migrate, and make sure an admin API token exists."""
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.is_set():
+                try:
+                    with psycopg.connect(db_url, autocommit=True, connect_timeout=5) as conn:
+                        migrate(conn)
+                        if done := auth.bootstrap(conn, self.settings.token_file):
+                            log.warning("API: %s", done)
+                    return
+                except (psycopg.Error, OSError) as exc:
+                    log.debug("API bootstrap waits for the database: %s", exc)
+                    stop.wait(1.0)
+
+        thread = threading.Thread(target=run, name="api-bootstrap", daemon=True)
+        thread.start()
+        self._stack.callback(thread.join, 10)
+        self._stack.callback(stop.set)
 
     def _embedded_broker(self) -> str:
         from ingest_server.embedded import EmbeddedBroker  # noqa: PLC0415  # optional deps

@@ -116,6 +116,9 @@ class Settings:
     batch_events: int = 5000
     batch_ms: int = 50
     data_dir: Path = Path("campus-data")
+    #: An admin API token: registered if given, created (when none exists) if not; see
+    #: :func:`ingest_server.api.auth.bootstrap`. Default: ``data_dir / "admin-token"``.
+    admin_token_file: Path | None = None
     #: Port of the embedded broker (when no broker URL is given); 0 picks a free one.
     embedded_broker_port: int = 1883
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -137,6 +140,10 @@ class Settings:
                 raise SettingsError("--share-group needs an MQTT 5 broker (?protocol=5)")
         if self.broker_url is not None:
             self.broker()
+
+    @property
+    def token_file(self) -> Path:
+        return self.admin_token_file or self.data_dir / "admin-token"
 
     def broker(self) -> BrokerUrl:
         if self.broker_url is None:

@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         _wait_healthy(http_port, procs[0])
         print(f"demo: MQTT broker   mqtt://127.0.0.1:{broker_port} (MQTT 3.1.1, embedded)")
-        print(f"demo: HTTP          http://{args.http}/healthz  http://{args.http}/metrics")
+        print(f"demo: HTTP          http://{args.http}/healthz  http://{args.http}/docs (API)")
+        print(f"demo: admin token   {data / 'admin-token'} (Authorization: Bearer <token>)")
         print(f"demo: logs          {work}")
 
         card = Em4100Simulator(work / "cr-0101.tty")

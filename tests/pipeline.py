@@ -81,6 +81,7 @@ class IngestServer(Proc):
         name: str = "ingest",
     ) -> None:
         self.http_port = free_port()
+        self.token_file = workdir / f"{name}-data" / "admin-token"
         argv = [
             _bin("ingest-server"),
             "run",
@@ -98,8 +99,14 @@ class IngestServer(Proc):
         super().__init__([*argv, *extra], workdir / f"{name}.log")
 
     def get(self, path: str) -> tuple[int, str]:
+        """GET with the server's bootstrap admin token once it has written it."""
+        headers = {}
+        if self.token_file.exists():
+            headers["Authorization"] = f"Bearer {self.token_file.read_text().strip()}"
+        url = f"http://127.0.0.1:{self.http_port}{path}"
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as r:
+            req = urllib.request.Request(url, headers=headers)  # loopback
+            with urllib.request.urlopen(req, timeout=2) as r:  # noqa: S310
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()

@@ -88,6 +88,7 @@ def publisher(mosquitto: Mosquitto) -> Iterator[Publisher]:
 
 def settings(mosquitto: Mosquitto, db_url: str, **kw: Any) -> Settings:
     kw.setdefault("client_id", f"ingest-{uuid.uuid4().hex[:8]}")
+    kw.setdefault("admin_token_file", mosquitto.workdir / f"token-{uuid.uuid4().hex[:8]}")
     return Settings(broker_url=mosquitto.url, db_url=db_url, http_port=0, batch_ms=20, **kw)
 
 
@@ -105,9 +106,11 @@ def count(db_url: str, table: str) -> int:
         return -1
 
 
-def get(url: str) -> tuple[int, str]:
+def get(url: str, token: str | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310  # http://127.0.0.1
+        req = urllib.request.Request(url, headers=headers)  # noqa: S310  # http://127.0.0.1
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -124,11 +127,13 @@ def running(cfg: Settings) -> Iterator[IngestServer]:
     """A started server, once it is subscribed and its database is migrated."""
     with IngestServer(cfg) as server:
         wait_until(lambda: healthy(server), WAIT_S, "a healthy server")
+        wait_until(server.settings.token_file.exists, WAIT_S, "the bootstrap admin token")
         yield server
 
 
 def metric(server: IngestServer, line_prefix: str) -> float:
-    text = get(server.http.url + "/metrics")[1]
+    token = server.settings.token_file.read_text().strip()
+    text = get(server.http.url + "/metrics", token)[1]
     for line in text.splitlines():
         if line.startswith(line_prefix + " "):
             return float(line.rsplit(" ", 1)[1])

@@ -1,0 +1,61 @@
+"""What endpoints share: a pooled database connection, and errors that say what is down."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+log = logging.getLogger(__name__)
+
+#: Seconds a request waits for a pooled connection before answering 503.
+POOL_TIMEOUT_S = 5.0
+
+
+def make_pool(db_url: str, max_size: int = 4) -> ConnectionPool[Any]:
+    """A small pool for the API; opened without waiting, so a database that is down at start
+    costs requests a clear 503, not the server its start."""
+    pool: ConnectionPool[Any] = ConnectionPool(
+        db_url,
+        min_size=1,
+        max_size=max_size,
+        timeout=POOL_TIMEOUT_S,
+        kwargs={"autocommit": True, "application_name": "campus-edge-api"},
+        open=False,
+        name="api",
+    )
+    pool.open(wait=False)
+    return pool
+
+
+def db(request: Request) -> Iterator[psycopg.Connection[Any]]:
+    """FastAPI dependency: a connection from the app's pool (autocommit)."""
+    pool: ConnectionPool[Any] = request.app.state.pool
+    with pool.connection() as conn:
+        yield conn
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """The database being down or not yet migrated is a 503 with a reason, never a 500."""
+
+    @app.exception_handler(PoolTimeout)
+    async def pool_timeout(_request: Request, exc: PoolTimeout) -> JSONResponse:
+        log.warning("API: no database connection: %s", exc)
+        return JSONResponse({"detail": "the database is not reachable right now"}, 503)
+
+    @app.exception_handler(psycopg.errors.UndefinedTable)
+    async def not_migrated(_request: Request, exc: psycopg.Error) -> JSONResponse:
+        log.warning("API: %s", exc)
+        return JSONResponse(
+            {"detail": "the database schema is not ready yet (migrations pending)"}, 503
+        )
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def db_down(_request: Request, exc: psycopg.Error) -> JSONResponse:
+        log.warning("API: database error: %s", exc)
+        return JSONResponse({"detail": "the database is not reachable right now"}, 503)
