@@ -13,7 +13,8 @@ Driver type ``library_terminal`` (device kind ``library_terminal``). Options:
   (8), ``blocks_per_read`` (8). Tags are read with GET DATA UID then READ BINARY, and decoded
   as ISO 28560-3 (:mod:`device_drivers.iso28560`).
 - ``terminal``: the terminal's label in events (default the driver's name); ``session_s``
-  (60): a session ends this long after its last tap or book; ``max_items`` (64) per session.
+  (60): a session ends this long after its last tap or book, or when the same card taps
+  again (a "finish" tap); ``max_items`` (64) per session.
 
 A book read while a session is open is a loan to that student; with none open, a return
 (``student_hash`` null). The same book twice in one session (or returned twice within
@@ -112,14 +113,14 @@ class LoanSessions:
             self.session = None
         return self.session
 
-    def tap(self, student_hash: str, now: float) -> Session:
-        """Open a session for the student (the same student tapping again keeps theirs)."""
+    def tap(self, student_hash: str, now: float) -> Session | None:
+        """Open a session for the student; the same student tapping again finishes theirs."""
         session = self.current(now)
-        if session is None or session.student_hash != student_hash:
-            session = Session(f"{self.terminal}-{uuid.uuid4().hex[:16]}", student_hash, now)
-            self.session = session
-        session.last = now
-        return session
+        if session is not None and session.student_hash == student_hash:
+            self.session = None
+            return None
+        self.session = Session(f"{self.terminal}-{uuid.uuid4().hex[:16]}", student_hash, now)
+        return self.session
 
     def book(
         self, item_id: str, source: Source, now: float
@@ -236,6 +237,8 @@ def read_tag(context: int, reader: str, opts: PadOptions) -> TagRead | TagUnread
         code, resp = scard.SCardTransmit(card, protocol, list(apdu))
         if code != scard.SCARD_S_SUCCESS:
             raise PcscError("reading the tag", code)
+        if len(resp) < 2:  # no status word at all: the tag left mid-command (vpcd says so)
+            raise PcscError("reading the tag", scard.SCARD_W_REMOVED_CARD)
         return bytes(resp)
 
     try:
@@ -443,7 +446,10 @@ class LibraryTerminal(CompositeDriver):
         try:
             session = self.sessions.tap(tap.uid_hash, time.monotonic())
             self._ctx.count("library.taps")
-            self._say("info", f"welcome: lay or scan your books ({session.session_id})")
+            if session is None:
+                self._say("info", "finished: goodbye")
+            else:
+                self._say("info", "welcome: lay or scan your books, tap again to finish")
         finally:
             self.handled += 1
 

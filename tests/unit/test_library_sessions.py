@@ -17,6 +17,7 @@ BOB = "b" * 64
 def test_books_after_a_tap_are_loans_to_that_student() -> None:
     s = LoanSessions("lib-1", session_s=30)
     session = s.tap(ALICE, now=0)
+    assert session is not None
     loan = s.book("T1", "barcode", now=5)
     assert loan == LibraryLoan(
         student_hash=ALICE,
@@ -41,13 +42,22 @@ def test_a_session_times_out_then_books_are_returns() -> None:
 
 def test_another_student_tapping_starts_a_new_session() -> None:
     s = LoanSessions("lib-1", session_s=30)
-    first = s.tap(ALICE, now=0).session_id
-    assert s.tap(ALICE, now=1).session_id == first  # tapping again keeps the session
-    second = s.tap(BOB, now=2).session_id
-    assert second != first
+    first = s.tap(ALICE, now=0)
+    assert first is not None
+    second = s.tap(BOB, now=2)
+    assert second is not None
+    assert second.session_id != first.session_id
     loan = s.book("T1", "rfid", now=3)
     assert isinstance(loan, LibraryLoan)
-    assert (loan.student_hash, loan.session_id) == (BOB, second)
+    assert (loan.student_hash, loan.session_id) == (BOB, second.session_id)
+
+
+def test_the_same_card_again_finishes_the_session() -> None:
+    s = LoanSessions("lib-1", session_s=30)
+    assert s.tap(ALICE, now=0) is not None
+    assert s.tap(ALICE, now=1) is None
+    assert isinstance(s.book("T1", "barcode", now=2), LibraryReturn)
+    assert s.tap(ALICE, now=3) is not None  # and a third tap starts a new one
 
 
 def test_a_session_is_bounded() -> None:
