@@ -137,6 +137,7 @@ class LoanSessions:
                 "too_many_items", f"at most {self.max_items} books at a time: finish this loan"
             )
         session.items.add(item_id)
+        self._returned.pop(item_id, None)  # once lent again, its next return is a new one
         return LibraryLoan(
             student_hash=session.student_hash,
             item_id=item_id,

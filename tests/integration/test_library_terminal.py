@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from device_drivers.base import DriverContext, DriverState
+from device_drivers.base import DriverContext, DriverState, UidHasher
 from device_drivers.em4100 import Em4100Reader
 from device_drivers.library import LibraryTerminal, build
 from device_drivers.pcsc import ReaderWatcher
@@ -281,23 +281,30 @@ hold_ms = 0
                 wait_until(lambda: terminal.handled >= n, 10, f"input {n} at the terminal")
 
             await asyncio.to_thread(play, morning, desk, settle)
-            await asyncio.to_thread(
-                wait_until,
-                lambda: len(stored_library_events(db_url)) >= len(morning.expected),
-                30,
-                "the morning in PostgreSQL",
-            )
+            try:
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: len(stored_library_events(db_url)) >= len(morning.expected),
+                    20,
+                    "the morning in PostgreSQL",
+                )
+            except TimeoutError as exc:
+                n = len(stored_library_events(db_url))
+                raise AssertionError(
+                    f"{exc}: {n} stored; terminal counters {agent.status()}; {server.tail()}"
+                ) from None
         assert_exactly_once(db_url, {"lib-0101": len(morning.expected)})
     finally:
         desk.close()
         server.terminate()
     got = stored_library_events(db_url)
+    district = UidHasher(bytes.fromhex(HASH_KEY_HEX))
     want = [
         (
             f"library.{t.kind}",
             t.item_id,
             t.source,
-            None if t.student is None else HASHER.hash(t.student.card),
+            None if t.student is None else district.hash(t.student.card),
         )
         for t in morning.expected
     ]
