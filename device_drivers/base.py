@@ -162,6 +162,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "device_drivers.panel",
     "device_drivers.recorder",
     "device_drivers.board_os",
+    "device_drivers.library",
 )
 #: Modules that could not be imported, with the reason (usually a missing optional extra).
 UNAVAILABLE: dict[str, str] = {}

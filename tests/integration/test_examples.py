@@ -45,7 +45,7 @@ from tests.integration.test_agent_mqtt import until
 # The PC/SC tests' private pcscd (module scope), reached through request.getfixturevalue.
 from tests.integration.test_pcsc_reader import pcscd  # noqa: F401
 from tests.pipeline import HASH_KEY_HEX, IngestServer
-from tests.services import Mosquitto
+from tests.services import Mosquitto, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -259,6 +259,52 @@ async def synthetic_rig(
     yield Case(rebuilt(cfg, [gen]), frozenset({gen.get("event_type", "env.reading")}))
 
 
+@contextlib.asynccontextmanager
+async def library_rig(
+    work: Path, cfg: AgentConfig, request: pytest.FixtureRequest
+) -> AsyncIterator[Case]:
+    from simulators.barcode_scanner import BarcodeScannerSim
+    from simulators.library_tags import BookTag, book_block, memory_of
+
+    daemon = request.getfixturevalue("pcscd")
+    (terminal,) = options(cfg, "library_terminal")
+    (cards,) = terminal["cards"]
+    assert cards["type"] == "em4100", "the rig simulates an em4100 reader: update it"
+    suffix = terminal["scanner"].get("suffix", "cr")
+    with (
+        Em4100Simulator(work / "ttyCARD") as rdm,
+        BarcodeScannerSim(work / "ttySCAN", suffix=suffix) as scanner,
+        BookTag(daemon.port) as tag,
+    ):
+        point(cards, "port", str(rdm.link))
+        point(terminal["scanner"], "port", str(scanner.link))
+        point(terminal["pad"], "reader", daemon.readers[0])
+
+        seen: list[Agent] = []
+
+        def ready(agent: Agent) -> bool:
+            seen[:] = [agent]
+            return all_ok(agent)
+
+        def handled(n: int) -> None:  # the terminal's beep: the desk waits for it
+            driver = seen[0]._slots[0].driver
+            wait_until(lambda: getattr(driver, "handled", 0) >= n, WITHIN_S, f"input {n}")
+
+        def lend_and_return() -> None:
+            scanner.scan("9787020002207")  # no card yet: a return
+            handled(1)
+            rdm.present(bytes.fromhex("1A00C0FFEE"))
+            handled(2)
+            tag.lay(bytes.fromhex("E004015012345678"), memory_of(book_block("T0000001")))
+
+        yield Case(
+            rebuilt(cfg, [terminal]),
+            frozenset({"library.loan", "library.return"}),
+            thread(lend_and_return),
+            ready,
+        )
+
+
 #: Example file stem → its simulator rig. A new example needs an entry here.
 RIGS: dict[str, Rig] = {
     "card_reader_pcsc": pcsc_rig,
@@ -270,6 +316,7 @@ RIGS: dict[str, Rig] = {
     "recording_unit": recorder_rig,
     "recording_unit_camera": camera_rig,
     "agent-synthetic": synthetic_rig,
+    "library_terminal": library_rig,
 }
 
 
