@@ -212,12 +212,11 @@ class Tmpfs:
         """Write ballast until the filesystem is full; return the bytes written."""
         written = 0
         block = b"\0" * 65536
-        with self._ballast.open("ab") as f:
+        with self._ballast.open("ab", buffering=0) as f:
             for size in (65536, 4096, 512, 1):
                 try:
                     while True:
                         f.write(block[:size])
-                        f.flush()
                         written += size
                 except OSError as exc:
                     if exc.errno != errno.ENOSPC:

@@ -54,6 +54,7 @@ class LiteDevice:
     #: oldest are dropped and counted in :attr:`dropped`, which the report counts as lost.
     MAX_PENDING: Final = 20_000
     RECENT: Final = 8
+    RESTART_S: Final = 0.5
 
     def __init__(
         self,
@@ -76,6 +77,7 @@ class LiteDevice:
         self.made = 0
         self.dropped = 0
         self.store_errors = 0
+        self.publisher_crashes = 0
         self.last_store_error: str | None = None
         self.recent: collections.deque[bytes] = collections.deque(maxlen=self.RECENT)
         self.outbox = AsyncOutbox(outbox_path)
@@ -102,14 +104,26 @@ class LiteDevice:
     async def run(self) -> None:
         device = DeviceConfig(id=self.spec.id, school_id=self.spec.school_id, kind=self.spec.kind)
         async with self.outbox:
-            pub = _RecordingPublisher(
-                device, self.broker, self.publish, self.outbox, boot=1, recent=self.recent
-            )
-            pub.PUBACK_TIMEOUT_S = self.puback_timeout_s
-            pub.CONNECT_TIMEOUT_S = min(pub.CONNECT_TIMEOUT_S, self.puback_timeout_s)
-            self.publisher = pub
-            self._opened.set()
-            await pub.run()
+            boot = 1
+            while True:
+                pub = _RecordingPublisher(
+                    device, self.broker, self.publish, self.outbox, boot=boot, recent=self.recent
+                )
+                pub.PUBACK_TIMEOUT_S = self.puback_timeout_s
+                pub.CONNECT_TIMEOUT_S = min(pub.CONNECT_TIMEOUT_S, self.puback_timeout_s)
+                if self.publisher is not None:
+                    pub.stats = self.publisher.stats
+                self.publisher = pub
+                self._opened.set()
+                try:
+                    await pub.run()
+                except Exception as exc:
+                    # The shipped publisher does not survive an outbox error (disk full on
+                    # delete): count it and start again, as systemd would restart the agent.
+                    self.publisher_crashes += 1
+                    log.warning("%s: publisher crashed: %r; restarting", self.spec.id, exc)
+                    boot += 1
+                    await asyncio.sleep(self.RESTART_S)
 
     def _reading(self) -> Reading:
         i = self.made

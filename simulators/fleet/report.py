@@ -37,6 +37,12 @@ class Report:
     latency_p50_s: float | None
     latency_p95_s: float | None
     latency_p99_s: float | None
+    #: Events sent again as paced backlog (``replay: true``) after an outage.
+    replayed: int = 0
+    #: Times an outbox refused a write (disk full); the readings stayed pending.
+    store_errors: int = 0
+    #: Publishers that died on an error and were started again (an agent restart).
+    publisher_crashes: int = 0
     faults: Sequence[Mapping[str, Any]] = field(default_factory=list)
     lost_by_device: Mapping[str, int] = field(default_factory=dict)
 
@@ -69,6 +75,9 @@ class Report:
             ("lost", f"{self.lost}"),
             ("unexpected", f"{self.unexpected}"),
             ("quarantined", f"{self.quarantined}"),
+            ("replayed", f"{self.replayed}"),
+            ("outbox write errors", f"{self.store_errors}"),
+            ("publisher crashes", f"{self.publisher_crashes}"),
             ("latency p50", ms(self.latency_p50_s)),
             ("latency p95", ms(self.latency_p95_s)),
             ("latency p99", ms(self.latency_p99_s)),

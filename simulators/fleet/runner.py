@@ -380,6 +380,7 @@ class Fleet:
                 await asyncio.sleep(f.duration_s)
             finally:
                 disk.free()
+            entry["detail"] += f"; {sum(d.store_errors > 0 for d in hit)} outboxes refused writes"
         elif a == "clock_skew":
             for d in hit:
                 d.clock_offset_s = f.skew_s
@@ -432,6 +433,9 @@ class Fleet:
             latency_p50_s=pct[0],
             latency_p95_s=pct[1],
             latency_p99_s=pct[2],
+            replayed=sum(d.publisher.stats.replayed_events for d in run.devices if d.publisher),
+            store_errors=sum(d.store_errors for d in run.devices),
+            publisher_crashes=sum(d.publisher_crashes for d in run.devices),
             faults=run.fault_log,
             lost_by_device=dict(sorted(lost_by.items())[:20]),
         )
