@@ -17,6 +17,7 @@ from typing import Any, Final, TextIO
 from urllib.parse import urlsplit
 
 from edge_agent.config import Broker, PublishConfig
+from edge_agent.publisher import LinkState
 from schemas.events import DeviceKind
 from simulators import faults
 from simulators.fleet import report as rep
@@ -161,6 +162,8 @@ class Fleet:
     #: Seconds the run may spend, after generation ends, for every event to reach the database.
     DRAIN_TIMEOUT_S = 120.0
     POLL_S = 1.0
+    #: Seconds the fleet may take to come online before the day starts anyway.
+    CONNECT_TIMEOUT_S = 60.0
 
     def __init__(
         self,
@@ -247,10 +250,11 @@ class Fleet:
                         puback_timeout_s=t.puback_timeout_s,
                     )
                 )
-            started = time.monotonic()
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(d.run(), name=f"device:{d.spec.id}") for d in run.devices]
                 await asyncio.gather(*(d.wait_open() for d in run.devices))
+                await self._connected(run)
+                started = time.monotonic()
                 poller = tg.create_task(self._poll(run), name="poll-stored")
                 fault_tasks = [
                     tg.create_task(self._fault(f, run, started), name=f"fault:{f.action}")
@@ -268,6 +272,20 @@ class Fleet:
                         task.cancel()
         self.progress.done()
         return await asyncio.to_thread(self._report, run, wall, outboxed, depths)
+
+    async def _connected(self, run: _Run) -> None:
+        """The school day starts once every device is online (or CONNECT_TIMEOUT_S passed)."""
+        deadline = time.monotonic() + self.CONNECT_TIMEOUT_S
+        while time.monotonic() < deadline:
+            online = sum(
+                d.publisher is not None and d.publisher.state is LinkState.ONLINE
+                for d in run.devices
+            )
+            self.progress.show(0.0, f"connecting: {online}/{len(run.devices)} online")
+            if online == len(run.devices):
+                return
+            await asyncio.sleep(0.1)
+        log.warning("not every device connected within %.0f s", self.CONNECT_TIMEOUT_S)
 
     async def _generate(self, run: _Run, started: float) -> None:
         rng = random.Random(self.s.seed)  # noqa: S311 - reproducible load, not security
