@@ -1,0 +1,89 @@
+"""Event data per type for simulated devices, and the hook other simulators register kinds with.
+
+A maker gets the device's running event number, the device id and a keyed UID hasher, and
+returns the event's ``data`` struct. Identifiers are hashed here, as on a real device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from typing import Final, Literal
+
+import msgspec
+
+from schemas.events import (
+    AccessPass,
+    AttendanceCheckin,
+    BoardApp,
+    BoardInput,
+    BoardPower,
+    BoardTouch,
+    CameraActivity,
+    CameraHealth,
+    CardTap,
+    EnvReading,
+    LibraryLoan,
+    LibraryReturn,
+    RecorderStatus,
+    SignageNoticeShown,
+)
+
+Hasher = Callable[[bytes], str]
+Maker = Callable[[int, str, Hasher], msgspec.Struct]
+_POWER: Final[tuple[Literal["on", "standby", "off"], ...]] = ("on", "standby", "off")
+_INPUTS: Final = ("hdmi1", "hdmi2", "ops", "usb-c")
+
+
+def keyed_hasher(key: bytes) -> Hasher:
+    """HMAC-SHA256 of a UID with the district key: how a UID leaves a device."""
+    return lambda uid: hmac.new(key, uid, hashlib.sha256).hexdigest()
+
+
+def _uid(i: int, device: str) -> bytes:
+    return hashlib.blake2s(f"{device}/{i % 400}".encode(), digest_size=4).digest()
+
+
+MAKERS: Final[dict[str, Maker]] = {
+    "card.tap": lambda i, d, h: CardTap(uid_hash=h(_uid(i, d)), tech="iso14443a", reader=d),
+    "attendance.checkin": lambda i, d, h: AttendanceCheckin(
+        uid_hash=h(_uid(i, d)), reader=d, period="p1", status="late" if i % 17 == 0 else "on_time"
+    ),
+    "signage.notice_shown": lambda i, _d, _h: SignageNoticeShown(notice_id=f"n{i % 9}"),
+    "board.power": lambda i, _d, _h: BoardPower(state=_POWER[i % 3], previous=_POWER[(i - 1) % 3]),
+    "board.app": lambda i, _d, _h: BoardApp(app=f"app-{i % 7}"),
+    "board.input": lambda i, _d, _h: BoardInput(source=_INPUTS[i % 4]),
+    "board.touch": lambda i, _d, _h: BoardTouch(touches=i % 50, window_s=60.0),
+    "recorder.status": lambda i, d, _h: RecorderStatus(
+        state="record", free_space_mb=float(100_000 - i % 1000), recorder=d
+    ),
+    "camera.activity": lambda i, d, _h: CameraActivity(
+        camera=d, motion=(i % 100) / 100, people=i % 40
+    ),
+    "camera.health": lambda i, d, _h: CameraHealth(
+        camera=d, fps=25.0, brightness=float(90 + i % 60), black_frame=False, frozen=False
+    ),
+    "env.reading": lambda i, d, _h: EnvReading(
+        sensor=d,
+        temperature_c=round(18 + (i % 100) / 10, 1),
+        humidity_pct=float(40 + i % 30),
+        co2_ppm=float(400 + (i * 7) % 1600),
+    ),
+    "access.pass": lambda i, d, h: AccessPass(
+        uid_hash=h(_uid(i, d)), gate=d, direction="in" if i % 3 else "out", result="granted"
+    ),
+    "library.loan": lambda i, d, h: LibraryLoan(
+        student_hash=h(_uid(i, d)), item_id=f"b{i % 997}", source="barcode", terminal=d
+    ),
+    "library.return": lambda i, d, h: LibraryReturn(
+        student_hash=h(_uid(i, d)), item_id=f"b{(i + 500) % 997}", source="rfid", terminal=d
+    ),
+}
+
+
+def register_maker(event_type: str, maker: Maker, *, replace: bool = False) -> None:
+    """Let another simulator (the lending desk, say) supply data for an event type."""
+    if event_type in MAKERS and not replace:
+        raise ValueError(f"a maker for {event_type!r} is already registered (pass replace=True)")
+    MAKERS[event_type] = maker

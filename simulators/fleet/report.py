@@ -1,0 +1,154 @@
+"""The accounting report: what the fleet generated against what the database holds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    scenario: str
+    devices: int
+    wall_s: float
+    #: Events the simulated devices made (stored in their outbox or not).
+    generated: int
+    #: Events that got a seq in an outbox.
+    outboxed: int
+    #: Events whose batch the broker acknowledged (left the outbox).
+    acknowledged: int
+    #: Distinct (device_id, seq) in ``events`` for this fleet, within 1..outboxed per device.
+    stored: int
+    #: Rows stored more than once for one (device_id, seq): must be 0.
+    duplicates_stored: int
+    #: Resends the ingest server dropped as duplicates (its metric), when it is ours to read.
+    duplicates_dropped: int | None
+    #: Seqs missing between the lowest and highest stored, summed over devices.
+    gaps: int
+    #: generated - stored: made but not in the database.
+    lost: int
+    #: Stored seqs no device assigned.
+    unexpected: int
+    quarantined: int
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    latency_p99_s: float | None
+    #: Events sent again as paced backlog (``replay: true``) after an outage.
+    replayed: int = 0
+    #: Times an outbox refused a write (disk full); the readings stayed pending.
+    store_errors: int = 0
+    #: Publishers that died on an error and were started again (an agent restart).
+    publisher_crashes: int = 0
+    faults: Sequence[Mapping[str, Any]] = field(default_factory=list)
+    lost_by_device: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.duplicates_stored == 0 and self.unexpected == 0
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "ok": self.ok}, indent=2, default=str)
+
+    def table(self) -> str:
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v * 1000:.0f} ms"
+
+        rate = self.stored / self.wall_s if self.wall_s else 0.0
+        rows = [
+            ("scenario", self.scenario),
+            ("devices", f"{self.devices}"),
+            ("wall time", f"{self.wall_s:.1f} s ({rate:.0f} events/s stored)"),
+            ("generated", f"{self.generated}"),
+            ("outboxed", f"{self.outboxed}"),
+            ("acknowledged", f"{self.acknowledged}"),
+            ("stored", f"{self.stored}"),
+            ("duplicates stored", f"{self.duplicates_stored}"),
+            (
+                "duplicates dropped",
+                "-" if self.duplicates_dropped is None else f"{self.duplicates_dropped}",
+            ),
+            ("gaps", f"{self.gaps}"),
+            ("lost", f"{self.lost}"),
+            ("unexpected", f"{self.unexpected}"),
+            ("quarantined", f"{self.quarantined}"),
+            ("replayed", f"{self.replayed}"),
+            ("outbox write errors", f"{self.store_errors}"),
+            ("publisher crashes", f"{self.publisher_crashes}"),
+            ("latency p50", ms(self.latency_p50_s)),
+            ("latency p95", ms(self.latency_p95_s)),
+            ("latency p99", ms(self.latency_p99_s)),
+        ]
+        for f in self.faults:
+            rows.append(("fault", f"{f['at']} {f['action']} {f['target']} {f.get('detail', '')}"))
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k:<{width}}  {v}" for k, v in rows]
+        lines.append(f"{'verdict':<{width}}  {'OK' if self.ok else 'FAIL: events lost or doubled'}")
+        return "\n".join(lines)
+
+
+def stored_by_device(db_url: str, outboxed: Mapping[str, int]) -> dict[str, tuple[int, int, int]]:
+    """device → (distinct seqs in 1..outboxed, rows beyond distinct, seqs outside 1..outboxed)."""
+    ids = list(outboxed)
+    tops = [outboxed[d] for d in ids]
+    with psycopg.connect(db_url, connect_timeout=10) as conn:
+        rows = conn.execute(
+            """
+            SELECT e.device_id,
+                   count(DISTINCT e.seq) FILTER (WHERE e.seq BETWEEN 1 AND t.top),
+                   count(*) - count(DISTINCT e.seq),
+                   count(*) FILTER (WHERE e.seq < 1 OR e.seq > t.top)
+            FROM events e JOIN unnest(%s::text[], %s::bigint[]) AS t(device_id, top)
+                 USING (device_id)
+            GROUP BY e.device_id
+            """,
+            (ids, tops),
+        ).fetchall()
+    return {str(d): (int(a), int(b), int(c)) for d, a, b, c in rows}
+
+
+def gaps_and_latency(
+    db_url: str, device_ids: Sequence[str], latency_ids: Sequence[str]
+) -> tuple[int, list[float | None], int]:
+    with psycopg.connect(db_url, connect_timeout=10) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(missing), 0) FROM devices WHERE device_id = ANY(%s)",
+            (list(device_ids),),
+        ).fetchone()
+        gaps = int(row[0]) if row else 0
+        lat = conn.execute(
+            """
+            SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
+                   (ORDER BY extract(epoch FROM received_at - time))
+            FROM events WHERE device_id = ANY(%s)
+            """,
+            (list(latency_ids),),
+        ).fetchone()
+        pct = [None if v is None else float(v) for v in (lat[0] or [None] * 3)] if lat else []
+        q = conn.execute("SELECT count(*) FROM quarantine").fetchone()
+    return gaps, (pct or [None, None, None]), int(q[0]) if q else 0
+
+
+def count_stored(db_url: str, device_ids: Sequence[str]) -> int:
+    """Distinct events stored for these devices (the progress figure; cheap enough each second)."""
+    with psycopg.connect(db_url, connect_timeout=2) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(event_count), 0) FROM devices WHERE device_id = ANY(%s)",
+            (list(device_ids),),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def existing_devices(db_url: str, device_ids: Sequence[str]) -> list[str]:
+    with psycopg.connect(db_url, connect_timeout=10) as conn:
+        try:
+            rows = conn.execute(
+                "SELECT DISTINCT device_id FROM events WHERE device_id = ANY(%s) LIMIT 5",
+                (list(device_ids),),
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []
+    return [str(r[0]) for r in rows]
