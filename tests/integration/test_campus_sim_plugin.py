@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-QA_TEST = '''
+QA_TEST = """
 import pytest
 
 @pytest.mark.chaos
@@ -23,7 +23,7 @@ def test_env_sensor_survives_a_broker_kill(campus_device, campus_broker):
 def test_fixture_names_are_prefixed(campus_db_url, campus_ingest):
     assert campus_db_url.startswith("postgresql://")
     assert campus_ingest.healthy()
-'''
+"""
 
 
 def test_plugin_installs_and_runs_in_another_project(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ def test_sizes_of_the_shipped_districts() -> None:
     [
         ("rooms = 2", "s.toml:9: schools[0].rooms: Expected `int`"),
         ("rooms = 0", "s.toml:9: schools[0].rooms: Expected `int` >= 1"),
-        ('devices = { card_reader = 1, env_sensor = 2 }', "devices"),
+        ("devices = { card_reader = 1, env_sensor = 2 }", "devices"),
         ('end = "08:30"', "s.toml:4: end: Expected `str` matching"),
     ],
 )
@@ -58,7 +58,7 @@ def test_errors_name_the_field_and_line(change: str, message: str) -> None:
     bad = {
         "rooms = 2": 'rooms = "two"',
         "rooms = 0": "rooms = 0",
-        'devices = { card_reader = 1, env_sensor = 2 }': "devices = { toaster = 1 }",
+        "devices = { card_reader = 1, env_sensor = 2 }": "devices = { toaster = 1 }",
         'end = "08:30"': 'end = "8.30"',
     }[change]
     text = GOOD.replace("rooms = 2" if change == "rooms = 0" else change, bad)
