@@ -361,6 +361,19 @@ class Outbox:
         self._drops_since = None
         return drops
 
+    def raise_seq_floor(self, floor: int) -> None:
+        """Make the next seq at least ``floor + 1`` (a replaced device continues its seqs)."""
+        with self._transaction():
+            if self._highest_seq() >= floor:
+                return
+            updated = self._db.execute(
+                "UPDATE sqlite_sequence SET seq = ? WHERE name = 'events'", (floor,)
+            ).rowcount
+            if not updated:
+                self._db.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?)", (floor,)
+                )
+
     def set_quota(self, max_events: int | None, max_bytes: int | None) -> None:
         """Change the bounds; applied at once (dropping events if the outbox is over them)."""
         self.max_events, self.max_bytes = max_events, max_bytes
