@@ -75,7 +75,7 @@ class DeviceServer:
             raw = json.dumps(doc).encode()
         self.client.publish(f"{self.base}/config", raw, qos=1, retain=True).wait_for_publish(5)
 
-    def send_command(self, cmd_id: str, name: str, **args: Any) -> None:
+    def send_command(self, cmd_id: str, name: str, /, **args: Any) -> None:
         raw = json.dumps({"id": cmd_id, "name": name, "args": args}).encode()
         self.client.publish(f"{self.base}/cmd", raw, qos=1).wait_for_publish(5)
 
