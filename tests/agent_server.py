@@ -1,4 +1,4 @@
-"""The server's side of one device on a real broker: sends ``config`` and ``cmd``, collects the rest.
+"""The server's side of one device on a real broker: sends config and cmd, collects the rest.
 
 A paho client on its own thread with a persistent session, so nothing the agent publishes while
 it reconnects is missed. Used by the agent's config, command and quota tests.

@@ -1,4 +1,4 @@
-"""Remote config on ``config`` → applied live, rejected or rolled back → ``config/ack``, real Mosquitto."""
+"""Remote config: applied live, rejected or rolled back, acked on config/ack; real Mosquitto."""
 
 from __future__ import annotations
 
