@@ -328,7 +328,7 @@ class Outbox:
                 ((t, n) for t, (n, _) in removed.items()),
             )
         except BaseException:
-            if own:
+            if own and self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
         if own:
@@ -483,7 +483,8 @@ class Outbox:
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLITE_FULL may already have rolled it back
+                self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 
