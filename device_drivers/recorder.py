@@ -11,7 +11,10 @@ SIS commands sent (ESC is 0x1B; replies end with CR LF):
 - on every (re)connect ``ESC 0CV CR`` → ``Vrb0``: terse replies, so they carry no prefix;
 - ``ESC YRCDR CR`` → ``0`` stop, ``1`` record, ``2`` pause;
 - ``I`` → ``ChA<n>*ChB<n>*<state>*<destination>*<free KB>*<elapsed hh:mm:ss>*<left hh:mm:ss>``,
-  of which the free space (KBytes, reported as ``free_space_mb`` = KB / 1024) is used.
+  of which the free space (KBytes, reported as ``free_space_mb`` = KB / 1024) is used;
+- on request (:meth:`RecorderPoller.set_recording`, the agent's ``start_recording`` /
+  ``stop_recording`` commands) ``ESC Y1RCDR CR`` / ``ESC Y0RCDR CR`` → ``RcdrY1`` / ``RcdrY0``,
+  between polls; the new state is reported at once.
 
 ``E<nn>`` replies (E10 invalid command, E13 invalid parameter, E14 not valid in this
 configuration …) are counted as ``recorder.refused``. The copyright banner and date lines a unit
@@ -38,6 +41,7 @@ from msgspec import Meta
 from device_drivers.base import (
     DriverContext,
     DriverError,
+    DriverState,
     Emit,
     ProbeResult,
     Reading,
@@ -55,6 +59,8 @@ ESC: Final = b"\x1b"
 TERSE = ESC + b"0CV\r"
 STATUS_QUERY = ESC + b"YRCDR\r"
 INFO_QUERY = b"I"
+START_RECORDING = ESC + b"Y1RCDR\r"
+STOP_RECORDING = ESC + b"Y0RCDR\r"
 MAX_LINE: Final = 160
 ERRORS: Final[Mapping[str, str]] = {
     "E10": "invalid command",
@@ -174,8 +180,31 @@ class RecorderPoller(LinkedDriver):
         self.recorder_state: RecordState | None = None
         self.free_kb: int | None = None
         self._last_report = 0.0
+        self._last_refusal: DeviceError | None = None
+        self._requests: asyncio.Queue[tuple[bool, asyncio.Future[RecordState]]] = asyncio.Queue(4)
+
+    async def set_recording(self, on: bool) -> str:
+        """Start (or stop) recording between two polls; the unit's state once it confirms."""
+        if self.state != DriverState.OK:
+            why = f": {self.last_error}" if self.last_error else ""
+            raise DriverError(f"the recorder on {self.port} is not answering{why}")
+        done: asyncio.Future[RecordState] = asyncio.get_running_loop().create_future()
+        try:
+            self._requests.put_nowait((on, done))
+        except asyncio.QueueFull:
+            raise DriverError("busy: other record commands are waiting") from None
+        return await done
 
     async def session(self, link: Link, emit: Emit) -> None:
+        try:
+            await self._poll(link, emit)
+        finally:
+            while not self._requests.empty():
+                _, done = self._requests.get_nowait()
+                if not done.done():
+                    done.set_exception(DriverError(f"the link to {self.port} was lost"))
+
+    async def _poll(self, link: Link, emit: Emit) -> None:
         codec = SisCodec()
         missed = 0
         await self._ask(link, codec, TERSE, VerboseAck)
@@ -191,7 +220,39 @@ class RecorderPoller(LinkedDriver):
                 self.up()
                 await self._ask(link, codec, INFO_QUERY, InfoReply)
                 await self._report(state, emit)
-            await asyncio.sleep(self.options.poll_s)
+            await self._serve_requests(link, codec, emit)
+
+    def _refusal(self) -> DeviceError | None:
+        """The error code the unit answered since the last command was sent, if any."""
+        return self._last_refusal
+
+    async def _serve_requests(self, link: Link, codec: SisCodec, emit: Emit) -> None:
+        """Until the next poll is due, carry out record commands as they come."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.options.poll_s
+        while (left := due - loop.time()) > 0:
+            try:
+                async with asyncio.timeout(left):
+                    on, done = await self._requests.get()
+            except TimeoutError:
+                return
+            self._last_refusal = None
+            request = START_RECORDING if on else STOP_RECORDING
+            state, _ = await self._ask(link, codec, request, StatusReply)
+            if state is not None:
+                await self._report(state, emit)
+            if done.done():  # the command gave up waiting
+                continue
+            if state is not None:
+                done.set_result(state)
+            elif (refusal := self._refusal()) is not None:
+                done.set_exception(
+                    DriverError(f"the recorder refused: {refusal.code} ({refusal.meaning})")
+                )
+            else:
+                done.set_exception(
+                    DriverError(f"no reply to the record command in {self.options.timeout_s:g} s")
+                )
 
     async def _ask(
         self, link: Link, codec: SisCodec, query: bytes, kind: type[RecorderItem]
@@ -205,6 +266,7 @@ class RecorderPoller(LinkedDriver):
             elif isinstance(item, InfoReply):
                 self.free_kb = item.free_kb
             elif isinstance(item, DeviceError):
+                self._last_refusal = item
                 self.count("refused")
                 log.info("%s: the recorder answered %s (%s)", self.name, item.code, item.meaning)
             elif isinstance(item, Rejected):

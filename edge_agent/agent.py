@@ -3,9 +3,16 @@
 :class:`Agent` is an async context manager owning one TaskGroup of named tasks: ``driver:NAME``
 per driver (restarted with backoff when it crashes), ``outbox-writer`` (group commits),
 ``publisher``, ``commands`` (the server's commands, see :mod:`edge_agent.commands`) and
-``health`` (see :mod:`edge_agent.health`; absent when ``[health] interval_s = 0``). Leaving the
-context stops them in this order: commands, drivers and health, then the writer stores whatever
-is still queued, then the publisher says ``offline`` and disconnects.
+``health`` (see :mod:`edge_agent.health`; absent when ``[health] interval_s = 0``) and
+``config`` (the server's desired config, see :mod:`edge_agent.remote_config`). Leaving the
+context stops them in this order: commands and config, drivers and health, then the writer
+stores whatever is still queued, then the publisher says ``offline`` and disconnects.
+
+:meth:`Agent.reconfigure` changes the running agent: only drivers whose table changed are
+rebuilt and restarted, ``[publish]``, ``[health]`` and the outbox quota take effect at once.
+A remote document that does not validate is rejected untouched; one whose new drivers do not
+reach ``ok`` within :attr:`Agent.DRIVER_START_TIMEOUT_S` (or that raises) is rolled back to the
+config that ran before.
 """
 
 from __future__ import annotations
@@ -13,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 from device_drivers.base import (
     Driver,
@@ -28,10 +36,13 @@ from device_drivers.base import (
     build_driver,
 )
 from edge_agent.commands import AckLog, CommandHandler
-from edge_agent.config import AgentConfig, ConfigError, DriverConfig
+from edge_agent.config import AgentConfig, ConfigError, DriverConfig, apply_remote
 from edge_agent.health import HealthReporter
 from edge_agent.outbox import AsyncOutbox
 from edge_agent.publisher import LinkState, Publisher
+from edge_agent.remote_config import ConfigChannel, ConfigStore, StoredConfig, now
+from schemas.events import AgentOutboxDropped
+from schemas.state import ConfigAck, ConfigDocument
 
 log = logging.getLogger(__name__)
 _NO_KEY: Final = (
@@ -75,6 +86,16 @@ class _Slot:
     config: DriverConfig
     driver: Driver
     restarts: int = 0
+    task: asyncio.Task[None] | None = None
+
+
+class StartFailed(Exception):
+    """Drivers of a new config did not come up; the message says which and why."""
+
+
+def config_store_path(outbox_path: Path) -> Path:
+    """Where the last applied remote config is kept: beside the outbox."""
+    return outbox_path.with_name(outbox_path.name + ".config.json")
 
 
 class Agent:
@@ -90,30 +111,59 @@ class Agent:
     DRIVER_HEALTHY_S = 60.0
     #: How long each shutdown stage may take before its tasks are cancelled again.
     STOP_TIMEOUT_S = 10.0
+    #: How long a driver of a new config has to reach ``ok`` before the config is rolled back.
+    DRIVER_START_TIMEOUT_S = 15.0
+    #: At most one ``agent.outbox_dropped`` report per this many seconds.
+    DROP_REPORT_S = 10.0
 
     def __init__(self, config: AgentConfig) -> None:
+        #: The config file's; a remote document's sections are laid over it.
+        self.file_config = config
+        self.config_version: int | None = None
+        self._store = ConfigStore(config_store_path(config.outbox_path))
+        if (stored := self._store.load()) is not None:
+            try:
+                config = apply_remote(config, stored.config)
+                self.config_version = stored.version
+            except ConfigError as exc:
+                log.error(
+                    "the stored remote config (version %d) no longer fits the config file: %s; "
+                    "running on the file alone",
+                    stored.version,
+                    exc,
+                )
         self.config = config
         self.boot = 0
-        self.outbox = AsyncOutbox(config.outbox_path)
+        q = config.outbox_quota
+        self.outbox = AsyncOutbox(
+            config.outbox_path, max_events=q.max_events, max_bytes=q.max_bytes
+        )
         self._queue: asyncio.Queue[Reading] = asyncio.Queue(self.QUEUE_SIZE)
         #: The outbox's highest seq at start, and readings ``emit`` has accepted since.
         self._base_seq = 0
         self._accepted = 0
+        #: Readings a full disk kept out of the outbox: they never got a seq.
+        self._lost = 0
         key = config.hash_key
         hasher = UidHasher(key, send_raw=config.send_raw_uid) if key else _NoKeyHasher()
         self._ctx = DriverContext(
             config.device.id,
             hasher,
-            accepted_events=lambda: self._base_seq + self._accepted,
+            accepted_events=lambda: self._base_seq + self._accepted - self._lost,
         )
         self._slots: list[_Slot] = []
         self._publisher: Publisher | None = None
         self._acks = AckLog(config.outbox_path)
         self.commands: CommandHandler | None = None
+        self.remote = ConfigChannel(self.apply_config)
+        self.remote.version = self.config_version
         self._command_tasks: list[asyncio.Task[None]] = []
         self._tg = asyncio.TaskGroup()
-        self._driver_tasks: list[asyncio.Task[None]] = []
+        self._health_task: asyncio.Task[None] | None = None
         self._service_tasks: list[asyncio.Task[None]] = []
+        #: Driver restarts and config changes, one at a time.
+        self._changing = asyncio.Lock()
+        self._last_drop_report = -self.DROP_REPORT_S
 
     @property
     def publisher(self) -> Publisher:
@@ -136,7 +186,7 @@ class Agent:
         except BaseException:
             await self.outbox.__aexit__(None, None, None)
             raise
-        self.commands = CommandHandler([s.driver for s in self._slots], self.outbox, self._acks)
+        self.commands = CommandHandler(self, self.outbox, self._acks)
         self._publisher = Publisher(
             self.config.device,
             self.config.broker,
@@ -144,21 +194,20 @@ class Agent:
             self.outbox,
             boot=self.boot,
             commands=self.commands,
+            config=self.remote,
         )
         await self._tg.__aenter__()
         self._service_tasks = [
             self._tg.create_task(self._write(), name="outbox-writer"),
             self._tg.create_task(self._publisher.run(), name="publisher"),
         ]
-        self._driver_tasks = [
-            self._tg.create_task(self._supervise(s), name=f"driver:{s.config.name}")
-            for s in self._slots
+        for slot in self._slots:
+            self._start(slot)
+        self._command_tasks = [
+            self._tg.create_task(self.commands.run(), name="commands"),
+            self._tg.create_task(self.remote.run(), name="config"),
         ]
-        self._command_tasks = [self._tg.create_task(self.commands.run(), name="commands")]
-        if interval := self.config.health.interval_s:
-            drivers = [s.driver for s in self._slots]
-            health = HealthReporter(interval, self._emit, self.outbox, drivers)
-            self._driver_tasks.append(self._tg.create_task(health.run(), name="health"))
+        self._start_health()
         log.info(
             "agent %s started: boot %d, %d driver(s), outbox %s (highest seq %d)",
             self.config.device.id,
@@ -182,6 +231,9 @@ class Agent:
         finally:
             for task in (*self._command_tasks, *self._driver_tasks, *self._service_tasks):
                 task.cancel()  # whatever an interrupted orderly stop did not reach
+            self._health_task = None
+            for slot in self._slots:
+                slot.task = None
             try:
                 await self._tg.__aexit__(exc_type, exc, tb)
             finally:
@@ -199,18 +251,163 @@ class Agent:
                     log.warning("task %s is slow to stop; cancelling it again", task.get_name())
                     task.cancel()
 
-    def _build(self, index: int, d: DriverConfig) -> Driver:
+    @property
+    def _driver_tasks(self) -> list[asyncio.Task[None]]:
+        tasks = [s.task for s in self._slots if s.task is not None]
+        return tasks + ([self._health_task] if self._health_task is not None else [])
+
+    def _build(self, index: int, d: DriverConfig, where: str | None = None) -> Driver:
         try:
             return build_driver(d.type, d.name, d.options, self._ctx)
         except DriverError as exc:
-            raise ConfigError(f"{self.config.source}: drivers[{index}] ({d.name}): {exc}") from None
+            prefix = where or str(self.config.source)
+            raise ConfigError(f"{prefix}: drivers[{index}] ({d.name}): {exc}") from None
+
+    def _start(self, slot: _Slot) -> None:
+        slot.task = self._tg.create_task(self._supervise(slot), name=f"driver:{slot.config.name}")
+
+    def _start_health(self) -> None:
+        if interval := self.config.health.interval_s:
+            health = HealthReporter(interval, self._emit, self.outbox, self.drivers)
+            self._health_task = self._tg.create_task(health.run(), name="health")
+
+    # -- live changes ----------------------------------------------------------------------------
+
+    def drivers(self) -> list[Driver]:
+        """The running drivers, as of now."""
+        return [s.driver for s in self._slots]
+
+    def driver_type(self, name: str) -> str | None:
+        return next((s.config.type for s in self._slots if s.config.name == name), None)
+
+    def _slot(self, name: str) -> _Slot:
+        for slot in self._slots:
+            if slot.config.name == name:
+                return slot
+        known = ", ".join(s.config.name for s in self._slots) or "none"
+        raise KeyError(f"no driver named {name!r} (drivers here: {known})")
+
+    async def restart_driver(self, name: str) -> None:
+        """Stop a driver and start a fresh one from the same config table."""
+        async with self._changing:
+            slot = self._slot(name)
+            index = self._slots.index(slot)
+            driver = self._build(index, slot.config, "restart")
+            await self._stop([t for t in (slot.task,) if t is not None])
+            slot.driver, slot.restarts = driver, slot.restarts + 1
+            self._start(slot)
+            log.info("driver %s restarted on request", name)
+
+    async def set_driver_options(self, name: str, changes: Mapping[str, Any]) -> None:
+        """Restart a driver with some options changed; the driver validates them first.
+
+        The change lasts until the agent restarts or a config document sets the drivers.
+        """
+        async with self._changing:
+            slot = self._slot(name)
+            new = DriverConfig(slot.config.type, name, {**slot.config.options, **changes})
+            try:
+                driver = build_driver(new.type, name, new.options, self._ctx)
+            except DriverError as exc:
+                raise ValueError(str(exc)) from None
+            await self._stop([t for t in (slot.task,) if t is not None])
+            slot.config, slot.driver = new, driver
+            self._start(slot)
+            drivers = tuple(new if d.name == name else d for d in self.config.drivers)
+            self.config = replace(self.config, drivers=drivers)
+            log.info("driver %s restarted with %s", name, dict(changes))
+
+    async def apply_config(self, doc: ConfigDocument) -> ConfigAck | None:
+        """Apply a remote config document (see the module docstring); None when it is stale."""
+        if self.config_version is not None and doc.version <= self.config_version:
+            log.debug("config version %d ignored: running %d", doc.version, self.config_version)
+            return None
+        try:
+            new = apply_remote(self.file_config, doc.config)
+        except ConfigError as exc:
+            log.error("config version %d rejected: %s", doc.version, exc)
+            return ConfigAck(version=doc.version, status="rejected", detail=str(exc), ts=now())
+        old = self.config
+        try:
+            await self.reconfigure(new)
+        except ConfigError as exc:  # a driver table its driver refused: nothing was changed
+            log.error("config version %d rejected: %s", doc.version, exc)
+            return ConfigAck(version=doc.version, status="rejected", detail=str(exc), ts=now())
+        except Exception as exc:  # whatever broke, the old config must run again
+            why = str(exc) if isinstance(exc, StartFailed) else f"{type(exc).__name__}: {exc}"
+            log.error("config version %d failed (%s): rolling back", doc.version, why)
+            try:
+                await self.reconfigure(old, wait=False)
+            except Exception:
+                log.exception("rolling back to the previous config failed")
+            return ConfigAck(version=doc.version, status="rolled_back", detail=why, ts=now())
+        await asyncio.to_thread(
+            self._store.save, StoredConfig(version=doc.version, config=doc.config)
+        )
+        self.config_version = self.remote.version = doc.version
+        log.info("config version %d applied", doc.version)
+        return ConfigAck(version=doc.version, status="applied", ts=now())
+
+    async def reconfigure(self, new: AgentConfig, *, wait: bool = True) -> None:
+        """Run on ``new``: restart only changed drivers; with ``wait``, raise
+        :class:`StartFailed` unless each restarted driver reaches ``ok`` in time."""
+        async with self._changing:
+            current = {s.config.name: s for s in self._slots}
+            slots: list[_Slot] = []
+            fresh: list[_Slot] = []
+            for i, d in enumerate(new.drivers):
+                old = current.get(d.name)
+                if old is not None and old.config == d:
+                    slots.append(old)
+                else:  # built before anything stops, so a bad table changes nothing
+                    slot = _Slot(d, self._build(i, d, "config"))
+                    slots.append(slot)
+                    fresh.append(slot)
+            kept = {id(s) for s in slots}
+            await self._stop([s.task for s in self._slots if id(s) not in kept and s.task])
+            self._slots = slots
+            for slot in fresh:
+                self._start(slot)
+            if new.publish != self.config.publish:
+                self.publisher.reconfigure(new.publish)
+            if new.health != self.config.health:
+                await self._stop([self._health_task] if self._health_task else [])
+                self._health_task = None
+                self.config = replace(self.config, health=new.health)
+                self._start_health()
+            if new.outbox_quota != self.config.outbox_quota:
+                q = new.outbox_quota
+                await self.outbox.set_quota(q.max_events, q.max_bytes)
+            self.config = new
+            if fresh:
+                log.info("drivers (re)started: %s", ", ".join(s.config.name for s in fresh))
+            if wait and fresh:
+                await self._await_ok(fresh)
+
+    async def _await_ok(self, slots: Sequence[_Slot]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.DRIVER_START_TIMEOUT_S
+        late = list(slots)
+        for _ in range(int(self.DRIVER_START_TIMEOUT_S / 0.05) + 1):
+            late = [s for s in slots if s.driver.state != DriverState.OK]
+            if not late or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)  # drivers signal no event when they come up: poll
+        if late:
+            raise StartFailed(
+                "; ".join(
+                    f"driver {s.config.name} did not come up in {self.DRIVER_START_TIMEOUT_S:g} s "
+                    f"({s.driver.state.value}: {s.driver.last_error or 'no error given'})"
+                    for s in late
+                )
+            )
 
     def status(self) -> AgentStatus:
         return AgentStatus(
             boot=self.boot,
             link=self.publisher.state,
             highest_seq=self.outbox.highest_seq,
-            queued=self._base_seq + self._accepted - self.outbox.highest_seq,
+            queued=self._base_seq + self._accepted - self._lost - self.outbox.highest_seq,
             drivers=tuple(
                 DriverStatus(
                     s.config.name, s.config.type, s.driver.state, s.driver.last_error, s.restarts
@@ -218,6 +415,27 @@ class Agent:
                 for s in self._slots
             ),
         )
+
+    async def _report_drops(self) -> None:
+        """Turn the outbox's drops into an ``agent.outbox_dropped`` event, at most so often."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_drop_report < self.DROP_REPORT_S:
+            return
+        drops = await self.outbox.take_drops()
+        if drops is None:
+            return
+        self._last_drop_report = loop.time()
+        log.error(
+            "outbox: %d unsent event(s) dropped since %s (%s): %s",
+            sum(drops.counts.values()),
+            drops.since.isoformat(),
+            drops.reason,
+            drops.counts,
+        )
+        data = AgentOutboxDropped(dropped=drops.counts, since=drops.since, reason=drops.reason)
+        reading = Reading("agent.outbox_dropped", data)
+        self._accepted += 1  # the writer stores it itself, so it is counted like an emitted one
+        self._lost += 1 - len(await self.outbox.append_many([reading]))
 
     async def _emit(self, reading: Reading) -> None:
         self._accepted += 1
@@ -261,8 +479,10 @@ class Agent:
             while True:
                 group = [await self._queue.get(), *self._take_group(self.WRITE_GROUP_MAX - 1)]
                 commit = asyncio.ensure_future(self.outbox.append_many(group))
-                await asyncio.shield(commit)
+                stored = await asyncio.shield(commit)
                 commit = None
+                self._lost += len(group) - len(stored)
+                await self._report_drops()
         except asyncio.CancelledError:
             if commit is not None:
                 await commit

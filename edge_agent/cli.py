@@ -1,4 +1,4 @@
-"""``edge-agent``: run the agent from a config file, show its outbox, or check the gateway."""
+"""``edge-agent``: enrol a device, run the agent, show its outbox, or check the gateway."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig, ConfigError, load_config
+from edge_agent.agent import Agent, config_store_path
+from edge_agent.config import DEFAULT_OUTBOX, AgentConfig, ConfigError, load_config
 from edge_agent.doctor import run as doctor_run
+from edge_agent.enroll import EnrollError, enroll
 from edge_agent.outbox import Outbox, OutboxError
 
 log = logging.getLogger("edge_agent")
@@ -54,6 +55,7 @@ def cmd_status(config: AgentConfig, *, as_json: bool) -> int:
         return 1
     with Outbox(path, readonly=True) as outbox:
         s = outbox.stats()
+    version = _config_version(path)
     if as_json:
         doc = {
             "device_id": config.device.id,
@@ -62,6 +64,8 @@ def cmd_status(config: AgentConfig, *, as_json: bool) -> int:
             "oldest_unsent_s": s.oldest_age_s,
             "highest_seq": s.highest_seq,
             "boot": s.boot,
+            "dropped": s.dropped,
+            "config_version": version,
         }
         print(json.dumps(doc))
         return 0
@@ -72,6 +76,43 @@ def cmd_status(config: AgentConfig, *, as_json: bool) -> int:
     print(f"oldest unsent   {oldest}")
     print(f"highest seq     {s.highest_seq}")
     print(f"boots           {s.boot}")
+    print(f"remote config   {'-' if version is None else f'version {version}'}")
+    if s.dropped:
+        total = sum(s.dropped.values())
+        kinds = ", ".join(f"{t} {n}" for t, n in sorted(s.dropped.items()))
+        print(f"DROPPED         {total} unsent event(s) over the quota or a full disk: {kinds}")
+    return 0
+
+
+def _config_version(outbox: Path) -> int | None:
+    try:
+        doc = json.loads(config_store_path(outbox).read_bytes())
+    except (OSError, ValueError):
+        return None
+    version = doc.get("version") if isinstance(doc, dict) else None
+    return version if isinstance(version, int) else None
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    try:
+        written = enroll(
+            args.server,
+            args.code,
+            args.config,
+            kind=args.kind,
+            room=args.room,
+            outbox_path=args.outbox,
+            force=args.force,
+        )
+    except EnrollError as exc:
+        print(f"edge-agent enroll: {exc}", file=sys.stderr)
+        return 1
+    floor = f"; seqs continue above {written.seq_floor}" if written.seq_floor else ""
+    print(
+        f"enrolled as {written.device_id} (school {written.school_id}){floor}; "
+        f"config written to {written.config}. Start it with: edge-agent run --config "
+        f"{written.config}"
+    )
     return 0
 
 
@@ -99,7 +140,30 @@ def main(argv: list[str] | None = None) -> int:
         "(e.g. the ingest server's http://HOST:PORT/healthz)",
     )
     doctor.add_argument("--json", action="store_true", help="print a JSON list of checks")
+    enrol = sub.add_parser(
+        "enroll",
+        help="enrol this device with a one-time code and write its config",
+        description="Ask the server for this device's identity and credentials with a one-time "
+        "enrolment code, and write the agent config (secrets in 0600 files beside it).",
+    )
+    enrol.add_argument("--server", required=True, metavar="URL", help="e.g. https://ingest:8080")
+    enrol.add_argument("--code", required=True, help="the one-time enrolment code")
+    enrol.add_argument(
+        "--config",
+        type=Path,
+        default=Path("/etc/campus-edge/agent.toml"),
+        help="where to write the config (default: %(default)s)",
+    )
+    enrol.add_argument("--kind", default="gateway", help="device kind (default: %(default)s)")
+    enrol.add_argument("--room", help="the room this device is in")
+    enrol.add_argument(
+        "--outbox",
+        help=f"the outbox path (default: outbox.db beside the config; {DEFAULT_OUTBOX} is usual)",
+    )
+    enrol.add_argument("--force", action="store_true", help="replace an existing config")
     args = parser.parse_args(argv)
+    if args.cmd == "enroll":
+        return cmd_enroll(args)
     if args.cmd == "doctor":
         return doctor_run(args.config, server=args.server, as_json=args.json)
 

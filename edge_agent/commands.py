@@ -7,6 +7,12 @@ remembered by command id in :class:`AckLog` (a table of its own in the outbox's 
 command delivered again, even after a restart, gets the same ack without running twice. Acks
 wait in a bounded in-memory queue until the publisher's link sends them
 (:meth:`CommandHandler.send_acks`), so an ack due while the link is down goes after reconnect.
+
+Commands: ``ping``; ``flush_outbox`` (acks with the depth); ``show_notice`` {notice_id, title?,
+body?, duration_s?} on every driver that can show one; ``restart_driver`` {name};
+``start_recording`` / ``stop_recording`` {driver?} on one recorder or all of them;
+``set_sample_rate`` {driver, interval_s} on a polling driver (:data:`SAMPLE_RATE_OPTIONS`),
+which restarts it with the changed option until the agent restarts or a config sets the drivers.
 """
 
 from __future__ import annotations
@@ -16,14 +22,15 @@ import inspect
 import logging
 import sqlite3
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Protocol, Self, TypeVar, runtime_checkable
+from typing import Annotated, Any, Final, Protocol, Self, TypeVar, runtime_checkable
 
 import msgspec
+from msgspec import Meta
 
 from device_drivers.base import Driver, DriverError
 from edge_agent.outbox import AsyncOutbox
@@ -59,11 +66,78 @@ class NoticeScreen(Protocol):
     ) -> None: ...
 
 
-class NoticeArgs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+@runtime_checkable
+class RecordingControl(Protocol):
+    """A driver that can start and stop a recording (e.g. ``recorder``'s RecorderPoller)."""
+
+    name: str
+
+    async def set_recording(self, on: bool) -> str:
+        """Start or stop recording; return the unit's record state afterwards."""
+        ...
+
+
+class DriverHost(Protocol):
+    """What the commands need of the agent: its drivers and the means to restart them."""
+
+    def drivers(self) -> Sequence[Driver]: ...
+
+    def driver_type(self, name: str) -> str | None: ...
+
+    async def restart_driver(self, name: str) -> None:
+        """Raise KeyError (its message says what is there) for an unknown name."""
+        ...
+
+    async def set_driver_options(self, name: str, changes: Mapping[str, Any]) -> None:
+        """Raise KeyError for an unknown name, ValueError for options the driver refuses."""
+        ...
+
+
+#: Driver type → the option changes that make it sample every ``interval_s`` seconds.
+SAMPLE_RATE_OPTIONS: Final[dict[str, Callable[[float], dict[str, float]]]] = {
+    "synthetic": lambda s: {"rate": 1.0 / s},
+    "modbus_env": lambda s: {"poll_s": s},
+    "recorder": lambda s: {"poll_s": s},
+    "camera": lambda s: {"sample_fps": 1.0 / s},
+}
+
+
+class _Args(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class NoticeArgs(_Args, frozen=True):
     notice_id: str
     title: str | None = None
     body: str | None = None
     duration_s: float | None = None
+
+
+class DriverArgs(_Args, frozen=True):
+    name: Annotated[str, Meta(min_length=1)]
+
+
+class RecordingArgs(_Args, frozen=True):
+    driver: Annotated[str, Meta(min_length=1)] | None = None
+
+
+class SampleRateArgs(_Args, frozen=True):
+    driver: Annotated[str, Meta(min_length=1)]
+    interval_s: Annotated[float, Meta(gt=0, le=86400)]
+
+
+A = TypeVar("A", bound=_Args)
+
+
+class _Rejected(Exception):
+    """A command that cannot run as given; the message is the ack's detail."""
+
+
+def _args(cmd: Command, kind: type[A]) -> A:
+    try:
+        return msgspec.convert(cmd.args, kind)
+    except msgspec.ValidationError as exc:
+        raise _Rejected(f"bad args: {exc}") from None
 
 
 class AckLog:
@@ -162,8 +236,8 @@ class CommandHandler:
     #: The longest one command may run before it is acked as an error.
     COMMAND_TIMEOUT_S = 30.0
 
-    def __init__(self, drivers: Sequence[Driver], outbox: AsyncOutbox, acks: AckLog) -> None:
-        self._drivers = drivers
+    def __init__(self, host: DriverHost, outbox: AsyncOutbox, acks: AckLog) -> None:
+        self._host = host
         self._outbox = outbox
         self._log = acks
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue(self.QUEUE_SIZE)
@@ -173,6 +247,10 @@ class CommandHandler:
             "flush_outbox": self._flush_outbox,
             "ping": self._ping,
             "show_notice": self._show_notice,
+            "restart_driver": self._restart_driver,
+            "start_recording": self._start_recording,
+            "stop_recording": self._stop_recording,
+            "set_sample_rate": self._set_sample_rate,
         }
 
     @property
@@ -237,6 +315,8 @@ class CommandHandler:
         try:
             async with asyncio.timeout(self.COMMAND_TIMEOUT_S):
                 return await handler(cmd)
+        except _Rejected as exc:
+            return CommandAck(id=cmd.id, status="rejected", detail=str(exc))
         except TimeoutError:
             detail = f"did not finish in {self.COMMAND_TIMEOUT_S:g} s"
         except Exception as exc:  # a driver's bug must not stop the command loop
@@ -271,13 +351,10 @@ class CommandHandler:
         return CommandAck(id=cmd.id, status="ok", detail={"depth": await self._outbox.depth()})
 
     async def _show_notice(self, cmd: Command) -> CommandAck:
-        try:
-            args = msgspec.convert(cmd.args, NoticeArgs)
-        except msgspec.ValidationError as exc:
-            return CommandAck(id=cmd.id, status="rejected", detail=f"bad args: {exc}")
+        args = _args(cmd, NoticeArgs)
         screens = [
             d
-            for d in self._drivers
+            for d in self._host.drivers()
             if isinstance(d, NoticeScreen) and inspect.iscoroutinefunction(d.show_notice)
         ]
         if not screens:
@@ -299,3 +376,66 @@ class CommandHandler:
         if errors:
             return CommandAck(id=cmd.id, status="error", detail="; ".join(errors))
         return CommandAck(id=cmd.id, status="ok", detail={"shown_by": [s.name for s in screens]})
+
+    async def _restart_driver(self, cmd: Command) -> CommandAck:
+        args = _args(cmd, DriverArgs)
+        try:
+            await self._host.restart_driver(args.name)
+        except KeyError as exc:
+            raise _Rejected(exc.args[0]) from None
+        return CommandAck(id=cmd.id, status="ok", detail={"restarted": args.name})
+
+    async def _start_recording(self, cmd: Command) -> CommandAck:
+        return await self._recording(cmd, on=True)
+
+    async def _stop_recording(self, cmd: Command) -> CommandAck:
+        return await self._recording(cmd, on=False)
+
+    async def _recording(self, cmd: Command, *, on: bool) -> CommandAck:
+        args = _args(cmd, RecordingArgs)
+        units = [
+            d
+            for d in self._host.drivers()
+            if isinstance(d, RecordingControl) and inspect.iscoroutinefunction(d.set_recording)
+        ]
+        if args.driver is not None:
+            names = ", ".join(u.name for u in units) or "none"
+            units = [u for u in units if u.name == args.driver]
+            if not units:
+                raise _Rejected(f"no recorder named {args.driver!r} (recorders here: {names})")
+        if not units:
+            raise _Rejected("no driver on this device can record")
+        results = await asyncio.gather(
+            *(u.set_recording(on) for u in units), return_exceptions=True
+        )
+        states: dict[str, str] = {}
+        errors: list[str] = []
+        for unit, result in zip(units, results, strict=True):
+            if isinstance(result, BaseException):
+                text = str(result) if isinstance(result, DriverError) else repr(result)
+                errors.append(f"{unit.name}: {text}")
+            else:
+                states[unit.name] = result
+        if errors:
+            return CommandAck(id=cmd.id, status="error", detail="; ".join(errors))
+        return CommandAck(id=cmd.id, status="ok", detail={"state": states})
+
+    async def _set_sample_rate(self, cmd: Command) -> CommandAck:
+        args = _args(cmd, SampleRateArgs)
+        kind = self._host.driver_type(args.driver)
+        if kind is None:
+            known = ", ".join(d.name for d in self._host.drivers()) or "none"
+            raise _Rejected(f"no driver named {args.driver!r} (drivers here: {known})")
+        change = SAMPLE_RATE_OPTIONS.get(kind)
+        if change is None:
+            polling = ", ".join(sorted(SAMPLE_RATE_OPTIONS))
+            raise _Rejected(
+                f"driver {args.driver!r} is a {kind} driver, which has no sample rate "
+                f"(drivers that poll: {polling})"
+            )
+        options = change(args.interval_s)
+        try:
+            await self._host.set_driver_options(args.driver, options)
+        except (KeyError, ValueError) as exc:
+            raise _Rejected(str(exc.args[0])) from None
+        return CommandAck(id=cmd.id, status="ok", detail={"driver": args.driver, **options})

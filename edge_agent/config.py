@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -40,7 +40,16 @@ class DeviceConfig(_Section, frozen=True):
     kind: DeviceKind
 
 
-class OutboxConfig(_Section, frozen=True):
+class OutboxQuota(_Section, frozen=True):
+    """When either bound is reached, the outbox drops its lowest-priority events first."""
+
+    #: Bytes the unsent events may take (their wire size); unset: no bound.
+    max_bytes: Annotated[int, Meta(ge=4096)] | None = None
+    #: Unsent events kept at most; unset: no bound.
+    max_events: Annotated[int, Meta(ge=10)] | None = None
+
+
+class OutboxConfig(OutboxQuota, frozen=True):
     path: str = DEFAULT_OUTBOX
 
 
@@ -134,6 +143,16 @@ class AgentConfig:
     #: The district key for UID hashes; None when the config gives none.
     hash_key: bytes | None = field(default=None, repr=False)
     health: HealthConfig = field(default_factory=HealthConfig)
+    outbox_quota: OutboxQuota = field(default_factory=OutboxQuota)
+
+
+class ManagedConfig(_Section, frozen=True):
+    """The sections a remote ``config`` document may set (see :func:`apply_remote`)."""
+
+    drivers: list[dict[str, Any]] | None = None
+    publish: PublishConfig | None = None
+    health: HealthConfig | None = None
+    outbox: OutboxQuota | None = None
 
 
 _ENUMS: Final = {
@@ -149,15 +168,23 @@ _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "privacy": PrivacyConfig,
     "health": HealthConfig,
 }
+_MANAGED: Final[dict[str, type[msgspec.Struct]]] = {
+    "": ManagedConfig,
+    "publish": PublishConfig,
+    "health": HealthConfig,
+    "outbox": OutboxQuota,
+}
 
 
-def _explain(err: msgspec.ValidationError) -> str:
+def _explain(
+    err: msgspec.ValidationError, sections: Mapping[str, type[msgspec.Struct]] = _SECTIONS
+) -> str:
     """msgspec's ``Expected X - at `$.a.b``` → ``a.b: expected X`` with the allowed choices."""
     text, _, where = str(err).partition(" - at `$")
     where = where.rstrip("`").lstrip(".")
     if text.startswith("Object contains unknown field"):
         key = text.split("`")[1]
-        known = ", ".join(_names(where))
+        known = ", ".join(f.name for f in msgspec.structs.fields(sections[where]))
         return f"{f'{where}.' if where else ''}{key}: unknown key (known here: {known})"
     if text.startswith("Object missing required field"):
         key = text.split("`")[1]
@@ -166,10 +193,6 @@ def _explain(err: msgspec.ValidationError) -> str:
     if where in _ENUMS:
         what += f" (expected one of {_ENUMS[where]})"
     return f"{where}: {what}" if where else what
-
-
-def _names(section: str) -> list[str]:
-    return [f.name for f in msgspec.structs.fields(_SECTIONS[section])]
 
 
 def load_config(path: Path | str) -> AgentConfig:
@@ -208,6 +231,32 @@ def _resolve(source: Path, f: _File) -> AgentConfig:
         send_raw_uid=f.privacy.send_raw_uid,
         hash_key=_hash_key(base, f.privacy),
         health=f.health,
+        outbox_quota=OutboxQuota(max_bytes=f.outbox.max_bytes, max_events=f.outbox.max_events),
+    )
+
+
+def apply_remote(base: AgentConfig, managed: Mapping[str, Any]) -> AgentConfig:
+    """``base`` (the file's config) with the sections of a remote document's ``config``.
+
+    Raises :class:`ConfigError` naming the field as ``config.<section>.<key>``, as for the file.
+    """
+    try:
+        m = msgspec.convert(managed, ManagedConfig)
+        publish = base.publish if m.publish is None else m.publish
+        low, high = publish.backoff_initial_s, publish.backoff_max_s
+        if low is not None and high is not None and high < low:
+            raise _Invalid("publish.backoff_max_s: must not be below publish.backoff_initial_s")
+        drivers = base.drivers if m.drivers is None else _drivers(m.drivers)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config.{_explain(exc, _MANAGED)}") from None
+    except _Invalid as exc:
+        raise ConfigError(f"config.{exc}") from None
+    return replace(
+        base,
+        publish=publish,
+        drivers=drivers,
+        health=base.health if m.health is None else m.health,
+        outbox_quota=base.outbox_quota if m.outbox is None else m.outbox,
     )
 
 

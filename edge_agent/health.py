@@ -11,7 +11,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -51,7 +51,11 @@ class HealthReporter:
     """Emits ``agent.health`` every ``interval_s``; the first one interval after ``run`` starts."""
 
     def __init__(
-        self, interval_s: float, emit: Emit, outbox: AsyncOutbox, drivers: Sequence[Driver]
+        self,
+        interval_s: float,
+        emit: Emit,
+        outbox: AsyncOutbox,
+        drivers: Sequence[Driver] | Callable[[], Sequence[Driver]],
     ) -> None:
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
@@ -79,7 +83,7 @@ class HealthReporter:
             # No reference clock yet. A server time source would come from the ingest side,
             # e.g. a server timestamp on PUBACK properties (MQTT 5) or on the `cmd` topic.
             clock_offset_s=None,
-            drivers=driver_summary(self._drivers),
+            drivers=driver_summary(self._drivers() if callable(self._drivers) else self._drivers),
         )
 
     async def run(self) -> None:

@@ -7,6 +7,16 @@ and JSON bytes that go on the wire, so a resent event is byte-for-byte the same 
 
 :class:`Outbox` is the blocking core (one connection, used from one thread);
 :class:`AsyncOutbox` runs it on a thread of its own so the event loop never waits on the disk.
+
+Quota (``[outbox] max_events`` / ``max_bytes``, bytes as :attr:`OutboxRow.wire_size`): new
+events are always stored, each with its seq; then, while a bound is exceeded, the oldest event
+of the lowest :func:`priority` tier still stored is deleted unsent (telemetry first, then board
+and signage activity, then anything else, and attendance, access, card and library events last).
+A full disk (SQLite's "database or disk is full") is treated alike: the insert is rolled back,
+lowest-priority events are deleted to make room and the insert tried again; only when there is
+nothing left to delete are the new readings themselves dropped. Every drop is counted by type
+(:meth:`Outbox.take_drops`), logged, and reported upstream by the agent as
+``agent.outbox_dropped``; the server also sees the gap in seqs.
 """
 
 from __future__ import annotations
@@ -14,22 +24,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self, TypeVar
+from typing import Final, Literal, Self, TypeVar
 
 import msgspec
 
 from device_drivers.base import Reading
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS events (
@@ -41,11 +53,33 @@ CREATE TABLE IF NOT EXISTS events (
     created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dropped (type TEXT PRIMARY KEY, count INTEGER NOT NULL);
 """
 #: Bytes an event adds to an ``up`` batch besides its ts, type and data (keys, a 19-digit seq,
 #: ``"synced":false``, a comma).
 EVENT_OVERHEAD: Final = 72
 _encode = msgspec.json.Encoder().encode
+_SIZE: Final = f"{EVENT_OVERHEAD} + length(ts) + length(type) + length(data)"
+#: Priority tiers, lowest (dropped first) to highest; a type not listed is tier 2.
+_TIERS: Final[tuple[tuple[str, ...], ...]] = (
+    ("agent.health", "env.reading", "camera.", "recorder.status"),
+    ("board.", "signage."),
+    (),
+    ("attendance.", "access.", "card.", "library.", "agent.outbox_dropped"),
+)
+DropReason = Literal["max_events", "max_bytes", "disk_full"]
+
+
+def priority(event_type: str) -> int:
+    """The quota tier of an event type: 0 is dropped first, 3 last."""
+    for tier, prefixes in enumerate(_TIERS):
+        if any(event_type.startswith(p) for p in prefixes):
+            return tier
+    return 2
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    return "full" in str(exc) or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 class OutboxError(Exception):
@@ -74,6 +108,17 @@ class OutboxStats:
     oldest_age_s: float | None
     highest_seq: int
     boot: int
+    #: Events dropped unsent over the outbox's life, by type (kept in ``meta``).
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Drops:
+    """Events dropped unsent since ``since``, by type, and the reason of the latest drop."""
+
+    counts: dict[str, int]
+    since: datetime
+    reason: DropReason
 
 
 def rfc3339(ts: datetime) -> str:
@@ -85,9 +130,27 @@ def rfc3339(ts: datetime) -> str:
 class Outbox:
     """The blocking outbox: use it from one thread only."""
 
-    def __init__(self, path: Path | str, *, readonly: bool = False, lock: bool = False) -> None:
+    #: Lowest-priority events deleted per round when the disk is full.
+    DISK_FULL_DROP = 256
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        readonly: bool = False,
+        lock: bool = False,
+        max_events: int | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         self.path = Path(path)
+        self.max_events = max_events
+        self.max_bytes = max_bytes
         self._lock_fd: int | None = None
+        #: Stored events by type: (count, wire bytes); kept in step with every insert and delete.
+        self._by_type: dict[str, list[int]] = {}
+        self._drops: dict[str, int] = {}
+        self._drops_since: datetime | None = None
+        self._drop_reason: DropReason = "max_events"
         try:
             if readonly:
                 uri = f"file:{self.path}?mode=ro"
@@ -102,6 +165,10 @@ class Outbox:
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = FULL")
                 self._db.executescript(_SCHEMA)
+                for etype, n, size in self._db.execute(
+                    f"SELECT type, count(*), sum({_SIZE}) FROM events GROUP BY type"  # noqa: S608 - constant
+                ):
+                    self._by_type[etype] = [int(n), int(size)]
         except sqlite3.Error as exc:
             self._release_lock()
             raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
@@ -141,11 +208,37 @@ class Outbox:
         self.close()
 
     def append_many(self, readings: Sequence[Reading]) -> list[int]:
-        """Store readings in one transaction; return their seqs, in order."""
+        """Store readings in one transaction; return their seqs, in order.
+
+        Over the quota, lower-priority events (possibly some of these) are then dropped. Only
+        when the disk is full and nothing else is left to drop are these readings dropped
+        unstored: the result is then shorter, or empty.
+        """
         if not readings:
             return []
         now = max(time.time(), self._last_created)
         rows = [(rfc3339(r.ts), r.type, _encode(r.data), int(r.synced), now) for r in readings]
+        while True:
+            try:
+                seqs = self._insert(rows)
+            except sqlite3.OperationalError as exc:
+                if not _is_full(exc):
+                    raise
+                log.error("the outbox's disk is full (%s): dropping low-priority events", exc)
+                if self._drop_lowest(self.DISK_FULL_DROP, None, "disk_full"):
+                    continue
+                for r in readings:
+                    self._count_drop(r.type, 1, "disk_full")
+                log.error(
+                    "the outbox's disk is full and nothing is left to drop: %d new event(s) "
+                    "dropped unstored",
+                    len(readings),
+                )
+                return []
+            self._last_created = now
+            return seqs
+
+    def _insert(self, rows: list[tuple[str, str, bytes, int, float]]) -> list[int]:
         with self._transaction():
             base = self._highest_seq()
             self._db.executemany(
@@ -153,11 +246,146 @@ class Outbox:
                 rows,
             )
             top = self._highest_seq()
-        # One writer holds the lock for the whole transaction, so the seqs are contiguous.
-        if top != base + len(rows):
-            raise OutboxError(f"seqs {base + 1}..{top} for {len(rows)} events: not contiguous")
-        self._last_created = now
+            # One writer holds the lock for the whole transaction, so the seqs are contiguous.
+            if top != base + len(rows):
+                raise OutboxError(f"seqs {base + 1}..{top} for {len(rows)} events: not contiguous")
+            added: dict[str, list[int]] = {}
+            for ts, etype, data, _, _ in rows:
+                entry = added.setdefault(etype, [0, 0])
+                entry[0] += 1
+                entry[1] += EVENT_OVERHEAD + len(ts) + len(etype) + len(data)
+            self._track(added, +1)
+            try:
+                self._enforce_quota()
+            except BaseException:
+                self._track(added, -1)
+                raise
         return list(range(base + 1, top + 1))
+
+    def _track(self, changes: dict[str, list[int]], sign: int) -> None:
+        for etype, (n, size) in changes.items():
+            entry = self._by_type.setdefault(etype, [0, 0])
+            entry[0] += sign * n
+            entry[1] += sign * size
+            if entry[0] <= 0:
+                del self._by_type[etype]
+
+    def _totals(self) -> tuple[int, int]:
+        return (
+            sum(n for n, _ in self._by_type.values()),
+            sum(b for _, b in self._by_type.values()),
+        )
+
+    def _enforce_quota(self) -> None:
+        """Inside a transaction: drop lowest-priority events until both bounds hold."""
+        while True:
+            count, size = self._totals()
+            if self.max_events is not None and count > self.max_events:
+                gone = self._drop_lowest(count - self.max_events, None, "max_events")
+            elif self.max_bytes is not None and size > self.max_bytes:
+                gone = self._drop_lowest(None, size - self.max_bytes, "max_bytes")
+            else:
+                return
+            if not gone:  # the tallies disagree with the table: never loop on that
+                log.error("outbox %s: over its quota with nothing to drop", self.path.name)
+                return
+
+    def _drop_lowest(self, events: int | None, size: int | None, reason: DropReason) -> int:
+        """Delete the oldest events of the lowest tier present: ``events`` of them, or enough
+        to free ``size`` bytes (at least one). Returns how many went."""
+        tiers = sorted({priority(t) for t in self._by_type})
+        if not tiers:
+            return 0
+        types = [t for t in self._by_type if priority(t) == tiers[0]]
+        marks = ",".join("?" * len(types))
+        limit = events if events is not None else 256
+        found = self._db.execute(
+            f"SELECT seq, type, {_SIZE} FROM events WHERE type IN ({marks}) "  # noqa: S608 - marks
+            "ORDER BY seq LIMIT ?",
+            (*types, limit),
+        ).fetchall()
+        if size is not None:
+            freed, keep = 0, 0
+            for _, _, n in found:
+                keep += 1
+                freed += n
+                if freed >= size:
+                    break
+            found = found[:keep]
+        removed: dict[str, list[int]] = {}
+        for _, etype, n in found:
+            entry = removed.setdefault(etype, [0, 0])
+            entry[0] += 1
+            entry[1] += n
+        own = not self._db.in_transaction
+        if own:
+            self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("DELETE FROM events WHERE seq = ?", ((r[0],) for r in found))
+            self._db.executemany(
+                "INSERT INTO dropped (type, count) VALUES (?, ?) "
+                "ON CONFLICT (type) DO UPDATE SET count = count + excluded.count",
+                ((t, n) for t, (n, _) in removed.items()),
+            )
+        except BaseException:
+            if own and self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        if own:
+            self._db.execute("COMMIT")
+        self._track(removed, -1)
+        for etype, (n, _) in removed.items():
+            self._count_drop(etype, n, reason)
+        if found:
+            log.error(
+                "outbox %s (%s): dropped %d unsent event(s): %s",
+                self.path.name,
+                reason,
+                len(found),
+                ", ".join(f"{t} x{n}" for t, (n, _) in sorted(removed.items())),
+            )
+        return len(found)
+
+    def _count_drop(self, etype: str, n: int, reason: DropReason) -> None:
+        if self._drops_since is None:
+            self._drops_since = datetime.now(UTC)
+        self._drops[etype] = self._drops.get(etype, 0) + n
+        self._drop_reason = reason
+
+    def take_drops(self) -> Drops | None:
+        """The drops since the last call (None if there were none), and start counting anew."""
+        if self._drops_since is None:
+            return None
+        drops = Drops(dict(self._drops), self._drops_since, self._drop_reason)
+        self._drops.clear()
+        self._drops_since = None
+        return drops
+
+    def raise_seq_floor(self, floor: int) -> None:
+        """Make the next seq at least ``floor + 1`` (a replaced device continues its seqs)."""
+        with self._transaction():
+            if self._highest_seq() >= floor:
+                return
+            updated = self._db.execute(
+                "UPDATE sqlite_sequence SET seq = ? WHERE name = 'events'", (floor,)
+            ).rowcount
+            if not updated:
+                self._db.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?)", (floor,)
+                )
+
+    def set_quota(self, max_events: int | None, max_bytes: int | None) -> None:
+        """Change the bounds; applied at once (dropping events if the outbox is over them)."""
+        self.max_events, self.max_bytes = max_events, max_bytes
+        with self._transaction():
+            self._enforce_quota()
+
+    def dropped_total(self) -> dict[str, int]:
+        """Events dropped unsent over the outbox's life, by type."""
+        try:
+            return {t: int(n) for t, n in self._db.execute("SELECT type, count FROM dropped")}
+        except sqlite3.OperationalError:  # a read-only open of an older outbox
+            return {}
 
     def peek(
         self,
@@ -192,8 +420,18 @@ class Outbox:
     def delete(self, seqs: Iterable[int]) -> int:
         """Delete exactly these seqs (after their PUBACK); return how many were there."""
         with self._transaction():
-            cur = self._db.executemany("DELETE FROM events WHERE seq = ?", ((s,) for s in seqs))
-            return cur.rowcount
+            cur = self._db.execute(
+                f"DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?)) "  # noqa: S608 - constant
+                f"RETURNING type, {_SIZE}",
+                (_encode(list(seqs)),),
+            )
+            removed: dict[str, list[int]] = {}
+            for etype, size in cur:
+                entry = removed.setdefault(etype, [0, 0])
+                entry[0] += 1
+                entry[1] += size
+        self._track(removed, -1)
+        return sum(n for n, _ in removed.values())
 
     def depth(self) -> int:
         row = self._db.execute("SELECT count(*) FROM events").fetchone()
@@ -235,7 +473,9 @@ class Outbox:
             return self.boot()
 
     def stats(self) -> OutboxStats:
-        return OutboxStats(self.depth(), self.oldest_age(), self.highest_seq(), self.boot())
+        return OutboxStats(
+            self.depth(), self.oldest_age(), self.highest_seq(), self.boot(), self.dropped_total()
+        )
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -243,7 +483,8 @@ class Outbox:
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLITE_FULL may already have rolled it back
+                self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 
@@ -254,8 +495,11 @@ class AsyncOutbox:
     Keeps :attr:`highest_seq` in memory and lets a consumer wait for new events.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(
+        self, path: Path | str, *, max_events: int | None = None, max_bytes: int | None = None
+    ) -> None:
         self.path = Path(path)
+        self._quota = (max_events, max_bytes)
         self.highest_seq = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
         self._outbox: Outbox | None = None
@@ -263,7 +507,10 @@ class AsyncOutbox:
 
     async def __aenter__(self) -> Self:
         try:
-            self._outbox = await self._call(lambda: Outbox(self.path, lock=True))
+            max_events, max_bytes = self._quota
+            self._outbox = await self._call(
+                lambda: Outbox(self.path, lock=True, max_events=max_events, max_bytes=max_bytes)
+            )
             self.highest_seq = await self._call(self._core.highest_seq)
         except BaseException:
             await self._shutdown()
@@ -323,6 +570,12 @@ class AsyncOutbox:
 
     async def stats(self) -> OutboxStats:
         return await self._call(self._core.stats)
+
+    async def take_drops(self) -> Drops | None:
+        return await self._call(self._core.take_drops)
+
+    async def set_quota(self, max_events: int | None, max_bytes: int | None) -> None:
+        await self._call(lambda: self._core.set_quota(max_events, max_bytes))
 
     async def wait_beyond(self, seq: int) -> None:
         """Return once an event with a seq above ``seq`` has been stored."""

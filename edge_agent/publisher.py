@@ -7,7 +7,9 @@ sent again with the same seq, ts and data. Rows that were already waiting when t
 are backlog: they go in ``replay: true`` batches, paced, and never share a batch with live rows.
 
 With a :class:`~edge_agent.commands.CommandHandler`, each connection also subscribes to the
-device's ``cmd`` topic, hands what arrives to it and publishes its acks on ``cmd/ack``.
+device's ``cmd`` topic, hands what arrives to it and publishes its acks on ``cmd/ack``. With a
+:class:`~edge_agent.remote_config.ConfigChannel`, likewise ``config`` → ``config/ack`` (retained),
+and ``state`` is said again with the new ``config_version`` after each outcome.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from edge_agent import __version__
 from edge_agent.commands import CommandHandler
 from edge_agent.config import Broker, DeviceConfig, PublishConfig
 from edge_agent.outbox import AsyncOutbox, OutboxRow
+from edge_agent.remote_config import ConfigChannel
 from schemas import topics
 from schemas.state import DeviceState
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
@@ -80,10 +83,10 @@ class Publisher:
         *,
         boot: int,
         commands: CommandHandler | None = None,
+        config: ConfigChannel | None = None,
     ) -> None:
         self.device = device
         self.broker = broker
-        self.publish = publish
         self.boot = boot
         self.state = LinkState.STOPPED
         self.last_error: str | None = None
@@ -92,21 +95,36 @@ class Publisher:
         self.stats = PublisherStats()
         self._outbox = outbox
         self._commands = commands
+        self._config = config
         self._up_topic = topics.build(device.school_id, device.id, topics.Channel.UP)
         self._state_topic = topics.build(device.school_id, device.id, topics.Channel.STATE)
         self._cmd_topic = topics.build(device.school_id, device.id, topics.Channel.CMD)
         self._ack_topic = topics.build(device.school_id, device.id, topics.Channel.CMD_ACK)
+        self._config_topic = topics.build(device.school_id, device.id, topics.Channel.CONFIG)
+        self._config_ack_topic = topics.build(
+            device.school_id, device.id, topics.Channel.CONFIG_ACK
+        )
+        self.reconfigure(publish)
+
+    def reconfigure(self, publish: PublishConfig) -> None:
+        """New ``[publish]`` settings: batching, linger and replay pace apply to the next batch,
+        ``inflight`` and the backoff from the next connection."""
+        self.publish = publish
+        device = self.device
         self._budget = (
             publish.max_batch_bytes - ENVELOPE_OVERHEAD - len(device.id) - len(device.kind)
         )
 
     async def run(self) -> None:
         """Connect, publish, reconnect with jittered exponential backoff; until cancelled."""
-        initial = self.publish.backoff_initial_s or self.BACKOFF_INITIAL_S
-        ceiling = self.publish.backoff_max_s or self.BACKOFF_MAX_S
-        delay, this = initial, asyncio.current_task()
+        delay, this = (
+            self.publish.backoff_initial_s or self.BACKOFF_INITIAL_S,
+            asyncio.current_task(),
+        )
         try:
             while True:
+                initial = self.publish.backoff_initial_s or self.BACKOFF_INITIAL_S
+                ceiling = self.publish.backoff_max_s or self.BACKOFF_MAX_S
                 self.state = LinkState.CONNECTING
                 connects = self.stats.connects
                 error, level = "the session ended", logging.WARNING
@@ -165,8 +183,8 @@ class Publisher:
         async with self._client() as client:
             self.stats.connects += 1
             try:
-                if self._commands is not None:  # before ``online``, so commands sent then arrive
-                    await self._subscribe(client)
+                if self._commands is not None or self._config is not None:
+                    await self._subscribe(client)  # before ``online``: what is sent then arrives
                 await client.publish(
                     self._state_topic,
                     self._presence("online"),
@@ -198,19 +216,39 @@ class Publisher:
                             ),
                             name="mqtt-acks",
                         )
+                    if self._config is not None:
+                        tg.create_task(
+                            self._config.send_acks(lambda ack: self._config_ack(client, ack)),
+                            name="mqtt-config-acks",
+                        )
                     await self._pump(client, tg, replay_until)
             except asyncio.CancelledError:
                 await self._say_offline(client)
                 raise
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
-        granted = await client.subscribe(self._cmd_topic, qos=1, timeout=self.PUBACK_TIMEOUT_S)
+        wanted = [
+            (t, 1)
+            for t, on in ((self._cmd_topic, self._commands), (self._config_topic, self._config))
+            if on is not None
+        ]
+        granted = await client.subscribe(wanted, timeout=self.PUBACK_TIMEOUT_S)
         codes = [g if isinstance(g, int) else g.value for g in granted]
-        if any(c >= 0x80 for c in codes):
-            log.warning(
-                "the broker refused the subscription to %s: commands will not arrive",
-                self._cmd_topic,
-            )
+        for (topic, _), code in zip(wanted, codes, strict=False):
+            if code >= 0x80:
+                log.warning("the broker refused the subscription to %s: it will not arrive", topic)
+
+    async def _config_ack(self, client: aiomqtt.Client, ack: bytes) -> None:
+        await client.publish(
+            self._config_ack_topic, ack, qos=1, retain=True, timeout=self.PUBACK_TIMEOUT_S
+        )
+        await client.publish(
+            self._state_topic,
+            self._presence("online"),
+            qos=1,
+            retain=True,
+            timeout=self.PUBACK_TIMEOUT_S,
+        )
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         """A clean shutdown disconnects politely, so the will is not sent: say it ourselves."""
@@ -228,20 +266,22 @@ class Publisher:
     async def _watch(self, client: aiomqtt.Client) -> None:
         """Hand ``cmd`` messages to the command handler; raise when the connection drops."""
         async for message in client.messages:
+            payload = message.payload
+            raw = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
             if self._commands is not None and message.topic.matches(self._cmd_topic):
-                payload = message.payload
-                self._commands.receive(
-                    bytes(payload) if isinstance(payload, bytes | bytearray) else b""
-                )
+                self._commands.receive(raw)
+            elif self._config is not None and message.topic.matches(self._config_topic):
+                self._config.receive(raw)
         raise aiomqtt.MqttError("the connection closed")
 
     async def _pump(self, client: aiomqtt.Client, tg: asyncio.TaskGroup, replay_until: int) -> None:
         """Turn outbox rows into batches, keeping at most ``inflight`` awaiting PUBACK."""
-        p, loop = self.publish, asyncio.get_running_loop()
-        window = asyncio.Semaphore(p.inflight)
+        loop = asyncio.get_running_loop()
+        window = asyncio.Semaphore(self.publish.inflight)
         cursor, replay_at = 0, loop.time()
         while True:
             await window.acquire()
+            p = self.publish
             replay = cursor < replay_until
             upto = replay_until if replay else None
             rows = await self._outbox.peek(cursor, p.max_batch_events, self._budget, upto=upto)
@@ -309,5 +349,11 @@ class Publisher:
         return encode_batch(batch)
 
     def _presence(self, state: Literal["online", "offline"]) -> bytes:
-        presence = DeviceState(state=state, boot=self.boot, agent_version=__version__, ts=_now())
+        presence = DeviceState(
+            state=state,
+            boot=self.boot,
+            agent_version=__version__,
+            ts=_now(),
+            config_version=None if self._config is None else self._config.version,
+        )
         return msgspec.json.encode(presence)

@@ -21,6 +21,8 @@ def export_all() -> dict[str, dict[str, Any]]:
         "state.json": msgspec.json.schema(state.DeviceState),
         "cmd.json": msgspec.json.schema(state.Command),
         "cmd_ack.json": msgspec.json.schema(state.CommandAck),
+        "config.json": msgspec.json.schema(state.ConfigDocument),
+        "config_ack.json": msgspec.json.schema(state.ConfigAck),
     }
     for name, etype in sorted(events.REGISTRY.items()):
         schema = msgspec.json.schema(etype.data)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Final, Literal
 
@@ -167,6 +168,15 @@ class AgentHealth(_Data):
     drivers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+class AgentOutboxDropped(_Data):
+    """Events the outbox deleted unsent to stay within its quota or a full disk."""
+
+    #: Event type → how many of it were dropped since ``since``.
+    dropped: dict[str, Count]
+    since: Annotated[datetime, Meta(tz=True)]
+    reason: Literal["max_events", "max_bytes", "disk_full"]
+
+
 @dataclass(frozen=True, slots=True)
 class EventType:
     """One registered event type."""
@@ -261,6 +271,11 @@ for _t in (
             "outbox_depth": "agent_outbox_depth",
             "oldest_unsent_s": "agent_oldest_unsent_s",
         },
+    ),
+    EventType(
+        "agent.outbox_dropped",
+        AgentOutboxDropped,
+        "The edge agent's outbox dropped unsent events (quota or full disk), counted by type.",
     ),
 ):
     register(_t)

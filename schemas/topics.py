@@ -22,6 +22,8 @@ class Channel(StrEnum):
     CMD = "cmd"
     CMD_ACK = "cmd/ack"
     CONFIG = "config"
+    #: Additive: the agent's outcome for a ``config`` document (docs/contract.md).
+    CONFIG_ACK = "config/ack"
 
 
 #: QoS and retain flag per channel, exactly as the contract's table gives them.
@@ -32,6 +34,7 @@ CHANNEL_RETAINED: Final[dict[Channel, bool]] = {
     Channel.CMD: False,
     Channel.CMD_ACK: False,
     Channel.CONFIG: True,
+    Channel.CONFIG_ACK: True,
 }
 
 

@@ -3,7 +3,8 @@
 The unit's side of SIS, written independently of the driver (ESC = 0x1B; replies end CR LF):
 
 - ``ESC Y RCDR CR`` → ``0`` / ``1`` / ``2`` (stop / record / pause);
-  ``ESC Y<n> RCDR CR`` → ``RcdrY<n>`` and the unit changes state;
+  ``ESC Y<n> RCDR CR`` → ``RcdrY<n>`` and the unit changes state (or the error code set by
+  :meth:`SmpRecorder.refuse_recording`, e.g. ``E14`` when no storage is attached);
 - ``I`` → ``ChA1*ChB3*<state>*<destination>*<free KB>*<elapsed>*<remaining>``;
 - ``ESC <n>CV CR`` → ``Vrb<n>``; ``Q`` → firmware version; anything else → ``E10``.
 
@@ -52,6 +53,7 @@ class SmpRecorder:
         self.verbose = 0
         self.received: list[bytes] = []
         self._muted = False
+        self._refusal: str | None = None
         self._corrupt = 0
         self._lock = threading.Lock()
         self.endpoint = DeviceEndpoint(
@@ -77,6 +79,10 @@ class SmpRecorder:
 
     def set_free_mb(self, free_mb: float) -> None:
         self.free_kb = round(free_mb * 1024)
+
+    def refuse_recording(self, code: str | None = "E14") -> None:
+        """Answer record commands with ``code`` (None: obey them again)."""
+        self._refusal = code
 
     def mute(self, muted: bool = True) -> None:
         """Stop (or resume) answering, like a unit whose control port hangs."""
@@ -147,6 +153,8 @@ class SmpRecorder:
         if text.upper() == "\x1bYRCDR":
             return CODES[self.state].encode()
         if m := re.fullmatch(r"\x1bY([012])RCDR", text, re.IGNORECASE):
+            if self._refusal is not None:
+                return self._refusal.encode()
             self.state = next(s for s, c in CODES.items() if c == m[1])
             return f"RcdrY{m[1]}".encode()
         if m := re.fullmatch(r"\x1b([0-3])CV", text, re.IGNORECASE):

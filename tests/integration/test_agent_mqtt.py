@@ -395,5 +395,7 @@ def test_agent_killed_mid_publish_resumes_without_renumbering(
         "oldest_unsent_s": None,
         "highest_seq": count,
         "boot": 2,
+        "dropped": {},
+        "config_version": None,
     }
     assert [s.boot for s in collector.states if s.state == "online"][-1] == 2

@@ -10,7 +10,7 @@ import pytest
 
 from device_drivers.base import Reading
 from edge_agent.cli import main
-from edge_agent.config import ConfigError, load_config
+from edge_agent.config import ConfigError, apply_remote, load_config
 from edge_agent.outbox import Outbox
 from schemas.events import BoardPower, DeviceKind
 
@@ -238,8 +238,46 @@ def test_cli_status_reads_the_outbox(tmp_path: Path, capsys: pytest.CaptureFixtu
         "oldest_unsent_s": 0,
         "highest_seq": 3,
         "boot": 1,
+        "dropped": {},
+        "config_version": None,
     }
     assert main(["status", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "unsent events   2" in out
     assert "highest seq     3" in out
+
+
+@pytest.mark.parametrize(
+    ("managed", "words"),
+    [
+        ({"mqtt": {"url": "mqtt://x"}}, "config.mqtt: unknown key (known here: drivers, publish"),
+        ({"privacy": {}}, "config.privacy: unknown key"),
+        ({"publish": {"inflight": 0}}, "config.publish.inflight: expected `int` >= 1"),
+        ({"outbox": {"path": "/tmp/x"}}, "config.outbox.path: unknown key (known here: max_bytes"),
+        ({"outbox": {"max_events": 1}}, "config.outbox.max_events: expected `int` >= 10"),
+        ({"drivers": [{"name": "x"}]}, "config.drivers[0].type: required"),
+        ({"drivers": {}}, "config.drivers: expected `array | null`, got `object`"),
+        (
+            {"publish": {"backoff_initial_s": 2, "backoff_max_s": 1}},
+            "config.publish.backoff_max_s: must not be below",
+        ),
+    ],
+)
+def test_remote_sections_are_checked_like_the_file(
+    tmp_path: Path, managed: dict[str, object], words: str
+) -> None:
+    base = load_config(write(tmp_path, MINIMAL))
+    with pytest.raises(ConfigError) as err:
+        apply_remote(base, managed)
+    assert str(err.value).startswith(words)
+
+
+def test_remote_sections_replace_only_what_they_name(tmp_path: Path) -> None:
+    text = MINIMAL + '[outbox]\nmax_bytes = 100000\n[[drivers]]\ntype = "synthetic"\nname = "a"\n'
+    base = load_config(write(tmp_path, text))
+    new = apply_remote(base, {"health": {"interval_s": 5}, "outbox": {"max_events": 50}})
+    assert new.drivers == base.drivers
+    assert new.broker == base.broker
+    assert new.health.interval_s == 5
+    assert (new.outbox_quota.max_events, new.outbox_quota.max_bytes) == (50, None)
+    assert apply_remote(base, {"drivers": []}).drivers == ()
