@@ -509,9 +509,13 @@ class ControlPlane:
     def _handle(self, conn: psycopg.Connection[Any], item: _Inbound) -> None:
         try:
             where = parse_ack_topic(item.topic)
-            ack = decode_ack(where.kind, item.payload)
         except ControlError as exc:
             self._quarantine(conn, item, str(exc), None)
+            return
+        try:
+            ack = decode_ack(where.kind, item.payload)
+        except ControlError as exc:
+            self._quarantine(conn, item, str(exc), where.device_id)
             return
         with conn.transaction():
             if isinstance(ack, CommandAck):
