@@ -444,8 +444,17 @@ class ControlPlane:
             ).fetchall()
             for device_id, school_id, version, document in rows:
                 topic = topics.build(school_id, device_id, topics.Channel.CONFIG)
-                what = _Sent("config", device_id, version)
-                self._publish(topic, check_document(document), True, what)
+                try:
+                    payload = check_document(document)
+                except msgspec.ValidationError as exc:  # never retried: it would fail again
+                    log.error("config v%d of %s not published: %s", version, device_id, exc)
+                    conn.execute(
+                        "UPDATE device_config SET published_version = version,"
+                        " detail = %s WHERE device_id = %s AND version = %s",
+                        (f"not published, invalid document: {exc}", device_id, version),
+                    )
+                    continue
+                self._publish(topic, payload, True, _Sent("config", device_id, version))
 
     def _publish(self, topic: str, payload: bytes, retain: bool, what: _Sent) -> None:
         info = self._client.publish(topic, payload, qos=1, retain=retain)
