@@ -47,7 +47,7 @@ class Device:
         self.client.reconnect_delay_set(0.05, 0.5)  # type: ignore[arg-type]  # floats work
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
-        wait_until(self._subscribed.is_set, 10, f"{device_id}'s subscriptions")
+        wait_until(self._subscribed.is_set, 30, f"{device_id}'s subscriptions")
 
     def _on_connect(self, client: mqtt.Client, *_: object) -> None:
         client.subscribe([(f"{self.base}/cmd", 1), (f"{self.base}/config", 1)])
@@ -109,7 +109,7 @@ class Api:
         result: dict[str, Any] = body
         return result
 
-    def wait_status(self, cmd_id: str, want: str, timeout: float = 15) -> dict[str, Any]:
+    def wait_status(self, cmd_id: str, want: str, timeout: float = 30) -> dict[str, Any]:
         wait_until(lambda: self.command(cmd_id)["status"] == want, timeout, f"{cmd_id} {want}")
         return self.command(cmd_id)
 
@@ -133,7 +133,7 @@ def device(mosquitto: Mosquitto, api: Api) -> Iterator[Device]:
     dev = Device(mosquitto, "cr-0101")
     wait_until(
         lambda: api("GET", f"/api/v1/devices/{dev.device_id}/presence")[0] == 200,
-        15,
+        30,
         "the device registered by its state",
     )
     yield dev
@@ -156,7 +156,7 @@ def test_command_roundtrip_idempotency_and_errors(api: Api, device: Device) -> N
     assert cmd["school_id"] == SCHOOL
     assert cmd["created_by"] == "bootstrap (admin-token)"
 
-    wait_until(lambda: device.got("op-1"), 10, "the command at the device")
+    wait_until(lambda: device.got("op-1"), 30, "the command at the device")
     (got,) = device.got("op-1")
     assert got["name"] == "flush_outbox"
     assert got["args"] == {}
@@ -183,7 +183,7 @@ def test_command_roundtrip_idempotency_and_errors(api: Api, device: Device) -> N
     # server-chosen id; list, recent first, with a status filter
     status, ping = api("POST", path, {"name": "ping", "args": {"n": 1}, "ttl_s": 60})
     assert status == 201
-    wait_until(lambda: device.got(ping["id"]), 10, "the ping at the device")
+    wait_until(lambda: device.got(ping["id"]), 20, "the ping at the device")
     status, listed = api("GET", path)
     assert status == 200
     assert [c["id"] for c in listed] == [ping["id"], "op-1"]
@@ -219,8 +219,7 @@ def test_expiry(api: Api, device: Device, db_url: str) -> None:
     path = f"/api/v1/devices/{device.device_id}/commands"
     status, _ = api("POST", path, {"name": "ping", "ttl_s": 1, "id": "short"})
     assert status == 201
-    wait_until(lambda: device.got("short"), 10, "the command at the device")
-    expired = api.wait_status("short", "expired", timeout=10)
+    expired = api.wait_status("short", "expired")
     assert expired["acked_at"] is None
     # the device's word comes late but is still recorded: it did answer
     device.ack("short", "rejected", "expired at ...")
@@ -236,10 +235,10 @@ def test_config_versions_retained_and_acked(api: Api, device: Device, mosquitto:
     status, first = api("PUT", path, {"config": {"sample_s": 10}})
     assert status == 202
     assert first == {"device_id": "cr-0101", "version": 1, "status": "pending"}
-    wait_until(lambda: (device.last_config() or {}).get("version") == 1, 10, "config v1")
+    wait_until(lambda: (device.last_config() or {}).get("version") == 1, 20, "config v1")
     status, second = api("PUT", path, {"config": {"sample_s": 5, "drivers": ["gen"]}})
     assert (status, second["version"]) == (202, 2)
-    wait_until(lambda: (device.last_config() or {}).get("version") == 2, 10, "config v2")
+    wait_until(lambda: (device.last_config() or {}).get("version") == 2, 20, "config v2")
     doc = device.last_config()
     assert doc is not None
     assert doc["config"] == {"sample_s": 5, "drivers": ["gen"]}
@@ -248,7 +247,7 @@ def test_config_versions_retained_and_acked(api: Api, device: Device, mosquitto:
     # retained: a device connecting later gets the newest version at once
     late = Device(mosquitto, device.device_id)
     try:
-        wait_until(late.last_config, 10, "the retained config")
+        wait_until(late.last_config, 20, "the retained config")
         assert late.configs[-1][0]["version"] == 2
         assert late.configs[-1][1] is True
     finally:
@@ -263,7 +262,7 @@ def test_config_versions_retained_and_acked(api: Api, device: Device, mosquitto:
         "config/ack",
         {"version": 2, "status": "rolled_back", "detail": "driver gen failed", "ts": _now()},
     )
-    wait_until(lambda: api("GET", path)[1]["status"] == "rolled_back", 10, "the config ack")
+    wait_until(lambda: api("GET", path)[1]["status"] == "rolled_back", 20, "the config ack")
     info = api("GET", path)[1]
     assert info["detail"] == "driver gen failed"
     assert info["acked_at"] is not None
@@ -282,7 +281,7 @@ def test_bad_acks_are_kept_and_the_control_plane_goes_on(
     device.publish("cmd/ack", {"id": "never-sent", "status": "ok"})
     device.publish("cmd/ack", {"id": "x", "status": "maybe"})
     device.publish("config/ack", {"version": 1, "status": "applied", "ts": _now()})
-    wait_until(lambda: len(quarantined(db_url)) == 4, 10, "four quarantined acks")
+    wait_until(lambda: len(quarantined(db_url)) == 4, 20, "four quarantined acks")
     reasons = [r for _, r, _ in quarantined(db_url)]
     assert reasons[0].startswith("malformed cmd/ack")
     assert reasons[1] == "ack for unknown command id 'never-sent'"
@@ -292,7 +291,7 @@ def test_bad_acks_are_kept_and_the_control_plane_goes_on(
 
     status, cmd = api("POST", f"/api/v1/devices/{device.device_id}/commands", {"name": "ping"})
     assert status == 201
-    wait_until(lambda: device.got(cmd["id"]), 10, "a command after the bad acks")
+    wait_until(lambda: device.got(cmd["id"]), 20, "a command after the bad acks")
     device.ack(cmd["id"])
     api.wait_status(cmd["id"], "ok")
 
@@ -314,7 +313,7 @@ def test_pending_commands_go_after_a_broker_restart(
     api: Api, device: Device, mosquitto: Mosquitto, server: IngestServer
 ) -> None:
     mosquitto.stop()
-    wait_until(lambda: not server.control.health().mqtt_connected, 10, "the broker gone")
+    wait_until(lambda: not server.control.health().mqtt_connected, 20, "the broker gone")
     status, cmd = api("POST", f"/api/v1/devices/{device.device_id}/commands", {"name": "ping"})
     assert status == 201
     assert api.command(cmd["id"])["status"] == "pending"
