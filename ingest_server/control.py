@@ -22,12 +22,11 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 import paho.mqtt.client as mqtt
 import psycopg
-from msgspec import Meta
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -39,7 +38,15 @@ from ingest_server.migrate import migrate
 from ingest_server.settings import BrokerUrl, Settings, mask
 from schemas import topics
 from schemas.errors import TopicError
-from schemas.state import AwareDatetime, Command, CommandAck, ack_decoder
+from schemas.state import (
+    Command,
+    CommandAck,
+    ConfigAck,
+    ConfigDocument,
+    ack_decoder,
+    config_ack_decoder,
+    config_decoder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,27 +64,8 @@ class AckKind(StrEnum):
     CONFIG = "config/ack"
 
 
-# TODO(lead): use schemas.state.ConfigDocument/ConfigAck after the merge
-class ConfigDocument(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
-    """The desired configuration, published retained on ``config``."""
-
-    version: Annotated[int, Meta(ge=1)]
-    issued_at: AwareDatetime
-    config: dict[str, Any]
-
-
-# TODO(lead): use schemas.state.ConfigDocument/ConfigAck after the merge
-class ConfigAck(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
-    """What a device reports on ``config/ack`` about a version it was given."""
-
-    version: Annotated[int, Meta(ge=1)]
-    status: Literal["applied", "rejected", "rolled_back"]
-    detail: str | None = None
-    ts: AwareDatetime
-
-
-_config_ack_decoder: Final = msgspec.json.Decoder(ConfigAck)
-_config_doc_decoder: Final = msgspec.json.Decoder(ConfigDocument)
+_config_ack_decoder: Final = config_ack_decoder
+_config_doc_decoder: Final = config_decoder
 
 
 @dataclass(frozen=True, slots=True)
