@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 
-from ingest_server.api import auth, tokens
+from ingest_server.api import auth, enrol, tokens
 from ingest_server.api.deps import install_error_handlers, make_pool
 from ingest_server.consumer import Health
 from ingest_server.metrics import CONTENT_TYPE, IngestMetrics
@@ -44,6 +44,7 @@ def create_app(
         app.state.tokens = auth.TokenChecker(app.state.pool.connection, token_file)
         install_error_handlers(app)
         app.include_router(tokens.router)
+        app.include_router(enrol.router)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
