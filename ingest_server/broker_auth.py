@@ -295,6 +295,10 @@ class BrokerAuthRefresher:
             try:
                 self.refresh_once()
                 self.refreshed += 1
+            except psycopg.errors.UndefinedTable:
+                log.debug("broker auth waits for the database migrations")
+                self._kick.wait(min(self._interval, 1.0))
+                continue
             except (psycopg.Error, OSError, BrokerAuthError) as exc:
                 log.warning("broker auth not refreshed: %s", exc)
             self._kick.wait(self._interval)
