@@ -168,19 +168,21 @@ class EmbeddedBroker:
     async def __aenter__(self) -> Self:
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        plugin_conf: dict[str, Any] = {}
+        plugins: dict[str, Any] = {f"{__name__}.{LoopbackAuthPlugin.__name__}": {}}
         if self._rules is not None:
+            # Only with rules: a topic plugin changes the order amqtt delivers a queue in.
             _RULES[self._rules_key] = self._rules
-            plugin_conf = {"rules_key": self._rules_key, "allow_anonymous": self._allow_anonymous}
+            conf = {"rules_key": self._rules_key, "allow_anonymous": self._allow_anonymous}
+            plugins = {
+                f"{__name__}.{LoopbackAuthPlugin.__name__}": conf,
+                f"{__name__}.{RegistryTopicPlugin.__name__}": conf,
+            }
         broker = Broker(
             {
                 # An "external" listener: we own the socket, so binding stays on loopback and the
                 # port chosen at run time is known. (amqtt ignores its default bind for it.)
                 "listeners": {_LISTENER: {"type": "external"}},
-                "plugins": {
-                    f"{__name__}.{LoopbackAuthPlugin.__name__}": plugin_conf,
-                    f"{__name__}.{RegistryTopicPlugin.__name__}": plugin_conf,
-                },
+                "plugins": plugins,
                 "session_expiry_interval": self.SESSION_EXPIRY_S,
             }
         )
