@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         help="embedded mode (0: any free port)",
     )
 
+    _enrolment_args(run)
+
     demo = sub.add_parser(
         "demo",
         help="the embedded default with a small simulated school, showing live counts",
@@ -82,7 +84,62 @@ def _parser() -> argparse.ArgumentParser:
 
     mig = sub.add_parser("migrate", help="apply pending database migrations and exit")
     mig.add_argument("--db", metavar="URL", help=f"libpq URL (default ${DB_ENV})")
+
+    codes = sub.add_parser("enrol-code", help="create or list device enrolment codes")
+    codes.add_argument("--db", metavar="URL", help=f"libpq URL (default ${DB_ENV})")
+    codes_sub = codes.add_subparsers(dest="action", required=True)
+    code = codes_sub.add_parser("create", help="create a single-use code and print it")
+    code.add_argument("--school", required=True, metavar="S")
+    code.add_argument("--room", metavar="R")
+    code.add_argument("--kind", metavar="K")
+    code.add_argument("--replaces", metavar="DEVICE", help="device_id the new device takes over")
+    code.add_argument("--ttl", default="24h", help="validity: 90s, 30m, 24h, 7d (max 30d)")
+    code.add_argument("--db", metavar="URL", dest="db_sub", help=argparse.SUPPRESS)
+    listing = codes_sub.add_parser("list", help="list codes (never the codes themselves)")
+    listing.add_argument("--db", metavar="URL", dest="db_sub", help=argparse.SUPPRESS)
+
+    ba = sub.add_parser("broker-auth", help="write Mosquitto's password and ACL files once")
+    ba_sub = ba.add_subparsers(dest="action", required=True)
+    write = ba_sub.add_parser("write", help="from the device registry; reload if they changed")
+    write.add_argument("--db", metavar="URL", help=f"libpq URL (default ${DB_ENV})")
+    write.add_argument("--passwd", metavar="FILE", type=Path, required=True)
+    write.add_argument("--acl", metavar="FILE", type=Path, required=True)
+    write.add_argument("--server-user", metavar="NAME", help="the ingest server's MQTT user")
+    write.add_argument(
+        "--server-password-file", metavar="FILE", type=Path, help="that user's password"
+    )
+    write.add_argument("--pid-file", metavar="FILE", type=Path, help="SIGHUP this pid after")
+    write.add_argument("--reload-cmd", metavar="CMD", help="or run this command after")
     return parser
+
+
+def _enrolment_args(run: argparse.ArgumentParser) -> None:
+    g = run.add_argument_group("enrolment and broker security")
+    g.add_argument(
+        "--enrol-broker-url",
+        metavar="URL",
+        help="the broker URL enrolled devices are given, e.g. mqtts://broker.district:8883 "
+        "(default: the server's own, without its user)",
+    )
+    g.add_argument("--ca-cert", metavar="FILE", type=Path, help="CA (PEM) handed to devices")
+    g.add_argument(
+        "--hash-key-file",
+        metavar="FILE",
+        type=Path,
+        help="the district's card-UID HMAC key (hex or raw); enrolment is off without it",
+    )
+    g.add_argument("--mosquitto-passwd", metavar="FILE", type=Path, help="password_file to keep")
+    g.add_argument("--mosquitto-acl", metavar="FILE", type=Path, help="acl_file to keep")
+    g.add_argument("--mosquitto-pid-file", metavar="FILE", type=Path, help="SIGHUP on change")
+    g.add_argument("--mosquitto-reload-cmd", metavar="CMD", help="or run this on change")
+    g.add_argument(
+        "--broker-auth-interval", metavar="S", type=float, default=_DEFAULTS.broker_auth_interval_s
+    )
+    g.add_argument(
+        "--no-embedded-anonymous",
+        action="store_true",
+        help="the embedded broker admits only enrolled devices (and this server)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,6 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"token needs --db URL or ${DB_ENV}")
         return _token(args, db_url)
 
+    if args.command in ("enrol-code", "broker-auth"):
+        db_url = getattr(args, "db_sub", None) or db_url
+        if db_url is None:
+            parser.error(f"{args.command} needs --db URL or ${DB_ENV}")
+        return (
+            _enrol_code(args, db_url)
+            if args.command == "enrol-code"
+            else _broker_auth(args, db_url)
+        )
+
     from ingest_server.server import run_server  # noqa: PLC0415
 
     host, port = args.http
@@ -133,6 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_dir=args.data_dir,
             embedded_broker_port=args.embedded_broker_port,
             admin_token_file=args.admin_token_file,
+            enrol_broker_url=args.enrol_broker_url,
+            ca_cert=args.ca_cert,
+            hash_key_file=args.hash_key_file,
+            mosquitto_passwd=args.mosquitto_passwd,
+            mosquitto_acl=args.mosquitto_acl,
+            mosquitto_pid_file=args.mosquitto_pid_file,
+            mosquitto_reload_cmd=args.mosquitto_reload_cmd,
+            broker_auth_interval_s=args.broker_auth_interval,
+            embedded_allow_anonymous=not args.no_embedded_anonymous,
         )
     except SettingsError as exc:
         parser.error(str(exc))
@@ -166,6 +242,75 @@ def _token(args: argparse.Namespace, db_url: str) -> int:
     except (psycopg.Error, ValueError) as exc:
         print(f"ingest-server: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _enrol_code(args: argparse.Namespace, db_url: str) -> int:
+    from ingest_server import enrolment  # noqa: PLC0415
+    from ingest_server.migrate import migrate  # noqa: PLC0415
+
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            migrate(conn)
+            if args.action == "create":
+                code, expires = enrolment.create_code(
+                    conn,
+                    args.school,
+                    room=args.room,
+                    kind=args.kind,
+                    replaces=args.replaces,
+                    ttl_s=enrolment.parse_ttl(args.ttl),
+                )
+                print(
+                    f"enrolment code for school {args.school}"
+                    f" (valid until {expires:%Y-%m-%d %H:%M %Z}):"
+                )
+                print(code)
+            else:
+                for c in enrolment.list_codes(conn):
+                    state = (
+                        f"used by {c.device_id}"
+                        if c.used_at
+                        else f"expires {c.expires_at:%Y-%m-%d %H:%M}"
+                    )
+                    print(
+                        f"{c.id:>5}  {c.school_id:<16} {c.room or '-':<8}"
+                        f" {c.kind or '-':<16} {state}"
+                    )
+    except enrolment.EnrolmentError as exc:
+        print(f"ingest-server: {exc.detail}", file=sys.stderr)
+        return 1
+    except (psycopg.Error, ValueError) as exc:
+        print(f"ingest-server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _broker_auth(args: argparse.Namespace, db_url: str) -> int:
+    from ingest_server import broker_auth as ba  # noqa: PLC0415
+
+    password = None
+    try:
+        if args.server_password_file is not None:
+            password = args.server_password_file.read_text(encoding="utf-8").strip()
+        if (args.server_user is None) != (password is None):
+            print(
+                "ingest-server: --server-user and --server-password-file go together",
+                file=sys.stderr,
+            )
+            return 2
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            server_hash = None
+            if args.server_user is not None and password is not None:
+                server_hash = ba.server_hash_for(args.passwd, args.server_user, password)
+            rules = ba.load_rules(conn, args.server_user, server_hash)
+        done = ba.write_files(
+            rules, ba.FileTargets(args.passwd, args.acl, args.pid_file, args.reload_cmd)
+        )
+    except (psycopg.Error, OSError, ba.BrokerAuthError) as exc:
+        print(f"ingest-server: {exc}", file=sys.stderr)
+        return 1
+    print(done or f"{args.passwd} and {args.acl} are up to date ({len(rules.devices)} devices)")
     return 0
 
 

@@ -20,12 +20,18 @@ What amqtt 0.12 does, as tests/integration/test_embedded.py pins down:
   never resends that message: only the copy the client already holds remains.
 - Queues live in memory only, without a size limit: a restart of the process loses them, and a
   session unused for ``SESSION_EXPIRY_S`` is dropped with its queue.
+
+Given ``rules`` (a :class:`~ingest_server.broker_auth.RulesHolder` the server keeps current from
+the device registry), the broker enforces what Mosquitto's password and ACL files do: a client
+that names a user must give its password, and a device may publish and subscribe only under its
+own prefix. Clients without a user are admitted only with ``allow_anonymous`` (the demo's agents).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -42,9 +48,12 @@ import psutil
 import psycopg
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
-from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from psycopg import sql
+
+from ingest_server.broker_auth import RulesHolder
 
 with warnings.catch_warnings():
     # platformdirs warns at import when XDG_RUNTIME_DIR is unset (root shells, CI): harmless here.
@@ -61,14 +70,64 @@ class EmbeddedError(RuntimeError):
     """The embedded broker or database could not be started."""
 
 
+#: The rules of each running broker, by key (amqtt builds plugins from plain config values).
+_RULES: dict[str, RulesHolder] = {}
+
+
+@dataclasses.dataclass
+class _PluginConfig:
+    rules_key: str = ""
+    allow_anonymous: bool = True
+
+
 class LoopbackAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type hints
-    """Admit every client of the loopback-only listener, without amqtt's ``is_anonymous`` flag."""
+    """Admit clients of the loopback-only listener (without amqtt's ``is_anonymous`` flag), and
+    with rules only those whose user and password the registry knows (or anonymous, if allowed).
+    """
+
+    Config = _PluginConfig
 
     async def authenticate(self, *, session: Session) -> bool:
-        return (
-            session.remote_address is not None
-            and ipaddress.ip_address(session.remote_address).is_loopback
-        )
+        if (
+            session.remote_address is None
+            or not ipaddress.ip_address(session.remote_address).is_loopback
+        ):
+            return False
+        holder = _RULES.get(self.config.rules_key)
+        if holder is None:
+            return True
+        if session.username is None:
+            return bool(self.config.allow_anonymous)
+        ok = holder.rules.authenticate(session.username, session.password)
+        if not ok:
+            log.warning(
+                "embedded broker: refused user %r (unknown or wrong password)", session.username
+            )
+        return ok
+
+
+class RegistryTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
+    """Confine each user to its topics, as the Mosquitto ACL written from the registry does."""
+
+    Config = _PluginConfig
+
+    async def topic_filtering(
+        self,
+        *,
+        session: Session | None = None,
+        topic: str | None = None,
+        action: Action | None = None,
+    ) -> bool:
+        holder = _RULES.get(self.config.rules_key)
+        if holder is None:
+            return True
+        if session is None or topic is None:
+            return False
+        if session.username is None:
+            return bool(self.config.allow_anonymous)
+        if action == Action.PUBLISH:
+            return holder.rules.may_publish(session.username, topic)
+        return holder.rules.may_subscribe(session.username, topic)
 
 
 class EmbeddedBroker:
@@ -80,10 +139,20 @@ class EmbeddedBroker:
     #: How long shutdown waits for client connections to wind down before cancelling them.
     CLOSE_TIMEOUT_S = 5.0
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        rules: RulesHolder | None = None,
+        allow_anonymous: bool = True,
+    ) -> None:
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"the embedded broker listens on loopback only, not {host}")
         self.host = host
+        self._rules = rules
+        self._allow_anonymous = allow_anonymous
+        self._rules_key = f"broker-{id(self)}"
         self._requested_port = port
         self.port = 0
         self._broker: Broker | None = None
@@ -99,12 +168,21 @@ class EmbeddedBroker:
     async def __aenter__(self) -> Self:
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        plugins: dict[str, Any] = {f"{__name__}.{LoopbackAuthPlugin.__name__}": {}}
+        if self._rules is not None:
+            # Only with rules: a topic plugin changes the order amqtt delivers a queue in.
+            _RULES[self._rules_key] = self._rules
+            conf = {"rules_key": self._rules_key, "allow_anonymous": self._allow_anonymous}
+            plugins = {
+                f"{__name__}.{LoopbackAuthPlugin.__name__}": conf,
+                f"{__name__}.{RegistryTopicPlugin.__name__}": conf,
+            }
         broker = Broker(
             {
                 # An "external" listener: we own the socket, so binding stays on loopback and the
                 # port chosen at run time is known. (amqtt ignores its default bind for it.)
                 "listeners": {_LISTENER: {"type": "external"}},
-                "plugins": {f"{__name__}.{LoopbackAuthPlugin.__name__}": {}},
+                "plugins": plugins,
                 "session_expiry_interval": self.SESSION_EXPIRY_S,
             }
         )
@@ -126,6 +204,7 @@ class EmbeddedBroker:
     async def __aexit__(self, *exc: object) -> None:
         server, broker = self._server, self._broker
         self._server = self._broker = None
+        _RULES.pop(self._rules_key, None)
         self.port = 0
         if server is not None:
             server.close()
@@ -402,4 +481,5 @@ __all__ = [
     "EmbeddedError",
     "EmbeddedPostgres",
     "LoopbackAuthPlugin",
+    "RegistryTopicPlugin",
 ]

@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 
-from ingest_server.api import auth, tokens
+from ingest_server.api import auth, enrol, tokens
 from ingest_server.api import commands as commands_api
 from ingest_server.api import config as config_api
 from ingest_server.api.deps import install_error_handlers, make_pool
@@ -48,6 +48,7 @@ def create_app(
         app.include_router(tokens.router)
         app.include_router(commands_api.router)
         app.include_router(config_api.router)
+        app.include_router(enrol.router)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import signal
+import string
 import threading
 from types import FrameType
 from typing import Self
 
 import psycopg
 
+from ingest_server import broker_auth
 from ingest_server.api import auth
+from ingest_server.api.enrol import EnrolmentState
 from ingest_server.consumer import Consumer
 from ingest_server.control import ControlPlane
+from ingest_server.enrolment import Offer
 from ingest_server.http import HttpServer, create_app
 from ingest_server.metrics import IngestMetrics
 from ingest_server.migrate import migrate
-from ingest_server.settings import BrokerUrl, Settings, mask
+from ingest_server.settings import BrokerUrl, Settings, SettingsError, mask
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,9 @@ class IngestServer:
         self._http: HttpServer | None = None
         self._control: ControlPlane | None = None
         self._stack = contextlib.ExitStack()
+        #: The embedded broker's credentials and topic rules, kept current from the registry.
+        self.broker_rules: broker_auth.RulesHolder | None = None
+        self.broker_auth: broker_auth.BrokerAuthRefresher | None = None
 
     @property
     def consumer(self) -> Consumer:
@@ -65,6 +73,12 @@ class IngestServer:
             consumer = Consumer(s, BrokerUrl.parse(broker_url), db_url, self.metrics)
             app = create_app(consumer, self.metrics, db_url, s.token_file)
             self._stack.callback(app.state.pool.close)
+            self._start_broker_auth(db_url, BrokerUrl.parse(broker_url))
+            offer, missing = self._offer(BrokerUrl.parse(broker_url))
+            refresher = self.broker_auth
+            app.state.enrolment = EnrolmentState(
+                offer, missing, on_enrolled=refresher.kick if refresher else None
+            )
             http = HttpServer(app, s.http_host, s.http_port)
             consumer.start()
             self._stack.callback(consumer.stop)
@@ -118,9 +132,60 @@ class IngestServer:
     def _embedded_broker(self) -> str:
         from ingest_server.embedded import EmbeddedBroker  # noqa: PLC0415  # optional deps
 
-        broker = EmbeddedBroker(port=self.settings.embedded_broker_port).start_in_thread()
+        # The server logs in to its own broker as a user only it knows; devices as themselves.
+        user, password = "campus-ingest-server", secrets.token_urlsafe(24)
+        self.broker_rules = broker_auth.RulesHolder(
+            broker_auth.BrokerRules({}, user, broker_auth.hash_password(password))
+        )
+        broker = EmbeddedBroker(
+            port=self.settings.embedded_broker_port,
+            rules=self.broker_rules,
+            allow_anonymous=self.settings.embedded_allow_anonymous,
+        ).start_in_thread()
         self._stack.callback(broker.stop)
-        return broker.url
+        return broker.url.replace("mqtt://", f"mqtt://{user}:{password}@", 1)
+
+    def _start_broker_auth(self, db_url: str, broker: BrokerUrl) -> None:
+        """Keep Mosquitto's files and/or the embedded broker's rules in step with the registry."""
+        s = self.settings
+        targets = None
+        if s.mosquitto_passwd is not None and s.mosquitto_acl is not None:
+            targets = broker_auth.FileTargets(
+                s.mosquitto_passwd, s.mosquitto_acl, s.mosquitto_pid_file, s.mosquitto_reload_cmd
+            )
+        if targets is None and self.broker_rules is None:
+            return
+        refresher = broker_auth.BrokerAuthRefresher(
+            db_url,
+            server_user=broker.username,
+            server_password=broker.password,
+            targets=targets,
+            holder=self.broker_rules,
+            interval=s.broker_auth_interval_s,
+        ).start()
+        self._stack.callback(refresher.stop)
+        self.broker_auth = refresher
+
+    def _offer(self, broker: BrokerUrl) -> tuple[Offer | None, str]:
+        """What enrolment hands devices, or why enrolment is off."""
+        s = self.settings
+        if s.hash_key_file is None:
+            return None, "no district hash key is configured (--hash-key-file)"
+        try:
+            key = s.hash_key_file.read_bytes().strip()
+            ca = s.ca_cert.read_text(encoding="ascii") if s.ca_cert else None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"enrolment: cannot read {exc}") from None
+        if len(key) % 2 == 0 and all(chr(c) in string.hexdigits for c in key):
+            key = bytes.fromhex(key.decode())
+        if len(key) < 16:
+            raise SettingsError(f"--hash-key-file {s.hash_key_file}: the key must be >= 16 bytes")
+        url = s.enrol_broker_url
+        if url is None:
+            host = f"[{broker.host}]" if ":" in broker.host else broker.host
+            url = f"{'mqtts' if broker.tls else 'mqtt'}://{host}:{broker.port}"
+            url += "?protocol=3.1.1" if broker.protocol == 4 else ""
+        return Offer(mqtt_url=url, hash_key_hex=key.hex(), ca_cert_pem=ca), ""
 
     def _embedded_database(self) -> str:
         from ingest_server.embedded import EmbeddedPostgres  # noqa: PLC0415  # optional deps

@@ -125,6 +125,21 @@ class Settings:
     #: Bounds of the hand-over from the network thread to the writer.
     queue_messages: int = 20_000
     queue_bytes: int = 64 * 1024 * 1024
+    #: Enrolment: the broker URL devices are told to use (default: this server's, sans user).
+    enrol_broker_url: str | None = None
+    #: CA certificate (PEM) handed to enrolled devices, to verify the broker with.
+    ca_cert: Path | None = None
+    #: The district's HMAC key for card UIDs (hex or raw bytes); enrolment is off without it.
+    hash_key_file: Path | None = None
+    #: Mosquitto password_file and acl_file kept in step with the registry (both or neither).
+    mosquitto_passwd: Path | None = None
+    mosquitto_acl: Path | None = None
+    #: How Mosquitto is told to reload them: SIGHUP to this pid, or this command.
+    mosquitto_pid_file: Path | None = None
+    mosquitto_reload_cmd: str | None = None
+    broker_auth_interval_s: float = 5.0
+    #: The embedded broker admits loopback clients without credentials (the demo's agents).
+    embedded_allow_anonymous: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_events < 1 or self.batch_ms < 0:
@@ -140,6 +155,19 @@ class Settings:
                 raise SettingsError("--share-group needs an MQTT 5 broker (?protocol=5)")
         if self.broker_url is not None:
             self.broker()
+        if (self.mosquitto_passwd is None) != (self.mosquitto_acl is None):
+            raise SettingsError("--mosquitto-passwd and --mosquitto-acl go together")
+        if self.mosquitto_passwd is not None:
+            b = self.broker() if self.broker_url is not None else None
+            if b is None or not b.username or b.password is None:
+                raise SettingsError(
+                    "--mosquitto-passwd needs a broker URL with the server's user:password "
+                    "(the server's own entry in the password file)"
+                )
+        if self.enrol_broker_url is not None:
+            BrokerUrl.parse(self.enrol_broker_url)
+        if not 0.1 <= self.broker_auth_interval_s <= 3600:
+            raise SettingsError("--broker-auth-interval must be between 0.1 and 3600 seconds")
 
     @property
     def token_file(self) -> Path:
