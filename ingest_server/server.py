@@ -57,6 +57,7 @@ class IngestServer:
             consumer = Consumer(s, BrokerUrl.parse(broker_url), db_url, self.metrics)
             app = create_app(consumer, self.metrics, db_url, s.token_file)
             self._stack.callback(app.state.pool.close)
+            consumer.on_commit = app.state.live.publish
             http = HttpServer(app, s.http_host, s.http_port)
             consumer.start()
             self._stack.callback(consumer.stop)
