@@ -3,9 +3,14 @@
 The writer thread calls :meth:`LiveHub.publish` after each commit; that only hands the batch
 to the API's event loop (``call_soon_threadsafe``) and returns. On the loop each event is
 encoded once and offered to every subscriber whose filter matches. Every subscriber has a
-bounded queue: one that falls ``max_queue`` events behind is dropped with a reason, never
-waited for. If the loop itself falls ``MAX_PENDING_BATCHES`` behind, batches are dropped for
-everyone (each subscriber learns so), so the hub's memory is bounded too.
+bounded queue of ``max_queue`` events: a commit that does not fit drops the client with a
+reason; it is never waited for. One commit may hold up to the writer's ``batch_events`` (5000
+by default), and a client can miss its turn on the loop between two commits, so keep
+``max_queue`` at twice that or more. A client takes ``SEND_CHUNK`` events at a time, so one
+stuck in a send still shows its backlog.
+If the loop itself falls ``MAX_PENDING_BATCHES`` behind, batches are dropped for everyone
+(each subscriber learns so), so the hub's memory is bounded too. An event is encoded once and
+its bytes shared by every queue holding it, so queues cost a pointer per event each.
 
 With several ingest processes sharing the uplinks (``$share``), each process's hub streams
 the events that process stored: a live client sees its API instance's share only.
@@ -27,9 +32,10 @@ from ingest_server.batch import EventRow
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_QUEUE: Final = 1000
+DEFAULT_MAX_QUEUE: Final = 10_000
 MAX_PENDING_BATCHES: Final = 256
 MAX_SUBSCRIBERS: Final = 100
+SEND_CHUNK: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +84,14 @@ class Subscription:
         self._items: deque[bytes] = deque()
         self._wakeup = asyncio.Event()
 
-    def offer(self, message: bytes) -> None:
-        if self.dropped is not None:
+    def offer(self, messages: list[bytes]) -> None:
+        """Queue one commit's matching events, or drop the client if they do not fit."""
+        if self.dropped is not None or not messages:
             return
-        if len(self._items) >= self.max_queue:
-            self.drop(f"client too slow: {self.max_queue} events queued and not yet sent")
+        if len(self._items) + len(messages) > self.max_queue:
+            self.drop(f"client too slow: {len(self._items)} events queued and not yet sent")
             return
-        self._items.append(message)
+        self._items.extend(messages)
         self._wakeup.set()
 
     def drop(self, reason: str) -> None:
@@ -104,8 +111,8 @@ class Subscription:
                 return []
         if self.dropped is not None:
             return None
-        out = list(self._items)
-        self._items.clear()
+        items = self._items
+        out = [items.popleft() for _ in range(min(SEND_CHUNK, len(items)))]
         self.delivered += len(out)
         return out
 
@@ -167,9 +174,12 @@ class LiveHub:
         subs = list(self._subs)
         if not subs:
             return
+        out: dict[Subscription, list[bytes]] = {s: [] for s in subs}
         for row in rows:
-            wanted = [s for s in subs if s.filter.matches(row)]
-            if wanted:
-                message = encode(row)
-                for sub in wanted:
-                    sub.offer(message)
+            message: bytes | None = None
+            for sub in subs:
+                if sub.filter.matches(row):
+                    message = message or encode(row)
+                    out[sub].append(message)
+        for sub, messages in out.items():
+            sub.offer(messages)
