@@ -13,9 +13,12 @@ import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 
-from ingest_server.api import auth, tokens
+from ingest_server.api import auth, data, devices, export, live, quarantine, rollups, tokens
+from ingest_server.api import commands as commands_api
+from ingest_server.api import config as config_api
 from ingest_server.api.deps import install_error_handlers, make_pool
 from ingest_server.consumer import Health
+from ingest_server.live import LiveHub
 from ingest_server.metrics import CONTENT_TYPE, IngestMetrics
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,15 @@ def create_app(
         app.state.tokens = auth.TokenChecker(app.state.pool.connection, token_file)
         install_error_handlers(app)
         app.include_router(tokens.router)
+        app.state.live = LiveHub()
+        app.include_router(devices.router)
+        app.include_router(data.router)
+        app.include_router(export.router)
+        app.include_router(rollups.router)
+        app.include_router(quarantine.router)
+        app.include_router(live.router)
+        app.include_router(commands_api.router)
+        app.include_router(config_api.router)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

@@ -18,6 +18,7 @@ import psycopg
 
 from ingest_server.api import auth
 from ingest_server.consumer import Consumer
+from ingest_server.control import ControlPlane
 from ingest_server.http import HttpServer, create_app
 from ingest_server.metrics import IngestMetrics
 from ingest_server.migrate import migrate
@@ -34,6 +35,7 @@ class IngestServer:
         self.metrics = IngestMetrics()
         self._consumer: Consumer | None = None
         self._http: HttpServer | None = None
+        self._control: ControlPlane | None = None
         self._stack = contextlib.ExitStack()
 
     @property
@@ -41,6 +43,12 @@ class IngestServer:
         if self._consumer is None:
             raise RuntimeError("the ingest server is not running")
         return self._consumer
+
+    @property
+    def control(self) -> ControlPlane:
+        if self._control is None:
+            raise RuntimeError("the ingest server is not running")
+        return self._control
 
     @property
     def http(self) -> HttpServer:
@@ -57,10 +65,16 @@ class IngestServer:
             consumer = Consumer(s, BrokerUrl.parse(broker_url), db_url, self.metrics)
             app = create_app(consumer, self.metrics, db_url, s.token_file)
             self._stack.callback(app.state.pool.close)
+            consumer.on_commit = app.state.live.publish
             http = HttpServer(app, s.http_host, s.http_port)
             consumer.start()
             self._stack.callback(consumer.stop)
             self._consumer = consumer
+            control = ControlPlane(s, BrokerUrl.parse(broker_url), db_url)
+            app.state.control = control
+            control.start()
+            self._stack.callback(control.stop)
+            self._control = control
             http.start()
             self._stack.callback(http.stop)
             self._http = http
@@ -72,6 +86,7 @@ class IngestServer:
 
     def stop(self) -> None:
         self._consumer = self._http = None
+        self._control = None
         self._stack.close()
 
     def __enter__(self) -> Self:

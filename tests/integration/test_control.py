@@ -1,0 +1,355 @@
+"""The control plane on a real Mosquitto and PostgreSQL: commands and config through the API,
+a paho client playing the device, acks recorded, expiry, idempotency, faults."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psycopg
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from ingest_server.server import IngestServer
+from ingest_server.settings import Settings
+from tests.integration.test_api_auth import call
+from tests.services import Mosquitto, wait_until
+
+pytestmark = pytest.mark.integration
+SCHOOL = "s001"
+
+
+class Device:
+    """A paho client playing one device: says ``online``, keeps what arrives on ``cmd`` and
+    ``config``, and acks when told. A persistent session, as a real device's broker keeps."""
+
+    def __init__(self, broker: Mosquitto, device_id: str) -> None:
+        self.device_id = device_id
+        self.base = f"campus/v1/{SCHOOL}/{device_id}"
+        self.commands: list[dict[str, Any]] = []
+        self.configs: list[tuple[dict[str, Any], bool]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"dev-{device_id}-{uuid.uuid4().hex[:8]}",
+            clean_session=False,
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.05, 0.5)  # type: ignore[arg-type]  # floats work
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        wait_until(self._subscribed.is_set, 30, f"{device_id}'s subscriptions")
+
+    def _on_connect(self, client: mqtt.Client, *_: object) -> None:
+        client.subscribe([(f"{self.base}/cmd", 1), (f"{self.base}/config", 1)])
+        state = {"state": "online", "boot": 1, "agent_version": "test", "ts": _now()}
+        client.publish(f"{self.base}/state", json.dumps(state), qos=1, retain=True)
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            if msg.topic.endswith("/cmd"):
+                self.commands.append(json.loads(msg.payload))
+            else:
+                self.configs.append((json.loads(msg.payload), bool(msg.retain)))
+
+    def got(self, cmd_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [c for c in self.commands if c["id"] == cmd_id]
+
+    def last_config(self) -> dict[str, Any] | None:
+        with self._lock:
+            return self.configs[-1][0] if self.configs else None
+
+    def publish(self, channel: str, payload: bytes | dict[str, Any]) -> None:
+        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.client.publish(f"{self.base}/{channel}", raw, qos=1).wait_for_publish(5)
+
+    def ack(self, cmd_id: str, status: str = "ok", detail: Any = None) -> None:
+        self.publish("cmd/ack", {"id": cmd_id, "status": status, "detail": detail})
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _settings(mosquitto: Mosquitto, db_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        broker_url=mosquitto.url,
+        db_url=db_url,
+        http_port=0,
+        client_id=f"ingest-ctl-{uuid.uuid4().hex[:8]}",
+        admin_token_file=tmp_path / "admin-token",
+    )
+
+
+class Api:
+    def __init__(self, server: IngestServer) -> None:
+        self.server = server
+        self.token = server.settings.token_file.read_text().strip()
+
+    def __call__(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+        return call(self.server.http.url + path, token or self.token, method, body)
+
+    def command(self, cmd_id: str) -> dict[str, Any]:
+        status, body = self("GET", f"/api/v1/commands/{cmd_id}")
+        assert status == 200, body
+        result: dict[str, Any] = body
+        return result
+
+    def wait_status(self, cmd_id: str, want: str, timeout: float = 30) -> dict[str, Any]:
+        wait_until(lambda: self.command(cmd_id)["status"] == want, timeout, f"{cmd_id} {want}")
+        return self.command(cmd_id)
+
+
+@pytest.fixture
+def server(mosquitto: Mosquitto, db_url: str, tmp_path: Path) -> Iterator[IngestServer]:
+    cfg = _settings(mosquitto, db_url, tmp_path)
+    with IngestServer(cfg) as srv:
+        wait_until(cfg.token_file.exists, 60, "the bootstrap admin token")
+        wait_until(lambda: srv.control.health().leader, 30, "the control plane to lead")
+        yield srv
+
+
+@pytest.fixture
+def api(server: IngestServer) -> Api:
+    return Api(server)
+
+
+@pytest.fixture
+def device(mosquitto: Mosquitto, api: Api) -> Iterator[Device]:
+    dev = Device(mosquitto, "cr-0101")
+    wait_until(
+        lambda: api("GET", f"/api/v1/devices/{dev.device_id}/presence")[0] == 200,
+        30,
+        "the device registered by its state",
+    )
+    yield dev
+    dev.close()
+
+
+def quarantined(db_url: str) -> list[tuple[str, str, str | None]]:
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT topic, reason, device_id FROM quarantine ORDER BY id"
+        ).fetchall()
+    return [(str(t), str(r), d) for t, r, d in rows]
+
+
+def test_command_roundtrip_idempotency_and_errors(api: Api, device: Device) -> None:
+    path = f"/api/v1/devices/{device.device_id}/commands"
+    status, cmd = api("POST", path, {"name": "flush_outbox", "id": "op-1"})
+    assert status == 201, cmd
+    assert (cmd["id"], cmd["status"], cmd["device_id"]) == ("op-1", "pending", "cr-0101")
+    assert cmd["school_id"] == SCHOOL
+    assert cmd["created_by"] == "bootstrap (admin-token)"
+
+    wait_until(lambda: device.got("op-1"), 30, "the command at the device")
+    (got,) = device.got("op-1")
+    assert got["name"] == "flush_outbox"
+    assert got["args"] == {}
+    assert datetime.fromisoformat(got["expires_at"]) == datetime.fromisoformat(cmd["expires_at"])
+    sent = api.wait_status("op-1", "sent")
+    assert sent["sent_at"] is not None
+    assert sent["acked_at"] is None
+
+    device.ack("op-1", "ok", {"depth": 3})
+    done = api.wait_status("op-1", "ok")
+    assert done["detail"] == {"depth": 3}
+    assert done["acked_at"] is not None
+    device.ack("op-1", "error", "a repeated ack changes nothing")
+    # the same idempotency key returns the first command, 200 instead of 201
+    status, again = api("POST", path, {"name": "flush_outbox", "id": "op-1"})
+    assert status == 200
+    assert again["status"] == "ok"
+    assert again["detail"] == {"depth": 3}
+    assert len(device.got("op-1")) == 1  # and nothing was sent again
+    status, body = api("POST", path, {"name": "ping", "id": "op-1"})
+    assert status == 409
+    assert "already used" in body["detail"]
+
+    # server-chosen id; list, recent first, with a status filter
+    status, ping = api("POST", path, {"name": "ping", "args": {"n": 1}, "ttl_s": 60})
+    assert status == 201
+    wait_until(lambda: device.got(ping["id"]), 20, "the ping at the device")
+    status, listed = api("GET", path)
+    assert status == 200
+    assert [c["id"] for c in listed] == [ping["id"], "op-1"]
+    status, only_ok = api("GET", path + "?status=ok")
+    assert [c["id"] for c in only_ok] == ["op-1"]
+
+    # errors name what is wrong
+    status, body = api("POST", "/api/v1/devices/nope-1/commands", {"name": "ping"})
+    assert status == 404
+    assert "nope-1" in body["detail"]
+    status, body = api("POST", path, {"name": "ping", "ttl_s": 0})
+    assert status == 422
+    assert body["detail"][0]["loc"] == ["body", "ttl_s"]
+    status, body = api("POST", path, {"name": "Ping!"})
+    assert status == 422
+    assert body["detail"][0]["loc"] == ["body", "name"]
+    status, body = api("POST", path, {"name": "ping", "args": {"x": "y" * 20_000}})
+    assert status == 422
+    assert body["detail"][0]["loc"] == ["body", "args"]
+    assert api("GET", "/api/v1/commands/missing")[0] == 404
+
+    # read scope follows, admin scope sends
+    status, made = api("POST", "/api/v1/tokens", {"name": "viewer", "scopes": ["read"]})
+    reader = made["token"]
+    assert api("GET", "/api/v1/commands/op-1", token=reader)[0] == 200
+    assert api("GET", path, token=reader)[0] == 200
+    status, body = api("POST", path, {"name": "ping"}, token=reader)
+    assert status == 403
+    assert "needs 'admin'" in body["detail"]
+
+
+def test_expiry(api: Api, device: Device, db_url: str) -> None:
+    path = f"/api/v1/devices/{device.device_id}/commands"
+    status, _ = api("POST", path, {"name": "ping", "ttl_s": 1, "id": "short"})
+    assert status == 201
+    expired = api.wait_status("short", "expired")
+    assert expired["acked_at"] is None
+    # the device's word comes late but is still recorded: it did answer
+    device.ack("short", "rejected", "expired at ...")
+    assert api.wait_status("short", "rejected")["detail"] == "expired at ..."
+    assert quarantined(db_url) == []
+
+
+def test_config_versions_retained_and_acked(api: Api, device: Device, mosquitto: Mosquitto) -> None:
+    path = f"/api/v1/devices/{device.device_id}/config"
+    status, body = api("GET", path)
+    assert status == 404
+    assert "no configuration" in body["detail"]
+    status, first = api("PUT", path, {"config": {"sample_s": 10}})
+    assert status == 202
+    assert first == {"device_id": "cr-0101", "version": 1, "status": "pending"}
+    wait_until(lambda: (device.last_config() or {}).get("version") == 1, 20, "config v1")
+    status, second = api("PUT", path, {"config": {"sample_s": 5, "drivers": ["gen"]}})
+    assert (status, second["version"]) == (202, 2)
+    wait_until(lambda: (device.last_config() or {}).get("version") == 2, 20, "config v2")
+    doc = device.last_config()
+    assert doc is not None
+    assert doc["config"] == {"sample_s": 5, "drivers": ["gen"]}
+    assert datetime.fromisoformat(doc["issued_at"]).tzinfo is not None
+
+    # retained: a device connecting later gets the newest version at once
+    late = Device(mosquitto, device.device_id)
+    try:
+        wait_until(late.last_config, 20, "the retained config")
+        assert late.configs[-1][0]["version"] == 2
+        assert late.configs[-1][1] is True
+    finally:
+        late.close()
+
+    status, info = api("GET", path)
+    assert (info["version"], info["status"], info["published_version"]) == (2, "pending", 2)
+    device.publish(
+        "config/ack", {"version": 1, "status": "applied", "detail": None, "ts": _now()}
+    )  # an ack for an older version does not speak for the newest
+    device.publish(
+        "config/ack",
+        {"version": 2, "status": "rolled_back", "detail": "driver gen failed", "ts": _now()},
+    )
+    wait_until(lambda: api("GET", path)[1]["status"] == "rolled_back", 20, "the config ack")
+    info = api("GET", path)[1]
+    assert info["detail"] == "driver gen failed"
+    assert info["acked_at"] is not None
+    assert info["document"]["config"] == {"sample_s": 5, "drivers": ["gen"]}
+
+    status, body = api("PUT", path, {"config": "not an object"})
+    assert status == 422
+    assert body["detail"][0]["loc"] == ["body", "config"]
+    assert api("PUT", "/api/v1/devices/nope-1/config", {"config": {}})[0] == 404
+
+
+def test_bad_acks_are_kept_and_the_control_plane_goes_on(
+    api: Api, device: Device, db_url: str
+) -> None:
+    device.publish("cmd/ack", b"\xff not json")
+    device.publish("cmd/ack", {"id": "never-sent", "status": "ok"})
+    device.publish("cmd/ack", {"id": "x", "status": "maybe"})
+    device.publish("config/ack", {"version": 1, "status": "applied", "ts": _now()})
+    wait_until(lambda: len(quarantined(db_url)) == 4, 20, "four quarantined acks")
+    reasons = [r for _, r, _ in quarantined(db_url)]
+    assert reasons[0].startswith("malformed cmd/ack")
+    assert reasons[1] == "ack for unknown command id 'never-sent'"
+    assert "status" in reasons[2]
+    assert "no desired configuration" in reasons[3]
+    assert {d for _, _, d in quarantined(db_url)} == {"cr-0101"}
+
+    status, cmd = api("POST", f"/api/v1/devices/{device.device_id}/commands", {"name": "ping"})
+    assert status == 201
+    wait_until(lambda: device.got(cmd["id"]), 20, "a command after the bad acks")
+    device.ack(cmd["id"])
+    api.wait_status(cmd["id"], "ok")
+
+
+def test_presence(api: Api, device: Device) -> None:
+    status, p = api("GET", f"/api/v1/devices/{device.device_id}/presence")
+    assert status == 200
+    assert (p["state"], p["history"], p["agent_version"]) == ("online", "current_only", "test")
+    assert p["transitions"] == [{"time": p["since"], "state": "online"}]
+    status, p = api("GET", f"/api/v1/devices/{device.device_id}/presence?to=2000-01-01T00:00:00Z")
+    assert (status, p["transitions"]) == (200, [])
+    status, body = api("GET", f"/api/v1/devices/{device.device_id}/presence?from=2000-01-01")
+    assert status == 422
+    assert "offset" in body["detail"]
+    assert api("GET", "/api/v1/devices/nope-1/presence")[0] == 404
+
+
+def test_pending_commands_go_after_a_broker_restart(
+    api: Api, device: Device, mosquitto: Mosquitto, server: IngestServer
+) -> None:
+    mosquitto.stop()
+    wait_until(lambda: not server.control.health().mqtt_connected, 20, "the broker gone")
+    status, cmd = api("POST", f"/api/v1/devices/{device.device_id}/commands", {"name": "ping"})
+    assert status == 201
+    assert api.command(cmd["id"])["status"] == "pending"
+    mosquitto.start()
+    wait_until(lambda: device.got(cmd["id"]), 30, "the command after the broker came back")
+    api.wait_status(cmd["id"], "sent")
+    device.ack(cmd["id"])
+    api.wait_status(cmd["id"], "ok")
+    assert len(device.got(cmd["id"])) == 1
+
+
+def test_pending_commands_go_after_a_server_restart(
+    mosquitto: Mosquitto, db_url: str, tmp_path: Path
+) -> None:
+    cfg = _settings(mosquitto, db_url, tmp_path)
+    device: Device | None = None
+    try:
+        with IngestServer(cfg) as srv:
+            wait_until(cfg.token_file.exists, 60, "the bootstrap admin token")
+            api = Api(srv)
+            device = Device(mosquitto, "cr-0202")
+            wait_until(
+                lambda: api("GET", "/api/v1/devices/cr-0202/presence")[0] == 200, 15, "device"
+            )
+            mosquitto.stop()
+            status, cmd = api("POST", "/api/v1/devices/cr-0202/commands", {"name": "ping"})
+            assert status == 201
+        # the server stopped with the command pending; the broker comes back, then the server
+        mosquitto.start()
+        with IngestServer(cfg) as again:
+            api = Api(again)
+            assert api.command(cmd["id"])["status"] in ("pending", "sent")
+            wait_until(lambda: device is not None and device.got(cmd["id"]), 30, "the command")
+            device.ack(cmd["id"])
+            assert api.wait_status(cmd["id"], "ok")["sent_at"] is not None
+            assert len(device.got(cmd["id"])) == 1
+    finally:
+        if device is not None:
+            device.close()
