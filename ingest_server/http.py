@@ -18,6 +18,7 @@ from ingest_server.api import commands as commands_api
 from ingest_server.api import config as config_api
 from ingest_server.api.deps import install_error_handlers, make_pool
 from ingest_server.consumer import Health
+from ingest_server.dashboard import mount as mount_dashboard
 from ingest_server.live import LiveHub
 from ingest_server.metrics import CONTENT_TYPE, IngestMetrics
 
@@ -72,6 +73,7 @@ def create_app(
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     guard = [Depends(auth.require("read"))] if db_url is not None else []
+    mount_dashboard(app)
 
     @app.get("/metrics", dependencies=guard)
     def prometheus() -> Response:
