@@ -9,6 +9,7 @@ const LIVE_MAX = 200; // rows kept in the live feed
 const HEALTH_DETAILS = 6; // device detail calls in flight while drawing the fleet
 const PING_POLL_MS = 1000;
 const PING_POLLS = 60;
+const RECENT_EVENTS = 25;
 const OK_DRIVER_STATES = new Set(["ok", "starting", "stopped", "running"]);
 
 const view = document.getElementById("view");
@@ -47,6 +48,8 @@ function table(id, columns, rows, attrs = () => ({})) {
 }
 
 const fmtTime = (iso) => (iso ? new Date(iso).toLocaleString(lang() === "zh" ? "zh-CN" : "en-GB") : t("none"));
+const fmtClock = (iso) => new Date(iso).toLocaleTimeString(lang() === "zh" ? "zh-CN" : "en-GB");
+const timeAxis = (extra = {}) => ({ type: "time", splitNumber: 4, axisLabel: { hideOverlap: true }, ...extra });
 const fmtNum = (n, digits = 0) => (n === null || n === undefined ? t("none") : Number(n).toFixed(digits));
 const stateOf = (d) => (d.state === "online" ? "online" : d.state === "offline" ? "offline" : "unknown");
 const badge = (state) => h("span", { class: `badge ${state}`, "data-state": state }, t(`state.${state}`));
@@ -218,7 +221,7 @@ async function renderDevice(id) {
     ["outbox", "device.outbox", (e) => e.data.outbox_depth],
   ].map(([key, label, pick]) => ({ key, label, pick, slot: h("div", { class: "chart", id: `chart-${key}`, role: "img", "aria-label": t(label) }) }));
 
-  const newest = recent.slice(-50).reverse();
+  const newest = recent.slice(-RECENT_EVENTS).reverse();
   view.replaceChildren(
     h("p", {}, h("a", { href: "#/fleet" }, `← ${t("device.back")}`)),
     h("h1", {}, t("device.title", { id: d.device_id }), " ", badge(stateOf(d))),
@@ -251,7 +254,7 @@ async function renderDevice(id) {
     h("h2", {}, t("device.events")),
     newest.length
       ? table("events", [
-          ["col.time", (e) => fmtTime(e.time)],
+          ["col.time", (e) => h("span", { title: fmtTime(e.time) }, fmtClock(e.time)), "nowrap"],
           ["col.seq", (e) => e.seq, "num"],
           ["col.type", (e) => e.type],
           ["col.data", (e) => JSON.stringify(e.data), "data"],
@@ -260,7 +263,7 @@ async function renderDevice(id) {
   );
   for (const c of healthEvents.length ? chartSlots : []) {
     await drawChart(c.slot, {
-      xAxis: { type: "time" },
+      xAxis: timeAxis(),
       yAxis: { type: "value", scale: true },
       series: [{ type: "line", name: t(c.label), showSymbol: false, data: healthEvents.map((e) => [e.time, c.pick(e)]) }],
     });
@@ -329,7 +332,7 @@ function renderLive() {
     const row = h(
       "tr",
       { class: "fresh", "data-device": e.device_id, "data-seq": e.seq },
-      h("td", {}, fmtTime(e.time)),
+      h("td", { class: "nowrap", title: fmtTime(e.time) }, fmtClock(e.time)),
       h("td", { class: "hide-narrow" }, e.school_id),
       h("td", {}, h("a", { href: `#/device/${e.device_id}` }, e.device_id)),
       h("td", { class: "num" }, e.seq),
@@ -494,7 +497,7 @@ async function renderRollups() {
   if (co2Series.length) {
     await drawChart(co2Chart, {
       legend: { top: 0 },
-      xAxis: { type: "time" },
+      xAxis: timeAxis({ min: since, max: new Date().toISOString() }),
       yAxis: { type: "value", name: "ppm", scale: true },
       series: co2Series.map(({ room, points }) => ({ type: "line", name: room, showSymbol: points.length < 30, data: points })),
     });
