@@ -18,6 +18,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
@@ -30,7 +31,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ingest_server.batch import Batch, Inbound, refused
+from ingest_server.batch import Batch, EventRow, Inbound, refused
 from ingest_server.metrics import IngestMetrics
 from ingest_server.migrate import migrate
 from ingest_server.settings import BrokerUrl, Settings, mask
@@ -152,6 +153,8 @@ class Consumer:
         self._last_commit: float | None = None
         self._next_refresh = 0.0
         self._idle_backoff = 0.0
+        #: Called on the writer thread with the rows of each commit; must not block (live.py).
+        self.on_commit: Callable[[Sequence[EventRow]], None] | None = None
         self._client = self._make_client()
         # One decoded batch waits while the writer commits the previous one: decoding (CPU,
         # holds the GIL) overlaps the database's share of the work (the GIL is released).
@@ -460,6 +463,11 @@ class Consumer:
             m.quarantined.inc(reason=q.kind)
         if result.new_missing:
             self._next_refresh = 0.0
+        if self.on_commit is not None and result.stored:
+            try:
+                self.on_commit(result.stored)
+            except Exception:  # a listener's fault must never stop ingest
+                log.exception("the on_commit hook failed")
 
     def _ack(self, batch: Batch) -> None:
         stale = 0

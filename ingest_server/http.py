@@ -13,11 +13,23 @@ import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 
-from ingest_server.api import auth, enrol, tokens
+from ingest_server.api import (
+    auth,
+    data,
+    devices,
+    enrol,
+    export,
+    live,
+    quarantine,
+    rollups,
+    tokens,
+)
 from ingest_server.api import commands as commands_api
 from ingest_server.api import config as config_api
 from ingest_server.api.deps import install_error_handlers, make_pool
 from ingest_server.consumer import Health
+from ingest_server.dashboard import mount as mount_dashboard
+from ingest_server.live import LiveHub
 from ingest_server.metrics import CONTENT_TYPE, IngestMetrics
 
 log = logging.getLogger(__name__)
@@ -46,6 +58,13 @@ def create_app(
         app.state.tokens = auth.TokenChecker(app.state.pool.connection, token_file)
         install_error_handlers(app)
         app.include_router(tokens.router)
+        app.state.live = LiveHub()
+        app.include_router(devices.router)
+        app.include_router(data.router)
+        app.include_router(export.router)
+        app.include_router(rollups.router)
+        app.include_router(quarantine.router)
+        app.include_router(live.router)
         app.include_router(commands_api.router)
         app.include_router(config_api.router)
         app.include_router(enrol.router)
@@ -65,6 +84,7 @@ def create_app(
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     guard = [Depends(auth.require("read"))] if db_url is not None else []
+    mount_dashboard(app)
 
     @app.get("/metrics", dependencies=guard)
     def prometheus() -> Response:

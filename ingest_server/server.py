@@ -79,6 +79,7 @@ class IngestServer:
             app.state.enrolment = EnrolmentState(
                 offer, missing, on_enrolled=refresher.kick if refresher else None
             )
+            consumer.on_commit = app.state.live.publish
             http = HttpServer(app, s.http_host, s.http_port)
             consumer.start()
             self._stack.callback(consumer.stop)

@@ -1,0 +1,80 @@
+"""``/api/v1/live``: committed events as server-sent events, filtered per client.
+
+Each message is ``id: <device_id>:<seq>`` and ``data: <event JSON>``; a comment line every
+``HEARTBEAT_S`` keeps proxies from closing an idle stream. A client that falls behind gets
+``event: dropped`` with the reason, and the stream ends (see :mod:`ingest_server.live`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated, Final
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.responses import StreamingResponse
+
+from ingest_server.api import auth
+from ingest_server.api.common import ID_PATTERN, NAME_PATTERN, bad_param
+from ingest_server.live import LiveFilter, LiveHub, Subscription
+
+router = APIRouter(prefix="/api/v1", tags=["live"], dependencies=[Depends(auth.require("read"))])
+
+HEARTBEAT_S: Final = 15.0
+_MAX_VALUES: Final = 100
+
+
+def _set(values: list[str] | None) -> frozenset[str] | None:
+    return frozenset(values) if values else None
+
+
+async def _stream(sub: Subscription, hub: LiveHub) -> AsyncIterator[bytes]:
+    try:
+        yield b": connected\nretry: 3000\n\n"
+        while True:
+            batch = await sub.next(HEARTBEAT_S)
+            if batch is None:
+                reason = json.dumps({"reason": sub.dropped})
+                yield f"event: dropped\ndata: {reason}\n\n".encode()
+                return
+            yield b"".join(batch) if batch else b": keep-alive\n\n"
+    finally:
+        hub.unsubscribe(sub)
+
+
+@router.get(
+    "/live",
+    summary="Committed events as they arrive (server-sent events)",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "the event stream"},
+        503: {"description": "too many live clients"},
+    },
+)
+async def live(
+    request: Request,
+    school: Annotated[
+        list[str] | None, Query(max_length=_MAX_VALUES, description="school ids (repeatable)")
+    ] = None,
+    device: Annotated[list[str] | None, Query(max_length=_MAX_VALUES)] = None,
+    type: Annotated[list[str] | None, Query(max_length=_MAX_VALUES)] = None,
+) -> StreamingResponse:
+    for name, values, pattern in (
+        ("school", school, ID_PATTERN),
+        ("device", device, ID_PATTERN),
+        ("type", type, NAME_PATTERN),
+    ):
+        for v in values or ():
+            if not re.fullmatch(pattern, v):
+                raise bad_param(name, f"must match {pattern}", v)
+    hub: LiveHub = request.app.state.live
+    try:
+        sub = hub.subscribe(LiveFilter(_set(school), _set(device), _set(type)))
+    except OverflowError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+    return StreamingResponse(
+        _stream(sub, hub),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

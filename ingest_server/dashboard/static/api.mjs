@@ -1,0 +1,97 @@
+// The API client: the token lives in sessionStorage; a 401 sends the user back to the login.
+
+const TOKEN_KEY = "campus.token";
+const API = "/api/v1";
+
+export class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+export const token = () => sessionStorage.getItem(TOKEN_KEY);
+export const setToken = (value) => sessionStorage.setItem(TOKEN_KEY, value);
+export const clearToken = () => sessionStorage.removeItem(TOKEN_KEY);
+
+let onUnauthorized = () => {};
+/** Called with the server's message when a call answers 401. */
+export function whenUnauthorized(handler) {
+  onUnauthorized = handler;
+}
+
+/** FastAPI's `detail` as one line: a string, or a 422's list of {loc, msg}. */
+function detailText(body, fallback) {
+  const detail = body && body.detail;
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail.map((d) => `${(d.loc || []).join(".")}: ${d.msg}`).join("; ");
+  }
+  return fallback;
+}
+
+/** `method path` with the token; the JSON answer, or an ApiError saying what the server said. */
+export async function call(path, { method = "GET", body, tokenOverride, quiet401 = false } = {}) {
+  const headers = { Accept: "application/json" };
+  const bearer = tokenOverride ?? token();
+  if (bearer) headers.Authorization = `Bearer ${bearer}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const resp = await fetch(API + path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  let parsed = null;
+  try {
+    parsed = await resp.json();
+  } catch {
+    parsed = null;
+  }
+  if (!resp.ok) {
+    const error = new ApiError(resp.status, detailText(parsed, resp.statusText));
+    if (resp.status === 401 && !quiet401) onUnauthorized(error.message);
+    throw error;
+  }
+  return parsed;
+}
+
+/** Up to `maxPages` pages of a cursor listing, concatenated. */
+export async function pages(path, maxPages = 5) {
+  const items = [];
+  let next = path;
+  for (let i = 0; i < maxPages && next; i++) {
+    const page = await call(next);
+    items.push(...page.items);
+    next = page.cursor ? `${path}${path.includes("?") ? "&" : "?"}cursor=${encodeURIComponent(page.cursor)}` : null;
+  }
+  return items;
+}
+
+/** What the token may do: "admin" if it opens the admin-only quarantine, else "read". */
+export async function probeScope(candidate) {
+  await call("/devices?state=online", { tokenOverride: candidate, quiet401: true });
+  try {
+    await call("/quarantine/reasons", { tokenOverride: candidate, quiet401: true });
+    return "admin";
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 403) return "read";
+    throw error;
+  }
+}
+
+/** `fn` over `items` with at most `limit` calls in flight. */
+export async function mapLimited(items, limit, fn) {
+  const out = new Array(items.length);
+  let next = 0;
+  async function worker() {
+    while (next < items.length) {
+      const i = next++;
+      out[i] = await fn(items[i]);
+    }
+  }
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return out;
+}
+
+/** The live stream URL (EventSource cannot send headers, so the token rides in the query). */
+export const liveUrl = () => `${API}/live?access_token=${encodeURIComponent(token() || "")}`;

@@ -1,0 +1,222 @@
+// Clicks through the dashboard in Debian's chromium and prints what it saw as one JSON line.
+//
+//   DASH_URL=http://127.0.0.1:PORT ADMIN_TOKEN=cet_… READ_TOKEN=cet_… SCREENSHOT_DIR=… \
+//     node tests/browser/dashboard.spec.mjs
+//
+// Exit code 0 when every step passed; the JSON's "failures" says which did not.
+// tests/browser/test_dashboard.py compares the figures with the database.
+
+import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+
+const URL_ = process.env.DASH_URL;
+const ADMIN = process.env.ADMIN_TOKEN;
+const READ = process.env.READ_TOKEN;
+const SHOTS = process.env.SCREENSHOT_DIR || join(tmpdir(), "dashboard-screenshots");
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const STEP_MS = 20_000; // no single wait may take longer
+const LIVE_ROWS = 5; // live events the feed must show
+
+mkdirSync(SHOTS, { recursive: true });
+const out = { screenshots: [], failures: [] };
+const profiles = [];
+
+async function launch(options) {
+  const dir = mkdtempSync(join(tmpdir(), "dash-chromium-"));
+  profiles.push(dir);
+  return chromium.launchPersistentContext(dir, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+    timezoneId: "UTC",
+    ...options,
+  });
+}
+
+async function shot(page, name) {
+  const path = join(SHOTS, `${name}.png`);
+  await page.screenshot({ path, fullPage: true });
+  out.screenshots.push(path);
+}
+
+async function step(name, page, fn) {
+  try {
+    await fn();
+  } catch (error) {
+    out.failures.push({ step: name, error: String(error && error.stack ? error.stack : error) });
+    await shot(page, `FAILED-${name}`).catch(() => {});
+  }
+}
+
+const ready = (page, name) => page.waitForSelector(`#view[data-ready="${name}"]`, { timeout: STEP_MS });
+const rows = (page, selector, attrs) =>
+  page.$$eval(selector, (trs, names) => trs.map((tr) => Object.fromEntries(names.map((n) => [n, tr.getAttribute(`data-${n}`)]))), attrs);
+
+async function login(page, token) {
+  await page.goto(`${URL_}/dashboard/#/fleet`);
+  await page.fill("#token", token);
+  await page.click("#login-submit");
+  await ready(page, "fleet");
+}
+
+async function logout(page) {
+  await page.click("#logout");
+  await page.waitForSelector("#token", { timeout: STEP_MS });
+}
+
+async function noHorizontalScroll(page) {
+  return page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth + 1);
+}
+
+const desktop = await launch({ viewport: { width: 1280, height: 900 }, locale: "en-GB" });
+const page = desktop.pages()[0] || (await desktop.newPage());
+page.on("pageerror", (error) => out.failures.push({ step: "pageerror", error: String(error) }));
+
+await step("bad-token", page, async () => {
+  await page.goto(`${URL_}/dashboard/`);
+  await page.waitForSelector("#token", { timeout: STEP_MS });
+  await page.fill("#token", "cet_not-a-real-token-0000000000000000000000000");
+  await page.click("#login-submit");
+  await page.waitForSelector("#login-status .error", { timeout: STEP_MS });
+  out.badTokenMessage = await page.textContent("#login-status .error");
+  await shot(page, "01-login-rejected-en");
+});
+
+await step("fleet-read", page, async () => {
+  await login(page, READ);
+  out.readScope = await page.getAttribute("#scope", "data-scope");
+  out.readScopeText = await page.textContent("#scope");
+  out.fleet = await rows(page, "tr[data-device]", ["device", "state", "missing", "version", "backlog", "driver-errors"]);
+  out.rooms = await page.$$eval("section.room", (ss) => ss.map((s) => `${s.dataset.school}/${s.dataset.room}`));
+  await shot(page, "02-fleet-read-en");
+});
+
+await step("quality-read", page, async () => {
+  await page.click('nav a[data-page="quality"]');
+  await ready(page, "quality");
+  out.readQuarantineNotice = await page.textContent("#quarantine-admin-only");
+  out.gaps = await rows(page, "#gaps tr[data-device]", ["device", "missing"]);
+  await shot(page, "03-quality-read-en");
+});
+
+await step("device-read", page, async () => {
+  await page.goto(`${URL_}/dashboard/#/device/env-0101`);
+  await ready(page, "device");
+  out.readPingDisabled = await page.isDisabled("#ping");
+});
+
+await step("unauthorized", page, async () => {
+  // a token revoked or mistyped mid-session: the next call's 401 returns to the login
+  await page.evaluate(() => sessionStorage.setItem("campus.token", "cet_revoked-meanwhile-00000000000000000000000000"));
+  await page.click('nav a[data-page="fleet"]');
+  await page.waitForSelector("#login-status .error", { timeout: STEP_MS });
+  out.unauthorizedMessage = await page.textContent("#login-status .error");
+  await shot(page, "04-session-401-en");
+});
+
+await step("fleet-admin", page, async () => {
+  await login(page, ADMIN);
+  out.adminScope = await page.getAttribute("#scope", "data-scope");
+});
+
+await step("device-admin-ping", page, async () => {
+  await page.click('tr[data-device="env-0101"] a');
+  await ready(page, "device");
+  await page.waitForFunction(() => document.querySelectorAll("#health-charts canvas").length >= 3, null, { timeout: STEP_MS });
+  out.healthCharts = await page.$$eval("#health-charts canvas", (c) => c.length);
+  out.deviceEvents = await page.$$eval("#events tr[data-seq]", (trs) => trs.map((tr) => Number(tr.dataset.seq)));
+  await page.click("#ping");
+  await page.waitForSelector('#commands tr[data-status="ok"]', { timeout: STEP_MS });
+  out.commands = await rows(page, "#commands tr[data-command]", ["command", "status"]);
+  await page.waitForFunction(() => document.querySelectorAll("#health-charts canvas").length >= 3, null, { timeout: STEP_MS });
+  await shot(page, "05-device-admin-en");
+});
+
+await step("live", page, async () => {
+  await page.click('nav a[data-page="live"]');
+  await page.waitForSelector('#live-status[data-status="connected"]', { timeout: STEP_MS });
+  await page.waitForFunction((n) => document.querySelectorAll("#feed tr").length >= n, LIVE_ROWS, { timeout: STEP_MS });
+  out.live = await rows(page, "#feed tr", ["device", "seq"]);
+  await shot(page, "06-live-en");
+});
+
+await step("quality-admin", page, async () => {
+  await page.click('nav a[data-page="quality"]');
+  await ready(page, "quality");
+  out.reasons = await rows(page, "#reasons tr[data-reason]", ["reason", "count"]);
+  out.quarantineChart = await page.$$eval("#chart-quarantine canvas", (c) => c.length);
+  await shot(page, "07-quality-admin-en");
+});
+
+await step("rollups-en", page, async () => {
+  await page.click('nav a[data-page="rollups"]');
+  await ready(page, "rollups");
+  out.attendance = await rows(page, "#attendance tr[data-class]", ["class", "checkins", "late"]);
+  out.board = await rows(page, "#board tr[data-room]", ["room", "minutes"]);
+  out.co2 = await rows(page, "#co2 tr[data-room]", ["room", "latest", "max"]);
+  out.rollupCharts = await page.$$eval("#chart-attendance canvas, #chart-board canvas, #chart-co2 canvas", (c) => c.length);
+  await shot(page, "08-rollups-en");
+});
+
+await step("chinese", page, async () => {
+  await page.click("#lang");
+  await ready(page, "rollups");
+  out.zh = { rollupsTitle: await page.textContent("h1"), nav: await page.$$eval("nav a", (as) => as.map((a) => a.textContent)) };
+  await shot(page, "09-rollups-zh");
+  for (const [name, file] of [["fleet", "10-fleet-zh"], ["quality", "11-quality-zh"], ["live", "12-live-zh"]]) {
+    await page.click(`nav a[data-page="${name}"]`);
+    if (name === "live") {
+      await page.waitForFunction(() => document.querySelectorAll("#feed tr").length >= 1, null, { timeout: STEP_MS });
+    } else {
+      await ready(page, name);
+    }
+    out.zh[name] = await page.textContent("h1");
+    await shot(page, file);
+  }
+  out.zh.scope = await page.textContent("#scope");
+  await logout(page);
+  out.zh.login = await page.textContent("h1");
+});
+await desktop.close();
+
+// a 10-inch tablet in portrait, by touch
+const tablet = await launch({ viewport: { width: 800, height: 1280 }, deviceScaleFactor: 1, isMobile: true, hasTouch: true, locale: "zh-CN" });
+const tab = tablet.pages()[0] || (await tablet.newPage());
+tab.on("pageerror", (error) => out.failures.push({ step: "tablet-pageerror", error: String(error) }));
+out.tablet = {};
+await step("tablet", tab, async () => {
+  await tab.goto(`${URL_}/dashboard/`);
+  await tab.waitForSelector("#token", { timeout: STEP_MS });
+  out.tablet.loginTitle = await tab.textContent("h1"); // zh-CN browser: Chinese by default
+  await tab.fill("#token", ADMIN);
+  await tab.tap("#login-submit");
+  await ready(tab, "fleet");
+  out.tablet.fleetFits = await noHorizontalScroll(tab);
+  // every control a finger must hit: at least 44 CSS px tall
+  out.tablet.smallestControl = await tab.$$eval("nav a, button, select, #view td a", (els) =>
+    Math.min(...els.filter((e) => e.offsetParent !== null).map((e) => e.getBoundingClientRect().height)));
+  await shot(tab, "13-fleet-tablet-zh");
+  await tab.tap('tr[data-device="env-0101"] a');
+  await ready(tab, "device");
+  await tab.waitForFunction(() => document.querySelectorAll("#health-charts canvas").length >= 3, null, { timeout: STEP_MS });
+  out.tablet.deviceFits = await noHorizontalScroll(tab);
+  await shot(tab, "14-device-tablet-zh");
+  await tab.tap('nav a[data-page="rollups"]');
+  await ready(tab, "rollups");
+  out.tablet.rollupsFits = await noHorizontalScroll(tab);
+  await shot(tab, "15-rollups-tablet-zh");
+});
+await tablet.close();
+
+for (const dir of profiles) rmSync(dir, { recursive: true, force: true });
+console.log(JSON.stringify(out));
+process.exit(out.failures.length ? 1 : 0);

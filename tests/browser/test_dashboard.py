@@ -1,0 +1,286 @@
+"""The dashboard in a real browser against the real pipeline.
+
+Edge agent processes feed an ingest server process over Mosquitto into PostgreSQL; Debian's
+chromium, driven by playwright-core (tests/browser/dashboard.spec.mjs), clicks through every
+page in English and Chinese, on a desktop and a tablet viewport, and reports what it saw. This
+test checks that against the database. Screenshots go to ``$DASHBOARD_SCREENSHOTS`` (default:
+the test's tmp dir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import paho.mqtt.client as mqtt
+import psycopg
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from ingest_server.api import auth
+from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
+from simulators.harness import wait_until
+from tests.integration.api_seed import prepare
+from tests.pipeline import Agent, IngestServer
+from tests.services import Mosquitto
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = ROOT / "tests" / "browser" / "dashboard.spec.mjs"
+CHROMIUM = Path("/usr/bin/chromium")
+WAIT_S = 60
+SPEC_TIMEOUT_S = 120
+ROOMS = {"env-0101": ("101", "c7a"), "sb-0101": ("101", "c7a"), "cr-0102": ("102", "c7b")}
+ATTENDANCE = [("s001", "c7a", 30, 27, 2, 1), ("s001", "c7b", 28, 28, 0, 0)]
+BOARD_MINUTES = 95.5
+
+
+def _missing_tools() -> str | None:
+    if not CHROMIUM.exists():
+        return "apt chromium is not installed (./run test installs it)"
+    if shutil.which("node") is None or not (ROOT / "node_modules" / "playwright-core").is_dir():
+        return "node_modules is missing: npm ci at the repository root (./run test does it)"
+    return None
+
+
+def _publish(broker: Mosquitto, messages: list[tuple[str, bytes]]) -> None:
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"dash-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+    )
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        for info in [client.publish(t, p, qos=1) for t, p in messages]:
+            info.wait_for_publish(WAIT_S)
+            assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _gappy_batch() -> bytes:
+    """Taps with seqs 1, 2 and 5 from a reader that lost 3 and 4 upstream."""
+    now = datetime.now(UTC)
+    tap = msgspec.json.encode({"uid_hash": "cd" * 32, "tech": "em4100", "reader": "door"})
+    events = [
+        UplinkEvent(
+            seq=s, ts=now - timedelta(seconds=10 - s), type="card.tap", data=msgspec.Raw(tap)
+        )
+        for s in (1, 2, 5)
+    ]
+    return encode_batch(
+        UplinkBatch(device_id="cr-0102", kind="card_reader", sent_at=now, events=events)
+    )
+
+
+def _rows(conn: psycopg.Connection[Any], query: str, *params: Any) -> list[tuple[Any, ...]]:
+    return conn.execute(query, params).fetchall()
+
+
+@pytest.fixture
+def stack(mosquitto: Mosquitto, db_url: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A server fed by three agents (one reporting health), a gappy reader and bad payloads."""
+    reason = _missing_tools()
+    if reason:
+        pytest.skip(reason)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        standins = prepare(conn)  # the storage branch's registry columns and rollups, if absent
+    server = IngestServer(tmp_path, mosquitto.url, db_url)
+    agents = [
+        Agent(tmp_path, "env-0101", mosquitto.url, count=100_000, rate=4),
+        Agent(tmp_path, "sb-0101", mosquitto.url, count=100_000, rate=2, event_type="board.power"),
+        Agent(tmp_path, "cr-0201", mosquitto.url, count=100_000, rate=2, school_id="s002",
+              event_type="card.tap"),
+    ]  # fmt: skip
+    cfg = agents[0].config
+    cfg.write_text(cfg.read_text().replace("[health]\ninterval_s = 0", "[health]\ninterval_s = 1"))
+    server.start()
+    try:
+        server.wait_healthy(WAIT_S)
+        for agent in agents:
+            agent.start()
+        _publish(
+            mosquitto,
+            [
+                ("campus/v1/s001/cr-0102/up", _gappy_batch()),
+                ("campus/v1/s001/cr-0102/up", b"{not json"),
+                ("campus/v1/s001/cr-0102/up", b'{"v": 9, "device_id": "cr-0102"}'),
+                ("campus/v1/s001/cr-0102/up", b"{also not json"),
+            ],
+        )
+        with psycopg.connect(db_url, autocommit=True) as conn:
+
+            def ready() -> bool:
+                devices = _rows(
+                    conn, "SELECT count(*) FROM devices WHERE agent_version IS NOT NULL"
+                )
+                health = _rows(
+                    conn,
+                    "SELECT count(*) FROM events WHERE device_id = 'env-0101'"
+                    " AND type = 'agent.health'",
+                )
+                quarantined = _rows(conn, "SELECT count(*) FROM quarantine")
+                return devices[0][0] >= 3 and health[0][0] >= 2 and quarantined[0][0] >= 3
+
+            wait_until(ready, WAIT_S, "agents online, health reported, bad payloads quarantined")
+            for device, (room, class_id) in ROOMS.items():
+                conn.execute(
+                    "UPDATE devices SET room = %s, class_id = %s WHERE device_id = %s",
+                    (room, class_id, device),
+                )
+            # Stand-in rollups (plain tables) are filled here as their refresh would fill them.
+            today = datetime.now(UTC).date()
+            if "attendance_daily" in standins:
+                conn.cursor().executemany(
+                    "INSERT INTO attendance_daily VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                    [(today, *row) for row in ATTENDANCE],
+                )
+            if "board_power_daily" in standins:
+                conn.execute(
+                    "INSERT INTO board_power_daily VALUES (%s, 's001', 'sb-0101', %s)",
+                    (today, BOARD_MINUTES),
+                )
+            if "env_5min" in standins:
+                conn.execute(
+                    "INSERT INTO env_5min SELECT date_bin('5 minutes', time, timestamptz"
+                    " '2000-01-01'), school_id, device_id, metric, avg(value), min(value),"
+                    " max(value), count(*) FROM readings WHERE metric = 'co2_ppm'"
+                    " GROUP BY 1, 2, 3, 4"
+                )
+            read_token = auth.create_token(conn, "dashboard-test", ["read"])[1]
+        yield {
+            "url": f"http://127.0.0.1:{server.http_port}",
+            "admin": server.token_file.read_text().strip(),
+            "read": read_token,
+        }
+    finally:
+        for agent in agents:
+            agent.terminate()
+        server.terminate()
+
+
+def test_dashboard_in_chromium(stack: dict[str, Any], db_url: str, tmp_path: Path) -> None:
+    shots = Path(os.environ.get("DASHBOARD_SCREENSHOTS") or tmp_path / "screenshots")
+    env = {
+        **os.environ,
+        "DASH_URL": stack["url"],
+        "ADMIN_TOKEN": stack["admin"],
+        "READ_TOKEN": stack["read"],
+        "SCREENSHOT_DIR": str(shots),
+    }
+    proc = subprocess.run(
+        ["node", str(SPEC)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=SPEC_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert proc.stdout.strip(), f"no output from the browser script:\n{proc.stderr[-3000:]}"
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, json.dumps(seen["failures"], indent=1)[:6000]
+    assert len(seen["screenshots"]) == 15
+    assert all(Path(p).is_file() for p in seen["screenshots"])
+
+    with psycopg.connect(db_url) as conn:
+        # login: the server's own words about a bad token; what each scope allows
+        assert "not valid" in seen["badTokenMessage"]
+        assert "not valid" in seen["unauthorizedMessage"]
+        assert (seen["readScope"], seen["adminScope"]) == ("read", "admin")
+        assert "Read only" in seen["readScopeText"]
+
+        # fleet: state, gaps and agent version of every device as the database has them
+        devices = {
+            d: (s or "unknown", m, v or "")
+            for d, s, m, v in _rows(
+                conn, "SELECT device_id, state, missing, agent_version FROM devices"
+            )
+        }
+        shown = {r["device"]: (r["state"], int(r["missing"]), r["version"]) for r in seen["fleet"]}
+        assert shown == devices
+        assert shown["cr-0102"][1] == 2
+        assert shown["env-0101"][0] == "online"
+        assert {"s001/101", "s001/102", "s002/"} <= set(seen["rooms"])
+        env_row = next(r for r in seen["fleet"] if r["device"] == "env-0101")
+        assert env_row["backlog"] != ""
+        assert int(env_row["backlog"]) >= 0
+        # the device page lists stored events only
+        stored = {s for (s,) in _rows(conn, "SELECT seq FROM events WHERE device_id = 'env-0101'")}
+        assert seen["deviceEvents"]
+        assert set(seen["deviceEvents"]) <= stored
+        assert seen["healthCharts"] >= 3
+
+        # data quality: read-only users get the notice, admins the counts
+        assert "admin" in seen["readQuarantineNotice"]
+        assert {r["device"]: int(r["missing"]) for r in seen["gaps"]} == {
+            d: m for d, (_, m, _) in devices.items() if m > 0
+        }
+        reasons = dict(_rows(conn, "SELECT reason, count(*) FROM quarantine GROUP BY reason"))
+        assert {r["reason"]: int(r["count"]) for r in seen["reasons"]} == reasons
+        assert seen["quarantineChart"] >= 1
+
+        # commands: read tokens cannot ping; the admin's ping was answered by the agent
+        assert seen["readPingDisabled"] is True
+        ok = [c["command"] for c in seen["commands"] if c["status"] == "ok"]
+        assert ok
+        assert _rows(conn, "SELECT name, status FROM commands WHERE id = %s", ok[0]) == [
+            ("ping", "ok")
+        ]
+
+        # live: events arrived in the feed, and each is a stored event
+        assert len(seen["live"]) >= 5
+        for row in seen["live"]:
+            assert _rows(
+                conn,
+                "SELECT 1 FROM events WHERE device_id = %s AND seq = %s",
+                row["device"],
+                int(row["seq"]),
+            ), row
+
+        # today's rollups as the relations hold them
+        today = datetime.now(UTC).date()
+        attendance = _rows(
+            conn, "SELECT class_id, checkins, late FROM attendance_daily WHERE day = %s", today
+        )
+        assert {(r["class"], int(r["checkins"]), int(r["late"])) for r in seen["attendance"]} == {
+            (c, n, late) for c, n, late in attendance
+        }
+        (minutes,) = _rows(
+            conn,
+            "SELECT sum(on_minutes) FROM board_power_daily b JOIN devices d USING (device_id)"
+            " WHERE day = %s AND d.room = '101'",
+            today,
+        )[0]
+        assert {r["room"]: float(r["minutes"]) for r in seen["board"]} == {
+            "s001 / 101": round(minutes, 1)
+        }
+        latest = _rows(
+            conn,
+            "SELECT avg FROM env_5min WHERE device_id = 'env-0101' AND metric = 'co2_ppm'"
+            " ORDER BY bucket DESC LIMIT 1",
+        )[0][0]
+        co2 = {r["room"]: float(r["latest"]) for r in seen["co2"]}
+        assert co2 == {"s001 / 101": round(latest, 1)}
+        assert seen["rollupCharts"] >= 3
+
+    # Chinese throughout, and a tablet that fits
+    zh = seen["zh"]
+    assert zh["nav"] == ["设备总览", "实时事件", "数据质量", "今日统计"]
+    assert zh["fleet"] == "设备总览"
+    assert zh["quality"] == "数据质量"
+    assert zh["live"] == "实时事件"
+    assert zh["rollupsTitle"].startswith("今日")
+    assert "管理员" in zh["scope"]
+    assert zh["login"] == "使用 API 令牌登录"
+    tablet = seen["tablet"]
+    assert tablet["loginTitle"] == "使用 API 令牌登录"
+    assert tablet["fleetFits"]
+    assert tablet["deviceFits"]
+    assert tablet["rollupsFits"]
+    assert tablet["smallestControl"] >= 44
+    print("screenshots:", *seen["screenshots"], sep="\n  ")

@@ -1,0 +1,334 @@
+"""The data API on a real PostgreSQL with known rows: devices, events, readings, export,
+rollups, quarantine; pagination under concurrent inserts; errors naming the parameter."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+import psycopg
+import pytest
+
+from ingest_server.http import HttpServer
+from tests.integration.api_seed import (
+    DAY0,
+    ROLLUP_ROWS,
+    T0,
+    TRICKY,
+    Seeded,
+    api_server,
+    get,
+    get_json,
+    make_tokens,
+    seed,
+)
+from tests.services import Postgres
+
+pytestmark = pytest.mark.integration
+
+RANGE = {"from": (T0 - timedelta(hours=1)).isoformat(), "to": (T0 + timedelta(hours=1)).isoformat()}
+
+
+class Api:
+    def __init__(self, http: HttpServer, tokens: dict[str, str], seeded: Seeded, db_url: str):
+        self.base = http.url
+        self.tokens = tokens
+        self.seeded = seeded
+        self.db_url = db_url
+
+    def url(self, path: str, **params: Any) -> str:
+        return f"{self.base}{path}?{urlencode(params, doseq=True)}" if params else self.base + path
+
+    def get(self, path: str, scope: str = "read", **params: Any) -> tuple[int, Any]:
+        return get_json(self.url(path, **params), self.tokens[scope])
+
+
+@pytest.fixture(scope="module")
+def api(pg_server: Postgres) -> Iterator[Api]:
+    """One seeded database and server for the module: tests that insert use their own range."""
+    name = f"t_api_{uuid.uuid4().hex[:8]}"
+    db_url = pg_server.create_database(name)
+    try:
+        seeded = seed(db_url)
+        tokens = make_tokens(db_url)
+        with api_server(db_url) as http:
+            yield Api(http, tokens, seeded, db_url)
+    finally:
+        pg_server.drop_database(name)
+
+
+def walk(api: Api, path: str, **params: Any) -> list[dict[str, Any]]:
+    """Every item of a paged listing, following ``next`` (bounded)."""
+    status, page = api.get(path, **params)
+    assert status == 200, page
+    items = list(page["items"])
+    for _ in range(1000):
+        if page["next"] is None:
+            return items
+        status, _, body = get(page["next"], api.tokens["read"])
+        assert status == 200, body
+        page = json.loads(body)
+        items += page["items"]
+    raise AssertionError("pagination did not end")
+
+
+def test_every_data_endpoint_needs_a_token(api: Api) -> None:
+    status, spec = get_json(api.base + "/openapi.json", None)
+    assert status == 200
+    paths = [p for p in spec["paths"] if p.startswith("/api/v1/") and "{" not in p]
+    assert len(paths) >= 14
+    for path in paths:
+        assert get(api.base + path, None)[0] == 401, path
+
+
+def test_devices_list_and_filters(api: Api) -> None:
+    status, devices = api.get("/api/v1/devices")
+    assert status == 200
+    assert [d["device_id"] for d in devices] == ["cr-0101", "env-0101", "sb-0101", "cr-0201"]
+    _, s1 = api.get("/api/v1/devices", school="s001", room="101")
+    assert {d["device_id"] for d in s1} == {"cr-0101", "sb-0101"}
+    _, readers = api.get("/api/v1/devices", kind="card_reader")
+    assert {d["device_id"] for d in readers} == {"cr-0101", "cr-0201"}
+    _, offline = api.get("/api/v1/devices", state="offline")
+    assert {d["device_id"] for d in offline} == {"sb-0101", "env-0101"}  # never online counts
+    status, body = api.get("/api/v1/devices", kind="toaster")
+    assert status == 422
+    assert body["detail"][0]["loc"] == ["query", "kind"]
+
+
+def test_device_detail(api: Api) -> None:
+    status, d = api.get("/api/v1/devices/sb-0101")
+    assert status == 200
+    assert d["missing"] == 1  # seq 3 never arrived
+    assert d["event_count"] == 4
+    assert d["state"] == "offline"
+    assert d["state_since"].startswith("2026-11-20T08:06:00")
+    assert (d["room"], d["class_id"], d["grade"], d["agent_version"]) == (
+        "101",
+        "c7a",
+        "7",
+        "1.4.0",
+    )
+    assert d["health"]["outbox_depth"] == 17
+    assert d["health"]["oldest_unsent_s"] == 2.5
+    assert d["health"]["drivers"] == {"panel": "running", "camera": "error"}
+    _, reader = api.get("/api/v1/devices/cr-0101")
+    assert reader["health"] is None
+    status, body = api.get("/api/v1/devices/nope-1")
+    assert status == 404
+    assert "nope-1" in body["detail"]
+
+
+def test_events_filters_and_order(api: Api) -> None:
+    items = walk(api, "/api/v1/events", **RANGE)
+    assert len(items) == len(api.seeded.events)
+    keys = [(i["time"], i["device_id"], i["seq"]) for i in items]
+    assert keys == sorted(keys)
+    _, page = api.get("/api/v1/events", school="s002", **RANGE)
+    assert {i["device_id"] for i in page["items"]} == {"cr-0201"}
+    _, page = api.get("/api/v1/events", device="sb-0101", type="board.power", **RANGE)
+    assert [i["seq"] for i in page["items"]] == [1, 2, 4]
+    _, page = api.get("/api/v1/events", device="cr-0101", limit=1, **RANGE)
+    assert page["items"][0]["data"] == {**TRICKY, "n": 0}
+    # the default range is the last 24 h: the seeded rows are older
+    _, page = api.get("/api/v1/events")
+    assert page["items"] == []
+
+
+def _insert(db_url: str, school: str, device: str, start: datetime, seqs: range) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data)"
+            " SELECT %s::timestamptz + g * interval '1 ms', %s, %s, 'card_reader', g,"
+            " 'card.tap', jsonb_build_object('n', g) FROM unnest(%s::bigint[]) g",
+            (start, school, device, list(seqs)),
+        )
+
+
+def test_events_pagination_is_stable_under_inserts(api: Api) -> None:
+    t1 = T0 + timedelta(days=10)  # a range of its own: the module's other tests share the db
+    own = {"from": t1.isoformat(), "to": (t1 + timedelta(hours=1)).isoformat()}
+    _insert(api.db_url, "s008", "pg-0001", t1, range(100, 120))
+    status, page = api.get("/api/v1/events", limit=5, **own)
+    assert status == 200
+    seen = list(page["items"])
+    assert page["next"] is not None
+    cut = seen[-1]["time"]
+    # rows before the cursor (must not shift the pages) and after it (must appear)
+    _insert(api.db_url, "s008", "pg-0001", t1 - timedelta(microseconds=1000), range(1, 3))
+    _insert(api.db_url, "s008", "pg-0001", t1, range(200, 203))
+    for _ in range(100):
+        if page["next"] is None:
+            break
+        page = json.loads(get(page["next"], api.tokens["read"])[2])
+        seen += page["items"]
+    keys = [(i["device_id"], i["seq"]) for i in seen]
+    assert len(keys) == len(set(keys))  # nothing twice
+    expected = {("pg-0001", q) for q in [*range(100, 120), *range(200, 203)]}
+    assert set(keys) == expected  # nothing skipped; the late row before the cursor not mixed in
+    assert all(i["time"] >= cut for i in seen[5:])
+
+
+def test_readings_paged(api: Api) -> None:
+    items = walk(api, "/api/v1/readings", limit=3, **RANGE)
+    assert len(items) == len(api.seeded.readings)
+    _, page = api.get("/api/v1/readings", metric="co2_ppm", **RANGE)
+    assert [i["value"] for i in page["items"]] == [600.0, 601.0, 602.0, 603.0, 604.0]
+
+
+@pytest.mark.parametrize(
+    ("params", "name"),
+    [
+        ({"from": "2026-11-21T00:00:00Z", "to": "2026-11-20T00:00:00Z"}, "from"),
+        ({"from": "yesterday"}, "from"),
+        ({"to": "2026-11-20T08:00:00"}, "to"),  # no offset
+        ({"from": "2020-01-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"}, "from"),  # too wide
+        ({"limit": 5000}, "limit"),
+        ({"cursor": "bm90IGEgY3Vyc29y"}, "cursor"),
+        ({"device": "Robert'); DROP TABLE events;--"}, "device"),
+    ],
+)
+def test_bad_parameters_are_named(api: Api, params: dict[str, Any], name: str) -> None:
+    status, body = api.get("/api/v1/events", **params)
+    assert status == 422, body
+    assert body["detail"][0]["loc"] == ["query", name]
+    assert body["detail"][0]["msg"]
+
+
+def test_a_cursor_of_another_listing_is_refused(api: Api) -> None:
+    _, page = api.get("/api/v1/readings", limit=1, **RANGE)
+    status, body = api.get("/api/v1/events", cursor=page["cursor"], **RANGE)
+    assert status == 422
+    assert "cursor" in body["detail"][0]["loc"]
+
+
+def test_export_csv_and_ndjson(api: Api) -> None:
+    status, headers, body = get(api.url("/api/v1/export/events.csv", **RANGE), api.tokens["read"])
+    assert status == 200
+    assert headers["content-type"].startswith("text/csv")
+    assert headers["content-disposition"] == (
+        'attachment; filename="events-20261120T070000Z-20261120T090000Z.csv"'
+    )
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert len(rows) == len(api.seeded.events)
+    first = next(r for r in rows if r["device_id"] == "cr-0101")
+    assert json.loads(first["data"]) == {**TRICKY, "n": 0}  # quoted comma, quote, newline
+    assert first["seq"] == "1"
+    assert first["time"] == T0.isoformat()
+
+    status, headers, body = get(
+        api.url("/api/v1/export/events.ndjson", device="sb-0101", **RANGE), api.tokens["read"]
+    )
+    assert status == 200
+    assert headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in body.decode().splitlines()]
+    assert [x["seq"] for x in lines] == [1, 2, 4, 5]
+    assert lines[-1]["data"]["drivers"]["panel"] == "running"
+
+    status, _, body = get(
+        api.url("/api/v1/export/readings.csv", metric="temperature_c", **RANGE),
+        api.tokens["read"],
+    )
+    assert status == 200
+    got = list(csv.reader(io.StringIO(body.decode())))
+    assert got[0] == ["time", "school_id", "device_id", "metric", "value"]
+    assert [float(r[4]) for r in got[1:]] == [21.0, 22.0, 23.0, 24.0, 25.0]
+    assert get(api.url("/api/v1/export/events.xml"), api.tokens["read"])[0] == 422
+
+
+def test_export_larger_than_one_chunk(api: Api) -> None:
+    n = 12_000  # more than two chunks of the server-side cursor
+    t2 = T0 + timedelta(days=20)
+    _insert(api.db_url, "s009", "bulk-1", t2, range(1, n + 1))
+    own = {"from": t2.isoformat(), "to": (t2 + timedelta(hours=1)).isoformat()}
+    status, _, body = get(
+        api.url("/api/v1/export/events.ndjson", school="s009", **own), api.tokens["read"], 30
+    )
+    assert status == 200
+    seqs = [json.loads(line)["seq"] for line in body.decode().splitlines()]
+    assert seqs == list(range(1, n + 1))
+
+
+@pytest.mark.parametrize(
+    ("path", "relation", "params"),
+    [
+        ("card-taps", "card_taps_daily", {"school": "s001"}),
+        ("attendance", "attendance_daily", {"school": "s001"}),
+        ("board-power", "board_power_daily", {}),
+        ("board-input", "board_input_daily", {"device": "sb-0101"}),
+        ("env", "env_5min", RANGE),
+        ("device-online", "device_online_daily", {}),
+        ("library", "library_daily", {"school": "s001"}),
+    ],
+)
+def test_rollups(api: Api, path: str, relation: str, params: dict[str, Any]) -> None:
+    days = {"from": DAY0.isoformat(), "to": (DAY0 + timedelta(days=6)).isoformat()}
+    query = params if path == "env" else {**days, **params}
+    status, body = api.get(f"/api/v1/rollups/{path}", **query)
+    assert status == 200, body
+    assert body["truncated"] is False
+    expected = [r for r in ROLLUP_ROWS[relation] if params.get("school", r[1]) == r[1]]
+    assert len(body["items"]) == len(expected)
+    first = body["items"][0]
+    assert first["school_id"] == expected[0][1]
+    assert list(first.values())[-1] == expected[0][-1]
+
+
+def test_rollup_filters(api: Api) -> None:
+    _, body = api.get(
+        "/api/v1/rollups/card-taps", **{"from": DAY0.isoformat(), "to": DAY0.isoformat()}
+    )
+    assert {(i["device_id"], i["taps"]) for i in body["items"]} == {("cr-0101", 42), ("cr-0201", 7)}
+    _, body = api.get("/api/v1/rollups/attendance", **{"from": DAY0.isoformat(), "class": "c7a"})
+    assert [(i["checkins"], i["on_time"], i["late"]) for i in body["items"]] == [(30, 27, 2)]
+    _, body = api.get("/api/v1/rollups/library-top-items", school="s001", limit=1)
+    assert body == {
+        "items": [
+            {"school_id": "s001", "item_id": "isbn-978", "loans": 17,
+             "last_loan": T0.isoformat().replace("+00:00", "Z")}
+        ],
+        "truncated": True,
+    }  # fmt: skip
+    status, body = api.get(
+        "/api/v1/rollups/card-taps", **{"from": "2026-12-01", "to": "2026-11-01"}
+    )
+    assert status == 422
+    assert body["detail"][0]["loc"] == ["query", "from"]
+
+
+def test_quarantine_is_admin_only(api: Api) -> None:
+    status, body = api.get("/api/v1/quarantine", "read", **RANGE)
+    assert status == 403
+    assert "admin" in body["detail"]
+    status, page = api.get("/api/v1/quarantine", "admin", limit=3, **RANGE)
+    assert status == 200
+    assert [i["reason"] for i in page["items"]] == [
+        "missing field device_id",
+        "not JSON: invalid UTF-8",
+        "unsupported version 9",
+    ]  # newest first
+    binary = page["items"][1]
+    assert binary["payload_bytes"] == len(b"\xff\xfe binary")
+    assert binary["payload_text"] == "\\377\\376 binary"
+    status, _, raw = get(page["next"], api.tokens["admin"])
+    assert [i["payload_text"] for i in json.loads(raw)["items"]] == ["{not json"]
+
+    _, page = api.get("/api/v1/quarantine", "admin", reason="not JSON", **RANGE)
+    assert len(page["items"]) == 2
+    assert page["next"] is None
+    status, counts = api.get("/api/v1/quarantine/reasons", "admin", **RANGE)
+    assert status == 200
+    assert sum(c["count"] for c in counts) == 4
+    assert {c["reason"] for c in counts} >= {"unsupported version 9"}
+
+
+def test_timestamps_are_utc_iso(api: Api) -> None:
+    _, page = api.get("/api/v1/events", device="cr-0201", limit=1, **RANGE)
+    when = datetime.fromisoformat(page["items"][0]["time"])
+    assert when == T0.astimezone(UTC)
