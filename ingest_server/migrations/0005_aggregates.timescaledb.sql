@@ -49,9 +49,11 @@ GROUP BY 1, 2, 3, 4 WITH NO DATA;
 CREATE VIEW env_5min AS
 SELECT bucket, school_id, device_id, metric, avg, min, max, samples FROM env_5min_agg;
 
--- Materialise the last three days every 15 minutes; newer rows are real-time, older days
--- stay as materialised (retention drops raw chunks, not these).
-SELECT add_continuous_aggregate_policy(v, start_offset => interval '3 days',
+-- Materialise the last 30 days every 15 minutes; newer rows are real-time. A bucket that is
+-- below the materialisation watermark but outside this window is NOT shown from raw rows, so
+-- the window must cover backlog replays (agents buffer for days); older late data needs a
+-- manual refresh_continuous_aggregate. Retention drops raw chunks, not these.
+SELECT add_continuous_aggregate_policy(v, start_offset => interval '30 days',
                                        end_offset => interval '1 hour',
                                        schedule_interval => interval '15 minutes')
 FROM unnest(ARRAY['card_taps_daily_agg', 'attendance_daily_agg', 'env_5min_agg']) AS v;
