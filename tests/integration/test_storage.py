@@ -219,3 +219,76 @@ def test_migration_carries_0001_data_over(store: str) -> None:
             None,
         )
         assert migrate(conn) == []
+
+
+def test_partitions_made_ahead_and_dropped_after_retention(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        migrate(conn)
+        today = datetime.now(TZ).date()
+        names = {
+            r[0]
+            for r in conn.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = 'events'::regclass"
+            )
+        }
+        for k in range(8):  # today and partitions_ahead (7) days
+            assert f"events_p{(today + timedelta(days=k)):%Y%m%d}" in names
+        assert "events_default" in names
+        # An event 10 days back has no partition: DEFAULT takes it until one is made for its day.
+        conn.execute(
+            "INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data)"
+            " VALUES (%s, 's1', 'd', 'x', 1, 'card.tap', '{}')",
+            (at(today - timedelta(days=10), 12),),
+        )
+        assert conn.execute("SELECT count(*) FROM ONLY events_default").fetchone() == (1,)
+        conn.execute(
+            "SELECT campus_ensure_partitions('events', %s, %s)",
+            (at(today - timedelta(days=10), 0), at(today - timedelta(days=9), 0)),
+        )
+        assert conn.execute("SELECT count(*) FROM ONLY events_default").fetchone() == (0,)
+        assert conn.execute("SELECT tableoid::regclass::text FROM events").fetchone() == (
+            f"events_p{(today - timedelta(days=10)):%Y%m%d}",
+        )
+        set_policy(conn, "events", compress_after=None, retain_for="5 days")
+        result = maintain(conn)
+        assert result.dropped == 1
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+        assert maintain(conn).created == 0  # already there
+
+
+def test_writer_keeps_device_seq_identity(db_url: str) -> None:
+    from ingest_server.writer import BatchWriter
+    from tests.integration.test_ingest_writer import message, rows, tap
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        migrate(conn)
+        writer = BatchWriter(conn)
+        assert writer.write(rows(message("cr-1", [tap(5), tap(6)]))).inserted == 2
+        # Same seq, same ts (a resend): dropped.
+        again = writer.write(rows(message("cr-1", [tap(6), tap(7)])))
+        assert (again.inserted, again.duplicates) == (1, 1)
+        # Same seq with another ts (breaks the contract): still dropped, by (device_id, seq).
+        moved = tap(5)
+        moved = type(moved)(
+            seq=5, ts=moved.ts + timedelta(days=2), type=moved.type, data=moved.data
+        )
+        assert writer.write(rows(message("cr-1", [moved]))).duplicates == 1
+        # Out of order: below the device's max seq, new, takes the slow path and is kept.
+        assert writer.write(rows(message("cr-1", [tap(3), tap(1)]))).inserted == 2
+        # Far past and far future land in DEFAULT.
+        far = [
+            type(moved)(seq=s, ts=ts, type=moved.type, data=moved.data)
+            for s, ts in (
+                (100, datetime(1990, 1, 1, tzinfo=TZ)),
+                (101, datetime(2100, 1, 1, tzinfo=TZ)),
+            )
+        ]
+        assert writer.write(rows(message("cr-1", far))).inserted == 2
+        assert conn.execute(
+            "SELECT count(*) FROM ONLY events_default WHERE seq >= 100"
+        ).fetchone() == (2,)
+        assert conn.execute(
+            "SELECT count(*), count(DISTINCT seq) FROM events WHERE device_id = 'cr-1'"
+        ).fetchone() == (7, 7)
+        assert conn.execute("SELECT event_count, max_seq FROM devices").fetchone() == (7, 101)
