@@ -2,6 +2,8 @@
 
 Each file runs once, in its own transaction, and is recorded in ``schema_migrations``; servers
 starting together wait for each other on the lock, so running this any number of times is safe.
+A version may instead ship one file per backend, ``NNNN_name.timescaledb.sql`` and
+``NNNN_name.postgres.sql``: the first runs where the ``timescaledb`` extension is available.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ log = logging.getLogger(__name__)
 
 #: Key of the session advisory lock held while migrating (any fixed bigint; "campus\0\1").
 LOCK_KEY: Final = 0x63616D7075730001
-_FILE_RE: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_FILE_RE: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)(?:\.(timescaledb|postgres))?\.sql$")
+#: Backends a migration file may be specific to.
+BACKENDS: Final = ("timescaledb", "postgres")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,11 +37,13 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-def available() -> list[Migration]:
-    """The migrations shipped with this package, in version order."""
+def available(backend: str = "postgres") -> list[Migration]:
+    """The migrations shipped with this package for ``backend``, in version order."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     found = []
     for entry in (resources.files(__package__) / "migrations").iterdir():
-        if m := _FILE_RE.match(entry.name):
+        if (m := _FILE_RE.match(entry.name)) and m[3] in (None, backend):
             found.append(Migration(int(m[1]), m[2], entry.read_text(encoding="utf-8")))
     found.sort(key=lambda mig: mig.version)
     versions = [mig.version for mig in found]
@@ -60,7 +66,7 @@ def migrate(conn: psycopg.Connection[Any]) -> list[int]:
         )
         done = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
         applied = []
-        for mig in available():
+        for mig in available(backend(conn)):
             if mig.version in done:
                 if done[mig.version] != mig.checksum:
                     log.warning(
@@ -81,6 +87,14 @@ def migrate(conn: psycopg.Connection[Any]) -> list[int]:
     finally:
         if not conn.closed and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
             conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
+def backend(conn: psycopg.Connection[Any]) -> str:
+    """``timescaledb`` where that extension is installed or can be, else ``postgres``."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'timescaledb')"
+    ).fetchone()
+    return "timescaledb" if row and row[0] else "postgres"
 
 
 def migrate_url(conninfo: str) -> list[int]:

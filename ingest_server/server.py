@@ -28,6 +28,7 @@ from ingest_server.http import HttpServer, create_app
 from ingest_server.metrics import IngestMetrics
 from ingest_server.migrate import migrate
 from ingest_server.settings import BrokerUrl, Settings, SettingsError, mask
+from ingest_server.storage import StorageMaintenance
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class IngestServer:
         self._consumer: Consumer | None = None
         self._http: HttpServer | None = None
         self._control: ControlPlane | None = None
+        self.storage: StorageMaintenance | None = None
         self._stack = contextlib.ExitStack()
         #: The embedded broker's credentials and topic rules, kept current from the registry.
         self.broker_rules: broker_auth.RulesHolder | None = None
@@ -89,6 +91,10 @@ class IngestServer:
             control.start()
             self._stack.callback(control.stop)
             self._control = control
+            # Partitions ahead, retention, rollups; skips a pass until the consumer has migrated.
+            self.storage = StorageMaintenance(db_url)
+            self.storage.start()
+            self._stack.callback(self.storage.stop)
             http.start()
             self._stack.callback(http.stop)
             self._http = http

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.services import Mosquitto, Postgres, shared_tmpdir
+from tests.timescale import timescale_server, tsdb_url  # noqa: F401  # fixtures
 
 
 @pytest.fixture
