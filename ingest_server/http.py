@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import uvicorn
 from fastapi import Depends, FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ingest_server.api import auth, data, devices, export, live, quarantine, rollups, tokens
 from ingest_server.api.deps import install_error_handlers, make_pool
@@ -69,7 +69,7 @@ def create_app(
 
     guard = [Depends(auth.require("read"))] if db_url is not None else []
 
-    @app.get("/metrics", dependencies=guard)
+    @app.get("/metrics", dependencies=guard, response_class=PlainTextResponse)
     def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
