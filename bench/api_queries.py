@@ -9,7 +9,7 @@ directly:
 1. a time-range page: one school's events in a random hour, 1000 rows (``/api/v1/events``);
 2. a keyset walk: 50 pages of 1000 rows following ``next`` (the same keyset SQL directly);
 3. a full export: every event as NDJSON (``/api/v1/export/events.ndjson``; directly: the same
-   SELECT through a named cursor, fetched in the same chunks, no rendering);
+   SELECT, which renders each line in PostgreSQL, through a named cursor in the same chunks);
 4. a daily rollup: taps per reader and day over the 10 days (``/api/v1/rollups/card-taps``).
 """
 
@@ -29,7 +29,8 @@ from urllib.parse import urlencode, urlsplit
 
 import psycopg
 
-from ingest_server.api.export import CHUNK_ROWS
+from ingest_server.api.data import where
+from ingest_server.api.export import CHUNK_ROWS, export_query
 from tests.integration.api_seed import api_server, make_tokens, prepare
 from tests.services import Postgres, shared_tmpdir
 
@@ -49,10 +50,6 @@ _PAGE_SQL = (
     " FROM events WHERE time >= %s AND time < %s AND school_id = %s"
 )
 _ORDER = " ORDER BY time, device_id, seq LIMIT %s"
-_EXPORT_SQL = (
-    "SELECT time, school_id, device_id, device_kind, seq, type, data::text, received_at, synced"
-    " FROM events WHERE time >= %s AND time < %s ORDER BY time, device_id, seq"
-)
 _ROLLUP_SQL = (
     "SELECT day, school_id, device_id, taps FROM card_taps_daily WHERE day >= %s AND day <= %s"
     " ORDER BY day, school_id, device_id LIMIT 10001"
@@ -181,8 +178,10 @@ def main(argv: list[str]) -> int:
                 assert lines == args.events // DEVICES * DEVICES, lines
 
             def sql_export() -> None:
+                cond, params = where(T0, end, {})
                 with conn.transaction(), conn.cursor(name="bench") as cur:
-                    cur.execute(_EXPORT_SQL, (T0, end))
+                    conn.execute("SET LOCAL TimeZone = 'UTC'")
+                    cur.execute(export_query("events", "ndjson", cond), params)
                     while cur.fetchmany(CHUNK_ROWS):
                         pass
 
