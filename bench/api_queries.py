@@ -104,10 +104,17 @@ class Client:
         self.headers = {"Authorization": f"Bearer {token}"}
 
     def get(self, path: str, **params: Any) -> bytes:
-        self.conn.request(
-            "GET", f"{path}?{urlencode(params)}" if params else path, headers=self.headers
-        )
-        resp = self.conn.getresponse()
+        target = f"{path}?{urlencode(params)}" if params else path
+        for attempt in (1, 2):
+            try:
+                self.conn.request("GET", target, headers=self.headers)
+                resp = self.conn.getresponse()
+                break
+            except (http.client.RemoteDisconnected, ConnectionError):
+                # uvicorn closes a connection idle for 5 s (while the SQL side runs): reopen
+                self.conn.close()
+                if attempt == 2:
+                    raise
         body = resp.read()
         if resp.status != 200:
             raise RuntimeError(f"{path}: {resp.status} {body[:200]!r}")
