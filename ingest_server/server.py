@@ -64,6 +64,7 @@ class IngestServer:
             self._consumer = consumer
             http.start()
             self._stack.callback(http.stop)
+            self._stack.callback(app.state.live.close)  # live streams end first, or stop waits
             self._http = http
             self._start_bootstrap(db_url)
         except BaseException:

@@ -100,3 +100,13 @@ async def test_subscriber_limit() -> None:
         hub.subscribe(LiveFilter())
     subs[0].drop("bye")
     hub.subscribe(LiveFilter())
+
+
+async def test_close_ends_every_stream_with_a_reason() -> None:
+    hub = LiveHub()
+    subs = [hub.subscribe(LiveFilter()) for _ in range(3)]
+    await asyncio.to_thread(hub.close)  # from another thread, as the server's stop does
+    for sub in subs:
+        assert await sub.next(5) is None
+        assert sub.dropped == "the server is shutting down"
+    assert hub.subscribers == 0
