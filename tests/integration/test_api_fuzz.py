@@ -43,6 +43,12 @@ def running(pg_server: Postgres) -> Iterator[dict[str, Any]]:
         pg_server.drop_database(name)
 
 
+# schemathesis's own strategies draw from the global `random` (its generation/dictionaries.py);
+# hypothesis flags that once it has seen other tests' strategies in the same session.
+@pytest.mark.filterwarnings(
+    "ignore:Do not use the `random` module inside strategies"
+    ":hypothesis.errors.HypothesisDeprecationWarning"
+)
 def test_api_conforms_to_its_schema(running: dict[str, Any]) -> None:
     schema = schemathesis.openapi.from_url(running["url"] + "/openapi.json")
     schema = schema.exclude(path="/api/v1/live").exclude(method="DELETE")
