@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("ingest_e2e", "fleet")
+BENCHES = ("ingest_e2e", "fleet", "api_queries")
 
 
 def main() -> int:

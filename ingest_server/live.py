@@ -19,6 +19,7 @@ the events that process stored: a live client sees its API instance's share only
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -163,6 +164,17 @@ class LiveHub:
                 loop.call_soon_threadsafe(self._dispatch, list(rows))
         except RuntimeError:  # the loop closed meanwhile: nobody is listening
             pass
+
+    def close(self) -> None:
+        """From any thread: end every stream (``event: dropped``), so the HTTP server can stop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._drop_all, "the server is shutting down")
+
+    def _drop_all(self, reason: str) -> None:
+        for sub in list(self._subs):
+            sub.drop(reason)
 
     def _lose(self) -> None:
         for sub in list(self._subs):

@@ -97,6 +97,7 @@ class IngestServer:
             self._stack.callback(self.storage.stop)
             http.start()
             self._stack.callback(http.stop)
+            self._stack.callback(app.state.live.close)  # live streams end first, or stop waits
             self._http = http
             self._start_bootstrap(db_url)
         except BaseException:

@@ -13,8 +13,9 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Final
 
 import psycopg
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 
 from ingest_server.api.deps import db
 
@@ -132,3 +133,12 @@ def next_link(request: Request, cursor: str | None) -> str | None:
     if cursor is None:
         return None
     return str(request.url.include_query_params(cursor=cursor))
+
+
+def reply(model: type[BaseModel], data: dict[str, Any]) -> Response:
+    """``data`` checked against ``model`` and encoded in one pass of pydantic-core.
+
+    FastAPI's own path validates a returned model again and encodes it in Python: ~5x slower
+    on a page of 1000 rows. Endpoints returning this declare ``response_model`` for the schema.
+    """
+    return Response(model.model_validate(data).model_dump_json(), media_type="application/json")

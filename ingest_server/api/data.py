@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Final, LiteralString
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
@@ -29,6 +29,7 @@ from ingest_server.api.common import (
     decode_cursor,
     encode_cursor,
     next_link,
+    reply,
     time_range,
 )
 
@@ -119,7 +120,7 @@ def _page(
     return rows, tuple(last[c] for c in key)
 
 
-@router.get("/events", summary="Events in a time range, keyset paged")
+@router.get("/events", summary="Events in a time range, keyset paged", response_model=EventPage)
 def list_events(
     request: Request,
     conn: Conn,
@@ -131,7 +132,7 @@ def list_events(
     type: TypeQ = None,
     limit: LimitQ = 100,
     cursor: CursorQ = None,
-) -> EventPage:
+) -> Response:
     r = time_range(start, end)
     after = None if cursor is None else decode_cursor(cursor, "events", (datetime, str, int))
     cond, params = where(r.start, r.end, {"school_id": school, "device_id": device, "type": type})
@@ -146,14 +147,14 @@ def list_events(
         limit=limit,
     )
     token = None if last is None else encode_cursor("events", last)
-    return EventPage(
-        items=[Event.model_validate(row) for row in rows],
-        next=next_link(request, token),
-        cursor=token,
-    )
+    return reply(EventPage, {"items": rows, "next": next_link(request, token), "cursor": token})
 
 
-@router.get("/readings", summary="Numeric readings in a time range, keyset paged")
+@router.get(
+    "/readings",
+    summary="Numeric readings in a time range, keyset paged",
+    response_model=ReadingPage,
+)
 def list_readings(
     request: Request,
     conn: Conn,
@@ -165,7 +166,7 @@ def list_readings(
     metric: MetricQ = None,
     limit: LimitQ = 100,
     cursor: CursorQ = None,
-) -> ReadingPage:
+) -> Response:
     r = time_range(start, end)
     after = None if cursor is None else decode_cursor(cursor, "readings", (datetime, str, str))
     filters = {"school_id": school, "device_id": device, "metric": metric}
@@ -181,8 +182,4 @@ def list_readings(
         limit=limit,
     )
     token = None if last is None else encode_cursor("readings", last)
-    return ReadingPage(
-        items=[Reading.model_validate(row) for row in rows],
-        next=next_link(request, token),
-        cursor=token,
-    )
+    return reply(ReadingPage, {"items": rows, "next": next_link(request, token), "cursor": token})

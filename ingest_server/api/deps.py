@@ -48,6 +48,7 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("API: no database connection: %s", exc)
         return JSONResponse({"detail": "the database is not reachable right now"}, 503)
 
+    @app.exception_handler(psycopg.errors.UndefinedColumn)
     @app.exception_handler(psycopg.errors.UndefinedTable)
     async def not_migrated(_request: Request, exc: psycopg.Error) -> JSONResponse:
         log.warning("API: %s", exc)

@@ -1,8 +1,8 @@
 """``/api/v1/export/{events,readings}.{csv,ndjson}``: a whole range, streamed.
 
 A named (server-side) cursor inside a transaction hands out ``CHUNK_ROWS`` rows at a time, so
-the server's memory stays flat whatever the range. ``data`` leaves PostgreSQL as text and goes
-out as it is: as one JSON-string column in CSV, spliced verbatim into each NDJSON line.
+the server's memory stays flat whatever the range. PostgreSQL renders each row as text (an
+NDJSON line, or CSV fields with ``data`` as one JSON-string column); Python only quotes CSV.
 At most ``EXPORT_SLOTS`` exports run at once (each holds a pooled connection); more get 429.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -54,59 +52,43 @@ _EVENT_HEADER: Final = (
     "received_at",
     "synced",
 )
-Render = Callable[[list[tuple[Any, ...]]], str]
 _READING_HEADER: Final = ("time", "school_id", "device_id", "metric", "value")
-_EVENT_SELECT: Final = (
-    "SELECT time, school_id, device_id, device_kind, seq, type, data::text, received_at, synced"
-    " FROM events WHERE {} ORDER BY time, device_id, seq"
-)
-_READING_SELECT: Final = (
-    "SELECT time, school_id, device_id, metric, value FROM readings WHERE {}"
-    " ORDER BY time, device_id, metric"
-)
+_ORDER: Final = {"events": "time, device_id, seq", "readings": "time, device_id, metric"}
+# PostgreSQL renders each row (its JSON and ISO 8601 output are C, and several times faster
+# than formatting datetimes and JSON here); with TimeZone UTC every time ends in +00:00.
+_FINITE: Final = "CASE WHEN value IN ('NaN', 'Infinity', '-Infinity') THEN NULL ELSE value END"
+_SELECT: Final[dict[tuple[str, str], str]] = {
+    ("events", "csv"): "to_json(time) #>> '{}', school_id, device_id, device_kind, seq, type,"
+    " data::text, to_json(received_at) #>> '{}', synced::text",
+    ("events", "ndjson"): "json_build_object('time', time, 'school_id', school_id,"
+    " 'device_id', device_id, 'device_kind', device_kind, 'seq', seq, 'type', type,"
+    " 'data', data, 'received_at', received_at, 'synced', synced)::text",
+    ("readings", "csv"): f"to_json(time) #>> '{{}}', school_id, device_id, metric, {_FINITE}",
+    ("readings", "ndjson"): "json_build_object('time', time, 'school_id', school_id,"
+    f" 'device_id', device_id, 'metric', metric, 'value', {_FINITE})::text",
+}
 
 
-def _iso(t: datetime) -> str:
-    return t.astimezone(UTC).isoformat()
-
-
-def _float(v: float) -> str:
-    return repr(v) if math.isfinite(v) else ""
-
-
-def _csv_events(rows: list[tuple[Any, ...]]) -> str:
+def _csv(rows: list[tuple[Any, ...]]) -> str:
     out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerows(
-        (_iso(t), s, d, k, q, ty, data, _iso(rec), "true" if syn else "false")
-        for t, s, d, k, q, ty, data, rec, syn in rows
-    )
+    csv.writer(out, lineterminator="\n").writerows(rows)
     return out.getvalue()
 
 
-def _ndjson_events(rows: list[tuple[Any, ...]]) -> str:
-    dumps = json.dumps
-    return "".join(
-        f'{{"time":"{_iso(t)}","school_id":{dumps(s)},"device_id":{dumps(d)},'
-        f'"device_kind":{dumps(k)},"seq":{q},"type":{dumps(ty)},"data":{data},'
-        f'"received_at":"{_iso(rec)}","synced":{"true" if syn else "false"}}}\n'
-        for t, s, d, k, q, ty, data, rec, syn in rows
-    )
+def _ndjson(rows: list[tuple[Any, ...]]) -> str:
+    return "".join([r[0] + "\n" for r in rows])
 
 
-def _csv_readings(rows: list[tuple[Any, ...]]) -> str:
-    out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerows((_iso(t), s, d, m, _float(v)) for t, s, d, m, v in rows)
-    return out.getvalue()
+Render = Callable[[list[tuple[Any, ...]]], str]
 
 
-def _ndjson_readings(rows: list[tuple[Any, ...]]) -> str:
-    dumps = json.dumps
-    return "".join(
-        f'{{"time":"{_iso(t)}","school_id":{dumps(s)},"device_id":{dumps(d)},'
-        f'"metric":{dumps(m)},"value":{_float(v) or "null"}}}\n'
-        for t, s, d, m, v in rows
+def export_query(what: str, fmt: str, cond: sql.Composable) -> sql.Composed:
+    """The SELECT that renders ``what`` rows matching ``cond`` in ``fmt``, in export order."""
+    return sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {}").format(
+        sql.SQL(_SELECT[what, fmt]),
+        sql.Identifier(what),
+        cond,
+        sql.SQL(_ORDER[what]),
     )
 
 
@@ -121,15 +103,13 @@ def stream_rows(
     try:
         if header:
             yield header.encode()
-        with (
-            pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(name="campus_export") as cur,
-        ):
-            cur.itersize = CHUNK_ROWS
-            cur.execute(query, params)
-            while rows := cur.fetchmany(CHUNK_ROWS):
-                yield render(rows).encode()
+        with pool.connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL TimeZone = 'UTC'")
+            with conn.cursor(name="campus_export") as cur:
+                cur.itersize = CHUNK_ROWS
+                cur.execute(query, params)
+                while rows := cur.fetchmany(CHUNK_ROWS):
+                    yield render(rows).encode()
     finally:
         _slots.release()
 
@@ -142,7 +122,6 @@ def _respond(
     query: sql.Composable,
     params: list[Any],
     header: tuple[str, ...],
-    renderers: tuple[Render, Render],
     span: tuple[datetime, datetime],
 ) -> StreamingResponse:
     if not _slots.acquire(blocking=False):
@@ -152,7 +131,7 @@ def _respond(
             headers={"Retry-After": "10"},
         )
     first = ",".join(header) + "\n" if fmt == "csv" else ""
-    render = renderers[0] if fmt == "csv" else renderers[1]
+    render = _csv if fmt == "csv" else _ndjson
     stamp = f"{span[0]:%Y%m%dT%H%M%SZ}-{span[1]:%Y%m%dT%H%M%SZ}"
     body = stream_rows(request.app.state.pool, query, params, first, render)
     return StreamingResponse(
@@ -186,9 +165,8 @@ def export_events(
 ) -> StreamingResponse:
     r = time_range(start, end, MAX_EXPORT_SPAN)
     cond, params = where(r.start, r.end, {"school_id": school, "device_id": device, "type": type})
-    query = sql.SQL(_EVENT_SELECT).format(cond)
+    query = export_query("events", fmt, cond)
     span = (r.start.astimezone(UTC), r.end.astimezone(UTC))
-    renderers = (_csv_events, _ndjson_events)
     return _respond(
         request,
         what="events",
@@ -196,7 +174,6 @@ def export_events(
         query=query,
         params=params,
         header=_EVENT_HEADER,
-        renderers=renderers,
         span=span,
     )
 
@@ -221,9 +198,8 @@ def export_readings(
     cond, params = where(
         r.start, r.end, {"school_id": school, "device_id": device, "metric": metric}
     )
-    query = sql.SQL(_READING_SELECT).format(cond)
+    query = export_query("readings", fmt, cond)
     span = (r.start.astimezone(UTC), r.end.astimezone(UTC))
-    renderers = (_csv_readings, _ndjson_readings)
     return _respond(
         request,
         what="readings",
@@ -231,6 +207,5 @@ def export_readings(
         query=query,
         params=params,
         header=_READING_HEADER,
-        renderers=renderers,
         span=span,
     )

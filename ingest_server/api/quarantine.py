@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
@@ -22,6 +22,7 @@ from ingest_server.api.common import (
     decode_cursor,
     encode_cursor,
     next_link,
+    reply,
     time_range,
 )
 
@@ -83,7 +84,9 @@ def _filters(
     return sql.SQL(" AND ").join(parts), params
 
 
-@router.get("", summary="Quarantined messages, newest first, keyset paged")
+@router.get(
+    "", summary="Quarantined messages, newest first, keyset paged", response_model=QuarantinePage
+)
 def list_quarantine(
     request: Request,
     conn: Conn,
@@ -94,7 +97,7 @@ def list_quarantine(
     device: DeviceQ = None,
     limit: LimitQ = 100,
     cursor: CursorQ = None,
-) -> QuarantinePage:
+) -> Response:
     cond, params = _filters(start, end, reason, device)
     if cursor is not None:
         (before,) = decode_cursor(cursor, "quarantine", (int,))
@@ -107,11 +110,8 @@ def list_quarantine(
     ).format(sql.Literal(MAX_PAYLOAD_CHARS), cond)
     rows = conn.cursor(row_factory=dict_row).execute(query, [*params, limit + 1]).fetchall()
     token = encode_cursor("quarantine", (rows[limit - 1]["id"],)) if len(rows) > limit else None
-    return QuarantinePage(
-        items=[QuarantinedMessage.model_validate(r) for r in rows[:limit]],
-        next=next_link(request, token),
-        cursor=token,
-    )
+    page = {"items": rows[:limit], "next": next_link(request, token), "cursor": token}
+    return reply(QuarantinePage, page)
 
 
 @router.get("/reasons", summary="Quarantined messages counted by reason")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated, Any, Final, Generic, LiteralString, TypeVar
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
@@ -26,6 +26,7 @@ from ingest_server.api.common import (
     ToDayQ,
     ToQ,
     day_range,
+    reply,
     time_range,
 )
 
@@ -135,7 +136,11 @@ def _days(
     return [("school_id = %s", school), ("day >= %s", first), ("day <= %s", last)]
 
 
-@router.get("/card-taps", summary="Card taps per reader and day (card_taps_daily)")
+@router.get(
+    "/card-taps",
+    summary="Card taps per reader and day (card_taps_daily)",
+    response_model=Rollup[CardTaps],
+)
 def card_taps(
     conn: Conn,
     *,
@@ -143,7 +148,7 @@ def card_taps(
     start: FromDayQ = None,
     end: ToDayQ = None,
     device: DeviceQ = None,
-) -> Rollup[CardTaps]:
+) -> Response:
     conds = [*_days(school, start, end), ("device_id = %s", device)]
     rows, more = _fetch(
         conn,
@@ -152,10 +157,14 @@ def card_taps(
         "day, school_id, device_id",
         conds,
     )
-    return Rollup[CardTaps](items=[CardTaps.model_validate(r) for r in rows], truncated=more)
+    return reply(Rollup[CardTaps], {"items": rows, "truncated": more})
 
 
-@router.get("/attendance", summary="Check-ins per class and day (attendance_daily)")
+@router.get(
+    "/attendance",
+    summary="Check-ins per class and day (attendance_daily)",
+    response_model=Rollup[Attendance],
+)
 def attendance(
     conn: Conn,
     *,
@@ -163,7 +172,7 @@ def attendance(
     start: FromDayQ = None,
     end: ToDayQ = None,
     class_id: ClassQ = None,
-) -> Rollup[Attendance]:
+) -> Response:
     conds = [*_days(school, start, end), ("class_id = %s", class_id)]
     rows, more = _fetch(
         conn,
@@ -172,10 +181,14 @@ def attendance(
         "day, school_id, class_id",
         conds,
     )
-    return Rollup[Attendance](items=[Attendance.model_validate(r) for r in rows], truncated=more)
+    return reply(Rollup[Attendance], {"items": rows, "truncated": more})
 
 
-@router.get("/board-power", summary="Minutes each smart board was on, per day")
+@router.get(
+    "/board-power",
+    summary="Minutes each smart board was on, per day",
+    response_model=Rollup[BoardPower],
+)
 def board_power(
     conn: Conn,
     *,
@@ -183,7 +196,7 @@ def board_power(
     start: FromDayQ = None,
     end: ToDayQ = None,
     device: DeviceQ = None,
-) -> Rollup[BoardPower]:
+) -> Response:
     conds = [*_days(school, start, end), ("device_id = %s", device)]
     rows, more = _fetch(
         conn,
@@ -192,10 +205,14 @@ def board_power(
         "day, school_id, device_id",
         conds,
     )
-    return Rollup[BoardPower](items=[BoardPower.model_validate(r) for r in rows], truncated=more)
+    return reply(Rollup[BoardPower], {"items": rows, "truncated": more})
 
 
-@router.get("/board-input", summary="Minutes per smart-board input source, per day")
+@router.get(
+    "/board-input",
+    summary="Minutes per smart-board input source, per day",
+    response_model=Rollup[BoardInput],
+)
 def board_input(
     conn: Conn,
     *,
@@ -203,7 +220,7 @@ def board_input(
     start: FromDayQ = None,
     end: ToDayQ = None,
     device: DeviceQ = None,
-) -> Rollup[BoardInput]:
+) -> Response:
     conds = [*_days(school, start, end), ("device_id = %s", device)]
     rows, more = _fetch(
         conn,
@@ -212,10 +229,14 @@ def board_input(
         "day, school_id, device_id, source",
         conds,
     )
-    return Rollup[BoardInput](items=[BoardInput.model_validate(r) for r in rows], truncated=more)
+    return reply(Rollup[BoardInput], {"items": rows, "truncated": more})
 
 
-@router.get("/env", summary="Environment readings in 5-minute buckets (env_5min)")
+@router.get(
+    "/env",
+    summary="Environment readings in 5-minute buckets (env_5min)",
+    response_model=Rollup[Env5Min],
+)
 def env(
     conn: Conn,
     *,
@@ -224,7 +245,7 @@ def env(
     end: ToQ = None,
     device: DeviceQ = None,
     metric: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
-) -> Rollup[Env5Min]:
+) -> Response:
     r = time_range(start, end)
     conds: list[tuple[LiteralString, Any]] = [
         ("school_id = %s", school),
@@ -240,10 +261,14 @@ def env(
         "bucket, school_id, device_id, metric",
         conds,
     )
-    return Rollup[Env5Min](items=[Env5Min.model_validate(r) for r in rows], truncated=more)
+    return reply(Rollup[Env5Min], {"items": rows, "truncated": more})
 
 
-@router.get("/device-online", summary="Minutes each device was online, per day")
+@router.get(
+    "/device-online",
+    summary="Minutes each device was online, per day",
+    response_model=Rollup[DeviceOnline],
+)
 def device_online(
     conn: Conn,
     *,
@@ -251,7 +276,7 @@ def device_online(
     start: FromDayQ = None,
     end: ToDayQ = None,
     device: DeviceQ = None,
-) -> Rollup[DeviceOnline]:
+) -> Response:
     conds = [*_days(school, start, end), ("device_id = %s", device)]
     rows, more = _fetch(
         conn,
@@ -260,12 +285,14 @@ def device_online(
         "day, school_id, device_id",
         conds,
     )
-    return Rollup[DeviceOnline](
-        items=[DeviceOnline.model_validate(r) for r in rows], truncated=more
-    )
+    return reply(Rollup[DeviceOnline], {"items": rows, "truncated": more})
 
 
-@router.get("/library", summary="Library loans and returns per grade and day")
+@router.get(
+    "/library",
+    summary="Library loans and returns per grade and day",
+    response_model=Rollup[Library],
+)
 def library(
     conn: Conn,
     *,
@@ -273,7 +300,7 @@ def library(
     start: FromDayQ = None,
     end: ToDayQ = None,
     grade: GradeQ = None,
-) -> Rollup[Library]:
+) -> Response:
     conds = [*_days(school, start, end), ("grade::text = %s", grade)]
     rows, more = _fetch(
         conn,
@@ -282,22 +309,24 @@ def library(
         "day, school_id, grade",
         conds,
     )
-    return Rollup[Library](items=[Library.model_validate(r) for r in rows], truncated=more)
+    return reply(Rollup[Library], {"items": rows, "truncated": more})
 
 
-@router.get("/library-top-items", summary="The most borrowed library items")
+@router.get(
+    "/library-top-items",
+    summary="The most borrowed library items",
+    response_model=Rollup[LibraryItem],
+)
 def library_top_items(
     conn: Conn,
     *,
     school: SchoolQ = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-) -> Rollup[LibraryItem]:
+) -> Response:
     query = sql.SQL(
         "SELECT school_id, item_id, loans, last_loan FROM library_top_items"
         " WHERE {} ORDER BY loans DESC, school_id, item_id LIMIT %s"
     ).format(sql.SQL("school_id = %s" if school is not None else "true"))
     params: list[Any] = [school] if school is not None else []
     rows = conn.cursor(row_factory=dict_row).execute(query, [*params, limit + 1]).fetchall()
-    return Rollup[LibraryItem](
-        items=[LibraryItem.model_validate(r) for r in rows[:limit]], truncated=len(rows) > limit
-    )
+    return reply(Rollup[LibraryItem], {"items": rows[:limit], "truncated": len(rows) > limit})

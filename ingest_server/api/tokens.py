@@ -19,7 +19,9 @@ Conn = Annotated[psycopg.Connection[Any], Depends(db)]
 
 
 class TokenRequest(BaseModel):
-    name: str = Field(min_length=1, max_length=128, description="who or what uses it")
+    name: str = Field(
+        min_length=1, max_length=128, pattern=r"\S", description="who or what uses it"
+    )
     scopes: list[Literal["read", "admin"]] = Field(min_length=1)
 
 

@@ -23,6 +23,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest_server.api import auth
+from ingest_server.http import HttpServer
 from ingest_server.live import LiveHub
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
@@ -222,3 +223,13 @@ def test_live_filters_and_errors(server: IngestServer, mosquitto: Mosquitto, db_
     conn.request("GET", "/api/v1/live")
     assert conn.getresponse().status == 401
     conn.close()
+
+    # a stopping server ends open streams with a reason instead of waiting for them
+    lingering = SseClient(server.http.url, "/api/v1/live", token)
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < HttpServer.STOP_TIMEOUT_S / 2  # not its timeout
+    (last,) = list(lingering.messages(1))
+    assert last["event"] == "dropped"
+    assert "shutting down" in json.loads(last["data"])["reason"]
+    lingering.close()

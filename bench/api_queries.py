@@ -1,0 +1,240 @@
+"""The HTTP API's queries beside the same SQL run directly with psycopg, in the same run.
+
+    python -m bench api_queries [--events 1000000] [--repeat 30]
+
+Seeds ``events`` with COPY (200 card readers in 4 schools over 10 days) and builds
+``card_taps_daily`` as a materialised view of it, then times, through the running API and
+directly:
+
+1. a time-range page: one school's events in a random hour, 1000 rows (``/api/v1/events``);
+2. a keyset walk: 50 pages of 1000 rows following ``next`` (the same keyset SQL directly);
+3. a full export: every event as NDJSON (``/api/v1/export/events.ndjson``; directly: the same
+   SELECT, which renders each line in PostgreSQL, through a named cursor in the same chunks);
+4. a daily rollup: taps per reader and day over the 10 days (``/api/v1/rollups/card-taps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import random
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import psycopg
+
+from ingest_server.api.data import where
+from ingest_server.api.export import CHUNK_ROWS, export_query
+from tests.integration.api_seed import api_server, make_tokens, prepare
+from tests.services import Postgres, shared_tmpdir
+
+T0 = datetime(2026, 11, 10, tzinfo=UTC)
+DAYS = 10
+SCHOOLS = 4
+DEVICES = 200
+PAGE = 1000
+
+_ROLLUP = """
+CREATE MATERIALIZED VIEW card_taps_daily AS
+SELECT (time AT TIME ZONE 'UTC')::date AS day, school_id, device_id, count(*) AS taps
+FROM events WHERE type = 'card.tap' GROUP BY 1, 2, 3
+"""
+_PAGE_SQL = (
+    "SELECT time, school_id, device_id, device_kind, seq, type, data, received_at, synced"
+    " FROM events WHERE time >= %s AND time < %s AND school_id = %s"
+)
+_ORDER = " ORDER BY time, device_id, seq LIMIT %s"
+_ROLLUP_SQL = (
+    "SELECT day, school_id, device_id, taps FROM card_taps_daily WHERE day >= %s AND day <= %s"
+    " ORDER BY day, school_id, device_id LIMIT 10001"
+)
+
+
+def seed(url: str, n: int) -> None:
+    per_device = n // DEVICES
+    step = timedelta(days=DAYS) / per_device
+    with psycopg.connect(url, autocommit=True) as conn:
+        prepare(conn)
+        conn.execute("DROP TABLE IF EXISTS card_taps_daily")
+        with conn.cursor().copy(
+            "COPY events (time, school_id, device_id, device_kind, seq, type, data) FROM STDIN"
+        ) as copy:
+            for d in range(DEVICES):
+                dev, school = f"cr-{d:04d}", f"s{d % SCHOOLS:03d}"
+                offset = timedelta(milliseconds=d)
+                for seq in range(1, per_device + 1):
+                    data = f'{{"uid_hash": "{seq:064x}", "tech": "em4100", "reader": "door-{d}"}}'
+                    copy.write_row(
+                        (
+                            T0 + seq * step + offset,
+                            school,
+                            dev,
+                            "card_reader",
+                            seq,
+                            "card.tap",
+                            data,
+                        )
+                    )
+        conn.execute(_ROLLUP)
+        conn.execute("VACUUM ANALYZE events")
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
+    fn()  # warm caches and connections
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+class Client:
+    """One keep-alive HTTP connection with a token."""
+
+    def __init__(self, base: str, token: str) -> None:
+        parts = urlsplit(base)
+        self.conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=600)
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def get(self, path: str, **params: Any) -> bytes:
+        target = f"{path}?{urlencode(params)}" if params else path
+        for attempt in (1, 2):
+            try:
+                self.conn.request("GET", target, headers=self.headers)
+                resp = self.conn.getresponse()
+                break
+            except (http.client.RemoteDisconnected, ConnectionError):
+                # uvicorn closes a connection idle for 5 s (while the SQL side runs): reopen
+                self.conn.close()
+                if attempt == 2:
+                    raise
+        body = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"{path}: {resp.status} {body[:200]!r}")
+        return body
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench api_queries", description=__doc__)
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--export-repeat", type=int, default=3)
+    args = ap.parse_args(argv)
+    rng = random.Random(7)
+    work = shared_tmpdir("campus-bench-api-")
+    pg = Postgres(work)
+    pg.start()
+    rows: list[tuple[str, list[float], list[float]]] = []
+    try:
+        url = pg.create_database("api")
+        started = time.perf_counter()
+        seed(url, args.events)
+        seeded_s = time.perf_counter() - started
+        tokens = make_tokens(url)
+        end = T0 + timedelta(days=DAYS + 1)
+        with api_server(url) as server, psycopg.connect(url, autocommit=True) as conn:
+            api = Client(server.url, tokens["read"])
+
+            def window() -> tuple[datetime, datetime, str]:
+                start = T0 + timedelta(minutes=rng.randrange(DAYS * 24 * 60 - 60))
+                return start, start + timedelta(hours=1), f"s{rng.randrange(SCHOOLS):03d}"
+
+            def api_range() -> None:
+                a, b, s = window()
+                json.loads(
+                    api.get("/api/v1/events", **{"from": a.isoformat(), "to": b.isoformat()},
+                            school=s, limit=PAGE)
+                )  # fmt: skip
+
+            def sql_range() -> None:
+                a, b, s = window()
+                conn.execute(_PAGE_SQL + _ORDER, (a, b, s, PAGE + 1)).fetchall()
+
+            def api_walk() -> None:
+                params = {"from": T0.isoformat(), "to": end.isoformat(), "school": "s001"}
+                page = json.loads(api.get("/api/v1/events", **params, limit=PAGE))
+                for _ in range(49):
+                    if page["cursor"] is None:
+                        break
+                    more = api.get("/api/v1/events", **params, cursor=page["cursor"], limit=PAGE)
+                    page = json.loads(more)
+
+            def sql_walk() -> None:
+                rows = conn.execute(_PAGE_SQL + _ORDER, (T0, end, "s001", PAGE + 1)).fetchall()
+                for _ in range(49):
+                    if len(rows) <= PAGE:
+                        break
+                    last = rows[PAGE - 1]
+                    rows = conn.execute(
+                        _PAGE_SQL
+                        + " AND time >= %s AND (time, device_id, seq) > (%s, %s, %s)"
+                        + _ORDER,
+                        (T0, end, "s001", last[0], last[0], last[2], last[4], PAGE + 1),
+                    ).fetchall()
+
+            def api_export() -> None:
+                params = {"from": T0.isoformat(), "to": end.isoformat()}
+                lines = api.get("/api/v1/export/events.ndjson", **params).count(b"\n")
+                assert lines == args.events // DEVICES * DEVICES, lines
+
+            def sql_export() -> None:
+                cond, params = where(T0, end, {})
+                with conn.transaction(), conn.cursor(name="bench") as cur:
+                    conn.execute("SET LOCAL TimeZone = 'UTC'")
+                    cur.execute(export_query("events", "ndjson", cond), params)
+                    while cur.fetchmany(CHUNK_ROWS):
+                        pass
+
+            days = {
+                "from": T0.date().isoformat(),
+                "to": (T0 + timedelta(days=DAYS)).date().isoformat(),
+            }
+
+            def api_rollup() -> None:
+                assert json.loads(api.get("/api/v1/rollups/card-taps", **days))["items"]
+
+            def sql_rollup() -> None:
+                assert conn.execute(_ROLLUP_SQL, (T0.date(), end.date())).fetchall()
+
+            r, e = args.repeat, args.export_repeat
+            rows.append(("time-range page (1000 rows)", timed(api_range, r), timed(sql_range, r)))
+            rows.append(("keyset walk (50 pages x 1000)", timed(api_walk, max(3, r // 6)),
+                         timed(sql_walk, max(3, r // 6))))  # fmt: skip
+            rows.append(
+                ("full export NDJSON (all rows)", timed(api_export, e), timed(sql_export, e))
+            )
+            rows.append(
+                ("daily rollup (card_taps_daily)", timed(api_rollup, r), timed(sql_rollup, r))
+            )
+    finally:
+        pg.stop("immediate")
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nAPI queries over {args.events:,} events (seeded by COPY in {seeded_s:.1f} s), "
+          "PostgreSQL 15; baseline: the same SQL via psycopg\n")  # fmt: skip
+    print(f"{'figure':32} {'API p50':>9} {'API p95':>9} {'SQL p50':>9} {'SQL p95':>9} {'ratio':>6}")
+    for name, api_t, sql_t in rows:
+        a50, a95 = _pct(api_t)
+        s50, s95 = _pct(sql_t)
+        print(f"{name:32} {_ms(a50):>9} {_ms(a95):>9} {_ms(s50):>9} {_ms(s95):>9} {a50 / s50:6.2f}")
+    export_api = _pct(rows[2][1])[0]
+    print(f"\nexport rate through the API: {args.events / export_api:,.0f} rows/s (p50)")
+    return 0
+
+
+def _pct(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=20, method="inclusive")
+    return statistics.median(xs), q[18]
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:.1f} ms" if s < 10 else f"{s:.2f} s"
