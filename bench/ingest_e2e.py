@@ -172,13 +172,27 @@ def e2e(
     *,
     pg: Postgres | None = None,
     meter: list[CpuMeter] | None = None,
+    servers: int = 1,
+    kill_at: float | None = None,
 ) -> float:
-    server = IngestServer(work, broker.url, url)
-    server.start()  # once, to create its persistent session and subscription
-    server.wait_healthy()
-    server.terminate()
+    """Drain ``msgs`` (queued while the servers are away) with ``servers`` ingest processes on
+    one ``$share`` group when more than one; at ``kill_at`` (a fraction of ``total`` stored)
+    the first is SIGKILLed and started again, as a supervisor would."""
+    # a group of its own: Mosquitto keeps dealing a group's messages to members that are
+    # offline but whose persistent sessions live on, such as the servers of an earlier run
+    extra = ("--share-group", f"ingest-{time.monotonic_ns()}") if servers > 1 else ()
+    procs = [
+        IngestServer(work, broker.url, url, *extra, name=f"ingest{k}-{time.monotonic_ns()}")
+        for k in range(servers)
+    ]
+    for server in procs:
+        server.start()  # once, to create its persistent session and subscription
+    for server in procs:
+        server.wait_healthy()
+        server.terminate()
     fill_broker(broker, msgs)
-    server.start()
+    for server in procs:
+        server.start()
     # One connection reading the devices' counters (committed with the events): polling
     # count(*) over a new connection each time cost PostgreSQL a backend fork and a table scan
     # 50 times a second, on the same two cores as the server under test.
@@ -191,18 +205,29 @@ def e2e(
         try:
             wait_until(lambda: stored() > 0, 60, "first stored event", interval=0.005)
             cpu = None
-            if pg is not None and meter is not None and server.proc and broker.proc:
-                cpu = CpuMeter([server.proc.pid], broker.proc.pid, pg)
+            pids = [s.proc.pid for s in procs if s.proc]
+            if pg is not None and meter is not None and broker.proc and kill_at is None:
+                cpu = CpuMeter(pids, broker.proc.pid, pg)
                 cpu.start()
                 meter.append(cpu)
             t0, n0 = time.perf_counter(), stored()
-            wait_until(lambda: stored() >= total, 600, f"{total} stored", interval=0.02)
+            if kill_at is not None:
+                wait_until(lambda: stored() >= total * kill_at, 600, "the kill point", 0.01)
+                procs[0].kill()
+                procs[0].start()
+            try:
+                wait_until(lambda: stored() >= total, 300, f"{total} stored", interval=0.02)
+            except TimeoutError:
+                for server in procs:
+                    print(f"--- {server.log.name} (stored {stored()})\n{server.tail()}")
+                raise
             t1 = time.perf_counter()
             if cpu is not None:
                 cpu.stop()
                 cpu.used["events"] = total - n0
         finally:
-            server.terminate()
+            for server in procs:
+                server.terminate()
     return (total - n0) / (t1 - t0)
 
 
