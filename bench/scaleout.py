@@ -60,8 +60,8 @@ def main(argv: list[str]) -> int:
 
     load = os.getloadavg()[0]
     print(
-        f"\\nscale-out: {total} events, {args.per_message}/message, {args.devices} devices; "
-        f"load average at the end {load:.1f} on {os.cpu_count()} cores\\n"
+        f"\nscale-out: {total} events, {args.per_message}/message, {args.devices} devices; "
+        f"load average at the end {load:.1f} on {os.cpu_count()} cores\n"
     )
     print(f"{'figure':46} {'value':>10} {'baseline':>10} {'ratio':>7} {'target':>8}")
     one, two = rates["one"], rates["two"]
