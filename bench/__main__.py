@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("ingest_e2e", "mqtt_drain", "scaleout", "latency", "agent")
+BENCHES = ("ingest_e2e", "mqtt_drain", "scaleout", "latency", "agent", "fleet")
 
 
 def main() -> int:
