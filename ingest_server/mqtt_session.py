@@ -360,6 +360,13 @@ class MqttSubscriber:
             with contextlib.suppress(OSError):
                 sock.settimeout(1.0)
                 sock.sendall(DISCONNECT_BYTES)
+                # Wait for the broker to close its side: closing ours with bytes still unread
+                # sends a TCP reset, and a reset can make the broker drop acks it has not read.
+                if not isinstance(sock, ssl.SSLSocket):  # TLS: the broker closes after DISCONNECT
+                    sock.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + 2.0
+                while sock.recv(_RECV_BYTES) and time.monotonic() < deadline:
+                    pass
         with contextlib.suppress(OSError):
             sock.close()
 
