@@ -93,6 +93,9 @@ class Inbox:
                     if left <= 0 or not self._cond.wait(left):
                         return taken
                 if self._closed:
+                    # nothing more will go in: wait out the timeout rather than let the
+                    # network thread spin while the server shuts down
+                    self._cond.wait(max(0.0, deadline - time.monotonic()))
                     return taken
                 self._items.append(item)
                 self._bytes += len(item.payload)
