@@ -1,21 +1,34 @@
-"""``python -m bench [NAME] [args]`` — run a benchmark (default: ingest_e2e)."""
+"""``python -m bench`` runs every benchmark; ``python -m bench NAME [args]`` runs one."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-BENCHES = ("ingest_e2e", "fleet", "api_queries")
+BENCHES = (
+    "ingest_e2e",
+    "mqtt_drain",
+    "scaleout",
+    "latency",
+    "agent",
+    "connections",
+    "fleet",
+    "api_queries",
+)
 
 
 def main() -> int:
     args = sys.argv[1:]
-    name = args.pop(0) if args and not args[0].startswith("-") else "ingest_e2e"
+    if not args:
+        failed = [name for name in BENCHES if importlib.import_module(f"bench.{name}").main([])]
+        if failed:
+            print(f"\nmissed their checks: {', '.join(failed)}", file=sys.stderr)
+        return 1 if failed else 0
+    name = args.pop(0)
     if name not in BENCHES:
         print(f"unknown benchmark {name!r}; known: {', '.join(BENCHES)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"bench.{name}")
-    result: int = module.main(args)
+    result: int = importlib.import_module(f"bench.{name}").main(args)
     return result
 
 

@@ -19,6 +19,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import paho.mqtt.client as mqtt
+import psutil
 import psycopg
 
 from ingest_server.writer import _RawJsonbDumper
@@ -125,13 +126,73 @@ def fill_broker(broker: Mosquitto, msgs: list[tuple[str, bytes]]) -> None:
         pub.loop_stop()
 
 
-def e2e(work, broker: Mosquitto, url: str, msgs: list[tuple[str, bytes]], total: int) -> float:
-    server = IngestServer(work, broker.url, url)
-    server.start()  # once, to create its persistent session and subscription
-    server.wait_healthy()
-    server.terminate()
+class CpuMeter:
+    """CPU seconds (user + system) used by the ingest server, Mosquitto and PostgreSQL (all its
+    processes) between :meth:`start` and :meth:`stop`: a figure the machine's other load does
+    not inflate the way it inflates wall-clock time."""
+
+    def __init__(self, ingest_pids: list[int], broker_pid: int, pg: Postgres) -> None:
+        postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
+        self.groups = {"ingest": ingest_pids, "mosquitto": [broker_pid], "postgres": [postmaster]}
+        self.used: dict[str, float] = {}
+        self._start: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        out = {}
+        for name, pids in self.groups.items():
+            total = 0.0
+            for pid in pids:
+                try:
+                    proc = psutil.Process(pid)
+                    procs = [proc, *proc.children(recursive=True)] if name == "postgres" else [proc]
+                    for p in procs:
+                        t = p.cpu_times()
+                        total += t.user + t.system
+                        if name == "postgres":  # backends that already exited
+                            total += t.children_user + t.children_system
+                except psutil.NoSuchProcess:
+                    continue
+            out[name] = total
+        return out
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> None:
+        end = self._now()
+        self.used = {k: end[k] - self._start.get(k, 0.0) for k in end}
+
+
+def e2e(
+    work,
+    broker: Mosquitto,
+    url: str,
+    msgs: list[tuple[str, bytes]],
+    total: int,
+    *,
+    pg: Postgres | None = None,
+    meter: list[CpuMeter] | None = None,
+    servers: int = 1,
+    kill_at: float | None = None,
+) -> float:
+    """Drain ``msgs`` (queued while the servers are away) with ``servers`` ingest processes on
+    one ``$share`` group when more than one; at ``kill_at`` (a fraction of ``total`` stored)
+    the first is SIGKILLed and started again, as a supervisor would."""
+    # a group of its own: Mosquitto keeps dealing a group's messages to members that are
+    # offline but whose persistent sessions live on, such as the servers of an earlier run
+    extra = ("--share-group", f"ingest-{time.monotonic_ns()}") if servers > 1 else ()
+    procs = [
+        IngestServer(work, broker.url, url, *extra, name=f"ingest{k}-{time.monotonic_ns()}")
+        for k in range(servers)
+    ]
+    for server in procs:
+        server.start()  # once, to create its persistent session and subscription
+    for server in procs:
+        server.wait_healthy()
+        server.terminate()
     fill_broker(broker, msgs)
-    server.start()
+    for server in procs:
+        server.start()
     # One connection reading the devices' counters (committed with the events): polling
     # count(*) over a new connection each time cost PostgreSQL a backend fork and a table scan
     # 50 times a second, on the same two cores as the server under test.
@@ -143,11 +204,30 @@ def e2e(work, broker: Mosquitto, url: str, msgs: list[tuple[str, bytes]], total:
 
         try:
             wait_until(lambda: stored() > 0, 60, "first stored event", interval=0.005)
+            cpu = None
+            pids = [s.proc.pid for s in procs if s.proc]
+            if pg is not None and meter is not None and broker.proc and kill_at is None:
+                cpu = CpuMeter(pids, broker.proc.pid, pg)
+                cpu.start()
+                meter.append(cpu)
             t0, n0 = time.perf_counter(), stored()
-            wait_until(lambda: stored() >= total, 600, f"{total} stored", interval=0.02)
+            if kill_at is not None:
+                wait_until(lambda: stored() >= total * kill_at, 600, "the kill point", 0.01)
+                procs[0].kill()
+                procs[0].start()
+            try:
+                wait_until(lambda: stored() >= total, 300, f"{total} stored", interval=0.02)
+            except TimeoutError:
+                for server in procs:
+                    print(f"--- {server.log.name} (stored {stored()})\n{server.tail()}")
+                raise
             t1 = time.perf_counter()
+            if cpu is not None:
+                cpu.stop()
+                cpu.used["events"] = total - n0
         finally:
-            server.terminate()
+            for server in procs:
+                server.terminate()
     return (total - n0) / (t1 - t0)
 
 
@@ -174,7 +254,8 @@ def main(argv: list[str]) -> int:
         msgs = payloads(args.devices, per_device, args.per_message)
         ceiling = copy_ceiling(urls["copy"], args.devices, per_device)
         naive = insert_per_message(urls["naive"], min(3000, total))
-        rate = e2e(work, broker, urls["e2e"], msgs, total)
+        meters: list[CpuMeter] = []
+        rate = e2e(work, broker, urls["e2e"], msgs, total, pg=pg, meter=meters)
         with psycopg.connect(urls["e2e"]) as conn:
             row = conn.execute("SELECT count(*), count(DISTINCT (device_id, seq)) FROM events")
             stored, distinct = row.fetchone() or (0, 0)
@@ -198,5 +279,11 @@ def main(argv: list[str]) -> int:
         f"{'e2e durable ingest vs INSERT+commit (ev/s)':44} {rate:12,.0f} {naive:12,.0f} "
         f"{rate / naive:7.1f} {'>=10':>7}"
     )
+    if meters:
+        used = meters[0].used
+        n = used.pop("events")
+        parts = ", ".join(f"{k} {v * 1e6 / n:.1f}" for k, v in used.items())
+        print(f"\nCPU per stored event during the drain (µs): {parts}")
+        print(f"ingest events per CPU-second of the ingest process: {n / used['ingest']:,.0f}")
     print(f"\nstored {stored} rows, {distinct} distinct (device_id, seq), expected {total}")
     return 0 if stored == distinct == total else 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
@@ -20,9 +20,8 @@ log = logging.getLogger(__name__)
 QUARANTINE_KEEP_BYTES: Final = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """One message as the network thread received it."""
+class Inbound(msgspec.Struct, frozen=True, gc=False):
+    """One message as the network thread received it (a Struct: one is built per message)."""
 
     topic: str
     payload: bytes
@@ -70,13 +69,12 @@ class StateRow:
     state_at: datetime
 
 
-@dataclass(slots=True)
-class Rows:
-    """Everything one transaction writes."""
+class Rows(msgspec.Struct, gc=False):
+    """Everything one transaction writes (a Struct: one is built per message)."""
 
-    events: list[EventRow] = field(default_factory=list)
-    quarantine: list[QuarantineRow] = field(default_factory=list)
-    states: list[StateRow] = field(default_factory=list)
+    events: list[EventRow] = msgspec.field(default_factory=list)
+    quarantine: list[QuarantineRow] = msgspec.field(default_factory=list)
+    states: list[StateRow] = msgspec.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.events) + len(self.quarantine) + len(self.states)
@@ -87,11 +85,24 @@ class Rows:
         self.states += other.states
 
 
+#: Parsed topics by string: a server sees the same few thousand device topics over and over.
+_TOPICS: dict[str, Topic | None] = {}
+_TOPICS_MAX: Final = 100_000
+
+
 def _device_of(topic: str) -> Topic | None:
     try:
-        return parse(topic)
+        return _TOPICS[topic]
+    except KeyError:
+        pass
+    try:
+        parsed: Topic | None = parse(topic)
     except ContractError:
-        return None
+        parsed = None
+    if len(_TOPICS) >= _TOPICS_MAX:  # bounded: start over rather than grow
+        _TOPICS.clear()
+    _TOPICS[topic] = parsed
+    return parsed
 
 
 def _quarantine(

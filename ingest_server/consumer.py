@@ -1,12 +1,13 @@
 """MQTT in, PostgreSQL out, PUBACK last.
 
-paho's network thread hands each message to :class:`Inbox` (bounded: when it is full the network
-thread waits, so the broker's TCP stream backs up instead of our memory growing). One writer
-thread takes up to ``batch_events`` rows or ``batch_ms`` of messages, writes them in one
-transaction and only after the commit acknowledges them. If the database is down the batch is
-kept and retried; nothing is acknowledged meanwhile. A message delivered on an earlier broker
-connection is not acknowledged on a later one: the broker resends it and the writer counts it as
-a duplicate.
+The MQTT session's I/O thread (:mod:`ingest_server.mqtt_session`) hands each chunk of messages to
+:class:`Inbox` (bounded: when it is full the I/O thread waits, so the broker's TCP stream backs
+up instead of our memory growing). A decoder thread turns up to ``batch_events`` rows or
+``batch_ms`` of messages into a batch; the writer thread writes it in one transaction and only
+after the commit acknowledges its messages. If the database is down the batch is kept and
+retried; nothing is acknowledged meanwhile. A message delivered on an earlier broker connection
+is not acknowledged on a later one: the broker resends it and the writer counts it as a
+duplicate.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import logging
 import queue
 import random
+import ssl
 import threading
 import time
 from collections import deque
@@ -23,24 +25,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
-import paho.mqtt.client as mqtt
 import psycopg
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ingest_server.batch import Batch, EventRow, Inbound, refused
 from ingest_server.metrics import IngestMetrics
 from ingest_server.migrate import migrate
+from ingest_server.mqtt_codec import MQTT5, Publish
+from ingest_server.mqtt_session import MqttSubscriber, SessionConfig
 from ingest_server.settings import BrokerUrl, Settings, mask
 from ingest_server.writer import BatchWriter, WriteResult, missing_total
 from schemas.topics import Channel, subscription
 
 log = logging.getLogger(__name__)
 
-_MQTT5: Final = 5
+#: MQTT 5 retain handling 1: retained messages only when the subscription is new.
+_RETAIN_IF_NEW_SUB: Final = 1
+_BAD_TOPIC: Final = "<topic is not UTF-8>"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -76,6 +76,33 @@ class Inbox:
             self._cond.notify_all()
             return True
 
+    def put_many(self, items: Sequence[Inbound], timeout: float) -> int:
+        """Queue a prefix of ``items``, waiting up to ``timeout`` s for room; how many went in
+        (all of them, or fewer when full or closed)."""
+        deadline = time.monotonic() + timeout
+        taken = 0
+        with self._cond:
+            for item in items:
+                while not self._closed and (
+                    len(self._items) >= self.max_messages
+                    or (self._items and self._bytes + len(item.payload) > self.max_bytes)
+                ):
+                    if taken:  # let the reader start on what is there
+                        self._cond.notify_all()
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._cond.wait(left):
+                        return taken
+                if self._closed:
+                    # nothing more will go in: wait out the timeout rather than let the
+                    # network thread spin while the server shuts down
+                    self._cond.wait(max(0.0, deadline - time.monotonic()))
+                    return taken
+                self._items.append(item)
+                self._bytes += len(item.payload)
+                taken += 1
+            self._cond.notify_all()
+        return taken
+
     def get(self, timeout: float) -> Inbound | None:
         """The oldest item, waiting up to ``timeout`` seconds; None if there is none by then."""
         with self._cond:
@@ -87,6 +114,21 @@ class Inbox:
             self._bytes -= len(item.payload)
             self._cond.notify_all()
             return item
+
+    def get_many(self, max_items: int, timeout: float) -> list[Inbound]:
+        """Up to ``max_items`` of the oldest items, waiting up to ``timeout`` s for the first."""
+        with self._cond:
+            if not self._items and timeout > 0:
+                self._cond.wait_for(lambda: self._items or self._closed, timeout)
+            items = self._items
+            n = min(max_items, len(items))
+            if not n:
+                return []
+            popleft = items.popleft
+            out = [popleft() for _ in range(n)]
+            self._bytes -= sum(len(m.payload) for m in out)
+            self._cond.notify_all()
+            return out
 
     def close(self) -> None:
         with self._cond:
@@ -106,10 +148,13 @@ def collect(
     batch.add(first)
     deadline = time.monotonic() + max_wait_s
     while batch.size < max_size:
-        msg = inbox.get(max(0.0, deadline - time.monotonic()))
-        if msg is None:
+        # take as many messages as should fill the room left, at the rows per message so far
+        room = (max_size - batch.size) // max(1, batch.size // len(batch))
+        msgs = inbox.get_many(max(1, room), max(0.0, deadline - time.monotonic()))
+        if not msgs:
             break
-        batch.add(msg)
+        for msg in msgs:
+            batch.add(msg)
     return batch
 
 
@@ -146,8 +191,6 @@ class Consumer:
         self.metrics = metrics
         self.inbox = Inbox(settings.queue_messages, settings.queue_bytes)
         self._stopping = threading.Event()
-        self._generation = 0
-        self._ack_lock = threading.Lock()
         self._writer: BatchWriter | None = None
         self._migrated = False
         self._last_commit: float | None = None
@@ -155,7 +198,8 @@ class Consumer:
         self._idle_backoff = 0.0
         #: Called on the writer thread with the rows of each commit; must not block (live.py).
         self.on_commit: Callable[[Sequence[EventRow]], None] | None = None
-        self._client = self._make_client()
+        self._topics: dict[bytes, str] = {}
+        self._session = MqttSubscriber(self._session_config(), self._deliver, self._on_ready)
         # One decoded batch waits while the writer commits the previous one: decoding (CPU,
         # holds the GIL) overlaps the database's share of the work (the GIL is released).
         self._decoded: queue.Queue[Batch] = queue.Queue(maxsize=1)
@@ -165,21 +209,8 @@ class Consumer:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        b = self.broker
-        log.info("connecting to MQTT broker %s as %r", b, self.settings.client_id)
-        props = None
-        if b.protocol == _MQTT5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho
-            props.SessionExpiryInterval = self.SESSION_EXPIRY_S
-            props.ReceiveMaximum = self.RECEIVE_MAXIMUM
-        self._client.connect_async(
-            b.host,
-            b.port,
-            keepalive=self.MQTT_KEEPALIVE_S,
-            clean_start=False if b.protocol == _MQTT5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=props,
-        )
-        self._client.loop_start()
+        log.info("connecting to MQTT broker %s as %r", self.broker, self.settings.client_id)
+        self._session.start()
         self._decoder.start()
         self._thread.start()
 
@@ -191,8 +222,7 @@ class Consumer:
         for thread in (self._decoder, self._thread):
             if thread.is_alive():
                 thread.join(max(0.0, deadline - time.monotonic()))
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._session.stop()
         self.metrics.mqtt_connected.set(0)
 
     def health(self) -> Health:
@@ -206,107 +236,60 @@ class Consumer:
             last_commit_age_s=None if last is None else time.monotonic() - last,
         )
 
-    # -- MQTT (paho's network thread) ------------------------------------------------------
+    # -- MQTT (the session's I/O thread) -------------------------------------------------
 
-    def _make_client(self) -> mqtt.Client:
+    def _session_config(self) -> SessionConfig:
         b = self.broker
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.settings.client_id,
-            clean_session=None if b.protocol == _MQTT5 else False,
-            protocol=mqtt.MQTTv5 if b.protocol == _MQTT5 else mqtt.MQTTv311,
-            manual_ack=True,
-        )
-        if b.username is not None:
-            client.username_pw_set(b.username, b.password)
+        context = None
         if b.tls:
-            client.tls_set(ca_certs=b.ca)
-        client.reconnect_delay_set(*self.MQTT_RECONNECT_S)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        return client
-
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        _userdata: object,
-        flags: mqtt.ConnectFlags,
-        reason: ReasonCode,
-        _props: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            log.warning("MQTT broker %s refused the connection: %s", self.broker, reason)
-            return
-        with self._ack_lock:
-            self._generation += 1
-            reconnect = self._generation > 1
-        log.info("connected to MQTT broker (session present: %s)", flags.session_present)
-        if reconnect and not flags.session_present:
-            log.warning("the broker lost this client's session: messages queued in it are gone")
+            context = ssl.create_default_context(cafile=b.ca)
         group = self.settings.share_group
-        up = subscription(Channel.UP, share_group=group)
-        state = subscription(Channel.STATE)
-        if self.broker.protocol == _MQTT5:
-            client.subscribe(
-                [
-                    (up, SubscribeOptions(qos=1)),
-                    (
-                        state,
-                        SubscribeOptions(
-                            qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
-                        ),
-                    ),
-                ]
-            )
-        else:
-            client.subscribe([(up, 1), (state, 1)])
-
-    def _on_subscribe(
-        self,
-        _client: mqtt.Client,
-        _userdata: object,
-        _mid: int,
-        reasons: list[ReasonCode],
-        _props: Properties | None,
-    ) -> None:
-        refused = [str(code) for code in reasons if code.is_failure]
-        if refused:
-            log.error("the broker refused a subscription: %s", ", ".join(refused))
-        else:  # connected means consuming: only once the subscriptions are in place
-            self.metrics.mqtt_connected.set(1)
-
-    def _on_disconnect(
-        self,
-        _client: mqtt.Client,
-        _userdata: object,
-        _flags: mqtt.DisconnectFlags,
-        reason: ReasonCode,
-        _props: Properties | None,
-    ) -> None:
-        self.metrics.mqtt_connected.set(0)
-        if not self._stopping.is_set():
-            log.warning("disconnected from MQTT broker (%s); reconnecting", reason)
-
-    def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
-        try:
-            topic = msg.topic
-        except UnicodeDecodeError:
-            topic = "<topic is not UTF-8>"
-        self.metrics.messages_received.inc()
-        self.inbox.put(
-            Inbound(
-                topic=topic,
-                payload=bytes(msg.payload),
-                mid=msg.mid,
-                qos=msg.qos,
-                received_at=datetime.now(UTC),
-                retain=bool(msg.retain),
-                generation=self._generation,
-            )
+        retain = _RETAIN_IF_NEW_SUB if b.protocol == MQTT5 else 0
+        return SessionConfig(
+            host=b.host,
+            port=b.port,
+            client_id=self.settings.client_id,
+            subscriptions=(
+                (subscription(Channel.UP, share_group=group), 1, 0),
+                (subscription(Channel.STATE), 1, retain),
+            ),
+            protocol=b.protocol,
+            username=b.username,
+            password=b.password,
+            ssl_context=context,
+            keepalive_s=self.MQTT_KEEPALIVE_S,
+            session_expiry_s=self.SESSION_EXPIRY_S,
+            receive_maximum=self.RECEIVE_MAXIMUM,
+            reconnect_min_s=self.MQTT_RECONNECT_S[0],
+            reconnect_max_s=self.MQTT_RECONNECT_S[1],
         )
+
+    def _on_ready(self, ready: bool) -> None:
+        self.metrics.mqtt_connected.set(1 if ready else 0)
+
+    def _topic(self, raw: bytes) -> str:
+        topic = self._topics.get(raw)
+        if topic is None:
+            try:
+                topic = raw.decode()
+            except UnicodeDecodeError:
+                topic = _BAD_TOPIC
+            if len(self._topics) >= 100_000:  # bounded: one entry per device channel
+                self._topics.clear()
+            self._topics[raw] = topic
+        return topic
+
+    def _deliver(self, publishes: Sequence[Publish], generation: int, timeout: float) -> int:
+        now = datetime.now(UTC)
+        topic = self._topic
+        items = [
+            Inbound(topic(p.topic), p.payload, p.packet_id, p.qos, now, p.retain, generation)
+            for p in publishes
+        ]
+        taken = self.inbox.put_many(items, timeout)
+        self.metrics.messages_received.inc(taken)
         self.metrics.queue_depth.set(len(self.inbox))
+        return taken
 
     # -- decoder thread --------------------------------------------------------------------
 
@@ -470,15 +453,7 @@ class Consumer:
                 log.exception("the on_commit hook failed")
 
     def _ack(self, batch: Batch) -> None:
-        stale = 0
-        with self._ack_lock:
-            for msg in batch.messages:
-                if msg.qos == 0:
-                    continue
-                if msg.generation == self._generation:
-                    self._client.ack(msg.mid, msg.qos)
-                else:
-                    stale += 1
+        stale = self._session.ack(batch.messages)
         if stale:
             log.info(
                 "%d messages came on an earlier connection: the broker will resend them", stale
