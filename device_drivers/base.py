@@ -179,11 +179,36 @@ def load_builtin_drivers() -> None:
             UNAVAILABLE[module] = str(exc)
 
 
+#: Where each built-in driver type lives: building one imports only its module, so an agent
+#: without a camera never loads OpenCV (tens of MB of RSS).
+BUILTIN_TYPES: dict[str, str] = {
+    "synthetic": "device_drivers.synthetic",
+    "em4100": "device_drivers.em4100",
+    "wiegand": "device_drivers.wiegand",
+    "signage": "device_drivers.signage",
+    "modbus_env": "device_drivers.modbus_env",
+    "gate": "device_drivers.gate",
+    "pcsc": "device_drivers.pcsc",
+    "camera": "device_drivers.camera",
+    "panel": "device_drivers.panel",
+    "recorder": "device_drivers.recorder",
+    "board_os": "device_drivers.board_os",
+    "library_terminal": "device_drivers.library",
+}
+
+
 def build_driver(
     type_name: str, name: str, options: Mapping[str, Any], ctx: DriverContext
 ) -> Driver:
     """Build a driver from its config section; raise :class:`DriverError` saying what is wrong."""
-    load_builtin_drivers()
+    module = BUILTIN_TYPES.get(type_name)
+    if type_name not in DRIVERS and module is not None and module not in UNAVAILABLE:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            UNAVAILABLE[module] = str(exc)
+    if type_name not in DRIVERS:
+        load_builtin_drivers()
     factory = DRIVERS.get(type_name)
     if factory is None:
         known = ", ".join(sorted(DRIVERS))
