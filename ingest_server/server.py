@@ -13,6 +13,7 @@ import secrets
 import signal
 import string
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Self
 
@@ -181,7 +182,11 @@ class IngestServer:
             return None, "no district hash key is configured (--hash-key-file)"
         try:
             key = s.hash_key_file.read_bytes().strip()
-            ca = s.ca_cert.read_text(encoding="ascii") if s.ca_cert else None
+            ca_file = s.ca_cert
+            if ca_file is None and s.enrol_broker_url is None and broker.ca:
+                # devices are sent to the server's own broker: the CA it trusts is theirs too
+                ca_file = Path(broker.ca)
+            ca = ca_file.read_text(encoding="ascii") if ca_file else None
         except (OSError, UnicodeDecodeError) as exc:
             raise SettingsError(f"enrolment: cannot read {exc}") from None
         if len(key) % 2 == 0 and all(chr(c) in string.hexdigits for c in key):
