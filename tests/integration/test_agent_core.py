@@ -97,9 +97,11 @@ async def test_shutdown_stores_every_accepted_reading(
     disk = asyncio.Event()
     real_append = AsyncOutbox.append_many
 
-    async def stalled(self: AsyncOutbox, readings: list[Reading]) -> list[int]:
+    async def stalled(
+        self: AsyncOutbox, readings: list[Reading], *, make_room: bool = False
+    ) -> list[int]:
         await disk.wait()
-        return await real_append(self, readings)
+        return await real_append(self, readings, make_room=make_room)
 
     monkeypatch.setattr(AsyncOutbox, "append_many", stalled)
     cfg = config(tmp_path, SYNTH + "count = 1000\n")
