@@ -490,23 +490,25 @@ class Agent:
         full = False
         try:
             while True:
-                if full:
+                if full:  # take everything queued, so that drivers' emit does not wait
                     await asyncio.sleep(self.DISK_RETRY_S)
-                elif not self._pending:
-                    self._pending.append(await self._queue.get())
-                self._pending += self._take_group(self.QUEUE_SIZE)
+                    self._pending += self._take_group(self.QUEUE_SIZE)
+                else:
+                    if not self._pending:
+                        self._pending.append(await self._queue.get())
+                    self._pending += self._take_group(self.WRITE_GROUP_MAX - len(self._pending))
                 make_room = len(self._pending) > self.PENDING_MAX
                 group = self._pending[: self.WRITE_GROUP_MAX]
                 commit = asyncio.ensure_future(self.outbox.append_many(group, make_room=make_room))
                 try:
                     stored = await asyncio.shield(commit)
                 except OutboxFull as exc:
+                    commit = None
                     if not full:
                         log.error("%s; %d reading(s) kept in memory", exc, len(self._pending))
                     full = True
                     continue
-                finally:
-                    commit = None
+                commit = None  # not in a finally: a cancelled wait must still see the commit
                 if full:
                     log.info("the outbox takes writes again")
                 full = False
