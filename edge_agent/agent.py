@@ -18,6 +18,7 @@ config that ran before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -38,7 +39,7 @@ from device_drivers.base import (
 from edge_agent.commands import AckLog, CommandHandler
 from edge_agent.config import AgentConfig, ConfigError, DriverConfig, apply_remote
 from edge_agent.health import HealthReporter
-from edge_agent.outbox import AsyncOutbox
+from edge_agent.outbox import AsyncOutbox, OutboxError, OutboxFull
 from edge_agent.publisher import LinkState, Publisher
 from edge_agent.remote_config import ConfigChannel, ConfigStore, StoredConfig, now
 from schemas.events import AgentOutboxDropped
@@ -115,6 +116,10 @@ class Agent:
     DRIVER_START_TIMEOUT_S = 15.0
     #: At most one ``agent.outbox_dropped`` report per this many seconds.
     DROP_REPORT_S = 10.0
+    #: Readings held in memory while the disk is full; beyond, the outbox makes room by priority.
+    PENDING_MAX = 20_000
+    #: How often a full disk is tried again.
+    DISK_RETRY_S = 0.5
 
     def __init__(self, config: AgentConfig) -> None:
         #: The config file's; a remote document's sections are laid over it.
@@ -142,8 +147,10 @@ class Agent:
         #: The outbox's highest seq at start, and readings ``emit`` has accepted since.
         self._base_seq = 0
         self._accepted = 0
-        #: Readings a full disk kept out of the outbox: they never got a seq.
+        #: Readings the outbox dropped unstored (reported): they never got a seq.
         self._lost = 0
+        #: Readings taken from the queue that the outbox has not stored yet (a full disk).
+        self._pending: list[Reading] = []
         key = config.hash_key
         hasher = UidHasher(key, send_raw=config.send_raw_uid) if key else _NoKeyHasher()
         self._ctx = DriverContext(
@@ -433,9 +440,8 @@ class Agent:
             drops.counts,
         )
         data = AgentOutboxDropped(dropped=drops.counts, since=drops.since, reason=drops.reason)
-        reading = Reading("agent.outbox_dropped", data)
         self._accepted += 1  # the writer stores it itself, so it is counted like an emitted one
-        self._lost += 1 - len(await self.outbox.append_many([reading]))
+        self._pending.append(Reading("agent.outbox_dropped", data))
 
     async def _emit(self, reading: Reading) -> None:
         self._accepted += 1
@@ -473,19 +479,55 @@ class Agent:
         return group
 
     async def _write(self) -> None:
-        """Store queued readings in group commits; when cancelled, store what is left first."""
+        """Store queued readings in group commits; when cancelled, store what is left first.
+
+        A full disk loses nothing: readings wait in ``_pending`` and the write is tried again
+        every ``DISK_RETRY_S``; only past ``PENDING_MAX`` does the outbox make room by priority
+        (dropping and reporting the least important events).
+        """
         commit: asyncio.Future[list[int]] | None = None
+        group: list[Reading] = []
+        full = False
         try:
             while True:
-                group = [await self._queue.get(), *self._take_group(self.WRITE_GROUP_MAX - 1)]
-                commit = asyncio.ensure_future(self.outbox.append_many(group))
-                stored = await asyncio.shield(commit)
-                commit = None
-                self._lost += len(group) - len(stored)
+                if full:  # take everything queued, so that drivers' emit does not wait
+                    await asyncio.sleep(self.DISK_RETRY_S)
+                    self._pending += self._take_group(self.QUEUE_SIZE)
+                else:
+                    if not self._pending:
+                        self._pending.append(await self._queue.get())
+                    self._pending += self._take_group(self.WRITE_GROUP_MAX - len(self._pending))
+                make_room = len(self._pending) > self.PENDING_MAX
+                group = self._pending[: self.WRITE_GROUP_MAX]
+                commit = asyncio.ensure_future(self.outbox.append_many(group, make_room=make_room))
+                try:
+                    stored = await asyncio.shield(commit)
+                except OutboxFull as exc:
+                    commit = None
+                    if not full:
+                        log.error("%s; %d reading(s) kept in memory", exc, len(self._pending))
+                    full = True
+                    continue
+                commit = None  # not in a finally: a cancelled wait must still see the commit
+                if full:
+                    log.info("the outbox takes writes again")
+                full = False
+                self._stored(group, stored)
                 await self._report_drops()
         except asyncio.CancelledError:
             if commit is not None:
-                await commit
-            while rest := self._take_group(self.WRITE_GROUP_MAX):
-                await self.outbox.append_many(rest)
+                with contextlib.suppress(OutboxFull):
+                    self._stored(group, await commit)
+            self._pending += self._take_group(self.QUEUE_SIZE)
+            while self._pending:
+                group = self._pending[: self.WRITE_GROUP_MAX]
+                try:
+                    self._stored(group, await self.outbox.append_many(group, make_room=True))
+                except OutboxError as exc:
+                    log.error("outbox: %d reading(s) lost at shutdown: %s", len(self._pending), exc)
+                    break
             raise
+
+    def _stored(self, group: list[Reading], seqs: list[int]) -> None:
+        del self._pending[: len(group)]
+        self._lost += len(group) - len(seqs)

@@ -12,9 +12,12 @@ Quota (``[outbox] max_events`` / ``max_bytes``, bytes as :attr:`OutboxRow.wire_s
 events are always stored, each with its seq; then, while a bound is exceeded, the oldest event
 of the lowest :func:`priority` tier still stored is deleted unsent (telemetry first, then board
 and signage activity, then anything else, and attendance, access, card and library events last).
-A full disk (SQLite's "database or disk is full") is treated alike: the insert is rolled back,
-lowest-priority events are deleted to make room and the insert tried again; only when there is
-nothing left to delete are the new readings themselves dropped. Every drop is counted by type
+A full disk (SQLite's "database or disk is full") first loses nothing: the insert is rolled
+back and :class:`OutboxFull` raised, and the caller keeps the readings in a bounded memory buffer
+and tries again (a full disk is usually transient). Only a caller whose buffer is full asks for
+``make_room``: then lowest-priority events are deleted to make room and the insert tried again,
+and only when there is nothing left to delete are the new readings themselves dropped. Every
+drop is counted by type
 (:meth:`Outbox.take_drops`), logged, and reported upstream by the agent as
 ``agent.outbox_dropped``; the server also sees the gap in seqs.
 """
@@ -84,6 +87,10 @@ def _is_full(exc: sqlite3.Error) -> bool:
 
 class OutboxError(Exception):
     """The outbox cannot be opened or is in use by another agent."""
+
+
+class OutboxFull(OutboxError):
+    """The disk is full: nothing of this append was stored; keep the readings and retry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,12 +214,14 @@ class Outbox:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def append_many(self, readings: Sequence[Reading]) -> list[int]:
+    def append_many(self, readings: Sequence[Reading], *, make_room: bool = False) -> list[int]:
         """Store readings in one transaction; return their seqs, in order.
 
-        Over the quota, lower-priority events (possibly some of these) are then dropped. Only
-        when the disk is full and nothing else is left to drop are these readings dropped
-        unstored: the result is then shorter, or empty.
+        Over the quota, lower-priority events (possibly some of these) are then dropped. On a
+        full disk :class:`OutboxFull` is raised with nothing stored or dropped, unless
+        ``make_room``: then stored lower-priority events are dropped to make room, and only
+        when nothing else is left to drop are these readings dropped unstored (the result is
+        then shorter, or empty).
         """
         if not readings:
             return []
@@ -224,8 +233,16 @@ class Outbox:
             except sqlite3.OperationalError as exc:
                 if not _is_full(exc):
                     raise
+                if not make_room:
+                    raise OutboxFull(f"the outbox's disk is full ({exc}): nothing stored") from exc
                 log.error("the outbox's disk is full (%s): dropping low-priority events", exc)
-                if self._drop_lowest(self.DISK_FULL_DROP, None, "disk_full"):
+                try:
+                    gone = self._drop_lowest(self.DISK_FULL_DROP, None, "disk_full")
+                except sqlite3.OperationalError as again:
+                    if not _is_full(again):
+                        raise
+                    gone = 0  # even a delete needs room for its journal
+                if gone:
                     continue
                 for r in readings:
                     self._count_drop(r.type, 1, "disk_full")
@@ -541,8 +558,10 @@ class AsyncOutbox:
     async def _call(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
-    async def append_many(self, readings: Sequence[Reading]) -> list[int]:
-        seqs = await self._call(lambda: self._core.append_many(readings))
+    async def append_many(
+        self, readings: Sequence[Reading], *, make_room: bool = False
+    ) -> list[int]:
+        seqs = await self._call(lambda: self._core.append_many(readings, make_room=make_room))
         if seqs:
             self.highest_seq = seqs[-1]
             self._grown.set()

@@ -3,8 +3,10 @@
 One connection at a time. On each connect the publisher says ``online`` (retained, with a will
 saying ``offline``), then sends every row still in the outbox from the start: rows leave the
 outbox only when their batch's PUBACK arrives, so whatever was in flight when a link dropped is
-sent again with the same seq, ts and data. Rows that were already waiting when the link came up
-are backlog: they go in ``replay: true`` batches, paced, and never share a batch with live rows.
+sent again with the same seq, ts and data. A delete that fails after a PUBACK (a full disk)
+never stops the publisher: the rows stay and the delete is tried again later. Rows that were
+already waiting when the link came up are backlog: they go in ``replay: true`` batches, paced,
+and never share a batch with live rows.
 
 With a :class:`~edge_agent.commands.CommandHandler`, each connection also subscribes to the
 device's ``cmd`` topic, hands what arrives to it and publishes its acks on ``cmd/ack``. With a
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ import msgspec
 from edge_agent import __version__
 from edge_agent.commands import CommandHandler
 from edge_agent.config import Broker, DeviceConfig, PublishConfig
-from edge_agent.outbox import AsyncOutbox, OutboxRow
+from edge_agent.outbox import AsyncOutbox, OutboxError, OutboxRow
 from edge_agent.remote_config import ConfigChannel
 from schemas import topics
 from schemas.state import DeviceState
@@ -73,6 +76,8 @@ class Publisher:
     PUBACK_TIMEOUT_S = 30.0
     #: How long a clean shutdown may spend saying ``offline``.
     CLOSE_TIMEOUT_S = 3.0
+    #: How often a delete that failed after its PUBACK is tried again.
+    DELETE_RETRY_S = 1.0
 
     def __init__(
         self,
@@ -93,6 +98,8 @@ class Publisher:
         #: The backlog of the current connection: seqs up to this one go as replay.
         self.replay_until = 0
         self.stats = PublisherStats()
+        #: Seqs the broker acknowledged whose delete failed: still in the outbox, to delete.
+        self.undeleted: set[int] = set()
         self._outbox = outbox
         self._commands = commands
         self._config = config
@@ -207,6 +214,7 @@ class Publisher:
                 # failing after the body has ended leaves this task marked as cancelling.
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._watch(client), name="mqtt-watch")
+                    tg.create_task(self._retry_deletes(), name="outbox-delete-retry")
                     if self._commands is not None:
                         tg.create_task(
                             self._commands.send_acks(
@@ -319,13 +327,36 @@ class Publisher:
         try:
             payload = self.encode(rows, replay=replay)
             await client.publish(self._up_topic, payload, qos=1, timeout=self.PUBACK_TIMEOUT_S)
-            await self._outbox.delete([r.seq for r in rows])
+            await self._delete([r.seq for r in rows])
         finally:
             window.release()
         self.stats.batches += 1
         self.stats.events += len(rows)
         if replay:
             self.stats.replayed_events += len(rows)
+
+    async def _delete(self, seqs: Sequence[int]) -> None:
+        """Delete acknowledged rows and any whose delete failed before; on an outbox error keep
+        them for a later try (until then a reconnect may send them again: the server dedups)."""
+        todo = sorted(self.undeleted.union(seqs))
+        if not todo:
+            return
+        try:
+            await self._outbox.delete(todo)
+        except (OutboxError, sqlite3.Error) as exc:
+            if not self.undeleted:
+                log.error("outbox: cannot delete %d sent event(s), kept: %s", len(todo), exc)
+            self.undeleted.update(seqs)
+            return
+        if self.undeleted:
+            log.info("outbox: deleted %d sent event(s) after an earlier failure", len(todo))
+        self.undeleted.difference_update(todo)
+
+    async def _retry_deletes(self) -> None:
+        while True:
+            await asyncio.sleep(self.DELETE_RETRY_S)
+            if self.undeleted:
+                await self._delete(())
 
     def encode(self, rows: Sequence[OutboxRow], *, replay: bool = False) -> bytes:
         """An ``up`` batch of these rows, with ts and data exactly as stored."""

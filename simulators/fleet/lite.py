@@ -51,7 +51,7 @@ class LiteDevice:
     """One simulated device; :meth:`run` until cancelled, :meth:`produce` to make events."""
 
     #: Readings kept in memory while the outbox cannot take them (disk full); beyond, the
-    #: oldest are dropped and counted in :attr:`dropped`, which the report counts as lost.
+    #: outbox makes room by priority, and what it drops is reported (:attr:`reported_drops`).
     MAX_PENDING: Final = 20_000
     RECENT: Final = 8
     RESTART_S: Final = 0.5
@@ -75,7 +75,10 @@ class LiteDevice:
         #: Seconds added to this device's clock (the clock_skew fault).
         self.clock_offset_s = 0.0
         self.made = 0
+        #: Readings the outbox dropped unstored (no seq); part of :attr:`reported_drops`.
         self.dropped = 0
+        #: Events the outbox dropped on purpose and reported (``agent.outbox_dropped``).
+        self.reported_drops = 0
         self.store_errors = 0
         self.publisher_crashes = 0
         self.last_store_error: str | None = None
@@ -118,8 +121,8 @@ class LiteDevice:
                 try:
                     await pub.run()
                 except Exception as exc:
-                    # The shipped publisher does not survive an outbox error (disk full on
-                    # delete): count it and start again, as systemd would restart the agent.
+                    # The shipped publisher must survive outbox errors; should it not, count it
+                    # and start again, as systemd would restart the agent.
                     self.publisher_crashes += 1
                     log.warning("%s: publisher crashed: %r; restarting", self.spec.id, exc)
                     boot += 1
@@ -136,19 +139,19 @@ class LiteDevice:
     async def produce(self, n: int) -> None:
         """Make ``n`` events and store every pending one in the outbox, if it can."""
         self._pending.extend(self._reading() for _ in range(n))
-        if len(self._pending) > self.MAX_PENDING:
-            over = len(self._pending) - self.MAX_PENDING
-            del self._pending[:over]
-            self.dropped += over
         await self.flush()
 
     async def flush(self) -> bool:
-        """Store pending readings; False when the outbox refused them (they stay pending)."""
+        """Store pending readings; False when the outbox refused them (they stay pending).
+
+        Past :attr:`MAX_PENDING` the outbox is asked to make room by priority.
+        """
         if not self._pending:
             return True
         batch = self._pending
+        make_room = len(batch) > self.MAX_PENDING
         try:
-            await self.outbox.append_many(batch)
+            seqs = await self.outbox.append_many(batch, make_room=make_room)
         except (OutboxError, sqlite3.Error, OSError) as exc:
             self.store_errors += 1
             if str(exc) != self.last_store_error:
@@ -156,6 +159,9 @@ class LiteDevice:
             self.last_store_error = str(exc)
             return False
         self._pending = self._pending[len(batch) :]
+        self.dropped += len(batch) - len(seqs)
+        if (drops := await self.outbox.take_drops()) is not None:
+            self.reported_drops += sum(drops.counts.values())
         return True
 
     async def depth(self) -> int:

@@ -29,7 +29,7 @@ class Report:
     duplicates_dropped: int | None
     #: Seqs missing between the lowest and highest stored, summed over devices.
     gaps: int
-    #: generated - stored: made but not in the database.
+    #: generated - stored - dropped: made, neither in the database nor reported dropped.
     lost: int
     #: Stored seqs no device assigned.
     unexpected: int
@@ -39,6 +39,8 @@ class Report:
     latency_p99_s: float | None
     #: Events sent again as paced backlog (``replay: true``) after an outage.
     replayed: int = 0
+    #: Events an outbox dropped on purpose (quota, sustained full disk), each reported.
+    dropped: int = 0
     #: Times an outbox refused a write (disk full); the readings stayed pending.
     store_errors: int = 0
     #: Publishers that died on an error and were started again (an agent restart).
@@ -72,6 +74,7 @@ class Report:
                 "-" if self.duplicates_dropped is None else f"{self.duplicates_dropped}",
             ),
             ("gaps", f"{self.gaps}"),
+            ("dropped (reported)", f"{self.dropped}"),
             ("lost", f"{self.lost}"),
             ("unexpected", f"{self.unexpected}"),
             ("quarantined", f"{self.quarantined}"),

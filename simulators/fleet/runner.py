@@ -426,10 +426,11 @@ class Fleet:
         generated = sum(d.made for d in run.devices)
         stored = sum(v[0] for v in by_dev.values())
         lost_by = {
-            d.spec.id: d.made - by_dev.get(d.spec.id, (0, 0, 0))[0]
+            d.spec.id: n
             for d in run.devices
-            if d.made != by_dev.get(d.spec.id, (0, 0, 0))[0]
+            if (n := d.made - d.reported_drops - by_dev.get(d.spec.id, (0, 0, 0))[0])
         }
+        dropped_reported = sum(d.reported_drops for d in run.devices)
         dropped = None
         if self.services.ingest is not None:
             with contextlib.suppress(Exception):
@@ -445,13 +446,14 @@ class Fleet:
             duplicates_stored=sum(v[1] for v in by_dev.values()),
             duplicates_dropped=dropped,
             gaps=gaps,
-            lost=generated - stored,
+            lost=generated - stored - dropped_reported,
             unexpected=sum(v[2] for v in by_dev.values()),
             quarantined=quarantined,
             latency_p50_s=pct[0],
             latency_p95_s=pct[1],
             latency_p99_s=pct[2],
             replayed=sum(d.publisher.stats.replayed_events for d in run.devices if d.publisher),
+            dropped=dropped_reported,
             store_errors=sum(d.store_errors for d in run.devices),
             publisher_crashes=sum(d.publisher_crashes for d in run.devices),
             faults=run.fault_log,

@@ -40,6 +40,7 @@ def check(report: Report) -> None:
     assert report.devices == 50
     assert report.generated > 500, report.table()
     assert report.lost == 0, report.table()
+    assert report.publisher_crashes == 0, report.table()
     assert report.duplicates_stored == 0, report.table()
     assert report.unexpected == 0, report.table()
     assert report.gaps == 0, report.table()
@@ -73,6 +74,7 @@ def test_disk_full_keeps_readings_until_there_is_room(campus_fleet: Callable[...
     report = campus_fleet(district(fault("disk_full", target="n02", duration_s=2.5)))
     check(report)
     assert report.store_errors > 0, report.table()
+    assert report.dropped == 0, report.table()  # a transient full disk drops nothing
 
 
 def test_clock_skew_is_stored_as_the_device_said(

@@ -18,6 +18,7 @@ from edge_agent.config import AgentConfig, ConfigError, PublishConfig, load_conf
 from edge_agent.outbox import AsyncOutbox, Outbox
 from edge_agent.publisher import LinkState, Publisher
 from schemas.events import BoardPower, CardTap
+from simulators.faults import FaultUnavailable, Tmpfs
 from tests.services import free_port
 
 pytestmark = pytest.mark.integration
@@ -97,9 +98,11 @@ async def test_shutdown_stores_every_accepted_reading(
     disk = asyncio.Event()
     real_append = AsyncOutbox.append_many
 
-    async def stalled(self: AsyncOutbox, readings: list[Reading]) -> list[int]:
+    async def stalled(
+        self: AsyncOutbox, readings: list[Reading], *, make_room: bool = False
+    ) -> list[int]:
         await disk.wait()
-        return await real_append(self, readings)
+        return await real_append(self, readings, make_room=make_room)
 
     monkeypatch.setattr(AsyncOutbox, "append_many", stalled)
     cfg = config(tmp_path, SYNTH + "count = 1000\n")
@@ -230,3 +233,27 @@ async def test_publisher_backoff_grows_and_is_jittered(
     for wait, base in zip(waits, bases, strict=False):
         assert base * 0.75 <= wait <= base * 1.25
     assert pub.state == LinkState.STOPPED
+
+
+async def test_a_full_disk_loses_no_accepted_reading(tmp_path: Path) -> None:
+    """A real full filesystem under the outbox: readings wait in memory, then all get stored."""
+    try:
+        disk = Tmpfs(tmp_path / "disk", size_mb=16).__enter__()
+    except FaultUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        cfg = config(disk.path, SYNTH + "count = 3000\nrate = 1000\n")
+        async with Agent(cfg) as agent:
+            await until(lambda: agent.outbox.highest_seq > 100, "the first readings")
+            await asyncio.to_thread(disk.fill)
+            try:
+                await until(lambda: len(agent._pending) > 200, "readings held in memory")
+            finally:
+                disk.free()
+            await until(lambda: agent.outbox.highest_seq >= 3000, "the rest stored", within=20)
+            assert agent.status().queued == 0
+        with Outbox(cfg.outbox_path) as ob:
+            assert [r.seq for r in ob.peek(0, 10_000, 1 << 30)] == list(range(1, 3001))
+            assert ob.dropped_total() == {}  # a transient full disk drops nothing
+    finally:
+        disk.__exit__()

@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from device_drivers.base import Reading
-from edge_agent.outbox import Outbox, priority
+from edge_agent.outbox import Outbox, OutboxFull, priority
 from schemas.events import AgentHealth, BoardPower, CardTap, EnvReading
 
 HASH = "ab" * 32
@@ -106,7 +106,7 @@ def test_a_full_disk_drops_low_priority_and_keeps_what_was_stored(tmp_path: Path
         stored: list[int] = []
         reports: list[dict[str, int]] = []
         for i in range(3000):  # until the file is full, and a few rounds more
-            stored += outbox.append_many([env(i), env(i), tap()])
+            stored += outbox.append_many([env(i), env(i), tap()], make_room=True)
             if (drops := outbox.take_drops()) is not None:
                 assert drops.reason == "disk_full"
                 reports.append(drops.counts)
@@ -122,10 +122,33 @@ def test_a_full_disk_drops_low_priority_and_keeps_what_was_stored(tmp_path: Path
         outbox._db.execute("DELETE FROM events")
         outbox._by_type.clear()
         big = [tap() for _ in range(5000)]  # more than fits, and nothing to drop: no crash
-        assert outbox.append_many(big) == []
+        assert outbox.append_many(big, make_room=True) == []
         last = outbox.take_drops()
         assert last is not None
         assert (last.counts, last.reason) == ({"card.tap": 5000}, "disk_full")
+
+
+def test_a_full_disk_keeps_everything_unless_asked_to_make_room(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as outbox:
+        outbox._db.execute("PRAGMA synchronous = OFF")  # speed: durability is not under test
+        outbox._db.execute("PRAGMA max_page_count = 30")  # a real SQLITE_FULL, as above
+        stored: list[int] = []
+        refused: OutboxFull | None = None
+        for _ in range(1000):  # until the last free page is used
+            try:
+                stored += outbox.append_many([env(), tap()])
+            except OutboxFull as exc:
+                refused = exc
+                break
+        assert refused is not None, "the file never filled up"
+        assert "disk is full" in str(refused)
+        # The refused append stored and dropped nothing; everything accepted before is there.
+        assert outbox.take_drops() is None
+        assert types(outbox).total() == len(stored) == outbox.highest_seq()
+        # Room again (the disk freed up): the same readings go in, seqs still contiguous.
+        outbox._db.execute("PRAGMA max_page_count = 100000")
+        assert outbox.append_many([env(), tap()]) == [len(stored) + 1, len(stored) + 2]
+        assert outbox.take_drops() is None
 
 
 def test_seq_floor(tmp_path: Path) -> None:
