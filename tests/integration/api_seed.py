@@ -102,16 +102,27 @@ def seed(db_url: str) -> Seeded:
             (T0 + timedelta(minutes=minute), "s001", "sb-0101", "smart_board", seq,
              "board.input", {"source": source})
         )  # fmt: skip
-    checkins = [("c7a", "on_time"), ("c7a", "on_time"), ("c7a", "late"),
-                ("c7a", "outside_period"), ("c7a", None), ("c7b", "on_time"), ("c7b", "on_time")]
+    checkins = [
+        ("c7a", "on_time"),
+        ("c7a", "on_time"),
+        ("c7a", "late"),
+        ("c7a", "outside_period"),
+        ("c7a", None),
+        ("c7b", "on_time"),
+        ("c7b", "on_time"),
+    ]
     for i, (class_id, status) in enumerate(checkins):
         checkin = {"uid_hash": f"s{i}", "reader": "door", "class_id": class_id}
         events.append(
             (T0 + timedelta(minutes=i), "s001", "sg-0101", "signage", i + 1,
              "attendance.checkin", checkin if status is None else {**checkin, "status": status})
         )  # fmt: skip
-    library = [(11, "library.loan", "isbn-978"), (12, "library.loan", "isbn-111"),
-               (13, "library.loan", "isbn-978"), (14, "library.return", "isbn-222")]
+    library = [
+        (11, "library.loan", "isbn-978"),
+        (12, "library.loan", "isbn-111"),
+        (13, "library.loan", "isbn-978"),
+        (14, "library.return", "isbn-222"),
+    ]
     for seq, kind, item in library:
         loan = {"student_hash": None, "item_id": item, "source": "rfid", "terminal": "desk"}
         events.append(

@@ -8,9 +8,11 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
+from importlib import metadata
 from typing import Any
 from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
@@ -356,3 +358,29 @@ def test_timestamps_are_utc_iso(api: Api) -> None:
     _, page = api.get("/api/v1/events", device="cr-0201", limit=1, **RANGE)
     when = datetime.fromisoformat(page["items"][0]["time"])
     assert when == T0.astimezone(UTC)
+
+
+def test_meta_gives_district_today_and_scopes(api: Api) -> None:
+    """Today is the district's local day (that of the rollups); scopes are the caller's."""
+    local = "SELECT (now() AT TIME ZONE district_tz)::date FROM storage_config"
+    with psycopg.connect(api.db_url, autocommit=True) as conn:
+        for tz in ("Asia/Shanghai", "America/Los_Angeles"):
+            conn.execute("UPDATE storage_config SET district_tz = %s", (tz,))
+            before = conn.execute(local).fetchone()
+            status, meta = api.get("/api/v1/meta")
+            after = conn.execute(local).fetchone()
+            assert status == 200, meta
+            assert before is not None
+            assert after is not None
+            assert meta["timezone"] == tz
+            assert meta["today"] in {before[0].isoformat(), after[0].isoformat()}
+            start = datetime.fromisoformat(meta["today_start"]).astimezone(ZoneInfo(tz))
+            assert (start.date().isoformat(), start.time()) == (meta["today"], time(0, 0))
+        conn.execute("UPDATE storage_config SET district_tz = 'Asia/Shanghai'")
+    assert (meta["scopes"], meta["token_name"]) == (["read"], "test-read")
+    assert meta["server_version"] == metadata.version("campus-edge")
+    status, admin = api.get("/api/v1/meta", "admin")
+    assert (status, admin["scopes"]) == (200, ["admin"])
+    status, body = get_json(api.url("/api/v1/meta"), None)
+    assert status == 401
+    assert "token" in body["detail"]

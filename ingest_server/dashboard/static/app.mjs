@@ -412,7 +412,7 @@ async function renderQuality() {
 
 async function renderRollups() {
   // Rollup days are the district's local days: its today, from its midnight.
-  const { today: day, today_start: since } = await meta();
+  const { today: day, today_start: since, timezone: tz } = await meta();
   const [devices, attendance, board, env] = await Promise.all([
     call("/devices"),
     call(`/rollups/attendance?from=${day}&to=${day}`),
@@ -453,7 +453,7 @@ async function renderRollups() {
   const co2Chart = h("div", { class: "chart", id: "chart-co2" });
   const none = () => h("p", { class: "muted" }, t("rollups.none"));
   view.replaceChildren(
-    h("h1", {}, t("rollups.title", { day })),
+    h("h1", {}, t("rollups.title", { day, tz })),
     h("h2", {}, t("rollups.attendance")),
     h("section", { class: "card" }, classes.length ? [attendanceChart, table("attendance", [
       ["col.class", (r) => r.label],
