@@ -29,6 +29,7 @@ from device_drivers.base import (
     register_driver,
 )
 from schemas.events import (
+    AttendanceCheckin,
     BoardApp,
     BoardInput,
     BoardPower,
@@ -43,12 +44,29 @@ from schemas.events import (
 _YIELD_EVERY: Final = 64
 _POWER: Final[tuple[Literal["on", "standby", "off"], ...]] = ("on", "standby", "off")
 _INPUTS: Final = ("hdmi1", "hdmi2", "ops", "usb-c")
+_CLASSES: Final = ("c7a", "c7b")
+_STATUS: Final[tuple[Literal["on_time", "late", "outside_period"], ...]] = (
+    "on_time", "on_time", "late", "outside_period"
+)  # fmt: skip
 
 
 def _card(i: int, name: str, hasher: UidHasher) -> msgspec.Struct:
     uid = (0x04000000 + i % 5000).to_bytes(4, "big")
     raw = uid.hex().upper() if hasher.send_raw else None
     return CardTap(uid_hash=hasher.hash(uid), tech="iso14443a", reader=name, uid=raw)
+
+
+def _checkin(i: int, name: str, hasher: UidHasher) -> msgspec.Struct:
+    """Students of two classes; every fourth is late, every fourth outside a period."""
+    uid = (0x05000000 + i % 800).to_bytes(4, "big")
+    status = _STATUS[i % 4]
+    return AttendanceCheckin(
+        uid_hash=hasher.hash(uid),
+        reader=name,
+        class_id=_CLASSES[i % 2],
+        period=None if status == "outside_period" else f"p{1 + i // 40 % 8}",
+        status=status,
+    )
 
 
 def _env(i: int, name: str, _h: UidHasher) -> msgspec.Struct:
@@ -68,6 +86,7 @@ def _power(i: int, _n: str, _h: UidHasher) -> msgspec.Struct:
 GENERATORS: Final[dict[str, Callable[[int, str, UidHasher], msgspec.Struct]]] = {
     "env.reading": _env,
     "card.tap": _card,
+    "attendance.checkin": _checkin,
     "board.power": _power,
     "board.input": lambda i, _n, _h: BoardInput(source=_INPUTS[i % 4], previous=_INPUTS[i % 3]),
     "board.app": lambda i, _n, _h: BoardApp(app=f"app-{i % 7}"),

@@ -20,6 +20,7 @@ from ingest_server.api import (
     enrol,
     export,
     live,
+    meta,
     quarantine,
     rollups,
     tokens,
@@ -58,6 +59,7 @@ def create_app(
         app.state.tokens = auth.TokenChecker(app.state.pool.connection, token_file)
         install_error_handlers(app)
         app.include_router(tokens.router)
+        app.include_router(meta.router)
         app.state.live = LiveHub()
         app.include_router(devices.router)
         app.include_router(data.router)

@@ -28,6 +28,20 @@ router = APIRouter(prefix="/api/v1/devices/{device_id}", tags=["devices"])
 Conn = Annotated[psycopg.Connection[Any], Depends(db)]
 DeviceId = Annotated[str, PathParam(pattern=ID_PATTERN, description="the device's id")]
 
+#: A presence answer lists at most this many transitions (the newest); ``truncated`` says more.
+MAX_TRANSITIONS: Final = 1000
+#: Changes of state in ``device_presence`` (a repeated state is no transition), newest first.
+_TRANSITIONS: Final = """
+SELECT time, state FROM (
+    SELECT time, state, lag(state) OVER (ORDER BY time) AS previous
+    FROM device_presence
+    WHERE device_id = %(device)s AND state IN ('online', 'offline')
+      AND time <= coalesce(%(to)s::timestamptz, 'infinity')
+) AS p
+WHERE previous IS DISTINCT FROM state AND time >= coalesce(%(from)s::timestamptz, '-infinity')
+ORDER BY time DESC LIMIT %(limit)s
+"""
+
 #: Largest ``config`` accepted, encoded as JSON (it is a retained message on the broker).
 MAX_CONFIG_BYTES: Final = 256 * 1024
 
@@ -92,10 +106,13 @@ class Presence(BaseModel):
     boot: int | None
     agent_version: str | None
     transitions: list[Transition] = Field(
-        description="online/offline changes in [from, to], oldest first"
+        description=f"online/offline changes in [from, to], oldest first; the newest "
+        f"{MAX_TRANSITIONS} if there were more"
     )
+    truncated: bool = Field(description="more transitions matched than were returned")
     history: Literal["current_only", "full"] = Field(
-        description="current_only: only the latest change is known (no presence history table)"
+        description="full: transitions come from the stored presence history (device_presence);"
+        " current_only (older servers): only the latest change was known"
     )
 
 
@@ -147,11 +164,13 @@ def get_presence(
     from_: Annotated[datetime | None, Query(alias="from")] = None,
     to: Annotated[datetime | None, Query()] = None,
 ) -> Presence:
-    """Current presence from the registry; with no presence history stored yet, the only
-    transition known is the latest one (shown if it falls in [from, to])."""
+    """Current presence from the registry and the online/offline changes in [from, to] from
+    the presence history (every ``state`` message the writer stored)."""
     for name, value in (("from", from_), ("to", to)):
         if value is not None and value.tzinfo is None:
             raise HTTPException(422, f"{name} must be RFC 3339 with an offset, e.g. ...Z")
+    if from_ is not None and to is not None and from_ > to:
+        raise HTTPException(422, "from must not be after to")
     cur = conn.cursor(row_factory=dict_row)
     row = cur.execute(
         "SELECT device_id, school_id, state, state_at AS since, boot, agent_version"
@@ -160,13 +179,14 @@ def get_presence(
     ).fetchone()
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r} is known")
-    transitions = []
-    since, state = row["since"], row["state"]
-    if (
-        since is not None
-        and state in ("online", "offline")
-        and (from_ is None or since >= from_)
-        and (to is None or since <= to)
-    ):
-        transitions.append(Transition(time=since, state=state))
-    return Presence(**row, transitions=transitions, history="current_only")
+    found = cur.execute(
+        _TRANSITIONS,
+        {"device": device_id, "from": from_, "to": to, "limit": MAX_TRANSITIONS + 1},
+    ).fetchall()
+    transitions = [Transition(**t) for t in reversed(found[:MAX_TRANSITIONS])]
+    return Presence(
+        **row,
+        transitions=transitions,
+        truncated=len(found) > MAX_TRANSITIONS,
+        history="full",
+    )

@@ -1,8 +1,8 @@
 """Known rows for the API tests, and a running API over them; everything takes a db URL.
 
-``prepare`` brings a migrated database up to the storage the API reads: on this branch it adds
-the ``devices`` columns and stand-in rollup tables that the storage branch provides for real
-(created only where missing, with exactly the names and columns of the real ones).
+The rollups are the real ones: ``seed`` stores events, readings and presence rows, then has the
+database refresh the rollups for their days; :data:`ROLLUP_ROWS` are the numbers worked out by
+hand from those rows (days are district-local, Asia/Shanghai: T0 is 16:00 there on DAY0).
 """
 
 from __future__ import annotations
@@ -17,62 +17,57 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from ingest_server.api import auth
 from ingest_server.consumer import Health
 from ingest_server.http import HttpServer, create_app
 from ingest_server.metrics import IngestMetrics
 from ingest_server.migrate import migrate
+from ingest_server.storage import maintain
 
 T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 DAY0 = date(2026, 11, 20)
+#: DAY0 ends at local midnight, 16:00 UTC: an interval still open then is cut there.
+DAY0_END = datetime(2026, 11, 20, 16, 0, tzinfo=UTC)
 
-_DEVICE_COLUMNS = """
-ALTER TABLE devices ADD COLUMN IF NOT EXISTS room text;
-ALTER TABLE devices ADD COLUMN IF NOT EXISTS class_id text;
-ALTER TABLE devices ADD COLUMN IF NOT EXISTS grade text;
-ALTER TABLE devices ADD COLUMN IF NOT EXISTS name text;
-"""
-STANDINS: dict[str, str] = {
-    "card_taps_daily": "day date, school_id text, device_id text, taps bigint",
-    "attendance_daily": "day date, school_id text, class_id text, checkins bigint,"
-    " on_time bigint, late bigint, outside_period bigint",
-    "board_power_daily": "day date, school_id text, device_id text, on_minutes double precision",
-    "board_input_daily": "day date, school_id text, device_id text, source text,"
-    " minutes double precision",
-    "env_5min": "bucket timestamptz, school_id text, device_id text, metric text,"
-    " avg double precision, min double precision, max double precision, samples bigint",
-    "device_online_daily": "day date, school_id text, device_id text,"
-    " online_minutes double precision",
-    "library_daily": "day date, school_id text, grade text, loans bigint, returns bigint",
-    "library_top_items": "school_id text, item_id text, loans bigint, last_loan timestamptz",
-    "device_presence": "time timestamptz, school_id text, device_id text, state text",
-}
+
+def _minutes(a: datetime, b: datetime) -> float:
+    return (b - a).total_seconds() / 60
+
+
+#: Rollup relation → its rows for the seeded data, in the API's order.
 ROLLUP_ROWS: dict[str, list[tuple[Any, ...]]] = {
-    "card_taps_daily": [
-        (DAY0, "s001", "cr-0101", 42),
-        (DAY0 + timedelta(days=1), "s001", "cr-0101", 40),
-        (DAY0, "s002", "cr-0201", 7),
-    ],
-    "attendance_daily": [(DAY0, "s001", "c7a", 30, 27, 2, 1), (DAY0, "s001", "c7b", 28, 28, 0, 0)],
-    "board_power_daily": [(DAY0, "s001", "sb-0101", 312.5)],
+    "card_taps_daily": [(DAY0, "s001", "cr-0101", 10), (DAY0, "s002", "cr-0201", 4)],
+    # c7a: on time, on time, late, outside period, no status (counts as on time); c7b: 2 on time
+    "attendance_daily": [(DAY0, "s001", "c7a", 5, 3, 1, 1), (DAY0, "s001", "c7b", 2, 2, 0, 0)],
+    # on at +1:30, on again at +2:30, off at +4:30
+    "board_power_daily": [(DAY0, "s001", "sb-0101", 3.0)],
+    # hdmi1 at +6, ops at +8 until the end of the local day
     "board_input_daily": [
-        (DAY0, "s001", "sb-0101", "hdmi1", 200.0),
-        (DAY0, "s001", "sb-0101", "ops", 112.5),
+        (DAY0, "s001", "sb-0101", "hdmi1", 2.0),
+        (DAY0, "s001", "sb-0101", "ops", _minutes(T0 + timedelta(minutes=8), DAY0_END)),
     ],
+    # co2 600..604 and temperature 21..25 over minutes 0..4: one 5-minute bucket each
     "env_5min": [
-        (T0, "s001", "env-0101", "co2_ppm", 650.0, 600.0, 700.0, 5),
-        (T0 + timedelta(minutes=5), "s001", "env-0101", "co2_ppm", 720.0, 700.0, 740.0, 5),
+        (T0, "s001", "env-0101", "co2_ppm", 602.0, 600.0, 604.0, 5),
+        (T0, "s001", "env-0101", "temperature_c", 23.0, 21.0, 25.0, 5),
     ],
-    "device_online_daily": [(DAY0, "s001", "cr-0101", 1440.0)],
-    "library_daily": [(DAY0, "s001", "7", 12, 9), (DAY0, "s001", "8", 3, 5)],
+    # presence: cr-0101 online 30 min, sb-0101 online 6 min
+    "device_online_daily": [(DAY0, "s001", "cr-0101", 30.0), (DAY0, "s001", "sb-0101", 6.0)],
+    # loans and a return at cr-0101's terminal, whose registry grade is 7
+    "library_daily": [(DAY0, "s001", "7", 3, 1)],
     "library_top_items": [
-        ("s001", "isbn-978", 17, T0),
-        ("s001", "isbn-111", 4, T0),
-        ("s002", "isbn-222", 9, T0),
+        ("s001", "isbn-978", 2, T0 + timedelta(minutes=22)),
+        ("s001", "isbn-111", 1, T0 + timedelta(minutes=21)),
     ],
 }
+#: (time, school, device, state) rows of device_presence.
+PRESENCE: list[tuple[Any, ...]] = [
+    (T0, "s001", "cr-0101", "online"),
+    (T0, "s001", "sb-0101", "online"),
+    (T0 + timedelta(minutes=6), "s001", "sb-0101", "offline"),
+    (T0 + timedelta(minutes=30), "s001", "cr-0101", "offline"),
+]
 # data with the characters CSV must quote: comma, quote, newline
 TRICKY = {"reader": 'door "A", east\nwing', "uid_hash": "5f1c", "tech": "iso14443a"}
 
@@ -83,22 +78,13 @@ class Seeded:
     readings: list[tuple[Any, ...]]  # (time, school, device, metric, value)
 
 
-def prepare(conn: psycopg.Connection[Any]) -> list[str]:
-    """Migrate and add what the storage branch brings; the stand-ins created (empty)."""
+def prepare(conn: psycopg.Connection[Any]) -> None:
+    """Migrate: the storage, registry columns and rollups the API reads all come from there."""
     migrate(conn)
-    conn.execute(_DEVICE_COLUMNS)
-    made = []
-    for name, columns in STANDINS.items():
-        if conn.execute("SELECT to_regclass(%s)", (name,)).fetchone() == (None,):
-            conn.execute(
-                sql.SQL("CREATE TABLE {} ({})").format(sql.Identifier(name), sql.SQL(columns))
-            )
-            made.append(name)
-    return made
 
 
 def seed(db_url: str) -> Seeded:
-    """Known devices, events, readings, quarantine rows and rollup rows."""
+    """Known devices, events, readings, presence and quarantine rows; the rollups refreshed."""
     events: list[tuple[Any, ...]] = []
     for i in range(10):
         events.append(
@@ -106,10 +92,42 @@ def seed(db_url: str) -> Seeded:
              {**TRICKY, "n": i})
         )  # fmt: skip
     # seq 3 of sb-0101 never arrived: missing = 1
-    for seq in (1, 2, 4):
+    for seq, state in ((1, "on"), (2, "on"), (4, "off")):
         events.append(
             (T0 + timedelta(minutes=seq, seconds=30), "s001", "sb-0101", "smart_board", seq,
-             "board.power", {"on": seq % 2 == 1})
+             "board.power", {"state": state})
+        )  # fmt: skip
+    for seq, minute, source in ((6, 6, "hdmi1"), (7, 8, "ops")):
+        events.append(
+            (T0 + timedelta(minutes=minute), "s001", "sb-0101", "smart_board", seq,
+             "board.input", {"source": source})
+        )  # fmt: skip
+    checkins = [
+        ("c7a", "on_time"),
+        ("c7a", "on_time"),
+        ("c7a", "late"),
+        ("c7a", "outside_period"),
+        ("c7a", None),
+        ("c7b", "on_time"),
+        ("c7b", "on_time"),
+    ]
+    for i, (class_id, status) in enumerate(checkins):
+        checkin = {"uid_hash": f"s{i}", "reader": "door", "class_id": class_id}
+        events.append(
+            (T0 + timedelta(minutes=i), "s001", "sg-0101", "signage", i + 1,
+             "attendance.checkin", checkin if status is None else {**checkin, "status": status})
+        )  # fmt: skip
+    library = [
+        (11, "library.loan", "isbn-978"),
+        (12, "library.loan", "isbn-111"),
+        (13, "library.loan", "isbn-978"),
+        (14, "library.return", "isbn-222"),
+    ]
+    for seq, kind, item in library:
+        loan = {"student_hash": None, "item_id": item, "source": "rfid", "terminal": "desk"}
+        events.append(
+            (T0 + timedelta(minutes=9 + seq), "s001", "cr-0101",
+             "card_reader", seq, kind, loan)
         )  # fmt: skip
     health = {
         "cpu_pct": 3.5,
@@ -174,10 +192,13 @@ def seed(db_url: str) -> Seeded:
                     )
                 ],
             )  # fmt: skip
-            for name, rows in ROLLUP_ROWS.items():
-                marks = sql.SQL(", ").join([sql.Placeholder()] * len(rows[0]))
-                insert = sql.SQL("INSERT INTO {} VALUES ({})").format(sql.Identifier(name), marks)
-                conn.cursor().executemany(insert, rows)
+            conn.cursor().executemany(
+                "INSERT INTO device_presence (time, school_id, device_id, state)"
+                " VALUES (%s, %s, %s, %s)",
+                PRESENCE,
+            )
+        # the server's own upkeep pass: DAY0 was touched, so its rollups are computed
+        assert maintain(conn).days_refreshed >= 1
     return Seeded(events=events, readings=readings)
 
 

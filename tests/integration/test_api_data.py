@@ -8,9 +8,11 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
+from importlib import metadata
 from typing import Any
 from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
@@ -233,8 +235,8 @@ def test_export_csv_and_ndjson(api: Api) -> None:
     assert status == 200
     assert headers["content-type"] == "application/x-ndjson"
     lines = [json.loads(line) for line in body.decode().splitlines()]
-    assert [x["seq"] for x in lines] == [1, 2, 4, 5]
-    assert lines[-1]["data"]["drivers"]["panel"] == "running"
+    assert [x["seq"] for x in lines] == [1, 2, 4, 5, 6, 7]
+    assert lines[3]["data"]["drivers"]["panel"] == "running"
 
     status, _, body = get(
         api.url("/api/v1/export/readings.csv", metric="temperature_c", **RANGE),
@@ -260,43 +262,62 @@ def test_export_larger_than_one_chunk(api: Api) -> None:
     assert seqs == list(range(1, n + 1))
 
 
+def _wire(value: Any) -> Any:
+    """A seeded value as the API writes it in JSON."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
 @pytest.mark.parametrize(
     ("path", "relation", "params"),
     [
         ("card-taps", "card_taps_daily", {"school": "s001"}),
         ("attendance", "attendance_daily", {"school": "s001"}),
         ("board-power", "board_power_daily", {}),
-        ("board-input", "board_input_daily", {"device": "sb-0101"}),
+        # the last source stays selected until the next event: its later days grow with the clock
+        ("board-input", "board_input_daily", {"device": "sb-0101", "to": DAY0.isoformat()}),
         ("env", "env_5min", RANGE),
         ("device-online", "device_online_daily", {}),
         ("library", "library_daily", {"school": "s001"}),
     ],
 )
 def test_rollups(api: Api, path: str, relation: str, params: dict[str, Any]) -> None:
+    """Each endpoint answers the real rollup's rows, which match the hand-worked numbers."""
     days = {"from": DAY0.isoformat(), "to": (DAY0 + timedelta(days=6)).isoformat()}
     query = params if path == "env" else {**days, **params}
     status, body = api.get(f"/api/v1/rollups/{path}", **query)
     assert status == 200, body
     assert body["truncated"] is False
-    expected = [r for r in ROLLUP_ROWS[relation] if params.get("school", r[1]) == r[1]]
-    assert len(body["items"]) == len(expected)
-    first = body["items"][0]
-    assert first["school_id"] == expected[0][1]
-    assert list(first.values())[-1] == expected[0][-1]
+    expected = [
+        r
+        for r in ROLLUP_ROWS[relation]
+        if params.get("school", r[1]) == r[1] and params.get("device", r[2]) == r[2]
+    ]
+    assert expected
+    got = [tuple(item.values()) for item in body["items"]]
+    assert got == [tuple(_wire(v) for v in r) for r in expected]
 
 
 def test_rollup_filters(api: Api) -> None:
     _, body = api.get(
         "/api/v1/rollups/card-taps", **{"from": DAY0.isoformat(), "to": DAY0.isoformat()}
     )
-    assert {(i["device_id"], i["taps"]) for i in body["items"]} == {("cr-0101", 42), ("cr-0201", 7)}
+    assert {(i["device_id"], i["taps"]) for i in body["items"]} == {("cr-0101", 10), ("cr-0201", 4)}
+    _, body = api.get(
+        "/api/v1/rollups/card-taps",
+        **{"from": (DAY0 + timedelta(days=1)).isoformat(), "to": "2026-11-22"},
+    )
+    assert body["items"] == []  # nothing happened the next local days
     _, body = api.get("/api/v1/rollups/attendance", **{"from": DAY0.isoformat(), "class": "c7a"})
-    assert [(i["checkins"], i["on_time"], i["late"]) for i in body["items"]] == [(30, 27, 2)]
+    assert [(i["checkins"], i["on_time"], i["late"]) for i in body["items"]] == [(5, 3, 1)]
     _, body = api.get("/api/v1/rollups/library-top-items", school="s001", limit=1)
     assert body == {
         "items": [
-            {"school_id": "s001", "item_id": "isbn-978", "loans": 17,
-             "last_loan": T0.isoformat().replace("+00:00", "Z")}
+            {"school_id": "s001", "item_id": "isbn-978", "loans": 2,
+             "last_loan": _wire(T0 + timedelta(minutes=22))}
         ],
         "truncated": True,
     }  # fmt: skip
@@ -337,3 +358,29 @@ def test_timestamps_are_utc_iso(api: Api) -> None:
     _, page = api.get("/api/v1/events", device="cr-0201", limit=1, **RANGE)
     when = datetime.fromisoformat(page["items"][0]["time"])
     assert when == T0.astimezone(UTC)
+
+
+def test_meta_gives_district_today_and_scopes(api: Api) -> None:
+    """Today is the district's local day (that of the rollups); scopes are the caller's."""
+    local = "SELECT (now() AT TIME ZONE district_tz)::date FROM storage_config"
+    with psycopg.connect(api.db_url, autocommit=True) as conn:
+        for tz in ("Asia/Shanghai", "America/Los_Angeles"):
+            conn.execute("UPDATE storage_config SET district_tz = %s", (tz,))
+            before = conn.execute(local).fetchone()
+            status, meta = api.get("/api/v1/meta")
+            after = conn.execute(local).fetchone()
+            assert status == 200, meta
+            assert before is not None
+            assert after is not None
+            assert meta["timezone"] == tz
+            assert meta["today"] in {before[0].isoformat(), after[0].isoformat()}
+            start = datetime.fromisoformat(meta["today_start"]).astimezone(ZoneInfo(tz))
+            assert (start.date().isoformat(), start.time()) == (meta["today"], time(0, 0))
+        conn.execute("UPDATE storage_config SET district_tz = 'Asia/Shanghai'")
+    assert (meta["scopes"], meta["token_name"]) == (["read"], "test-read")
+    assert meta["server_version"] == metadata.version("campus-edge")
+    status, admin = api.get("/api/v1/meta", "admin")
+    assert (status, admin["scopes"]) == (200, ["admin"])
+    status, body = get_json(api.url("/api/v1/meta"), None)
+    assert status == 401
+    assert "token" in body["detail"]

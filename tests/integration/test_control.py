@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -296,14 +297,44 @@ def test_bad_acks_are_kept_and_the_control_plane_goes_on(
     api.wait_status(cmd["id"], "ok")
 
 
+def _q(path: str, params: dict[str, str]) -> str:
+    return f"{path}?{urlencode(params)}"
+
+
 def test_presence(api: Api, device: Device) -> None:
-    status, p = api("GET", f"/api/v1/devices/{device.device_id}/presence")
+    """Transitions come from the stored presence history: repeats are no change, range holds."""
+    path = f"/api/v1/devices/{device.device_id}/presence"
+    status, p = api("GET", path)
     assert status == 200
-    assert (p["state"], p["history"], p["agent_version"]) == ("online", "current_only", "test")
+    assert (p["state"], p["history"], p["agent_version"]) == ("online", "full", "test")
     assert p["transitions"] == [{"time": p["since"], "state": "online"}]
-    status, p = api("GET", f"/api/v1/devices/{device.device_id}/presence?to=2000-01-01T00:00:00Z")
+    first = p["since"]
+    for state, boot in (("offline", 1), ("online", 2), ("online", 2), ("offline", 2)):
+        device.publish(
+            "state", {"state": state, "boot": boot, "agent_version": "test", "ts": _now()}
+        )
+    wait_until(lambda: api("GET", path)[1]["state"] == "offline", 15, "the last offline stored")
+    status, p = api("GET", path)
+    assert status == 200
+    assert [t["state"] for t in p["transitions"]] == ["online", "offline", "online", "offline"]
+    times = [t["time"] for t in p["transitions"]]
+    assert times == sorted(times)
+    assert (times[0], times[-1], p["truncated"]) == (first, p["since"], False)
+    with psycopg.connect(api.server.settings.db_url) as conn:
+        stored = conn.execute(
+            "SELECT count(*) FROM device_presence WHERE device_id = %s", (device.device_id,)
+        ).fetchone()
+    assert stored is not None
+    assert stored[0] >= 5  # the repeated online is stored, but is no transition
+    # [from, to] is inclusive on both ends
+    status, p = api("GET", _q(path, {"from": times[1], "to": times[2]}))
+    assert [t["time"] for t in p["transitions"]] == times[1:3]
+    status, p = api("GET", _q(path, {"to": "2000-01-01T00:00:00Z"}))
     assert (status, p["transitions"]) == (200, [])
-    status, body = api("GET", f"/api/v1/devices/{device.device_id}/presence?from=2000-01-01")
+    status, body = api("GET", _q(path, {"from": times[2], "to": times[1]}))
+    assert status == 422
+    assert "after" in body["detail"]
+    status, body = api("GET", f"{path}?from=2000-01-01")
     assert status == 422
     assert "offset" in body["detail"]
     assert api("GET", "/api/v1/devices/nope-1/presence")[0] == 404

@@ -67,16 +67,13 @@ export async function pages(path, maxPages = 5) {
   return items;
 }
 
-/** What the token may do: "admin" if it opens the admin-only quarantine, else "read". */
-export async function probeScope(candidate) {
-  await call("/devices?state=online", { tokenOverride: candidate, quiet401: true });
-  try {
-    await call("/quarantine/reasons", { tokenOverride: candidate, quiet401: true });
-    return "admin";
-  } catch (error) {
-    if (error instanceof ApiError && error.status === 403) return "read";
-    throw error;
-  }
+/** The server's /meta: district time zone and today, version, and the token's scopes. */
+export const meta = (candidate) => call("/meta", candidate ? { tokenOverride: candidate, quiet401: true } : {});
+
+/** What the token may do, as the server says: "admin" or "read". */
+export async function scopeOf(candidate) {
+  const { scopes } = await meta(candidate);
+  return scopes.includes("admin") ? "admin" : "read";
 }
 
 /** `fn` over `items` with at most `limit` calls in flight. */

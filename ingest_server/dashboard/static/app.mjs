@@ -1,6 +1,6 @@
 // The dashboard: a hash router over five pages, each drawn from /api/v1 calls.
 
-import { ApiError, call, clearToken, liveUrl, mapLimited, pages, probeScope, setToken, token, whenUnauthorized } from "./api.mjs";
+import { ApiError, call, clearToken, liveUrl, mapLimited, meta, pages, scopeOf, setToken, token, whenUnauthorized } from "./api.mjs";
 import { disposeCharts, drawChart } from "./charts.mjs";
 import { ago, lang, setLang, t } from "./i18n.mjs";
 
@@ -86,7 +86,7 @@ function renderLogin() {
         }
         status.append(h("div", { class: "muted" }, t("login.checking")));
         try {
-          const scope = await probeScope(candidate);
+          const scope = await scopeOf(candidate);
           setToken(candidate);
           sessionStorage.setItem(SCOPE_KEY, scope);
           loginMessage = "";
@@ -411,8 +411,8 @@ async function renderQuality() {
 // ---- today's rollups ----
 
 async function renderRollups() {
-  const day = new Date().toISOString().slice(0, 10);
-  const since = `${day}T00:00:00Z`;
+  // Rollup days are the district's local days: its today, from its midnight.
+  const { today: day, today_start: since, timezone: tz } = await meta();
   const [devices, attendance, board, env] = await Promise.all([
     call("/devices"),
     call(`/rollups/attendance?from=${day}&to=${day}`),
@@ -453,7 +453,7 @@ async function renderRollups() {
   const co2Chart = h("div", { class: "chart", id: "chart-co2" });
   const none = () => h("p", { class: "muted" }, t("rollups.none"));
   view.replaceChildren(
-    h("h1", {}, t("rollups.title", { day })),
+    h("h1", {}, t("rollups.title", { day, tz })),
     h("h2", {}, t("rollups.attendance")),
     h("section", { class: "card" }, classes.length ? [attendanceChart, table("attendance", [
       ["col.class", (r) => r.label],
