@@ -384,5 +384,3 @@ def test_embedded_broker_enforces_the_same_rules(db_url: str, tmp_path: Path) ->
         finally:
             for c in (da, db_, watcher):
                 c.close()
-
-
