@@ -6,6 +6,7 @@ returns the event's ``data`` struct. Identifiers are hashed here, as on a real d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from schemas.events import (
     RecorderStatus,
     SignageNoticeShown,
 )
+from simulators.lending_desk import LendingDesk, Transaction
 
 Hasher = Callable[[bytes], str]
 Maker = Callable[[int, str, Hasher], msgspec.Struct]
@@ -73,13 +75,28 @@ MAKERS: Final[dict[str, Maker]] = {
     "access.pass": lambda i, d, h: AccessPass(
         uid_hash=h(_uid(i, d)), gate=d, direction="in" if i % 3 else "out", result="granted"
     ),
-    "library.loan": lambda i, d, h: LibraryLoan(
-        student_hash=h(_uid(i, d)), item_id=f"b{i % 997}", source="barcode", terminal=d
-    ),
-    "library.return": lambda i, d, h: LibraryReturn(
-        student_hash=h(_uid(i, d)), item_id=f"b{(i + 500) % 997}", source="rfid", terminal=d
-    ),
+    "library.loan": lambda i, d, h: _desk_event(i, d, h, "loan"),
+    "library.return": lambda i, d, h: _desk_event(i, d, h, "return"),
 }
+
+
+@functools.cache
+def _desk(device: str) -> dict[str, tuple[Transaction, ...]]:
+    """This terminal's scripted morning (simulators/lending_desk.py), loans and returns apart."""
+    seed = int.from_bytes(hashlib.blake2s(device.encode(), digest_size=4).digest(), "big")
+    expected = LendingDesk(seed=seed).morning(400).expected
+    return {k: tuple(t for t in expected if t.kind == k) for k in ("loan", "return")}
+
+
+def _desk_event(
+    i: int, device: str, h: Hasher, kind: Literal["loan", "return"]
+) -> LibraryLoan | LibraryReturn:
+    """The lending desk's next loan or return at this terminal, as the terminal reports it."""
+    script = _desk(device)[kind]
+    t = script[(i // 2) % len(script)]
+    student = None if t.student is None else h(t.student.card)
+    struct = LibraryLoan if kind == "loan" else LibraryReturn
+    return struct(student_hash=student, item_id=t.item_id, source=t.source, terminal=device)
 
 
 def register_maker(event_type: str, maker: Maker, *, replace: bool = False) -> None:
