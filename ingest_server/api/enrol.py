@@ -2,7 +2,7 @@
 ``POST /api/v1/enrol`` (no token: the code authenticates) for its MQTT credentials.
 
 The enrolment settings live on ``app.state.enrolment`` (:class:`EnrolmentState`); without them
-``/enrol`` answers 503 saying what the server lacks.
+``/enrol`` answers 404 saying what the server lacks (not a server fault: it is not set up here).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ async def enrol(request: Request, conn: Conn) -> JSONResponse:
     state: EnrolmentState | None = getattr(request.app.state, "enrolment", None)
     if state is None or state.offer is None:
         why = state.missing if state else "enrolment is not set up"
-        return JSONResponse({"detail": f"enrolment is not available on this server: {why}"}, 503)
+        return JSONResponse({"detail": f"enrolment is not available on this server: {why}"}, 404)
     client = request.client.host if request.client else "unknown"
     if (wait := state.limiter.retry_after(client)) is not None:
         return JSONResponse(

@@ -19,7 +19,9 @@ from typing import Any
 import psycopg
 
 from ingest_server.api import auth
+from ingest_server.api.enrol import EnrolmentState
 from ingest_server.consumer import Health
+from ingest_server.enrolment import Offer
 from ingest_server.http import HttpServer, create_app
 from ingest_server.metrics import IngestMetrics
 from ingest_server.migrate import migrate
@@ -220,6 +222,10 @@ class _Healthy:
 def api_server(db_url: str) -> Iterator[HttpServer]:
     """The HTTP API alone (no MQTT) on 127.0.0.1 and a port chosen now."""
     app = create_app(_Healthy(), IngestMetrics(), db_url)
+    # enrolment set up as a server with a district key would have it (the fuzzer spends codes)
+    app.state.enrolment = EnrolmentState(
+        Offer(mqtt_url="mqtt://127.0.0.1:1883", hash_key_hex="00" * 32), ""
+    )
     http = HttpServer(app, "127.0.0.1", 0)
     http.start()
     try:
