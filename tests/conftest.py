@@ -1,51 +1,30 @@
-"""Fixtures: real Mosquitto and PostgreSQL on loopback with ports chosen at run time."""
+"""Fixtures: real Mosquitto and PostgreSQL on loopback with ports chosen at run time.
+
+They are the installed pytest plugin's (``simulators/pytest_plugin.py``, the one QA use in their
+own CI) under the short names these tests grew up with: one PostgreSQL server per session.
+"""
 
 from __future__ import annotations
 
-import shutil
-import uuid
-from collections.abc import Iterator
-
 import pytest
 
-from tests.services import Mosquitto, Postgres, shared_tmpdir
+from tests.services import Mosquitto, Postgres
 from tests.timescale import timescale_server, tsdb_url  # noqa: F401  # fixtures
 
 
 @pytest.fixture
-def mosquitto() -> Iterator[Mosquitto]:
+def mosquitto(campus_broker: Mosquitto) -> Mosquitto:
     """A fresh Mosquitto per test: .url, .port, .stop(), .start(), .restart(), .kill()."""
-    workdir = shared_tmpdir("campus-mosq-")
-    broker = Mosquitto(workdir)
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+    return campus_broker
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[Postgres]:
+def pg_server(campus_pg: Postgres) -> Postgres:
     """One PostgreSQL server for the session; tests get their own database from ``db_url``."""
-    workdir = shared_tmpdir("campus-pg-")
-    server = Postgres(workdir)
-    server.start()
-    try:
-        yield server
-    finally:
-        try:
-            server.stop("immediate")
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return campus_pg
 
 
 @pytest.fixture
-def db_url(pg_server: Postgres) -> Iterator[str]:
+def db_url(campus_db_url: str) -> str:
     """A fresh, empty database on the session's PostgreSQL, as a libpq URL."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    url = pg_server.create_database(name)
-    try:
-        yield url
-    finally:
-        pg_server.drop_database(name)
+    return campus_db_url
