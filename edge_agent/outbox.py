@@ -351,10 +351,13 @@ class Outbox:
         if own:
             self._db.execute("COMMIT")
         self._track(removed, -1)
+        first = self._drops_since is None
         for etype, (n, _) in removed.items():
             self._count_drop(etype, n, reason)
         if found:
-            log.error(
+            # The first drop of a streak is logged loudly; the rest are summed up for
+            # take_drops (the agent's periodic report), so a full outbox does not flood the log.
+            (log.error if first else log.debug)(
                 "outbox %s (%s): dropped %d unsent event(s): %s",
                 self.path.name,
                 reason,

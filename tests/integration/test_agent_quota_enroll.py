@@ -42,7 +42,10 @@ async def test_quota_full_drops_lowest_priority_counts_and_reports(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(Agent, "DROP_REPORT_S", 0.5)  # bounded: reports share the top tier
-    mosquitto.stop()  # the link is down: everything waits in the outbox
+    # The server's persistent session exists before the outage, so nothing the agent sends
+    # the moment the broker is back can slip past its subscription.
+    server = await asyncio.to_thread(DeviceServer, mosquitto, SCHOOL, DEVICE)
+    await asyncio.to_thread(mosquitto.stop)  # the link is down: everything waits in the outbox
     config = tmp_path / "agent.toml"
     config.write_text(f"""
 [device]
@@ -71,15 +74,14 @@ name = "door"
 event_type = "card.tap"
 rate = 20
 """)
-    async with Agent(load_config(config)) as agent:
-        await until(lambda: agent.outbox.highest_seq > 800, "the outbox to overflow")
-        stats = await agent.outbox.stats()
-        assert stats.depth <= 200
-        assert stats.dropped["env.reading"] > 0
-        assert "card.tap" not in stats.dropped
-        await asyncio.to_thread(mosquitto.start)
-        server = await asyncio.to_thread(DeviceServer, mosquitto, SCHOOL, DEVICE)
-        try:
+    try:
+        async with Agent(load_config(config)) as agent:
+            await until(lambda: agent.outbox.highest_seq > 800, "the outbox to overflow")
+            stats = await agent.outbox.stats()
+            assert stats.depth <= 200
+            assert stats.dropped["env.reading"] > 0
+            assert "card.tap" not in stats.dropped
+            await asyncio.to_thread(mosquitto.start)
             door = agent.drivers()[1]
             await agent.reconfigure(replace(agent.config, drivers=()))  # no new events
             taps = getattr(door, "emitted")  # noqa: B009 - a Driver
@@ -89,8 +91,8 @@ rate = 20
             assert reports
             assert {r.reason for r in reports} == {"max_events"}
             assert {t for r in reports for t in r.dropped} == {"env.reading"}
-        finally:
-            server.close()
+    finally:
+        server.close()
     assert main(["status", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "DROPPED" in out
