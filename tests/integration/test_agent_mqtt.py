@@ -273,11 +273,11 @@ async def test_pushes_a_backlog_as_paced_replay_then_goes_live(
     # few the driver stored before the connection was made.
     replayed = {e.seq for i in replay for e in collector.batches[i].events}
     assert replayed == set(range(1, max(replayed) + 1))
-    assert 2000 <= max(replayed) < 2050
+    assert 2000 <= max(replayed) < 2400  # the driver makes 200/s; the link comes up in < 2 s
     assert all(e.seq > max(replayed) for i in live for e in collector.batches[i].events)
     # 20 batches of 100 at 1000 events/s: the last leaves ~1.9 s after the first.
     spread = collector.arrivals[replay[-1]] - collector.arrivals[replay[0]]
-    assert 1.6 < spread < 4.0
+    assert 1.6 < spread < 6.0  # paced, not a burst; the upper bound leaves room for a slow CI
 
 
 async def test_broker_restart_mid_stream_loses_nothing(
