@@ -208,3 +208,21 @@ def test_contract_names_every_type_in_the_architecture() -> None:
         "agent.health",
     }
     assert named <= set(REGISTRY)
+
+
+def test_a_parsed_topic_decodes_like_its_string() -> None:
+    payload = batch(event(1), event(2, data={"tech": "x"}))
+    assert decode_uplink(topics.parse(TOPIC), payload) == decode_uplink(TOPIC, payload)
+    state = topics.parse("campus/v1/s001/cr-0101/state")
+    with pytest.raises(UplinkError, match="'campus/v1/s001/cr-0101/state' is not an uplink"):
+        decode_uplink(state, payload)
+
+
+def test_non_ascii_utf8_is_kept_and_bad_utf8_refused_after_ascii() -> None:
+    data = {"uid_hash": HASH, "tech": "iso14443a", "reader": "门-1"}
+    body = json.dumps(json.loads(batch(event(1, data=data))), ensure_ascii=False).encode()
+    assert not body.isascii()
+    (ev,) = decode_uplink(TOPIC, body).events
+    assert json.loads(ev.data_json)["reader"] == "门-1"
+    with pytest.raises(UplinkError, match="not UTF-8: invalid byte at offset 3"):
+        decode_uplink(TOPIC, b'{"v\xe9": 1}')
