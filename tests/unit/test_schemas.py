@@ -147,6 +147,18 @@ def test_bad_event_is_rejected_alone(bad: dict[str, Any], reason: str) -> None:
     assert json.loads(rej.raw) == bad
 
 
+def test_every_metric_names_a_field_of_its_type() -> None:
+    """A metric naming no field would silently never produce a reading."""
+    for etype in REGISTRY.values():
+        assert set(etype.metrics) <= set(etype.data.__struct_fields__), etype.name
+
+
+def test_metrics_of_one_field_types_and_of_types_without_metrics() -> None:
+    touch = decode_uplink(TOPIC, batch(event(1, "board.touch", {"touches": 4, "window_s": 60.0})))
+    assert metrics_of(touch.events[0]) == [("board_touches", 4.0)]
+    assert metrics_of(decode_uplink(TOPIC, batch(event(1))).events[0]) == []
+
+
 def test_rejected_event_keeps_its_seq_when_it_has_one() -> None:
     decoded = decode_uplink(TOPIC, batch(event(9, type_="nope")))
     assert decoded.rejected[0].seq == 9
