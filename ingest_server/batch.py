@@ -134,13 +134,19 @@ def _state_row(msg: Inbound, topic: Topic) -> StateRow | QuarantineRow:
 def rows_of(msg: Inbound, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Rows, int]:
     """The rows one message becomes, and how many events it carried (valid or not)."""
     rows = Rows()
+    return rows, _add_rows(msg, rows, max_bytes)
+
+
+def _add_rows(msg: Inbound, rows: Rows, max_bytes: int) -> int:
+    """Append the rows of ``msg`` to ``rows`` (all at the end, so an exception adds none);
+    how many events it carried."""
     if len(msg.payload) > max_bytes:
         kept = msg.payload[:QUARANTINE_KEEP_BYTES]
         reason = f"message is {len(msg.payload)} bytes, over the limit of {max_bytes} bytes"
         if len(kept) < len(msg.payload):
             reason += f"; only its first {len(kept)} bytes are kept here"
         rows.quarantine.append(_quarantine(msg, reason, "oversize", payload=kept))
-        return rows, 0
+        return 0
     topic = _device_of(msg.topic)
     if topic is not None and topic.channel is Channel.STATE:
         if msg.payload:  # an empty retained publish only clears the retained state
@@ -149,19 +155,23 @@ def rows_of(msg: Inbound, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Rows, 
                 rows.states.append(row)
             else:
                 rows.quarantine.append(row)
-        return rows, 0
+        return 0
     try:
-        decoded = decode_uplink(msg.topic, msg.payload, max_bytes=max_bytes)
+        # the cached parse when the topic is valid; else the string, for the error's wording
+        decoded = decode_uplink(topic or msg.topic, msg.payload, max_bytes=max_bytes)
     except UplinkError as exc:
         rows.quarantine.append(_quarantine(msg, str(exc), "message"))
-        return rows, 0
+        return 0
     school, device = decoded.topic.school_id, decoded.topic.device_id
     kind, at = decoded.kind, msg.received_at
-    rows.events = [EventRow(school, device, kind, at, e) for e in decoded.events]
-    rows.quarantine = [
-        _quarantine(msg, r.reason, "event", payload=r.raw, seq=r.seq) for r in decoded.rejected
-    ]
-    return rows, len(decoded.events) + len(decoded.rejected)
+    rejected = decoded.rejected
+    events = [EventRow(school, device, kind, at, e) for e in decoded.events]
+    if rejected:
+        rows.quarantine += [
+            _quarantine(msg, r.reason, "event", payload=r.raw, seq=r.seq) for r in rejected
+        ]
+    rows.events += events
+    return len(decoded.events) + len(rejected)
 
 
 def refused(msg: Inbound, reason: str, kind: str = "database") -> Rows:
@@ -170,8 +180,17 @@ def refused(msg: Inbound, reason: str, kind: str = "database") -> Rows:
     return Rows(quarantine=[_quarantine(msg, reason, kind, payload=payload)])
 
 
+def _internal_error(msg: Inbound, exc: Exception) -> Rows:
+    log.exception("cannot decode a message on %s", msg.topic)
+    return refused(msg, f"internal error while decoding: {exc!r}", "internal")
+
+
 class Batch:
-    """Messages taken for one transaction and the rows they decode to."""
+    """Messages taken for one transaction and the rows they decode to.
+
+    The rows of all messages go into one :class:`Rows` as they are decoded; a message's own
+    rows are decoded again only when the database refuses the batch (:meth:`parts`).
+    """
 
     def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
@@ -181,23 +200,28 @@ class Batch:
         self.events_received = 0
         #: Rows to write, counting each message as at least one: what the batch limit bounds.
         self.size = 0
-        self._parts: list[Rows] = []
 
     def add(self, msg: Inbound) -> None:
+        rows = self.rows
+        before = len(rows.events) + len(rows.quarantine) + len(rows.states)
         try:
-            rows, n_events = rows_of(msg, max_bytes=self.max_bytes)
+            self.events_received += _add_rows(msg, rows, self.max_bytes)
         except Exception as exc:  # a decoder bug must not stop the pipeline: keep the message
-            log.exception("cannot decode a message on %s", msg.topic)
-            rows, n_events = refused(msg, f"internal error while decoding: {exc!r}", "internal"), 0
+            rows.extend(_internal_error(msg, exc))
         self.messages.append(msg)
-        self._parts.append(rows)
-        self.rows.extend(rows)
-        self.events_received += n_events
-        self.size += max(1, len(rows))
+        added = len(rows.events) + len(rows.quarantine) + len(rows.states) - before
+        self.size += added if added else 1
 
     def __len__(self) -> int:
         return len(self.messages)
 
     def parts(self) -> list[tuple[Inbound, Rows]]:
         """Each message with its own rows, to find the one the database refuses."""
-        return list(zip(self.messages, self._parts, strict=True))
+        out = []
+        for msg in self.messages:
+            try:
+                rows, _ = rows_of(msg, max_bytes=self.max_bytes)
+            except Exception as exc:
+                rows = _internal_error(msg, exc)
+            out.append((msg, rows))
+        return out

@@ -130,25 +130,30 @@ def _describe(err: msgspec.ValidationError | msgspec.DecodeError, prefix: str) -
 
 
 def decode_uplink(
-    topic: str, payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES
+    topic: str | Topic, payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> DecodedUplink:
     """Decode and validate one ``up`` message.
 
-    Raises :class:`UplinkError` when the message as a whole is unusable; otherwise returns the
-    valid events and, separately, every rejected event with its reason.
+    ``topic`` may come already parsed (a server sees the same topics over and over). Raises
+    :class:`UplinkError` when the message as a whole is unusable; otherwise returns the valid
+    events and, separately, every rejected event with its reason.
     """
-    try:
-        parsed = parse(topic)
-    except ValueError as exc:
-        raise UplinkError(str(exc)) from None
+    if isinstance(topic, Topic):
+        parsed = topic
+    else:
+        try:
+            parsed = parse(topic)
+        except ValueError as exc:
+            raise UplinkError(str(exc)) from None
     if parsed.channel is not Channel.UP:
-        raise UplinkError(f"topic {topic!r} is not an uplink ('up') topic")
+        raise UplinkError(f"topic {str(parsed)!r} is not an uplink ('up') topic")
     if len(payload) > max_bytes:
         raise UplinkError(f"message is {len(payload)} bytes, over the limit of {max_bytes} bytes")
-    try:
-        payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UplinkError(f"payload is not UTF-8: invalid byte at offset {exc.start}") from None
+    if not payload.isascii():  # ASCII is UTF-8; only other bytes need the (copying) check
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UplinkError(f"payload is not UTF-8: invalid byte at offset {exc.start}") from None
     fast = _decode_fast(payload)
     env: _Envelope | _FastEnvelope = fast[0] if fast is not None else _decode_envelope(payload)
     if env.v != VERSION:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import psycopg
 import pytest
+from psycopg import pq
 
 from ingest_server.batch import Inbound, Rows, rows_of
 from ingest_server.migrate import available, migrate_url
@@ -124,6 +127,55 @@ def test_duplicates_fall_back_and_are_counted(conn: psycopg.Connection[Any]) -> 
     assert device(conn, "cr-1")["event_count"] == 5
     # The connection is still usable for the fast path after a fallback.
     assert writer.write(rows(message("cr-1", [tap(6)]))).inserted == 1
+
+
+def test_fast_path_conflict_rolls_back_and_writes_the_slow_way(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """Another server stored some of the batch after this writer cached the device's max seq:
+    the fast COPY fails first in the transaction, and the retry writes every row exactly once."""
+    mine, other = BatchWriter(conn), BatchWriter(conn)
+    mine.write(rows(message("env-1", [env(1, 20.0, 40.0)], kind="env_sensor")))
+    other.write(rows(message("env-1", [env(2, 20.0, 40.0), env(3, 20.0, 40.0)], kind="env_sensor")))
+    bad = Inbound("campus/v1/sch-1/env-1/up", b"{not json", 9, 1, T0)
+    batch = rows(
+        message(
+            "env-1", [env(2, 20.0, 40.0), env(3, 20.0, 40.0), env(4, 21.0, 41.0)], kind="env_sensor"
+        ),
+        bad,
+    )
+    result = mine.write(batch)
+    assert mine.fast_path_conflicts == 1
+    assert (result.inserted, result.duplicates, result.quarantined) == (1, 2, 1)
+    assert [r.event.seq for r in result.stored] == [4]
+    assert keys(conn) == {("env-1", s) for s in range(1, 5)}
+    assert conn.execute("SELECT count(*) FROM readings").fetchone() == (8,)
+    assert conn.execute("SELECT count(*) FROM quarantine").fetchone() == (1,)
+    d = device(conn, "env-1")
+    assert (d["min_seq"], d["max_seq"], d["event_count"], d["missing"]) == (1, 4, 4, 0)
+    # the cache now knows seq 4: the next batch takes the fast path again
+    assert mine.write(rows(message("env-1", [env(5, 21.0, 41.0)], kind="env_sensor"))).inserted == 1
+    assert mine.fast_path_conflicts == 1
+
+
+def test_nothing_to_write_sends_no_statement(conn: psycopg.Connection[Any], tmp_path: Path) -> None:
+    """A batch of card taps (no readings, no quarantine, no states) costs BEGIN, one COPY, the
+    device upsert and COMMIT: no empty COPY and no savepoint."""
+    writer = BatchWriter(conn)
+    writer.write(rows(message("cr-1", [tap(1)])))  # the device is now cached
+    trace = tmp_path / "libpq.trace"
+    with trace.open("w") as out:
+        conn.pgconn.trace(out.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            assert writer.write(rows(message("cr-1", [tap(2), tap(3)]))).inserted == 2
+        finally:
+            conn.pgconn.untrace()
+    # what the client sent: simple queries and the text of each parsed statement
+    sent = re.findall(
+        r'^F\t\d+\t(?:Query|Parse)\t\s*(?:"[^"]*"\s+)??"\s*(\w+)', trace.read_text(), re.M
+    )
+    assert [w.upper() for w in sent] == ["BEGIN", "COPY", "WITH", "COMMIT"], sent
 
 
 def test_readings_only_for_inserted_events(conn: psycopg.Connection[Any]) -> None:

@@ -96,6 +96,45 @@ def test_batch_counts_rows_and_events() -> None:
     assert [len(rows) for _, rows in batch.parts()] == [2, 1, 0]
 
 
+def test_batch_rows_are_each_message_rows_in_order() -> None:
+    """The batch decodes straight into one Rows; parts() decodes each message again, alike."""
+    batch = Batch()
+    messages = [
+        msg(uplink(board_touch(1), board_touch(2, touches=-1))),
+        msg(b"nonsense"),
+        msg(uplink(board_touch(3))),
+    ]
+    for m in messages:
+        batch.add(m)
+    assert [r.event.seq for r in batch.rows.events] == [1, 3]
+    assert [q.kind for q in batch.rows.quarantine] == ["event", "message"]
+    parts = batch.parts()
+    assert [m for m, _ in parts] == messages
+    assert [rows for _, rows in parts] == [rows_of(m)[0] for m in messages]
+
+
+def test_a_decoder_bug_quarantines_only_its_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ingest_server.batch as batch_module
+
+    real = batch_module.decode_uplink
+
+    def flaky(topic: object, payload: bytes, **kw: int) -> object:
+        if b'"seq":2' in payload:
+            raise RuntimeError("boom")
+        return real(topic, payload, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batch_module, "decode_uplink", flaky)
+    batch = Batch()
+    batch.add(msg(uplink(board_touch(1))))
+    batch.add(msg(uplink(board_touch(2))))
+    batch.add(msg(uplink(board_touch(3))))
+    assert [r.event.seq for r in batch.rows.events] == [1, 3]
+    (q,) = batch.rows.quarantine
+    assert (q.kind, q.reason) == ("internal", "internal error while decoding: RuntimeError('boom')")
+    assert (batch.size, batch.events_received) == (3, 2)
+    assert [len(rows) for _, rows in batch.parts()] == [1, 1, 1]
+
+
 def test_inbox_waits_when_full_and_releases_on_get() -> None:
     inbox = Inbox(max_messages=2, max_bytes=1 << 20)
     assert inbox.put(msg(b"1"))

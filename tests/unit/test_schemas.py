@@ -147,6 +147,18 @@ def test_bad_event_is_rejected_alone(bad: dict[str, Any], reason: str) -> None:
     assert json.loads(rej.raw) == bad
 
 
+def test_every_metric_names_a_field_of_its_type() -> None:
+    """A metric naming no field would silently never produce a reading."""
+    for etype in REGISTRY.values():
+        assert set(etype.metrics) <= set(etype.data.__struct_fields__), etype.name
+
+
+def test_metrics_of_one_field_types_and_of_types_without_metrics() -> None:
+    touch = decode_uplink(TOPIC, batch(event(1, "board.touch", {"touches": 4, "window_s": 60.0})))
+    assert metrics_of(touch.events[0]) == [("board_touches", 4.0)]
+    assert metrics_of(decode_uplink(TOPIC, batch(event(1))).events[0]) == []
+
+
 def test_rejected_event_keeps_its_seq_when_it_has_one() -> None:
     decoded = decode_uplink(TOPIC, batch(event(9, type_="nope")))
     assert decoded.rejected[0].seq == 9
@@ -208,3 +220,21 @@ def test_contract_names_every_type_in_the_architecture() -> None:
         "agent.health",
     }
     assert named <= set(REGISTRY)
+
+
+def test_a_parsed_topic_decodes_like_its_string() -> None:
+    payload = batch(event(1), event(2, data={"tech": "x"}))
+    assert decode_uplink(topics.parse(TOPIC), payload) == decode_uplink(TOPIC, payload)
+    state = topics.parse("campus/v1/s001/cr-0101/state")
+    with pytest.raises(UplinkError, match="'campus/v1/s001/cr-0101/state' is not an uplink"):
+        decode_uplink(state, payload)
+
+
+def test_non_ascii_utf8_is_kept_and_bad_utf8_refused_after_ascii() -> None:
+    data = {"uid_hash": HASH, "tech": "iso14443a", "reader": "门-1"}
+    body = json.dumps(json.loads(batch(event(1, data=data))), ensure_ascii=False).encode()
+    assert not body.isascii()
+    (ev,) = decode_uplink(TOPIC, body).events
+    assert json.loads(ev.data_json)["reader"] == "门-1"
+    with pytest.raises(UplinkError, match="not UTF-8: invalid byte at offset 3"):
+        decode_uplink(TOPIC, b'{"v\xe9": 1}')
