@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 
+from ingest_server.api import devices as devices_api
 from ingest_server.http import HttpServer
 from tests.integration.api_seed import (
     DAY0,
@@ -107,6 +108,42 @@ def test_devices_list_and_filters(api: Api) -> None:
     status, body = api.get("/api/v1/devices", kind="toaster")
     assert status == 422
     assert body["detail"][0]["loc"] == ["query", "kind"]
+
+
+def test_devices_list_carries_each_agents_latest_health(api: Api) -> None:
+    """The fleet view's one call: every device with what its detail says of its health."""
+    status, devices = api.get("/api/v1/devices")
+    assert status == 200
+    listed = {d["device_id"]: d for d in devices}
+    health = listed["sb-0101"]["health"]
+    assert health == {
+        "time": _wire(T0 + timedelta(minutes=5)),
+        "outbox_depth": 17,
+        "oldest_unsent_s": 2.5,
+        "drivers": {"panel": "running", "camera": "error"},
+    }
+    assert listed["cr-0101"]["health"] is None
+    for device_id, d in listed.items():
+        _, detail = api.get(f"/api/v1/devices/{device_id}")
+        assert {k: detail[k] for k in d} == d, device_id  # the list is the detail's subset
+    _, offline = api.get("/api/v1/devices", state="offline", room="101")
+    assert [(d["device_id"], d["health"]["outbox_depth"]) for d in offline] == [("sb-0101", 17)]
+
+
+def test_devices_list_is_one_query_on_the_device_seq_index(api: Api) -> None:
+    """Each device's latest health comes from a backward scan of the (device_id, seq, time)
+    index of the partitions in its window (no sort of its events, no scan of the others)."""
+    query = devices_api._query(psycopg.sql.SQL("true"), devices_api.MAX_DEVICES)
+    with psycopg.connect(api.db_url, autocommit=True) as conn, conn.transaction():
+        conn.execute("SET LOCAL enable_seqscan = off")  # the seeded table is tiny
+        plan = "\n".join(r[0] for r in conn.execute(psycopg.sql.SQL("EXPLAIN ") + query))
+    assert "Nested Loop Left Join" in plan, plan
+    scans = [line for line in plan.splitlines() if "Index Scan Backward using events_" in line]
+    assert scans, plan
+    assert all("device_id_seq_time" in line for line in scans), plan
+    lines = [line.strip() for line in plan.splitlines()]
+    sorts = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.startswith("->  Sort ")]
+    assert all(key.startswith("Sort Key: d.") for key in sorts), plan  # only the devices sorted
 
 
 def test_device_detail(api: Api) -> None:
