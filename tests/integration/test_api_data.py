@@ -365,6 +365,27 @@ def test_rollup_filters(api: Api) -> None:
     assert body["detail"][0]["loc"] == ["query", "from"]
 
 
+@pytest.mark.parametrize(
+    ("now", "days"),
+    [
+        # 01:00 on DAY0 in Beijing, still the day before in UTC: today is DAY0
+        (datetime(2026, 11, 19, 17, 0, tzinfo=UTC), [DAY0.isoformat()]),
+        # 07:59 in Beijing 31 days on: the default 30 days back no longer reach DAY0
+        (datetime(2026, 12, 20, 23, 59, tzinfo=UTC), []),
+        # 23:59 in Beijing, the UTC date the same: DAY0 is the default range's first day
+        (datetime(2026, 12, 20, 15, 59, tzinfo=UTC), [DAY0.isoformat()]),
+    ],
+)
+def test_rollup_days_default_to_the_district_day(api: Api, now: datetime, days: list[str]) -> None:
+    """Without ``from``/``to`` a rollup covers the 30 days up to today in the district
+    (Asia/Shanghai), whatever the UTC date is at the time."""
+    with api_server(api.db_url, now=lambda: now) as http:
+        for path in ("card-taps", "attendance", "device-online"):
+            status, body = get_json(f"{http.url}/api/v1/rollups/{path}", api.tokens["read"])
+            assert status == 200, body
+            assert sorted({i["day"] for i in body["items"]}) == days, (path, now)
+
+
 def test_quarantine_is_admin_only(api: Api) -> None:
     status, body = api.get("/api/v1/quarantine", "read", **RANGE)
     assert status == 403
