@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Final
@@ -85,9 +86,30 @@ def time_range(
     return TimeRange(start, end)
 
 
-def day_range(start: date | None, end: date | None, max_days: int = 366) -> tuple[date, date]:
-    """``[from, to]`` in whole days: ``to`` defaults to today, ``from`` to 30 days before."""
-    end = end or datetime.now(UTC).date()
+def utc_now() -> datetime:
+    """The API's clock, as a dependency: tests pin it with ``app.dependency_overrides``."""
+    return datetime.now(UTC)
+
+
+Now = Annotated[datetime, Depends(utc_now)]
+
+
+def district_today(conn: psycopg.Connection[Any], now: datetime) -> date:
+    """The date ``now`` falls on in the district's time zone: the day rollups call today."""
+    row = conn.execute(
+        "SELECT (%s::timestamptz AT TIME ZONE district_tz)::date FROM storage_config", (now,)
+    ).fetchone()
+    assert row is not None, "storage_config has its one row from migration 0002"
+    day: date = row[0]
+    return day
+
+
+def day_range(
+    start: date | None, end: date | None, today: Callable[[], date], max_days: int = 366
+) -> tuple[date, date]:
+    """``[from, to]`` in whole days: ``to`` defaults to ``today()`` (the district's, not UTC's:
+    before 08:00 in Beijing the UTC date is still yesterday), ``from`` to 30 days before."""
+    end = end or today()
     start = start or end - timedelta(days=30)
     if start > end:
         raise bad_param("from", "must not be after 'to'", start.isoformat())

@@ -98,7 +98,7 @@ async def enrol(request: Request, conn: Conn) -> JSONResponse:
         if len(body) > MAX_BODY:
             raise enrolment.EnrolmentError(400, f"the request body exceeds {MAX_BODY} bytes")
         req = enrolment.decode_request(body)
-        result = await run_in_threadpool(enrolment.enrol, conn, req, state.offer)
+        result = await run_in_threadpool(_enrol, conn, req, state.offer)
     except enrolment.EnrolmentError as exc:
         if exc.status in (404, 410):
             state.limiter.failed(client)
@@ -106,3 +106,18 @@ async def enrol(request: Request, conn: Conn) -> JSONResponse:
     if state.on_enrolled is not None:
         state.on_enrolled()
     return JSONResponse(msgspec.to_builtins(result), 201)
+
+
+def _enrol(
+    conn: psycopg.Connection[Any], req: enrolment.EnrolRequest, offer: enrolment.Offer
+) -> enrolment.EnrolResult:
+    """Spend the code; ``config`` is the desired configuration an admin set for the device id
+    (a replacement takes over its predecessor's), null when there is none."""
+    result = enrolment.enrol(conn, req, offer)
+    row = conn.execute(
+        "SELECT document -> 'config' FROM device_config WHERE device_id = %s",
+        (result.device_id,),
+    ).fetchone()
+    if row is not None and isinstance(row[0], dict):
+        result.config = row[0]
+    return result

@@ -92,7 +92,15 @@ await step("bad-token", page, async () => {
 });
 
 await step("fleet-read", page, async () => {
+  const apiCalls = [];
+  const record = (request) => {
+    const path = new URL(request.url()).pathname;
+    if (path.startsWith("/api/v1/")) apiCalls.push(path);
+  };
+  page.on("request", record);
   await login(page, READ);
+  page.off("request", record);
+  out.fleetApiCalls = apiCalls;
   out.readScope = await page.getAttribute("#scope", "data-scope");
   out.readScopeText = await page.textContent("#scope");
   out.fleet = await rows(page, "tr[data-device]", ["device", "state", "missing", "version", "backlog", "driver-errors"]);

@@ -215,6 +215,8 @@ def test_dashboard_in_chromium(stack: dict[str, Any], db_url: str, tmp_path: Pat
         env_row = next(r for r in seen["fleet"] if r["device"] == "env-0101")
         assert env_row["backlog"] != ""
         assert int(env_row["backlog"]) >= 0
+        # signing in and drawing the fleet: /meta, then one /devices call with the health
+        assert seen["fleetApiCalls"] == ["/api/v1/meta", "/api/v1/devices"], seen["fleetApiCalls"]
         # the device page lists stored events only
         stored = {s for (s,) in _rows(conn, "SELECT seq FROM events WHERE device_id = 'env-0101'")}
         assert seen["deviceEvents"]

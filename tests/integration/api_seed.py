@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 
 from ingest_server.api import auth
+from ingest_server.api.common import utc_now
 from ingest_server.api.enrol import EnrolmentState
 from ingest_server.consumer import Health
 from ingest_server.enrolment import Offer
@@ -219,9 +220,11 @@ class _Healthy:
 
 
 @contextmanager
-def api_server(db_url: str) -> Iterator[HttpServer]:
-    """The HTTP API alone (no MQTT) on 127.0.0.1 and a port chosen now."""
+def api_server(db_url: str, now: Callable[[], datetime] | None = None) -> Iterator[HttpServer]:
+    """The HTTP API alone (no MQTT) on 127.0.0.1 and a port chosen now; ``now`` pins its clock."""
     app = create_app(_Healthy(), IngestMetrics(), db_url)
+    if now is not None:
+        app.dependency_overrides[utc_now] = now
     # enrolment set up as a server with a district key would have it (the fuzzer spends codes)
     app.state.enrolment = EnrolmentState(
         Offer(mqtt_url="mqtt://127.0.0.1:1883", hash_key_hex="00" * 32), ""

@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 
+from ingest_server.api import devices as devices_api
 from ingest_server.http import HttpServer
 from tests.integration.api_seed import (
     DAY0,
@@ -107,6 +108,42 @@ def test_devices_list_and_filters(api: Api) -> None:
     status, body = api.get("/api/v1/devices", kind="toaster")
     assert status == 422
     assert body["detail"][0]["loc"] == ["query", "kind"]
+
+
+def test_devices_list_carries_each_agents_latest_health(api: Api) -> None:
+    """The fleet view's one call: every device with what its detail says of its health."""
+    status, devices = api.get("/api/v1/devices")
+    assert status == 200
+    listed = {d["device_id"]: d for d in devices}
+    health = listed["sb-0101"]["health"]
+    assert health == {
+        "time": _wire(T0 + timedelta(minutes=5)),
+        "outbox_depth": 17,
+        "oldest_unsent_s": 2.5,
+        "drivers": {"panel": "running", "camera": "error"},
+    }
+    assert listed["cr-0101"]["health"] is None
+    for device_id, d in listed.items():
+        _, detail = api.get(f"/api/v1/devices/{device_id}")
+        assert {k: detail[k] for k in d} == d, device_id  # the list is the detail's subset
+    _, offline = api.get("/api/v1/devices", state="offline", room="101")
+    assert [(d["device_id"], d["health"]["outbox_depth"]) for d in offline] == [("sb-0101", 17)]
+
+
+def test_devices_list_is_one_query_on_the_device_seq_index(api: Api) -> None:
+    """Each device's latest health comes from a backward scan of the (device_id, seq, time)
+    index of the partitions in its window (no sort of its events, no scan of the others)."""
+    query = devices_api._query(psycopg.sql.SQL("true"), devices_api.MAX_DEVICES)
+    with psycopg.connect(api.db_url, autocommit=True) as conn, conn.transaction():
+        conn.execute("SET LOCAL enable_seqscan = off")  # the seeded table is tiny
+        plan = "\n".join(r[0] for r in conn.execute(psycopg.sql.SQL("EXPLAIN ") + query))
+    assert "Nested Loop Left Join" in plan, plan
+    scans = [line for line in plan.splitlines() if "Index Scan Backward using events_" in line]
+    assert scans, plan
+    assert all("device_id_seq_time" in line for line in scans), plan
+    lines = [line.strip() for line in plan.splitlines()]
+    sorts = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.startswith("->  Sort ")]
+    assert all(key.startswith("Sort Key: d.") for key in sorts), plan  # only the devices sorted
 
 
 def test_device_detail(api: Api) -> None:
@@ -326,6 +363,27 @@ def test_rollup_filters(api: Api) -> None:
     )
     assert status == 422
     assert body["detail"][0]["loc"] == ["query", "from"]
+
+
+@pytest.mark.parametrize(
+    ("now", "days"),
+    [
+        # 01:00 on DAY0 in Beijing, still the day before in UTC: today is DAY0
+        (datetime(2026, 11, 19, 17, 0, tzinfo=UTC), [DAY0.isoformat()]),
+        # 07:59 in Beijing 31 days on: the default 30 days back no longer reach DAY0
+        (datetime(2026, 12, 20, 23, 59, tzinfo=UTC), []),
+        # 23:59 in Beijing, the UTC date the same: DAY0 is the default range's first day
+        (datetime(2026, 12, 20, 15, 59, tzinfo=UTC), [DAY0.isoformat()]),
+    ],
+)
+def test_rollup_days_default_to_the_district_day(api: Api, now: datetime, days: list[str]) -> None:
+    """Without ``from``/``to`` a rollup covers the 30 days up to today in the district
+    (Asia/Shanghai), whatever the UTC date is at the time."""
+    with api_server(api.db_url, now=lambda: now) as http:
+        for path in ("card-taps", "attendance", "device-online"):
+            status, body = get_json(f"{http.url}/api/v1/rollups/{path}", api.tokens["read"])
+            assert status == 200, body
+            assert sorted({i["day"] for i in body["items"]}) == days, (path, now)
 
 
 def test_quarantine_is_admin_only(api: Api) -> None:

@@ -121,6 +121,25 @@ def test_enrol_flow_and_errors(server: IngestServer, db_url: str) -> None:
     assert all("code" not in c for c in listed)
 
 
+def test_a_replacement_gets_its_predecessors_desired_config(server: IngestServer) -> None:
+    """A technician swapping a broken unit: the new one enrols under the old id and comes up
+    with the configuration an admin set for that id."""
+    base = server.http.url
+    admin = server.settings.token_file.read_text().strip()
+    code = new_code(base, admin, school_id="s1")
+    status, first = call(base + "/api/v1/enrol", None, "POST", {**BODY, "code": code})
+    assert status == 201, first
+    device = first["device_id"]
+    desired = {"health": {"interval_s": 30}, "publish": {"backoff_max_s": 20.0}}
+    status, body = call(f"{base}/api/v1/devices/{device}/config", admin, "PUT", {"config": desired})
+    assert status in (200, 202), body
+    code = new_code(base, admin, school_id="s1", replaces=device)
+    status, second = call(base + "/api/v1/enrol", None, "POST", {**BODY, "code": code})
+    assert status == 201, second
+    assert (second["device_id"], second["config"]) == (device, desired)
+    assert first["config"] is None  # nothing was set for the id then
+
+
 def test_failed_codes_are_rate_limited(server: IngestServer) -> None:
     base = server.http.url
     limit = enrolment.FailureLimiter().limit

@@ -76,19 +76,5 @@ export async function scopeOf(candidate) {
   return scopes.includes("admin") ? "admin" : "read";
 }
 
-/** `fn` over `items` with at most `limit` calls in flight. */
-export async function mapLimited(items, limit, fn) {
-  const out = new Array(items.length);
-  let next = 0;
-  async function worker() {
-    while (next < items.length) {
-      const i = next++;
-      out[i] = await fn(items[i]);
-    }
-  }
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
-  return out;
-}
-
 /** The live stream URL (EventSource cannot send headers, so the token rides in the query). */
 export const liveUrl = () => `${API}/live?access_token=${encodeURIComponent(token() || "")}`;

@@ -1,12 +1,11 @@
 // The dashboard: a hash router over five pages, each drawn from /api/v1 calls.
 
-import { ApiError, call, clearToken, liveUrl, mapLimited, meta, pages, scopeOf, setToken, token, whenUnauthorized } from "./api.mjs";
+import { ApiError, call, clearToken, liveUrl, meta, pages, scopeOf, setToken, token, whenUnauthorized } from "./api.mjs";
 import { disposeCharts, drawChart } from "./charts.mjs";
 import { ago, lang, setLang, t } from "./i18n.mjs";
 
 const SCOPE_KEY = "campus.scope";
 const LIVE_MAX = 200; // rows kept in the live feed
-const HEALTH_DETAILS = 6; // device detail calls in flight while drawing the fleet
 const PING_POLL_MS = 1000;
 const PING_POLLS = 60;
 const RECENT_EVENTS = 25;
@@ -142,9 +141,9 @@ whenUnauthorized((message) => signOut(message));
 
 async function renderFleet(query) {
   const school = query.get("school") || "";
+  // one call: each listed device comes with its agent's latest health
   const devices = await call(`/devices${school ? `?school=${encodeURIComponent(school)}` : ""}`);
-  const details = await mapLimited(devices, HEALTH_DETAILS, (d) => call(`/devices/${encodeURIComponent(d.device_id)}`).catch(() => null));
-  const health = new Map(details.filter(Boolean).map((d) => [d.device_id, d.health]));
+  const health = new Map(devices.map((d) => [d.device_id, d.health]));
   const schools = [...new Set(devices.map((d) => d.school_id))].sort();
   const online = devices.filter((d) => stateOf(d) === "online").length;
 
