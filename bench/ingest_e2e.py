@@ -220,8 +220,11 @@ class CpuMeter:
         self.used: dict[str, float] = {}
         #: Wall-clock seconds between start and stop.
         self.wall = 0.0
+        #: CPU seconds the whole machine was busy (every process, ours included).
+        self.machine = 0.0
         self._start: dict[str, float] = {}
         self._t0 = 0.0
+        self._machine0 = 0.0
 
     def _now(self) -> dict[str, float]:
         out = {}
@@ -244,10 +247,12 @@ class CpuMeter:
     def start(self) -> None:
         self._start = self._now()
         self._t0 = time.perf_counter()
+        self._machine0 = _machine_busy()
 
     def stop(self) -> None:
         end = self._now()
         self.wall = time.perf_counter() - self._t0
+        self.machine = _machine_busy() - self._machine0
         self.used = {k: end[k] - self._start.get(k, 0.0) for k in end}
 
     @property
@@ -255,6 +260,20 @@ class CpuMeter:
         """CPU seconds of the whole pipeline per wall second: how many cores it kept busy."""
         busy = sum(v for k, v in self.used.items() if k != "events")
         return busy / self.wall if self.wall else 0.0
+
+    @property
+    def cores_busy(self) -> float:
+        """Cores the whole machine kept busy (the pipeline and everyone else's load)."""
+        return self.machine / self.wall if self.wall else 0.0
+
+
+def _machine_busy() -> float:
+    """CPU seconds not idle, machine-wide; steal (time the hypervisor gave elsewhere) counts as
+    busy, since it was not ours to use. Guest time is already inside user and nice."""
+    t = psutil.cpu_times()
+    idle = t.idle + getattr(t, "iowait", 0.0)
+    guests = getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
+    return float(sum(t) - idle - guests)
 
 
 def e2e(
@@ -392,7 +411,10 @@ def report(w: Workload, r: dict[str, Any], args: argparse.Namespace) -> bool:
         parts = ", ".join(f"{k} {v * 1e6 / n:.1f}" for k, v in used.items())
         print(f"\nCPU per stored event during the drain (µs): {parts}")
         print(f"ingest events per CPU-second of the ingest process: {n / used['ingest']:,.0f}")
-        print(f"cores in use by the pipeline during the drain: {cpu.cores_in_use:.2f}")
+        print(
+            f"cores in use during the drain: pipeline {cpu.cores_in_use:.2f}, whole machine"
+            f" {cpu.cores_busy:.2f} of {os.cpu_count()}"
+        )
     want_readings = r["readings"]
     print(
         f"stored {r['stored']} rows, {r['distinct']} distinct (device_id, seq), expected {total};"
