@@ -89,6 +89,8 @@ EVENT_TYPES = [
     "bool",
 ]
 READING_TYPES = ["timestamptz", "text", "text", "text", "float8"]
+#: Messages a filling publisher leaves unacknowledged at most.
+PUBLISH_WINDOW = 20_000
 COPY_EVENTS = (
     "COPY events (time, school_id, device_id, device_kind, seq, type, data, received_at,"
     " synced) FROM STDIN (FORMAT BINARY)"
@@ -201,8 +203,14 @@ def fill_broker(broker: Mosquitto, msgs: list[tuple[str, bytes]]) -> None:
     pub.connect(broker.host, broker.port)
     pub.loop_start()
     try:
-        infos = [pub.publish(topic, body, qos=1) for topic, body in msgs]
-        for info in infos:
+        # paho refuses a message whose id (16 bits, wrapping) is still outstanding: keep fewer
+        # than 65,535 unacknowledged, waiting on the one WINDOW behind before each publish
+        infos: list[mqtt.MQTTMessageInfo] = []
+        for k, (topic, body) in enumerate(msgs):
+            if k >= PUBLISH_WINDOW:
+                infos[k - PUBLISH_WINDOW].wait_for_publish(60)
+            infos.append(pub.publish(topic, body, qos=1))
+        for info in infos[-PUBLISH_WINDOW:]:
             info.wait_for_publish(60)
     finally:
         pub.disconnect()
