@@ -152,9 +152,14 @@ def ceiling_rows(msgs: list[tuple[str, bytes]]) -> CeilingRows:
     return CeilingRows(events, readings)
 
 
-def copy_ceiling(url: str, rows: CeilingRows, *, readings: bool) -> float:
-    """Events per second of one transaction COPYing the events (and their readings)."""
+def copy_ceiling(
+    url: str, rows: CeilingRows, *, readings: bool, pg: Postgres
+) -> tuple[float, float]:
+    """Events per second of one transaction COPYing the events (and their readings), and
+    PostgreSQL's CPU seconds per event for it (all its processes)."""
+    cpu = CpuMeter([], None, pg)
     with psycopg.connect(url) as conn:
+        cpu.start()
         start = time.perf_counter()
         cur = conn.cursor()
         # jsonb from the JSON bytes as they are, exactly as the ingest writer sends it
@@ -170,7 +175,9 @@ def copy_ceiling(url: str, rows: CeilingRows, *, readings: bool) -> float:
                     for row in of_event:
                         copy.write_row(row)
         conn.commit()
-        return len(rows.events) / (time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        cpu.stop()
+    return len(rows.events) / elapsed, cpu.used["postgres"] / len(rows.events)
 
 
 def insert_per_message(url: str, n: int, w: Workload) -> float:
@@ -222,9 +229,11 @@ class CpuMeter:
     processes) between :meth:`start` and :meth:`stop`: a figure the machine's other load does
     not inflate the way it inflates wall-clock time."""
 
-    def __init__(self, ingest_pids: list[int], broker_pid: int, pg: Postgres) -> None:
+    def __init__(self, ingest_pids: list[int], broker_pid: int | None, pg: Postgres) -> None:
         postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
-        self.groups = {"ingest": ingest_pids, "mosquitto": [broker_pid], "postgres": [postmaster]}
+        self.groups = {"ingest": ingest_pids, "postgres": [postmaster]}
+        if broker_pid is not None:
+            self.groups["mosquitto"] = [broker_pid]
         self.used: dict[str, float] = {}
         #: Wall-clock seconds between start and stop.
         self.wall = 0.0
@@ -372,8 +381,10 @@ def run_workload(
     rows = ceiling_rows(msgs)
     out: dict[str, Any] = {"total": total, "messages": len(msgs), "readings": rows.n_readings}
     if "copy_events" in urls:
-        out["copy_events"] = copy_ceiling(urls["copy_events"], rows, readings=False)
-    out["copy_all"] = copy_ceiling(urls["copy_all"], rows, readings=True)
+        out["copy_events"], out["copy_events_pg"] = copy_ceiling(
+            urls["copy_events"], rows, readings=False, pg=pg
+        )
+    out["copy_all"], out["copy_all_pg"] = copy_ceiling(urls["copy_all"], rows, readings=True, pg=pg)
     del rows
     out["naive"] = insert_per_message(urls["naive"], min(3000, total), w)
     meters: list[CpuMeter] = []
@@ -419,6 +430,10 @@ def report(w: Workload, r: dict[str, Any], args: argparse.Namespace) -> bool:
         parts = ", ".join(f"{k} {v * 1e6 / n:.1f}" for k, v in used.items())
         print(f"\nCPU per stored event during the drain (µs): {parts}")
         print(f"ingest events per CPU-second of the ingest process: {n / used['ingest']:,.0f}")
+        ceil = f"{r['copy_all_pg'] * 1e6:.1f}"
+        if "copy_events_pg" in r:
+            ceil += f" ({r['copy_events_pg'] * 1e6:.1f} for the events rows only)"
+        print(f"PostgreSQL CPU per event in the COPY ceiling (µs): {ceil}")
         print(
             f"cores in use during the drain: pipeline {cpu.cores_in_use:.2f}, whole machine"
             f" {cpu.cores_busy:.2f} of {os.cpu_count()}"
