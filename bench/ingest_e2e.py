@@ -463,7 +463,8 @@ def main(argv: list[str]) -> int:
     work = shared_tmpdir("campus-bench-")
     pg = Postgres(work)
     pg.start()
-    broker = Mosquitto(shared_tmpdir("campus-bench-mq-"))
+    mqdir = shared_tmpdir("campus-bench-mq-")
+    broker = Mosquitto(mqdir)
     broker.start()
     results = {}
     try:
@@ -473,5 +474,6 @@ def main(argv: list[str]) -> int:
         broker.kill()
         pg.stop("immediate")
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(mqdir, ignore_errors=True)  # the broker's persistence file
     ok = [report(WORKLOADS[t], r, args) for t, r in results.items()]
     return 0 if all(ok) else 1
