@@ -116,7 +116,7 @@ def main(argv: list[str]) -> int:
         pe = per_event.get("one")
         if pe and pe["ingest"]:
             need = sum(pe.values()) / pe["ingest"]
-            line("CPU-bound case: cores needed beside 1 ingest core", f"{need:.2f}")
+            line("CPU-bound case: cores needed, ingest at 1 core", f"{need:.2f}")
             line("CPU-bound room: cores / cores needed", f"{cores / need:.2f}", "", "", ">=1.6")
         line("measured speed-up vs that room", f"{two / one:.2f}", f"{ceiling:.2f}",
              f"{two / one / ceiling:.2f}")  # fmt: skip
