@@ -129,7 +129,8 @@ def main(argv: list[str]) -> int:
     work = shared_tmpdir("campus-bench-")
     pg = Postgres(work)
     pg.start()
-    broker = Mosquitto(shared_tmpdir("campus-bench-mq-"))
+    mqdir = shared_tmpdir("campus-bench-mq-")
+    broker = Mosquitto(mqdir)
     broker.start()
     server = None
     try:
@@ -161,6 +162,7 @@ def main(argv: list[str]) -> int:
         broker.kill()
         pg.stop("immediate")
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(mqdir, ignore_errors=True)
     cpu = (c1.user + c1.system - c0.user - c0.system) / (t1 - t0)
     offered = sent / args.seconds
     print(

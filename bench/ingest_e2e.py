@@ -1,114 +1,206 @@
 """End-to-end ingest throughput beside the raw COPY ceiling, measured in the same run.
 
-    python -m bench ingest_e2e [--events 200000] [--per-message 100]
+    python -m bench ingest_e2e [--events 200000] [--per-message 100] [--type card.tap]
 
-1. Baseline: one binary COPY stream of the same rows into a fresh ``events`` table with the
-   same indexes (unique ``(device_id, seq)`` included): the most PostgreSQL takes here.
-2. Baseline: one INSERT + commit per message, the naive consumer.
+Each workload (``--type``, repeatable; default both) is one event type, and every baseline
+writes what the ingest writes for it:
+
+- ``card.tap`` (a card reader's tap, UID as an HMAC): one ``events`` row per event.
+- ``env.reading`` (temperature and CO2): one ``events`` row and two ``readings`` rows per event
+  (the metrics ``schemas.uplink.metrics_of`` finds).
+
+1. Ceiling: one binary COPY stream of the same rows, in one transaction, into a fresh database
+   with the same tables and indexes (unique ``(device_id, seq, time)`` included): ``events``
+   for card.tap; ``events`` and then ``readings`` for env.reading. For env.reading the
+   events-only COPY is printed too: what the ceiling was before it wrote the readings.
+2. Naive consumer: one event per message; ``INSERT … ON CONFLICT DO NOTHING RETURNING`` of the
+   event, for env.reading an ``INSERT`` of its readings when the event was new, and a commit.
 3. End to end: the events are queued in Mosquitto (QoS 1) for the ingest server's persistent
    session while it is stopped; then it starts and drains them with ack-after-commit and
-   de-duplication. The rate is taken from the first stored row to the last.
+   de-duplication. The rate is taken from the first stored row to the last. The stored set is
+   checked afterwards (exit 1 if any event is missing or doubled).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
+import os
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import psutil
 import psycopg
 
 from ingest_server.writer import _RawJsonbDumper
-from tests.pipeline import IngestServer
+from schemas.uplink import decode_uplink, metrics_of
+from tests.pipeline import HASH_KEY_HEX, IngestServer
 from tests.services import Mosquitto, Postgres, shared_tmpdir, wait_until
 
 SCHOOL = "s001"
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+_KEY = bytes.fromhex(HASH_KEY_HEX)
+#: The hashes of the 5,000 cards the readers see, as an agent would send them.
+_CARDS = [
+    hmac.new(_KEY, (0x04000000 + i).to_bytes(4, "big"), hashlib.sha256).hexdigest()
+    for i in range(5000)
+]
 
 
-def event(seq: int) -> dict[str, object]:
+def _card(seq: int) -> dict[str, object]:
+    return {"uid_hash": _CARDS[seq % len(_CARDS)], "tech": "iso14443a", "reader": "door-1"}
+
+
+def _env(seq: int) -> dict[str, object]:
+    return {"sensor": "room", "temperature_c": 21.5, "co2_ppm": 600 + seq % 400}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One event type as devices of one kind send it."""
+
+    type: str
+    kind: str
+    prefix: str
+    data: Callable[[int], dict[str, object]]
+
+
+WORKLOADS = {
+    "card.tap": Workload("card.tap", "card_reader", "reader", _card),
+    "env.reading": Workload("env.reading", "env_sensor", "env", _env),
+}
+EVENT_TYPES = [
+    "timestamptz",
+    "text",
+    "text",
+    "text",
+    "int8",
+    "text",
+    "jsonb",
+    "timestamptz",
+    "bool",
+]
+READING_TYPES = ["timestamptz", "text", "text", "text", "float8"]
+#: Messages a filling publisher leaves unacknowledged at most.
+PUBLISH_WINDOW = 20_000
+COPY_EVENTS = (
+    "COPY events (time, school_id, device_id, device_kind, seq, type, data, received_at,"
+    " synced) FROM STDIN (FORMAT BINARY)"
+)
+COPY_READINGS = (
+    "COPY readings (time, school_id, device_id, metric, value) FROM STDIN (FORMAT BINARY)"
+)
+
+
+def event(seq: int, w: Workload = WORKLOADS["env.reading"]) -> dict[str, object]:
     return {
         "seq": seq,
         "ts": (T0 + timedelta(milliseconds=seq)).isoformat(),
-        "type": "env.reading",
-        "data": {"sensor": "room", "temperature_c": 21.5, "co2_ppm": 600 + seq % 400},
+        "type": w.type,
+        "data": w.data(seq),
         "synced": True,
     }
 
 
-def payloads(devices: int, per_device: int, per_message: int) -> list[tuple[str, bytes]]:
+def payloads(
+    devices: int, per_device: int, per_message: int, etype: str = "env.reading"
+) -> list[tuple[str, bytes]]:
+    w = WORKLOADS[etype]
     out = []
     for d in range(devices):
-        dev = f"env-{d:04d}"
+        dev = f"{w.prefix}-{d:04d}"
         for start in range(1, per_device + 1, per_message):
-            evs = [event(s) for s in range(start, min(start + per_message, per_device + 1))]
-            body = {
-                "v": 1,
-                "device_id": dev,
-                "kind": "env_sensor",
-                "sent_at": T0.isoformat(),
-                "events": evs,
-            }
+            evs = [event(s, w) for s in range(start, min(start + per_message, per_device + 1))]
+            body = {"v": 1, "device_id": dev, "kind": w.kind, "sent_at": T0.isoformat()}
+            body["events"] = evs
             out.append((f"campus/v1/{SCHOOL}/{dev}/up", json.dumps(body).encode()))
     return out
 
 
-def copy_ceiling(url: str, devices: int, per_device: int) -> float:
-    rows = [
-        (
-            T0 + timedelta(milliseconds=s),
-            SCHOOL,
-            f"env-{d:04d}",
-            "env_sensor",
-            s,
-            "env.reading",
-            json.dumps(event(s)["data"]).encode(),
-            datetime.now(UTC),
-            True,
-        )
-        for d in range(devices)
-        for s in range(1, per_device + 1)
-    ]
-    types = ["timestamptz", "text", "text", "text", "int8", "text", "jsonb", "timestamptz", "bool"]
+@dataclass(frozen=True)
+class CeilingRows:
+    events: list[tuple[Any, ...]]
+    #: The readings rows of each event, in the order of ``events``.
+    readings: list[list[tuple[Any, ...]]]
+
+    @property
+    def n_readings(self) -> int:
+        return sum(len(r) for r in self.readings)
+
+
+def ceiling_rows(msgs: list[tuple[str, bytes]]) -> CeilingRows:
+    """The rows the ingest stores for ``msgs``, decoded by the same schema code it uses."""
+    events: list[tuple[Any, ...]] = []
+    readings: list[list[tuple[Any, ...]]] = []
+    now = datetime.now(UTC)
+    for topic, body in msgs:
+        up = decode_uplink(topic, body)
+        if up.rejected:
+            raise ValueError(f"the bench made an invalid event: {up.rejected[0].reason}")
+        school, device = up.topic.school_id, up.topic.device_id
+        for e in up.events:
+            events.append((e.ts, school, device, up.kind, e.seq, e.type, e.data_json, now, True))
+            readings.append([(e.ts, school, device, m, v) for m, v in metrics_of(e)])
+    return CeilingRows(events, readings)
+
+
+def copy_ceiling(
+    url: str, rows: CeilingRows, *, readings: bool, pg: Postgres
+) -> tuple[float, float]:
+    """Events per second of one transaction COPYing the events (and their readings), and
+    PostgreSQL's CPU seconds per event for it (all its processes)."""
+    cpu = CpuMeter([], None, pg)
     with psycopg.connect(url) as conn:
+        cpu.start()
         start = time.perf_counter()
         cur = conn.cursor()
         # jsonb from the JSON bytes as they are, exactly as the ingest writer sends it
         cur.adapters.register_dumper(None, _RawJsonbDumper)
-        with cur.copy(
-            "COPY events (time, school_id, device_id, device_kind, seq, type, data, received_at,"
-            " synced) FROM STDIN (FORMAT BINARY)"
-        ) as copy:
-            copy.set_types(types)
-            for row in rows:
+        with cur.copy(COPY_EVENTS) as copy:
+            copy.set_types(EVENT_TYPES)
+            for row in rows.events:
                 copy.write_row(row)
+        if readings:
+            with cur.copy(COPY_READINGS) as copy:
+                copy.set_types(READING_TYPES)
+                for of_event in rows.readings:
+                    for row in of_event:
+                        copy.write_row(row)
         conn.commit()
-        return len(rows) / (time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        cpu.stop()
+    return len(rows.events) / elapsed, cpu.used["postgres"] / len(rows.events)
 
 
-def insert_per_message(url: str, n: int) -> float:
+def insert_per_message(url: str, n: int, w: Workload) -> float:
+    """Events per second of the naive consumer: one event per message, one commit each."""
+    rows = ceiling_rows(payloads(1, n, 1, w.type))
     with psycopg.connect(url) as conn:
         start = time.perf_counter()
-        for s in range(1, n + 1):
-            conn.execute(
+        for (ts, school, device, kind, seq, etype, data, _, _), mine in zip(
+            rows.events, rows.readings, strict=True
+        ):
+            new = conn.execute(
                 "INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (device_id, seq) DO NOTHING",
-                (
-                    T0,
-                    SCHOOL,
-                    "naive-0001",
-                    "env_sensor",
-                    s,
-                    "env.reading",
-                    json.dumps(event(s)["data"]),
-                ),
-            )
+                " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT DO NOTHING RETURNING seq",
+                (ts, school, f"naive-{device}", kind, seq, etype, data.decode()),
+            ).fetchone()
+            if new and mine:
+                conn.cursor().executemany(
+                    "INSERT INTO readings (time, school_id, device_id, metric, value)"
+                    " VALUES (%s, %s, %s, %s, %s)",
+                    [(t, s, f"naive-{d}", m, v) for t, s, d, m, v in mine],
+                )
             conn.commit()
-        return n / (time.perf_counter() - start)
+        return len(rows.events) / (time.perf_counter() - start)
 
 
 def fill_broker(broker: Mosquitto, msgs: list[tuple[str, bytes]]) -> None:
@@ -118,8 +210,14 @@ def fill_broker(broker: Mosquitto, msgs: list[tuple[str, bytes]]) -> None:
     pub.connect(broker.host, broker.port)
     pub.loop_start()
     try:
-        infos = [pub.publish(topic, body, qos=1) for topic, body in msgs]
-        for info in infos:
+        # paho refuses a message whose id (16 bits, wrapping) is still outstanding: keep fewer
+        # than 65,535 unacknowledged, waiting on the one WINDOW behind before each publish
+        infos: list[mqtt.MQTTMessageInfo] = []
+        for k, (topic, body) in enumerate(msgs):
+            if k >= PUBLISH_WINDOW:
+                infos[k - PUBLISH_WINDOW].wait_for_publish(60)
+            infos.append(pub.publish(topic, body, qos=1))
+        for info in infos[-PUBLISH_WINDOW:]:
             info.wait_for_publish(60)
     finally:
         pub.disconnect()
@@ -131,11 +229,19 @@ class CpuMeter:
     processes) between :meth:`start` and :meth:`stop`: a figure the machine's other load does
     not inflate the way it inflates wall-clock time."""
 
-    def __init__(self, ingest_pids: list[int], broker_pid: int, pg: Postgres) -> None:
+    def __init__(self, ingest_pids: list[int], broker_pid: int | None, pg: Postgres) -> None:
         postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
-        self.groups = {"ingest": ingest_pids, "mosquitto": [broker_pid], "postgres": [postmaster]}
+        self.groups = {"ingest": ingest_pids, "postgres": [postmaster]}
+        if broker_pid is not None:
+            self.groups["mosquitto"] = [broker_pid]
         self.used: dict[str, float] = {}
+        #: Wall-clock seconds between start and stop.
+        self.wall = 0.0
+        #: CPU seconds the whole machine was busy (every process, ours included).
+        self.machine = 0.0
         self._start: dict[str, float] = {}
+        self._t0 = 0.0
+        self._machine0 = 0.0
 
     def _now(self) -> dict[str, float]:
         out = {}
@@ -157,14 +263,38 @@ class CpuMeter:
 
     def start(self) -> None:
         self._start = self._now()
+        self._t0 = time.perf_counter()
+        self._machine0 = _machine_busy()
 
     def stop(self) -> None:
         end = self._now()
+        self.wall = time.perf_counter() - self._t0
+        self.machine = _machine_busy() - self._machine0
         self.used = {k: end[k] - self._start.get(k, 0.0) for k in end}
+
+    @property
+    def cores_in_use(self) -> float:
+        """CPU seconds of the whole pipeline per wall second: how many cores it kept busy."""
+        busy = sum(v for k, v in self.used.items() if k != "events")
+        return busy / self.wall if self.wall else 0.0
+
+    @property
+    def cores_busy(self) -> float:
+        """Cores the whole machine kept busy (the pipeline and everyone else's load)."""
+        return self.machine / self.wall if self.wall else 0.0
+
+
+def _machine_busy() -> float:
+    """CPU seconds not idle, machine-wide; steal (time the hypervisor gave elsewhere) counts as
+    busy, since it was not ours to use. Guest time is already inside user and nice."""
+    t = psutil.cpu_times()
+    idle = t.idle + getattr(t, "iowait", 0.0)
+    guests = getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
+    return float(sum(t) - idle - guests)
 
 
 def e2e(
-    work,
+    work: Path,
     broker: Mosquitto,
     url: str,
     msgs: list[tuple[str, bytes]],
@@ -231,59 +361,119 @@ def e2e(
     return (total - n0) / (t1 - t0)
 
 
+def run_workload(
+    work: Path, pg: Postgres, broker: Mosquitto, w: Workload, args: argparse.Namespace
+) -> dict[str, Any]:
+    per_device = args.events // args.devices
+    total = per_device * args.devices
+    from ingest_server.migrate import migrate_url
+
+    tag = w.type.replace(".", "_")
+    names = (
+        ("copy_events", "copy_all", "naive", "e2e")
+        if w.type == "env.reading"
+        else ("copy_all", "naive", "e2e")
+    )
+    urls = {name: pg.create_database(f"{tag}_{name}") for name in names}
+    for u in urls.values():
+        migrate_url(u)
+    msgs = payloads(args.devices, per_device, args.per_message, w.type)
+    rows = ceiling_rows(msgs)
+    out: dict[str, Any] = {"total": total, "messages": len(msgs), "readings": rows.n_readings}
+    if "copy_events" in urls:
+        out["copy_events"], out["copy_events_pg"] = copy_ceiling(
+            urls["copy_events"], rows, readings=False, pg=pg
+        )
+    out["copy_all"], out["copy_all_pg"] = copy_ceiling(urls["copy_all"], rows, readings=True, pg=pg)
+    del rows
+    out["naive"] = insert_per_message(urls["naive"], min(3000, total), w)
+    meters: list[CpuMeter] = []
+    out["e2e"] = e2e(work, broker, urls["e2e"], msgs, total, pg=pg, meter=meters)
+    out["cpu"] = meters[0] if meters else None
+    out["load"] = os.getloadavg()[0]
+    with psycopg.connect(urls["e2e"]) as conn:
+        row = conn.execute("SELECT count(*), count(DISTINCT (device_id, seq)) FROM events")
+        out["stored"], out["distinct"] = row.fetchone() or (0, 0)
+        row = conn.execute("SELECT count(*) FROM readings")
+        out["stored_readings"] = (row.fetchone() or (0,))[0]
+    return out
+
+
+def report(w: Workload, r: dict[str, Any], args: argparse.Namespace) -> bool:
+    rate, total = r["e2e"], r["total"]
+    what = "events" if w.type == "card.tap" else "events + readings"
+    print(
+        f"\n{w.type}: {total} events ({r['readings']} readings rows) in {r['messages']} messages"
+        f" ({args.per_message}/message, {args.devices} devices), Mosquitto → PostgreSQL 15;"
+        f" load average {r['load']:.1f} on {os.cpu_count()} cores\n"
+    )
+    print(f"{'figure':50} {'value':>10} {'baseline':>10} {'ratio':>7} {'target':>7}")
+
+    def line(name: str, value: float, base: float | None = None, target: str = "") -> None:
+        if base is None:
+            print(f"{name:50} {value:10,.0f} {'-':>10} {'-':>7} {target or '-':>7}")
+        else:
+            print(f"{name:50} {value:10,.0f} {base:10,.0f} {value / base:7.2f} {target:>7}")
+
+    line(f"COPY ceiling, {what} (ev/s)", r["copy_all"])
+    if "copy_events" in r:
+        line("COPY ceiling, events rows only (ev/s)", r["copy_events"])
+    line(f"INSERT+commit per message, {what} (ev/s)", r["naive"])
+    line(f"e2e durable ingest vs COPY {what} (ev/s)", rate, r["copy_all"], ">=0.60")
+    if "copy_events" in r:
+        line("e2e durable ingest vs COPY events only (ev/s)", rate, r["copy_events"], "")
+    line("e2e durable ingest vs INSERT+commit (ev/s)", rate, r["naive"], ">=10")
+    cpu: CpuMeter | None = r["cpu"]
+    if cpu is not None:
+        used = dict(cpu.used)
+        n = used.pop("events")
+        parts = ", ".join(f"{k} {v * 1e6 / n:.1f}" for k, v in used.items())
+        print(f"\nCPU per stored event during the drain (µs): {parts}")
+        print(f"ingest events per CPU-second of the ingest process: {n / used['ingest']:,.0f}")
+        ceil = f"{r['copy_all_pg'] * 1e6:.1f}"
+        if "copy_events_pg" in r:
+            ceil += f" ({r['copy_events_pg'] * 1e6:.1f} for the events rows only)"
+        print(f"PostgreSQL CPU per event in the COPY ceiling (µs): {ceil}")
+        print(
+            f"cores in use during the drain: pipeline {cpu.cores_in_use:.2f}, whole machine"
+            f" {cpu.cores_busy:.2f} of {os.cpu_count()}"
+        )
+    want_readings = r["readings"]
+    print(
+        f"stored {r['stored']} rows, {r['distinct']} distinct (device_id, seq), expected {total};"
+        f" {r['stored_readings']} readings rows, expected {want_readings}"
+    )
+    return bool(r["stored"] == r["distinct"] == total and r["stored_readings"] == want_readings)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench ingest_e2e", description=__doc__)
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--devices", type=int, default=20)
     ap.add_argument("--per-message", type=int, default=100)
+    ap.add_argument(
+        "--type",
+        action="append",
+        choices=sorted(WORKLOADS),
+        help="workload event type (repeatable; default: card.tap and env.reading)",
+    )
     args = ap.parse_args(argv)
-    per_device = args.events // args.devices
-    total = per_device * args.devices
+    types = args.type or ["card.tap", "env.reading"]
 
     work = shared_tmpdir("campus-bench-")
     pg = Postgres(work)
     pg.start()
-    broker = Mosquitto(shared_tmpdir("campus-bench-mq-"))
+    mqdir = shared_tmpdir("campus-bench-mq-")
+    broker = Mosquitto(mqdir)
     broker.start()
+    results = {}
     try:
-        from ingest_server.migrate import migrate_url
-
-        urls = {name: pg.create_database(name) for name in ("copy", "naive", "e2e")}
-        for u in urls.values():
-            migrate_url(u)
-        msgs = payloads(args.devices, per_device, args.per_message)
-        ceiling = copy_ceiling(urls["copy"], args.devices, per_device)
-        naive = insert_per_message(urls["naive"], min(3000, total))
-        meters: list[CpuMeter] = []
-        rate = e2e(work, broker, urls["e2e"], msgs, total, pg=pg, meter=meters)
-        with psycopg.connect(urls["e2e"]) as conn:
-            row = conn.execute("SELECT count(*), count(DISTINCT (device_id, seq)) FROM events")
-            stored, distinct = row.fetchone() or (0, 0)
+        for t in types:
+            results[t] = run_workload(work, pg, broker, WORKLOADS[t], args)
     finally:
         broker.kill()
         pg.stop("immediate")
         shutil.rmtree(work, ignore_errors=True)
-
-    print(
-        f"\ningest end to end: {total} events in {len(msgs)} messages "
-        f"({args.per_message}/message, {args.devices} devices), Mosquitto → PostgreSQL 15\n"
-    )
-    print(f"{'figure':44} {'value':>12} {'baseline':>12} {'ratio':>7} {'target':>7}")
-    print(f"{'raw binary COPY ceiling (rows/s)':44} {ceiling:12,.0f} {'-':>12} {'-':>7} {'-':>7}")
-    print(f"{'INSERT+commit per message (rows/s)':44} {naive:12,.0f} {'-':>12} {'-':>7} {'-':>7}")
-    print(
-        f"{'e2e durable ingest vs COPY ceiling (ev/s)':44} {rate:12,.0f} {ceiling:12,.0f} "
-        f"{rate / ceiling:7.2f} {'>=0.60':>7}"
-    )
-    print(
-        f"{'e2e durable ingest vs INSERT+commit (ev/s)':44} {rate:12,.0f} {naive:12,.0f} "
-        f"{rate / naive:7.1f} {'>=10':>7}"
-    )
-    if meters:
-        used = meters[0].used
-        n = used.pop("events")
-        parts = ", ".join(f"{k} {v * 1e6 / n:.1f}" for k, v in used.items())
-        print(f"\nCPU per stored event during the drain (µs): {parts}")
-        print(f"ingest events per CPU-second of the ingest process: {n / used['ingest']:,.0f}")
-    print(f"\nstored {stored} rows, {distinct} distinct (device_id, seq), expected {total}")
-    return 0 if stored == distinct == total else 1
+        shutil.rmtree(mqdir, ignore_errors=True)  # the broker's persistence file
+    ok = [report(WORKLOADS[t], r, args) for t, r in results.items()]
+    return 0 if all(ok) else 1

@@ -116,7 +116,8 @@ def main(argv: list[str]) -> int:
     work = shared_tmpdir("campus-bench-")
     pg = Postgres(work)
     pg.start()
-    broker = Mosquitto(shared_tmpdir("campus-bench-mq-"))
+    mqdir = shared_tmpdir("campus-bench-mq-")
+    broker = Mosquitto(mqdir)
     broker.start()
     server = None
     try:
@@ -142,6 +143,7 @@ def main(argv: list[str]) -> int:
         broker.kill()
         pg.stop("immediate")
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(mqdir, ignore_errors=True)
     within = next((n for le, n in buckets if le == 0.5), 0) / total
     p99 = quantile_bound(buckets, total, 0.99)
     b99 = base[min(len(base) - 1, int(0.99 * len(base)))]
