@@ -14,6 +14,7 @@ BENCHES = (
     "connections",
     "fleet",
     "api_queries",
+    "devices_list",
 )
 
 
