@@ -179,17 +179,16 @@ def http_server_time(headers: dict[str, str], body: bytes) -> tuple[float, Liter
         raise ClockError(f"the reply's Date header {date!r} is unreadable") from None
 
 
-def _split_reply(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+def _split_reply(raw: bytes) -> tuple[dict[str, str], bytes]:
     head, sep, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
-    status = lines[0].split(" ", 2)
-    if not sep or len(status) < 2 or not status[0].startswith("HTTP/") or not status[1].isdigit():
+    if not sep or not lines[0].startswith("HTTP/"):
         raise ClockError("the reply is not HTTP")
     headers = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
-    return int(status[1]), headers, body
+    return headers, body
 
 
 async def _measure_http(ref: Reference, timeout_s: float) -> ClockSample:
@@ -215,7 +214,7 @@ async def _measure_http(ref: Reference, timeout_s: float) -> ClockSample:
         finally:
             writer.close()
     # Any status will do: an unhealthy server (503) still tells the time.
-    _, headers, body = _split_reply(raw)
+    headers, body = _split_reply(raw)
     server, source = http_server_time(headers, body)
     return ClockSample(
         midpoint_offset(server, t_send, t_recv), t_recv - t_send, source, ref.url, time.monotonic()
@@ -274,6 +273,8 @@ async def measure(ref: Reference | str, timeout_s: float = TIMEOUT_S) -> ClockSa
         raise ClockError(f"cannot reach {ref.url}: {why}") from None
     except ClockError as exc:
         raise ClockError(f"{ref.url}: {exc}") from None
+    except ValueError as exc:  # whatever else a broken reply trips: report it, crash nothing
+        raise ClockError(f"{ref.url}: an unusable reply: {exc}") from None
 
 
 class ClockWatch:

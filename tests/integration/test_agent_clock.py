@@ -179,13 +179,13 @@ async def test_sntp_reference_gives_the_known_offset(
 ) -> None:
     sample = await measure(sntp.url, 2.0)
     assert sample.source == "sntp"
-    assert sample.offset_s == pytest.approx(7.25, abs=0.05)
-    assert 0 <= sample.rtt_s < 0.5
+    assert abs(sample.offset_s - 7.25) <= sample.rtt_s / 2 + 1e-6
+    assert 0 <= sample.rtt_s < 1
     cfg = load_config(with_clock(tmp_path, mosquitto, sntp.url))
     async with Agent(cfg):
         await until(lambda: any(o is not None for o in offsets(collector)), "an offset")
     measured = next(o for o in offsets(collector) if o is not None)
-    assert measured == pytest.approx(7.25, abs=0.05)
+    assert measured == pytest.approx(7.25, abs=0.2)
 
 
 @pytest.mark.integration
@@ -223,7 +223,9 @@ async def test_the_ingest_servers_healthz_is_a_zero_offset_reference(ingest_http
     # The socket listens before uvicorn starts: an early request waits in the backlog.
     sample = await measure(ingest_http, 5.0)
     assert sample.source == "time"  # the body's millisecond time, not the Date header
-    assert abs(sample.offset_s) < 0.05
+    # Off by at most half the round trip, plus the millisecond the server's time truncates.
+    assert abs(sample.offset_s) <= sample.rtt_s / 2 + 0.0011
+    assert sample.rtt_s < 2
     check = await check_clock(ingest_http)
     assert check.status is Status.OK
     assert f"within 2 s of {ingest_http}" in check.message
@@ -234,3 +236,18 @@ async def test_doctor_flags_a_skewed_clock(skewed: SkewedHealthz) -> None:
     check = await check_clock(None, skewed.url)  # the config's reference, no --server
     assert check.status is Status.WARN
     assert f"this machine's clock is 42.5 s behind {skewed.url}" in check.message
+
+
+@pytest.mark.integration
+async def test_a_reply_that_is_not_http_is_a_clear_error() -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/healthz"
+        with pytest.raises(ClockError, match=rf"^{url}: the reply is not HTTP$"):
+            await measure(url, 2.0)
