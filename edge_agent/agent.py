@@ -36,6 +36,7 @@ from device_drivers.base import (
     UidHasher,
     build_driver,
 )
+from edge_agent.clock import ClockWatch
 from edge_agent.commands import AckLog, CommandHandler
 from edge_agent.config import AgentConfig, ConfigError, DriverConfig, apply_remote
 from edge_agent.health import HealthReporter
@@ -275,7 +276,9 @@ class Agent:
 
     def _start_health(self) -> None:
         if interval := self.config.health.interval_s:
-            health = HealthReporter(interval, self._emit, self.outbox, self.drivers)
+            c = self.config.clock
+            watch = ClockWatch(c.reference, c.interval_s, c.timeout_s) if c.reference else None
+            health = HealthReporter(interval, self._emit, self.outbox, self.drivers, watch)
             self._health_task = self._tg.create_task(health.run(), name="health")
 
     # -- live changes ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from edge_agent.agent import Agent, config_store_path
+from edge_agent.clock import ClockError, measure
 from edge_agent.config import DEFAULT_OUTBOX, AgentConfig, ConfigError, load_config
 from edge_agent.doctor import run as doctor_run
 from edge_agent.enroll import EnrollError, enroll
@@ -56,6 +57,7 @@ def cmd_status(config: AgentConfig, *, as_json: bool) -> int:
     with Outbox(path, readonly=True) as outbox:
         s = outbox.stats()
     version = _config_version(path)
+    offset, clock = _clock(config)
     if as_json:
         doc = {
             "device_id": config.device.id,
@@ -66,6 +68,7 @@ def cmd_status(config: AgentConfig, *, as_json: bool) -> int:
             "boot": s.boot,
             "dropped": s.dropped,
             "config_version": version,
+            "clock_offset_s": offset,
         }
         print(json.dumps(doc))
         return 0
@@ -77,11 +80,23 @@ def cmd_status(config: AgentConfig, *, as_json: bool) -> int:
     print(f"highest seq     {s.highest_seq}")
     print(f"boots           {s.boot}")
     print(f"remote config   {'-' if version is None else f'version {version}'}")
+    print(f"clock offset    {clock}")
     if s.dropped:
         total = sum(s.dropped.values())
         kinds = ", ".join(f"{t} {n}" for t, n in sorted(s.dropped.items()))
         print(f"DROPPED         {total} unsent event(s) over the quota or a full disk: {kinds}")
     return 0
+
+
+def _clock(config: AgentConfig) -> tuple[float | None, str]:
+    """The clock offset against the config's reference, measured now, and a line saying it."""
+    if not config.clock.reference:
+        return None, "- (no [clock] reference in the config)"
+    try:
+        sample = asyncio.run(measure(config.clock.reference, config.clock.timeout_s))
+    except ClockError as exc:
+        return None, f"unknown: {exc}"
+    return round(sample.offset_s, 3), f"{sample.offset_s:+.3f} s: {sample.describe()}"
 
 
 def _config_version(outbox: Path) -> int | None:
@@ -136,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument(
         "--server",
         metavar="URL",
-        help="check the clock against this URL's Date header "
-        "(e.g. the ingest server's http://HOST:PORT/healthz)",
+        help="check the clock against this URL (default: the config's [clock] reference), "
+        "e.g. the ingest server's http://HOST:PORT/healthz or ntp://HOST",
     )
     doctor.add_argument("--json", action="store_true", help="print a JSON list of checks")
     enrol = sub.add_parser(

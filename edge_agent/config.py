@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import msgspec
 from msgspec import Meta
 
+from edge_agent.clock import parse_reference
 from schemas.events import DeviceKind
 from schemas.topics import ID_PATTERN
 from schemas.uplink import DEFAULT_MAX_BYTES
@@ -94,6 +95,17 @@ class HealthConfig(_Section, frozen=True):
     interval_s: Annotated[float, Meta(ge=0)] = 60.0
 
 
+class ClockConfig(_Section, frozen=True):
+    """Where the agent reads the time to report its clock offset; no reference: no offset."""
+
+    #: ``http(s)://HOST[:PORT]/healthz`` (the ingest server) or ``ntp://HOST[:PORT]``.
+    reference: str = ""
+    #: Seconds between measurements.
+    interval_s: Annotated[float, Meta(ge=1)] = 300.0
+    #: Seconds one measurement may take at most.
+    timeout_s: Annotated[float, Meta(gt=0, le=60)] = 5.0
+
+
 class _File(_Section, frozen=True):
     device: DeviceConfig
     mqtt: MqttConfig
@@ -101,6 +113,7 @@ class _File(_Section, frozen=True):
     publish: PublishConfig = PublishConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     health: HealthConfig = HealthConfig()
+    clock: ClockConfig = ClockConfig()
     drivers: list[dict[str, Any]] = []
 
 
@@ -144,6 +157,7 @@ class AgentConfig:
     hash_key: bytes | None = field(default=None, repr=False)
     health: HealthConfig = field(default_factory=HealthConfig)
     outbox_quota: OutboxQuota = field(default_factory=OutboxQuota)
+    clock: ClockConfig = field(default_factory=ClockConfig)
 
 
 class ManagedConfig(_Section, frozen=True):
@@ -167,6 +181,7 @@ _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "publish": PublishConfig,
     "privacy": PrivacyConfig,
     "health": HealthConfig,
+    "clock": ClockConfig,
 }
 _MANAGED: Final[dict[str, type[msgspec.Struct]]] = {
     "": ManagedConfig,
@@ -221,6 +236,11 @@ def _resolve(source: Path, f: _File) -> AgentConfig:
     low, high = f.publish.backoff_initial_s, f.publish.backoff_max_s
     if low is not None and high is not None and high < low:
         raise _Invalid("publish.backoff_max_s: must not be below publish.backoff_initial_s")
+    if f.clock.reference:
+        try:
+            parse_reference(f.clock.reference)
+        except ValueError as exc:
+            raise _Invalid(f"clock.reference: {exc}") from None
     return AgentConfig(
         source=source,
         device=f.device,
@@ -232,6 +252,7 @@ def _resolve(source: Path, f: _File) -> AgentConfig:
         hash_key=_hash_key(base, f.privacy),
         health=f.health,
         outbox_quota=OutboxQuota(max_bytes=f.outbox.max_bytes, max_events=f.outbox.max_events),
+        clock=f.clock,
     )
 
 

@@ -1,16 +1,16 @@
 """``edge-agent doctor``: a technician's check-up of one gateway, one line per check.
 
 Each check says OK, WARN or FAIL in plain language and, for every problem, what to do about it.
-It covers the config, the broker (TCP, TLS certificate, MQTT login), the clock (against an
-HTTP ``Date`` header), the outbox and its disk, the hardware this machine can see, and each
-configured driver (built, then probed once with its module's ``probe(options)``).
+It covers the config, the broker (TCP, TLS certificate, MQTT login), the clock (against
+``--server`` or the config's clock reference, measured as the agent does), the outbox and its
+disk, the hardware this machine can see, and each configured driver (built, then probed once
+with its module's ``probe(options)``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import fcntl
 import importlib.util
 import json
@@ -22,8 +22,6 @@ import ssl
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -37,6 +35,7 @@ from serial.tools import list_ports
 
 from device_drivers import base as drivers
 from device_drivers.base import DriverContext, DriverError, ProbeResult, UidHasher
+from edge_agent.clock import ClockError, measure
 from edge_agent.config import AgentConfig, Broker, ConfigError, DriverConfig, load_config
 from edge_agent.outbox import Outbox, OutboxError
 
@@ -241,44 +240,35 @@ async def _mqtt_login(b: Broker, tls: ssl.SSLContext | None) -> Check:
 # --- clock ----------------------------------------------------------------------------------
 
 
-def check_clock(server: str | None) -> Check:
-    """Compare this machine's clock with the ``Date`` header of the ingest server's reply."""
-    if not server:
-        return _ok("clock", "not checked (give --server URL, e.g. the ingest server's /healthz)")
-    if not server.startswith(("http://", "https://")):
+async def check_clock(server: str | None, reference: str = "") -> Check:
+    """Measure this machine's clock against ``--server`` (else the config's clock.reference),
+    as the agent does for ``agent.health``: a /healthz ``time``, a ``Date`` header or SNTP."""
+    url = server or reference
+    if not url:
+        return _ok(
+            "clock",
+            "not checked (give --server URL, e.g. the ingest server's /healthz, or set "
+            "[clock] reference in the config)",
+        )
+    if server and not server.startswith(("http://", "https://", "ntp://")):
         return _fail("clock", f"--server {server!r}: expected an http:// or https:// URL")
-    t0 = time.time()
     try:
-        # The scheme is checked above; the URL comes from the technician's command line.
-        with urllib.request.urlopen(server, timeout=HTTP_TIMEOUT_S) as reply:  # noqa: S310
-            date = reply.headers.get("Date")
-    except urllib.error.HTTPError as exc:  # an unhealthy server still tells the time
-        date = exc.headers.get("Date")
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        if isinstance(reason, OSError):
-            reason = _why(reason)
+        sample = await measure(url, HTTP_TIMEOUT_S)
+    except ClockError as exc:
         return _fail(
             "clock",
-            f"cannot reach {server} to compare clocks: {reason} — is the URL right and the "
-            "ingest server up?",
+            f"cannot compare clocks: {exc} — is the URL right and the ingest server up?",
         )
-    local = (t0 + time.time()) / 2
-    if not date:
-        return _warn("clock", f"{server} sent no Date header: the clock was not checked")
-    try:
-        # Date has whole seconds, truncated: the server's time lies within the next second.
-        remote = email.utils.parsedate_to_datetime(date).timestamp() + 0.5
-    except (TypeError, ValueError):
-        return _warn("clock", f"{server} sent an unreadable Date header {date!r}")
-    skew = local - remote
+    skew = sample.offset_s
     said = f"this machine's clock is {abs(skew):.1f} s {'ahead of' if skew > 0 else 'behind'}"
     fix = " — enable time sync (NTP / systemd-timesyncd) on this machine"
+    if sample.source == "date":
+        said += " (to the second: the reply had only a Date header)"
     if abs(skew) > CLOCK_FAIL_S:
-        return _fail("clock", f"{said} {server}{fix}: event times will be wrong")
+        return _fail("clock", f"{said} {url}{fix}: event times will be wrong")
     if abs(skew) > CLOCK_WARN_S:
-        return _warn("clock", f"{said} {server}{fix}")
-    return _ok("clock", f"within {CLOCK_WARN_S:g} s of {server} ({said})")
+        return _warn("clock", f"{said} {url}{fix}")
+    return _ok("clock", f"within {CLOCK_WARN_S:g} s of {url} ({said})")
 
 
 # --- outbox ---------------------------------------------------------------------------------
@@ -546,7 +536,7 @@ async def diagnose(config: AgentConfig, *, server: str | None = None) -> list[Ch
     )
     broker, clock, outbox, serial, pcsc, drivers_ = await asyncio.gather(
         check_broker(config.broker),
-        asyncio.to_thread(check_clock, server),
+        check_clock(server, config.clock.reference),
         asyncio.to_thread(check_outbox, config.outbox_path),
         asyncio.to_thread(check_serial, config),
         asyncio.to_thread(check_pcsc, config),

@@ -200,6 +200,8 @@ def enroll(
         "outbox": {"path": outbox_path or str(base / "outbox.db")},
         "mqtt": {"url": got.mqtt_url, "username": got.mqtt_username},
         "privacy": {"hash_key_file": KEY_FILE},
+        # The district server that enrolled the device is the natural time reference.
+        "clock": {"reference": server.rstrip("/") + "/healthz"},
     }
     if got.mqtt_password:
         doc["mqtt"]["password_file"] = PASSWORD_FILE

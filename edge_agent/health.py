@@ -2,6 +2,8 @@
 
 The events go through the agent's normal ``emit`` path, so each gets a seq and is as durable as
 any driver's reading. CPU and memory come from the standard library (no psutil on the device).
+The clock offset comes from a :class:`~edge_agent.clock.ClockWatch` the reporter runs beside
+its own loop, when ``[clock] reference`` is set; without one it is null.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Final
 
 from device_drivers.base import Driver, Emit, Reading
+from edge_agent.clock import ClockWatch
 from edge_agent.outbox import AsyncOutbox
 from schemas.events import AgentHealth
 
@@ -56,6 +59,7 @@ class HealthReporter:
         emit: Emit,
         outbox: AsyncOutbox,
         drivers: Sequence[Driver] | Callable[[], Sequence[Driver]],
+        clock: ClockWatch | None = None,
     ) -> None:
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
@@ -63,6 +67,7 @@ class HealthReporter:
         self._emit = emit
         self._outbox = outbox
         self._drivers = drivers
+        self.clock = clock
         self._wall = time.monotonic()
         self._cpu = time.process_time()
 
@@ -80,13 +85,21 @@ class HealthReporter:
             rss_mb=round(rss_mb(), 2),
             outbox_depth=stats.depth,
             oldest_unsent_s=round(stats.oldest_age_s or 0.0, 3),
-            # No reference clock yet. A server time source would come from the ingest side,
-            # e.g. a server timestamp on PUBACK properties (MQTT 5) or on the `cmd` topic.
-            clock_offset_s=None,
+            # The last good measurement, however old: a clock drifts slowly, and a failing
+            # reference is logged by the watch.
+            clock_offset_s=None if self.clock is None else self.clock.offset_s,
             drivers=driver_summary(self._drivers() if callable(self._drivers) else self._drivers),
         )
 
     async def run(self) -> None:
+        if self.clock is None:
+            await self._report()
+            return
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.clock.run(), name="clock")
+            await self._report()
+
+    async def _report(self) -> None:
         loop = asyncio.get_running_loop()
         self._wall, self._cpu = time.monotonic(), time.process_time()
         due = loop.time()

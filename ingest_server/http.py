@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,6 +83,8 @@ def create_app(
             "last_commit_age_s": (
                 None if h.last_commit_age_s is None else round(h.last_commit_age_s, 3)
             ),
+            # The agents' clock reference (edge_agent.clock): UTC, to the millisecond.
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 

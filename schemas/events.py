@@ -164,7 +164,17 @@ class AgentHealth(_Data):
     rss_mb: NonNegative
     outbox_depth: Count
     oldest_unsent_s: NonNegative
-    clock_offset_s: float | None = None
+    clock_offset_s: (
+        Annotated[
+            float,
+            Meta(
+                description="Seconds the device clock is off its reference (the agent's "
+                "[clock] reference): positive = the device clock is ahead, negative = behind; "
+                "null when no reference is configured or none has answered yet."
+            ),
+        ]
+        | None
+    ) = None
     drivers: dict[str, str] = msgspec.field(default_factory=dict)
 
 

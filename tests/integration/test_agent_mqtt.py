@@ -397,5 +397,6 @@ def test_agent_killed_mid_publish_resumes_without_renumbering(
         "boot": 2,
         "dropped": {},
         "config_version": None,
+        "clock_offset_s": None,  # no [clock] reference in this config
     }
     assert [s.boot for s in collector.states if s.state == "online"][-1] == 2

@@ -206,6 +206,7 @@ async def test_enroll_writes_a_config_that_connects(
     cfg = load_config(config)
     assert cfg.outbox_quota.max_events == 1000
     assert cfg.hash_key == bytes.fromhex(KEY_HEX)
+    assert cfg.clock.reference == url.rstrip("/") + "/healthz"  # the district server's time
     async with Agent(cfg) as agent:
         await until(lambda: agent.publisher.stats.connects >= 1, "the agent to connect")
         await until(lambda: agent.publisher.stats.events >= 5, "taps delivered")

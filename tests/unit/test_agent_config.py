@@ -240,10 +240,12 @@ def test_cli_status_reads_the_outbox(tmp_path: Path, capsys: pytest.CaptureFixtu
         "boot": 1,
         "dropped": {},
         "config_version": None,
+        "clock_offset_s": None,
     }
     assert main(["status", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "unsent events   2" in out
+    assert "clock offset    - (no [clock] reference in the config)" in out
     assert "highest seq     3" in out
 
 
