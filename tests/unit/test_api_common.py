@@ -66,6 +66,11 @@ def test_time_range_defaults_and_errors() -> None:
 
 def test_day_range() -> None:
     d = date(2026, 11, 20)
-    assert day_range(None, d) == (d - timedelta(days=30), d)
+
+    def today() -> date:
+        return date(2026, 11, 23)
+
+    assert day_range(None, d, today) == (d - timedelta(days=30), d)
+    assert day_range(None, None, today) == (date(2026, 10, 24), date(2026, 11, 23))
     with pytest.raises(RequestValidationError):
-        day_range(d, d - timedelta(days=1))
+        day_range(d, d - timedelta(days=1), today)
