@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
 import msgspec
 
+from ingest_server import pgcopy
 from schemas import state as state_schema
 from schemas.errors import ContractError, UplinkError
 from schemas.topics import Channel, Topic, parse
@@ -83,6 +85,39 @@ class Rows(msgspec.Struct, gc=False):
         self.events += other.events
         self.quarantine += other.quarantine
         self.states += other.states
+
+
+def unique(events: Sequence[EventRow]) -> list[EventRow]:
+    """The first of each (device_id, seq): a batch may carry the same event twice."""
+    keys = [(r.device_id, r.event.seq) for r in events]
+    if len(set(keys)) == len(keys):  # the common case: no repeats, keep the list as it is
+        return list(events)
+    seen: set[tuple[str, int]] = set()
+    out = []
+    for key, row in zip(keys, events, strict=True):
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedEvents:
+    """A batch's distinct events with their binary COPY payloads, built before the writer."""
+
+    events: list[EventRow]
+    #: ``events`` rows (:data:`~ingest_server.pgcopy.EVENT_COLUMNS`) of every one of ``events``.
+    events_copy: bytes
+    #: ``readings`` rows of every one of ``events``, and how many (0: none to send).
+    readings_copy: bytes
+    readings: int
+
+
+def encode_events(events: Sequence[EventRow]) -> EncodedEvents:
+    """De-duplicate ``events`` and encode them (raises :class:`pgcopy.CopyEncodeError`)."""
+    distinct = unique(events)
+    readings_copy, readings = pgcopy.encode_readings(distinct)
+    return EncodedEvents(distinct, pgcopy.encode_events(distinct), readings_copy, readings)
 
 
 #: Parsed topics by string: a server sees the same few thousand device topics over and over.
@@ -200,8 +235,11 @@ class Batch:
         self.events_received = 0
         #: Rows to write, counting each message as at least one: what the batch limit bounds.
         self.size = 0
+        #: The events' COPY payloads, once :meth:`seal` built them.
+        self.encoded: EncodedEvents | None = None
 
     def add(self, msg: Inbound) -> None:
+        self.encoded = None
         rows = self.rows
         before = len(rows.events) + len(rows.quarantine) + len(rows.states)
         try:
@@ -214,6 +252,17 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.messages)
+
+    def seal(self) -> None:
+        """Encode the events' COPY payloads now, so the writer thread only sends them.
+
+        A value that cannot be encoded leaves :attr:`encoded` None: the writer then meets the
+        same error and the batch takes the per-message path that quarantines its message.
+        """
+        try:
+            self.encoded = encode_events(self.rows.events)
+        except pgcopy.CopyEncodeError:
+            self.encoded = None
 
     def parts(self) -> list[tuple[Inbound, Rows]]:
         """Each message with its own rows, to find the one the database refuses."""

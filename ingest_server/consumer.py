@@ -306,6 +306,8 @@ class Consumer:
                     max_bytes=s.max_bytes,
                 )
                 self.metrics.queue_depth.set(len(self.inbox))
+                if batch is not None:
+                    batch.seal()  # the COPY payloads, built here rather than on the writer thread
                 while batch is not None and not self._stopping.is_set():
                     try:
                         self._decoded.put(batch, timeout=self.IDLE_S)
@@ -417,7 +419,7 @@ class Consumer:
 
     def _write(self, writer: BatchWriter, batch: Batch) -> WriteResult:
         try:
-            return writer.write(batch.rows)
+            return writer.write(batch.rows, batch.encoded)
         except psycopg.DataError as exc:
             log.warning("the database refused a batch (%s); trying each message", _one_line(exc))
         total: WriteResult | None = None

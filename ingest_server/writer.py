@@ -15,11 +15,14 @@ fast path propagates: the caller reconnects and writes the same batch again.
 
 Binary COPY, because it measured ~25% faster than text COPY here (~75k vs ~60k rows/s into
 ``events`` with its three indexes), and jsonb then takes the device's JSON bytes as they are.
+The events and readings payloads are built by :mod:`ingest_server.pgcopy`, normally on the
+decoder thread (:meth:`Batch.seal <ingest_server.batch.Batch.seal>`): this thread's Python
+would otherwise run while PostgreSQL waits for the rows and contend with the decoder for the GIL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, LiteralString
 
@@ -28,27 +31,16 @@ from psycopg import errors
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
-from ingest_server.batch import EventRow, QuarantineRow, Rows, StateRow
-from schemas.uplink import metrics_of
-
-_EVENT_COLUMNS: Final = (
-    "time, school_id, device_id, device_kind, seq, type, data, received_at, synced"
+from ingest_server.batch import (
+    EncodedEvents,
+    EventRow,
+    QuarantineRow,
+    Rows,
+    StateRow,
+    encode_events,
 )
-#: ``data`` goes as binary jsonb (version byte 1, then the device's JSON) built in
-#: :func:`_event_rows`; binary COPY sends no type oids, so psycopg's C bytea dumper can pass
-#: those bytes through without a Python dumper call per row.
-_EVENT_TYPES: Final = [
-    "timestamptz",
-    "text",
-    "text",
-    "text",
-    "int8",
-    "text",
-    "bytea",
-    "timestamptz",
-    "bool",
-]
-_JSONB_V1: Final = b"\x01"
+from ingest_server.pgcopy import EVENT_COLUMNS, CopyEncodeError, encode_readings
+
 _INSERT_FROM_STAGING: Final = """
 INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data, received_at, synced)
 SELECT time, school_id, device_id, device_kind, seq, type, data, received_at, synced
@@ -60,7 +52,6 @@ RETURNING device_id, seq
 _MAX_SEQS: Final = "SELECT device_id, max_seq FROM devices WHERE device_id = ANY(%s)"
 #: Bound of the per-device max_seq cache; cleared whole when full (it refills from the upsert).
 MAX_CACHED_DEVICES: Final = 100_000
-_READING_TYPES: Final = ["timestamptz", "text", "text", "text", "float8"]
 _QUARANTINE_TYPES: Final = ["timestamptz", "text", "bytea", "text", "text", "int8"]
 
 _UPSERT_DEVICES: Final = """
@@ -106,7 +97,7 @@ SELECT * FROM unnest(%s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::
 
 class _RawJsonbDumper(Dumper):
     """Binary jsonb from JSON text that is already encoded (and validated): no re-encoding.
-    (The bench's COPY ceiling uses it; the writer builds the same bytes in its row tuples.)"""
+    (The bench's COPY ceiling uses it; the writer's payloads carry the same bytes.)"""
 
     format = Format.BINARY
     oid = psycopg.postgres.types["jsonb"].oid
@@ -143,37 +134,6 @@ class WriteResult:
         )
 
 
-def _unique(events: Sequence[EventRow]) -> list[EventRow]:
-    """The first of each (device_id, seq): a batch may carry the same event twice."""
-    keys = [(r.device_id, r.event.seq) for r in events]
-    if len(set(keys)) == len(keys):  # the common case: no repeats, keep the list as it is
-        return list(events)
-    seen: set[tuple[str, int]] = set()
-    out = []
-    for key, row in zip(keys, events, strict=True):
-        if key not in seen:
-            seen.add(key)
-            out.append(row)
-    return out
-
-
-def _event_rows(events: Sequence[EventRow]) -> list[tuple[Any, ...]]:
-    return [
-        (
-            r.event.ts,
-            r.school_id,
-            r.device_id,
-            r.kind,
-            r.event.seq,
-            r.event.type,
-            _JSONB_V1 + r.event.data_json,
-            r.received_at,
-            r.event.synced,
-        )
-        for r in events
-    ]
-
-
 def _text(value: str) -> str:
     """PostgreSQL text cannot hold NUL: make it visible instead."""
     return value.replace("\x00", "\\x00")
@@ -193,34 +153,36 @@ class BatchWriter:
         #: Fast-path batches rolled back on a unique violation and written the slow way.
         self.fast_path_conflicts = 0
 
-    def write(self, rows: Rows) -> WriteResult:
-        events = _unique(rows.events)
-        if events and self._all_new(events):
-            try:
-                return self._write(rows, events, fast=True)
-            except errors.UniqueViolation:
-                # the fast COPY came first in the transaction: all of it was rolled back
-                self.fast_path_conflicts += 1
-        return self._write(rows, events, fast=False)
+    def write(self, rows: Rows, encoded: EncodedEvents | None = None) -> WriteResult:
+        """Write ``rows``; ``encoded``, when given, must be :func:`encode_events` of its events."""
+        try:
+            if encoded is None:
+                encoded = encode_events(rows.events)
+            if encoded.events and self._all_new(encoded.events):
+                try:
+                    return self._write(rows, encoded, fast=True)
+                except errors.UniqueViolation:
+                    # the fast COPY came first in the transaction: all of it was rolled back
+                    self.fast_path_conflicts += 1
+            return self._write(rows, encoded, fast=False)
+        except CopyEncodeError as exc:
+            # as if the database had refused the value: the caller then tries each message
+            raise psycopg.DataError(str(exc)) from exc
 
-    def _write(self, rows: Rows, events: list[EventRow], *, fast: bool) -> WriteResult:
+    def _write(self, rows: Rows, encoded: EncodedEvents, *, fast: bool) -> WriteResult:
+        events = encoded.events
         with self.conn.transaction():
             if fast:
-                self._copy(f"events ({_EVENT_COLUMNS})", _EVENT_TYPES, _event_rows(events))
+                self._send(f"events ({EVENT_COLUMNS})", encoded.events_copy)
                 stored = events
             else:
-                stored = self._insert_new(events)
-            readings = [
-                (r.event.ts, r.school_id, r.device_id, metric, value)
-                for r in stored
-                for metric, value in metrics_of(r.event)
-            ]
+                stored = self._insert_new(encoded)
+            if len(stored) == len(events):
+                readings_copy, readings = encoded.readings_copy, encoded.readings
+            else:  # some were stored already: only the new ones' readings
+                readings_copy, readings = encode_readings(stored)
             if readings:
-                self._copy(
-                    "readings (time, school_id, device_id, metric, value)",
-                    _READING_TYPES,
-                    readings,
-                )
+                self._send("readings (time, school_id, device_id, metric, value)", readings_copy)
             if rows.quarantine:
                 self._copy(
                     "quarantine (received_at, topic, payload, reason, device_id, seq)",
@@ -247,6 +209,11 @@ class BatchWriter:
             states=len(rows.states),
         )
 
+    def _send(self, target: LiteralString, payload: bytes) -> None:
+        """One binary COPY of a payload built by :mod:`ingest_server.pgcopy`."""
+        with self._cur.copy(f"COPY {target} FROM STDIN (FORMAT BINARY)") as copy:
+            copy.write(payload)
+
     def _copy(
         self, target: LiteralString, types: list[str], rows: Iterable[tuple[Any, ...]]
     ) -> None:
@@ -256,14 +223,15 @@ class BatchWriter:
             for row in rows:
                 write_row(row)
 
-    def _insert_new(self, events: list[EventRow]) -> list[EventRow]:
+    def _insert_new(self, encoded: EncodedEvents) -> list[EventRow]:
         """The slow way: stage, then insert only what is not stored yet; the inserted rows."""
+        events = encoded.events
         if not events:
             return []
         self._cur.execute(
             "CREATE TEMP TABLE events_staging (LIKE events INCLUDING DEFAULTS) ON COMMIT DROP"
         )
-        self._copy(f"events_staging ({_EVENT_COLUMNS})", _EVENT_TYPES, _event_rows(events))
+        self._send(f"events_staging ({EVENT_COLUMNS})", encoded.events_copy)
         self._cur.execute(_INSERT_FROM_STAGING)
         new = set(self._cur.fetchall())
         return [r for r in events if r.key in new]

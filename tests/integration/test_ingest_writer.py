@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from ingest_server.batch import Inbound, Rows, rows_of
+from ingest_server.batch import Batch, EventRow, Inbound, Rows, rows_of
 from ingest_server.migrate import available, migrate_url
 from ingest_server.writer import BatchWriter, missing_total
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
@@ -193,6 +193,56 @@ def test_readings_only_for_inserted_events(conn: psycopg.Connection[Any]) -> Non
     # card.tap carries no numeric metric
     writer.write(rows(message("cr-1", [tap(1)])))
     assert conn.execute("SELECT count(*) FROM readings").fetchone() == (4,)
+
+
+def test_sealed_batch_sends_its_payloads_and_reencodes_only_a_stored_subset(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """The decoder thread's payloads are what is stored; after duplicates, only the new
+    events' readings go, re-encoded on the writer thread."""
+    writer = BatchWriter(conn)
+    first = Batch()
+    first.add(message("env-1", [env(1, -12.25, 0.0), env(2, 22.0, 41.0)], kind="env_sensor"))
+    first.seal()
+    assert first.encoded is not None
+    assert (len(first.encoded.events), first.encoded.readings) == (2, 4)
+    assert writer.write(first.rows, first.encoded).inserted == 2
+    second = Batch()
+    second.add(message("env-1", [env(2, 22.0, 41.0), env(3, 23.5, 42.0)], kind="env_sensor"))
+    second.add(message("env-1", [env(3, 23.5, 42.0)], kind="env_sensor"))
+    second.seal()
+    assert second.encoded is not None
+    assert [r.event.seq for r in second.encoded.events] == [2, 3]  # one of each seq
+    result = writer.write(second.rows, second.encoded)
+    assert (result.inserted, result.duplicates) == (1, 2)
+    got = conn.execute("SELECT time, metric, value FROM readings ORDER BY time, metric").fetchall()
+    assert got == [
+        (T0 + timedelta(seconds=1), "humidity_pct", 0.0),
+        (T0 + timedelta(seconds=1), "temperature_c", -12.25),
+        (T0 + timedelta(seconds=2), "humidity_pct", 41.0),
+        (T0 + timedelta(seconds=2), "temperature_c", 22.0),
+        (T0 + timedelta(seconds=3), "humidity_pct", 42.0),
+        (T0 + timedelta(seconds=3), "temperature_c", 23.5),
+    ]
+    assert device(conn, "env-1")["event_count"] == 3
+
+
+def test_unencodable_value_is_a_data_error_and_writes_nothing(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """Like a value the database refuses: the consumer then writes message by message."""
+    good = rows(message("cr-1", [tap(1)]))
+    e = good.events[0]
+    bad = EventRow(e.school_id, e.device_id, e.kind, e.received_at.replace(tzinfo=None), e.event)
+    batch = Batch()
+    batch.rows = Rows(events=[bad])
+    batch.seal()
+    assert batch.encoded is None  # the decoder leaves it to the writer
+    writer = BatchWriter(conn)
+    with pytest.raises(psycopg.DataError, match="timestamptz needs an aware datetime"):
+        writer.write(batch.rows, batch.encoded)
+    assert keys(conn) == set()
+    assert writer.write(good).inserted == 1
 
 
 def test_device_counters_and_gaps(conn: psycopg.Connection[Any]) -> None:
