@@ -6,7 +6,6 @@ Every error is a :class:`ConfigError` naming the file, the key and what was expe
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +17,7 @@ from msgspec import Meta
 
 from edge_agent.clock import parse_reference
 from schemas.events import DeviceKind
+from schemas.keyfile import key_from_file
 from schemas.topics import ID_PATTERN
 from schemas.uplink import DEFAULT_MAX_BYTES
 
@@ -341,10 +341,11 @@ def _safe(url: str) -> str:
     return url.replace(f":{parts.password}@", ":***@", 1)
 
 
-def _read_secret(base: Path, name: str, key: str) -> bytes:
+def _read_secret(base: Path, name: str, key: str, *, strip: bool = True) -> bytes:
     path = base / Path(name).expanduser()
     try:
-        data = path.read_bytes().strip()
+        data = path.read_bytes()
+        data = data.strip() if strip else data
     except OSError as exc:
         raise _Invalid(f"{key}: cannot read {str(path)!r}: {exc.strerror}") from None
     if not data:
@@ -356,10 +357,8 @@ def _hash_key(base: Path, p: PrivacyConfig) -> bytes | None:
     if p.hash_key_file and p.hash_key_hex:
         raise _Invalid("privacy.hash_key_hex: give either hash_key_file or hash_key_hex, not both")
     if p.hash_key_file:
-        key, where = _read_secret(base, p.hash_key_file, "privacy.hash_key_file"), "hash_key_file"
-        # A key file holds hex digits (what `openssl rand -hex 32` writes) or raw bytes.
-        if len(key) % 2 == 0 and all(chr(c) in string.hexdigits for c in key):
-            key = bytes.fromhex(key.decode())
+        raw = _read_secret(base, p.hash_key_file, "privacy.hash_key_file", strip=False)
+        key, where = key_from_file(raw), "hash_key_file"
     elif p.hash_key_hex:
         where = "hash_key_hex"
         try:

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import secrets
 import signal
-import string
 import threading
 from pathlib import Path
 from types import FrameType
@@ -30,6 +29,7 @@ from ingest_server.metrics import IngestMetrics
 from ingest_server.migrate import migrate
 from ingest_server.settings import BrokerUrl, Settings, SettingsError, mask
 from ingest_server.storage import StorageMaintenance
+from schemas.keyfile import key_from_file
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class IngestServer:
         if s.hash_key_file is None:
             return None, "no district hash key is configured (--hash-key-file)"
         try:
-            key = s.hash_key_file.read_bytes().strip()
+            key = key_from_file(s.hash_key_file.read_bytes())
             ca_file = s.ca_cert
             if ca_file is None and s.enrol_broker_url is None and broker.ca:
                 # devices are sent to the server's own broker: the CA it trusts is theirs too
@@ -189,8 +189,6 @@ class IngestServer:
             ca = ca_file.read_text(encoding="ascii") if ca_file else None
         except (OSError, UnicodeDecodeError) as exc:
             raise SettingsError(f"enrolment: cannot read {exc}") from None
-        if len(key) % 2 == 0 and all(chr(c) in string.hexdigits for c in key):
-            key = bytes.fromhex(key.decode())
         if len(key) < 16:
             raise SettingsError(f"--hash-key-file {s.hash_key_file}: the key must be >= 16 bytes")
         url = s.enrol_broker_url
