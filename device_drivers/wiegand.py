@@ -44,6 +44,7 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
+from device_drivers.lines import LineSplitter, Overlong
 from schemas.events import CardTap
 
 log = logging.getLogger(__name__)
@@ -106,25 +107,15 @@ class WiegandParser:
     """Sans-I/O: converter bytes in, frames and rejects out."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._skipping = False
+        self._lines = LineSplitter(MAX_LINE)
 
     def feed(self, data: bytes) -> list[WiegandFrame | Rejected]:
-        out: list[WiegandFrame | Rejected] = []
-        for byte in data:
-            if byte in b"\r\n":
-                if self._skipping:
-                    self._skipping = False
-                elif self._buf:
-                    out.append(self._parse(bytes(self._buf)))
-                self._buf.clear()
-            elif not self._skipping:
-                self._buf.append(byte)
-                if len(self._buf) > MAX_LINE:
-                    out.append(Rejected("overlong", bytes(self._buf[:MAX_LINE])))
-                    self._buf.clear()
-                    self._skipping = True
-        return out
+        return [
+            Rejected("overlong", line.raw[:MAX_LINE])
+            if isinstance(line, Overlong)
+            else self._parse(line)
+            for line in self._lines.feed(data)
+        ]
 
     @staticmethod
     def _parse(line: bytes) -> WiegandFrame | Rejected:
