@@ -387,10 +387,7 @@ class PanelPoller(LinkedDriver):
             self.count("refused")
             log.info("%s: the panel refused a query: %s", self.name, item.detail)
         else:
-            self.count("malformed")
-            self.count(f"malformed.{item.reason}")
-            self.last_error = f"skipped a malformed reply ({item.reason.replace('_', ' ')})"
-            log.warning("%s: %s: %r", self.name, self.last_error, item.raw[:64])
+            self.malformed(item.reason, item.raw)
 
     async def _emit_power(self, state: Power, emit: Emit) -> None:
         if event := self.tracker.see_power(state):

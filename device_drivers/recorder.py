@@ -261,10 +261,7 @@ class RecorderPoller(LinkedDriver):
                 self.count("refused")
                 log.info("%s: the recorder answered %s (%s)", self.name, item.code, item.meaning)
             elif isinstance(item, Rejected):
-                self.count("malformed")
-                self.count(f"malformed.{item.reason}")
-                self.last_error = f"skipped a malformed reply ({item.reason})"
-                log.warning("%s: %s: %r", self.name, self.last_error, item.raw[:64])
+                self.malformed(item.reason, item.raw)
         return state, answer.heard
 
     async def _report(self, state: RecordState, emit: Emit) -> None:

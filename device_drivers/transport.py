@@ -392,6 +392,13 @@ class LinkedDriver:
         self.state = DriverState.DISCONNECTED
         self.last_error = message
 
+    def malformed(self, reason: str, raw: bytes) -> None:
+        """Count and log a reply that was skipped; ``reason`` is a snake_case word."""
+        self.count("malformed")
+        self.count(f"malformed.{reason}")
+        self.last_error = f"skipped a malformed reply ({reason.replace('_', ' ')})"
+        log.warning("%s: %s: %r", self.name, self.last_error, raw[:64])
+
     def count(self, what: str) -> None:
         self._ctx.count(f"{self.counters}.{what}")
 
