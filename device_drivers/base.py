@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import importlib
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import Any, Literal, Protocol, Self, TypeVar
 import msgspec
 
 from schemas import events as registry
+
+log = logging.getLogger(__name__)
 
 
 class DriverError(Exception):
@@ -119,6 +122,32 @@ class DriverContext:
 
     def count(self, what: str, n: int = 1) -> None:
         self.counters[what] = self.counters.get(what, 0) + n
+
+
+class DriverStatus:
+    """A driver's ``state`` and ``last_error``, its counters, and the one policy for going down.
+
+    Subclasses set ``name``, ``state``, ``last_error`` and ``_ctx`` in their ``__init__``.
+    """
+
+    #: Counter names are ``{counters}.{what}``.
+    counters = "driver"
+    name: str
+    state: DriverState
+    last_error: str | None
+    _ctx: DriverContext
+
+    def count(self, what: str) -> None:
+        self._ctx.count(f"{self.counters}.{what}")
+
+    def down(self, message: str) -> None:
+        """DISCONNECTED: counted once per outage, logged again only when the reason changes."""
+        if self.state != DriverState.DISCONNECTED:
+            self.count("disconnected")
+        if self.state != DriverState.DISCONNECTED or message != self.last_error:
+            log.warning("%s: %s", self.name, message)
+        self.state = DriverState.DISCONNECTED
+        self.last_error = message
 
 
 class Driver(Protocol):

@@ -36,6 +36,7 @@ from device_drivers.base import (
     DriverContext,
     DriverError,
     DriverState,
+    DriverStatus,
     Emit,
     ProbeResult,
     Reading,
@@ -421,9 +422,10 @@ class ReaderWatcher:
             self._report(CardSeen(reader, result.uid, card_tech(atr), result.retried))
 
 
-class PcscCardReader:
+class PcscCardReader(DriverStatus):
     """Contactless readers served by pcscd."""
 
+    counters = "pcsc"
     QUEUE_MAX = 64
 
     def __init__(self, name: str, options: PcscOptions, ctx: DriverContext) -> None:
@@ -464,7 +466,7 @@ class PcscCardReader:
                     log.info("%s: watching %s", self.name, ", ".join(readers))
                 self.state = DriverState.OK
             case ReadersDown(reason):
-                self._down(reason)
+                self.down(reason)
             case CardSeen(_, uid, tech, retried):
                 if retried:
                     self._ctx.count("pcsc.uid_retry")
@@ -482,14 +484,6 @@ class PcscCardReader:
                 log.warning("%s: %s", self.name, self.last_error)
             case CardStillPresent(reader):
                 self._ctx.count("pcsc.still_present")
-
-    def _down(self, message: str) -> None:
-        if self.state != DriverState.DISCONNECTED:
-            self._ctx.count("pcsc.disconnected")
-        if self.state != DriverState.DISCONNECTED or message != self.last_error:
-            log.warning("%s: %s", self.name, message)
-        self.state = DriverState.DISCONNECTED
-        self.last_error = message
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> PcscOptions:

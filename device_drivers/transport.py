@@ -32,7 +32,7 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 import serial
 from serial.tools import list_ports
 
-from device_drivers.base import DriverContext, DriverState, Emit
+from device_drivers.base import DriverContext, DriverState, DriverStatus, Emit
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ async def exchange(
     return Answer(items, heard)
 
 
-class LinkedDriver:
+class LinkedDriver(DriverStatus):
     """Base of request/response drivers: open a link, run a session, reopen after a loss.
 
     Subclasses implement :meth:`session`, call :meth:`up` once the device has answered and
@@ -341,7 +341,6 @@ class LinkedDriver:
 
     BACKOFF_MIN_S = 0.5
     BACKOFF_MAX_S = 10.0
-    #: Counter names are ``{counters}.{what}``.
     counters = "link"
 
     def __init__(
@@ -384,23 +383,12 @@ class LinkedDriver:
         self.state = DriverState.OK
         self._backoff = self.BACKOFF_MIN_S
 
-    def down(self, message: str) -> None:
-        if self.state != DriverState.DISCONNECTED:
-            self.count("disconnected")
-        if self.state != DriverState.DISCONNECTED or message != self.last_error:
-            log.warning("%s: %s", self.name, message)
-        self.state = DriverState.DISCONNECTED
-        self.last_error = message
-
     def malformed(self, reason: str, raw: bytes) -> None:
         """Count and log a reply that was skipped; ``reason`` is a snake_case word."""
         self.count("malformed")
         self.count(f"malformed.{reason}")
         self.last_error = f"skipped a malformed reply ({reason.replace('_', ' ')})"
         log.warning("%s: %s: %r", self.name, self.last_error, raw[:64])
-
-    def count(self, what: str) -> None:
-        self._ctx.count(f"{self.counters}.{what}")
 
     def _dropped(self) -> None:
         self.count("dropped")
