@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, Self, TypeVar
 import msgspec
 
 from schemas import events as registry
+from schemas.events import CardTap, CardTech
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,11 @@ class UidHasher:
 
     def hash(self, uid: bytes) -> str:
         return hmac.new(self._key, uid, hashlib.sha256).hexdigest()
+
+    def card_tap(self, uid: bytes, *, tech: CardTech, reader: str) -> CardTap:
+        """A ``card.tap`` for ``uid``: its keyed hash, and the raw UID only where opted out."""
+        raw = uid.hex().upper() if self.send_raw else None
+        return CardTap(uid_hash=self.hash(uid), tech=tech, reader=reader, uid=raw)
 
     def __repr__(self) -> str:  # never show the key
         return f"UidHasher(send_raw={self.send_raw})"

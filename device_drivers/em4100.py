@@ -54,7 +54,6 @@ from device_drivers.serial_reader import (
     SerialStreamDriver,
     listen,
 )
-from schemas.events import CardTap
 
 log = logging.getLogger(__name__)
 
@@ -290,18 +289,10 @@ class Em4100Reader(SerialStreamDriver):
                     self.last_error = _SKIPPED[item.reason]
                     log.warning("%s: %s: %r", self.name, self.last_error, item.raw)
                 elif self._debouncer.accept(item.uid, now):
-                    await emit(Reading("card.tap", self._tap(item)))
+                    tap = self._ctx.hasher.card_tap(item.uid, tech="em4100", reader=self.reader)
+                    await emit(Reading("card.tap", tap))
                 else:
                     self._ctx.count("em4100.repeats")
-
-    def _tap(self, frame: Em4100Frame) -> CardTap:
-        hasher = self._ctx.hasher
-        return CardTap(
-            uid_hash=hasher.hash(frame.uid),
-            tech="em4100",
-            reader=self.reader,
-            uid=frame.uid.hex().upper() if hasher.send_raw else None,
-        )
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> Em4100Options:

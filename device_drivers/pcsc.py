@@ -43,7 +43,7 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
-from schemas.events import CardTap, CardTech
+from schemas.events import CardTech
 
 log = logging.getLogger(__name__)
 
@@ -470,13 +470,7 @@ class PcscCardReader(DriverStatus):
             case CardSeen(_, uid, tech, retried):
                 if retried:
                     self._ctx.count("pcsc.uid_retry")
-                hasher = self._ctx.hasher
-                tap = CardTap(
-                    uid_hash=hasher.hash(uid),
-                    tech=tech,
-                    reader=self.label,
-                    uid=uid.hex().upper() if hasher.send_raw else None,
-                )
+                tap = self._ctx.hasher.card_tap(uid, tech=tech, reader=self.label)
                 await emit(Reading("card.tap", tap))
             case CardUnread(reader, counter, reason):
                 self._ctx.count(counter)

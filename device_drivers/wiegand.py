@@ -180,13 +180,7 @@ class WiegandReader(SerialStreamDriver):
             self._last = (frame.uid, now)
             return None
         self._last = (frame.uid, now)
-        hasher = self._ctx.hasher
-        return CardTap(
-            uid_hash=hasher.hash(frame.uid),
-            tech=frame.tech,
-            reader=self.name,
-            uid=frame.uid.hex().upper() if hasher.send_raw else None,
-        )
+        return self._ctx.hasher.card_tap(frame.uid, tech=frame.tech, reader=self.name)
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> WiegandOptions:
