@@ -19,7 +19,6 @@ driver starts, or when its reader is plugged in, is a tap.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import threading
@@ -43,6 +42,7 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
+from device_drivers.handoff import DropOldestQueue
 from schemas.events import CardTech
 
 log = logging.getLogger(__name__)
@@ -437,20 +437,10 @@ class PcscCardReader(DriverStatus):
         self._ctx = ctx
 
     async def run(self, emit: Emit) -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Observation] = asyncio.Queue(self.QUEUE_MAX)
-
-        def offer(obs: Observation) -> None:
-            if queue.full():
-                queue.get_nowait()
-                self._ctx.count("pcsc.dropped")
-            queue.put_nowait(obs)
-
-        def report(obs: Observation) -> None:
-            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-                loop.call_soon_threadsafe(offer, obs)
-
-        watcher = ReaderWatcher(self.options, self.name, report)
+        queue: DropOldestQueue[Observation] = DropOldestQueue(
+            self.QUEUE_MAX, lambda: self.count("dropped")
+        )
+        watcher = ReaderWatcher(self.options, self.name, queue.put_threadsafe)
         watcher.start()
         try:
             while True:

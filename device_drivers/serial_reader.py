@@ -14,9 +14,11 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 from device_drivers.base import DriverContext, DriverState, DriverStatus, Emit
+from device_drivers.handoff import DropOldestQueue, pump
 
 
 class ByteStream(Protocol):
@@ -42,11 +44,16 @@ class SerialReader:
 
     def __init__(self, stream: ByteStream, name: str, on_drop: Callable[[], None]) -> None:
         self._stream = stream
-        self._on_drop = on_drop
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[bytes | Exception] = asyncio.Queue(self.QUEUE_CHUNKS)
+        self._queue: DropOldestQueue[bytes | Exception] = DropOldestQueue(
+            self.QUEUE_CHUNKS, on_drop
+        )
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pump, name=f"serial-{name}", daemon=True)
+        self._thread = threading.Thread(
+            target=pump,
+            args=(partial(stream.read, 256), self._stop, self._queue),
+            name=f"serial-{name}",
+            daemon=True,
+        )
         self._thread.start()
 
     async def next_chunk(self) -> bytes:
@@ -61,26 +68,6 @@ class SerialReader:
         await asyncio.to_thread(self._thread.join, 5)
         with contextlib.suppress(Exception):
             self._stream.close()
-
-    def _pump(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._stream.read(256)
-            except Exception as exc:  # any read failure means the port is gone
-                self._deliver(exc)
-                return
-            if data:
-                self._deliver(data)
-
-    def _deliver(self, item: bytes | Exception) -> None:
-        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-            self._loop.call_soon_threadsafe(self._offer, item)
-
-    def _offer(self, item: bytes | Exception) -> None:
-        if self._queue.full():
-            self._queue.get_nowait()
-            self._on_drop()
-        self._queue.put_nowait(item)
 
 
 class SerialStreamDriver(DriverStatus):

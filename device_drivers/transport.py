@@ -27,12 +27,14 @@ import random
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 import serial
 from serial.tools import list_ports
 
 from device_drivers.base import DriverContext, DriverState, DriverStatus, Emit
+from device_drivers.handoff import DropOldestQueue, pump
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +214,20 @@ class Link:
         self, transport: Transport, name: str, on_drop: Callable[[], None] = lambda: None
     ) -> None:
         self._transport = transport
-        self._on_drop = on_drop
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[bytes | Exception] = asyncio.Queue(self.QUEUE_CHUNKS)
+        self._queue: DropOldestQueue[bytes | Exception] = DropOldestQueue(
+            self.QUEUE_CHUNKS, on_drop
+        )
         self._lost: LinkLost | None = None
         self._stop = threading.Event()
         # Held around every write and the close, so a write still running in a worker thread
         # after a cancellation never meets a closed port.
         self._io = threading.Lock()
-        self._thread = threading.Thread(target=self._pump, name=f"link-{name}", daemon=True)
+        self._thread = threading.Thread(
+            target=pump,
+            args=(partial(transport.read, self.READ_SIZE), self._stop, self._queue),
+            name=f"link-{name}",
+            daemon=True,
+        )
         self._thread.start()
 
     @classmethod
@@ -272,26 +279,6 @@ class Link:
         self._thread.join(5)
         with self._io, contextlib.suppress(Exception):
             self._transport.close()
-
-    def _pump(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._transport.read(self.READ_SIZE)
-            except Exception as exc:  # any read failure means the device is gone
-                self._deliver(exc)
-                return
-            if data:
-                self._deliver(data)
-
-    def _deliver(self, item: bytes | Exception) -> None:
-        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-            self._loop.call_soon_threadsafe(self._offer, item)
-
-    def _offer(self, item: bytes | Exception) -> None:
-        if self._queue.full():
-            self._queue.get_nowait()
-            self._on_drop()
-        self._queue.put_nowait(item)
 
 
 @dataclass(frozen=True, slots=True)
