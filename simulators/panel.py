@@ -30,10 +30,11 @@ import queue
 import select
 import socket
 import threading
-import tty
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Self
+
+from simulators.pty import close_fds, open_pty, point_link
 
 Respond = Callable[[bytes], bytes]
 PowerState = Literal["on", "off", "standby"]
@@ -109,20 +110,11 @@ class DeviceEndpoint:
 
     def _plug(self) -> str:
         self._unplug()
-        master, slave = os.openpty()
-        if os.ttyname(slave) == self._last_pts:  # make a re-plug visibly a new device
-            spare = (master, slave)
-            master, slave = os.openpty()
-            for fd in spare:
-                os.close(fd)
-        tty.setraw(slave)
+        master, slave, name = open_pty(avoid=self._last_pts)
         os.set_blocking(master, False)
         self._pty = (master, slave, self._session())
-        self.pts_name = self._last_pts = os.ttyname(slave)
-        tmp = self.link.with_name(self.link.name + ".new")
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(self.pts_name)
-        tmp.replace(self.link)
+        self.pts_name = self._last_pts = name
+        point_link(self.link, name)
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.tcp_port))
@@ -135,9 +127,7 @@ class DeviceEndpoint:
 
     def _unplug(self) -> None:
         if self._pty is not None:
-            for fd in self._pty[:2]:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            close_fds(self._pty[:2])
             self._pty = None
             self.pts_name = None
         self.link.unlink(missing_ok=True)
