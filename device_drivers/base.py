@@ -131,17 +131,16 @@ class DriverContext:
 
 
 class DriverStatus:
-    """A driver's ``state`` and ``last_error``, its counters, and the one policy for going down.
-
-    Subclasses set ``name``, ``state``, ``last_error`` and ``_ctx`` in their ``__init__``.
-    """
+    """A driver's ``state`` and ``last_error``, its counters, and the one policy for going down."""
 
     #: Counter names are ``{counters}.{what}``.
     counters = "driver"
-    name: str
-    state: DriverState
-    last_error: str | None
-    _ctx: DriverContext
+
+    def __init__(self, name: str, ctx: DriverContext) -> None:
+        self.name = name
+        self.state = DriverState.STARTING
+        self.last_error: str | None = None
+        self._ctx = ctx
 
     def count(self, what: str) -> None:
         self._ctx.count(f"{self.counters}.{what}")

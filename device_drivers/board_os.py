@@ -300,11 +300,8 @@ class BoardOsDriver(DriverStatus):
     WAIT_S = 1.0
 
     def __init__(self, name: str, source: BoardActivitySource, ctx: DriverContext) -> None:
-        self.name = name
-        self.state = DriverState.STARTING
-        self.last_error: str | None = None
+        super().__init__(name, ctx)
         self.source = source
-        self._ctx = ctx
         self._foreground: str | None = None
 
     async def run(self, emit: Emit) -> None:

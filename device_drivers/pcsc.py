@@ -429,12 +429,9 @@ class PcscCardReader(DriverStatus):
     QUEUE_MAX = 64
 
     def __init__(self, name: str, options: PcscOptions, ctx: DriverContext) -> None:
-        self.name = name
-        self.state = DriverState.STARTING
-        self.last_error: str | None = None
+        super().__init__(name, ctx)
         self.options = options
         self.label = options.reader_name or name
-        self._ctx = ctx
 
     async def run(self, emit: Emit) -> None:
         queue: DropOldestQueue[Observation] = DropOldestQueue(

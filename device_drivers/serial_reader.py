@@ -80,11 +80,8 @@ class SerialStreamDriver(DriverStatus):
     BACKOFF_MAX_S = 10.0
 
     def __init__(self, name: str, port: str, ctx: DriverContext) -> None:
-        self.name = name
-        self.state = DriverState.STARTING
-        self.last_error: str | None = None
+        super().__init__(name, ctx)
         self.port = port
-        self._ctx = ctx
 
     async def open_port(self) -> tuple[ByteStream, str]:
         """Open the port (blocking work in a thread); the stream and the path it was found at."""

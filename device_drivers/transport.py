@@ -333,12 +333,9 @@ class LinkedDriver(DriverStatus):
     def __init__(
         self, name: str, port: str, opener: Callable[[], Transport], ctx: DriverContext
     ) -> None:
-        self.name = name
-        self.state = DriverState.STARTING
-        self.last_error: str | None = None
+        super().__init__(name, ctx)
         self.port = port
         self._opener = opener
-        self._ctx = ctx
         self._backoff = self.BACKOFF_MIN_S
 
     async def session(self, link: Link, emit: Emit) -> None:
