@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import importlib
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from typing import Any, Literal, Protocol, Self, TypeVar
 import msgspec
 
 from schemas import events as registry
+from schemas.events import CardTap, CardTech
+
+log = logging.getLogger(__name__)
 
 
 class DriverError(Exception):
@@ -102,6 +106,11 @@ class UidHasher:
     def hash(self, uid: bytes) -> str:
         return hmac.new(self._key, uid, hashlib.sha256).hexdigest()
 
+    def card_tap(self, uid: bytes, *, tech: CardTech, reader: str) -> CardTap:
+        """A ``card.tap`` for ``uid``: its keyed hash, and the raw UID only where opted out."""
+        raw = uid.hex().upper() if self.send_raw else None
+        return CardTap(uid_hash=self.hash(uid), tech=tech, reader=reader, uid=raw)
+
     def __repr__(self) -> str:  # never show the key
         return f"UidHasher(send_raw={self.send_raw})"
 
@@ -119,6 +128,31 @@ class DriverContext:
 
     def count(self, what: str, n: int = 1) -> None:
         self.counters[what] = self.counters.get(what, 0) + n
+
+
+class DriverStatus:
+    """A driver's ``state`` and ``last_error``, its counters, and the one policy for going down."""
+
+    #: Counter names are ``{counters}.{what}``.
+    counters = "driver"
+
+    def __init__(self, name: str, ctx: DriverContext) -> None:
+        self.name = name
+        self.state = DriverState.STARTING
+        self.last_error: str | None = None
+        self._ctx = ctx
+
+    def count(self, what: str) -> None:
+        self._ctx.count(f"{self.counters}.{what}")
+
+    def down(self, message: str) -> None:
+        """DISCONNECTED: counted once per outage, logged again only when the reason changes."""
+        if self.state != DriverState.DISCONNECTED:
+            self.count("disconnected")
+        if self.state != DriverState.DISCONNECTED or message != self.last_error:
+            log.warning("%s: %s", self.name, message)
+        self.state = DriverState.DISCONNECTED
+        self.last_error = message
 
 
 class Driver(Protocol):

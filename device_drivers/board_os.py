@@ -47,6 +47,7 @@ from device_drivers.base import (
     DriverContext,
     DriverError,
     DriverState,
+    DriverStatus,
     Emit,
     ProbeResult,
     Reading,
@@ -290,19 +291,17 @@ class BoardOsOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     from_start: bool = False
 
 
-class BoardOsDriver:
+class BoardOsDriver(DriverStatus):
     """Board activity from any :class:`BoardActivitySource`, as events."""
 
+    counters = "board_os"
     BACKOFF_MIN_S = 0.5
     BACKOFF_MAX_S = 10.0
     WAIT_S = 1.0
 
     def __init__(self, name: str, source: BoardActivitySource, ctx: DriverContext) -> None:
-        self.name = name
-        self.state = DriverState.STARTING
-        self.last_error: str | None = None
+        super().__init__(name, ctx)
         self.source = source
-        self._ctx = ctx
         self._foreground: str | None = None
 
     async def run(self, emit: Emit) -> None:
@@ -312,7 +311,7 @@ class BoardOsDriver:
                 try:
                     await self.source.open()
                 except OSError as exc:
-                    self._down(f"cannot read the {self.source.description}: {describe(exc)}")
+                    self.down(f"cannot read the {self.source.description}: {describe(exc)}")
                 else:
                     self.state = DriverState.OK
                     backoff = self.BACKOFF_MIN_S
@@ -321,7 +320,7 @@ class BoardOsDriver:
                             for item in await self.source.next(self.WAIT_S):
                                 await self._handle(item, emit)
                     except SourceLost as exc:
-                        self._down(f"lost the {self.source.description} ({exc})")
+                        self.down(f"lost the {self.source.description} ({exc})")
                     finally:
                         await self.source.aclose()
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
@@ -345,14 +344,6 @@ class BoardOsDriver:
             elif item.action == "stop" and item.app == self._foreground:
                 self._foreground = None
             await emit(_reading("board.app", BoardApp(app=item.app, action=item.action), item.ts))
-
-    def _down(self, message: str) -> None:
-        if self.state != DriverState.DISCONNECTED:
-            self._ctx.count("board_os.disconnected")
-        if self.state != DriverState.DISCONNECTED or message != self.last_error:
-            log.warning("%s: %s", self.name, message)
-        self.state = DriverState.DISCONNECTED
-        self.last_error = message
 
 
 def _reading(kind: str, data: msgspec.Struct, ts: datetime | None) -> Reading:

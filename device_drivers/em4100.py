@@ -23,10 +23,8 @@ jittered backoff.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -44,14 +42,18 @@ from serial.tools import list_ports
 from device_drivers.base import (
     DriverContext,
     DriverError,
-    DriverState,
     Emit,
     ProbeResult,
     Reading,
     register_driver,
 )
-from device_drivers.wiegand import ByteStream, PortLost, SerialReader
-from schemas.events import CardTap
+from device_drivers.serial_reader import (
+    ByteStream,
+    PortLost,
+    SerialReader,
+    SerialStreamDriver,
+    listen,
+)
 
 log = logging.getLogger(__name__)
 
@@ -246,49 +248,29 @@ def _device_identity(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_rdev or st.st_ino)
 
 
-class Em4100Reader:
+class Em4100Reader(SerialStreamDriver):
     """An EM4100 / RDM6300 reader on a serial port."""
 
-    BACKOFF_MIN_S = 0.5
-    BACKOFF_MAX_S = 10.0
+    counters = "em4100"
     #: After this long without data, check that the device node is still the one opened.
     PRESENCE_CHECK_S = 1.0
 
     def __init__(self, name: str, options: Em4100Options, ctx: DriverContext) -> None:
-        self.name = name
-        self.state = DriverState.STARTING
-        self.last_error: str | None = None
+        super().__init__(name, options.port, ctx)
         self.options = options
         self.reader = options.reader or name
-        self._ctx = ctx
         self._debouncer = Debouncer(options.hold_ms / 1000)
 
-    async def run(self, emit: Emit) -> None:
-        backoff = self.BACKOFF_MIN_S
-        try:
-            while True:
-                try:
-                    path = await asyncio.to_thread(resolve_port, self.options.port)
-                    stream = await asyncio.to_thread(open_port, path, self.options.baudrate)
-                except (OSError, ValueError) as exc:
-                    self._down(f"cannot open {self.options.port}: {exc}")
-                    await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
-                    backoff = min(backoff * 2, self.BACKOFF_MAX_S)
-                    continue
-                self.state = DriverState.OK
-                backoff = self.BACKOFF_MIN_S
-                log.info("%s: reading %s", self.name, path)
-                reader = SerialReader(stream, self.name, lambda: self._ctx.count("em4100.dropped"))
-                try:
-                    await self._read(reader, path, emit)
-                except PortLost as exc:
-                    self._down(f"the reader on {self.options.port} went away ({exc})")
-                finally:
-                    await reader.aclose()
-        finally:
-            self.state = DriverState.STOPPED
+    async def open_port(self) -> tuple[ByteStream, str]:
+        path = await asyncio.to_thread(resolve_port, self.options.port)
+        stream = await asyncio.to_thread(open_port, path, self.options.baudrate)
+        log.info("%s: reading %s", self.name, path)
+        return stream, path
 
-    async def _read(self, reader: SerialReader, path: str, emit: Emit) -> None:
+    def lost(self, exc: PortLost) -> str:
+        return f"the reader on {self.port} went away ({exc})"
+
+    async def read(self, reader: SerialReader, path: str, emit: Emit) -> None:
         parser = Em4100Parser()
         device = _device_identity(path)
         while True:
@@ -307,26 +289,10 @@ class Em4100Reader:
                     self.last_error = _SKIPPED[item.reason]
                     log.warning("%s: %s: %r", self.name, self.last_error, item.raw)
                 elif self._debouncer.accept(item.uid, now):
-                    await emit(Reading("card.tap", self._tap(item)))
+                    tap = self._ctx.hasher.card_tap(item.uid, tech="em4100", reader=self.reader)
+                    await emit(Reading("card.tap", tap))
                 else:
                     self._ctx.count("em4100.repeats")
-
-    def _tap(self, frame: Em4100Frame) -> CardTap:
-        hasher = self._ctx.hasher
-        return CardTap(
-            uid_hash=hasher.hash(frame.uid),
-            tech="em4100",
-            reader=self.reader,
-            uid=frame.uid.hex().upper() if hasher.send_raw else None,
-        )
-
-    def _down(self, message: str) -> None:
-        if self.state != DriverState.DISCONNECTED:
-            self._ctx.count("em4100.disconnected")
-        if self.state != DriverState.DISCONNECTED or message != self.last_error:
-            log.warning("%s: %s", self.name, message)
-        self.state = DriverState.DISCONNECTED
-        self.last_error = message
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> Em4100Options:
@@ -352,17 +318,10 @@ async def probe(options: Mapping[str, Any], listen_s: float = 3.0) -> ProbeResul
         stream = await asyncio.to_thread(open_port, path, opts.baudrate)
     except (DriverError, OSError, ValueError) as exc:
         return ProbeResult.fail(f"cannot open the reader: {exc}")
-    parser = Em4100Parser()
-    items: list[Em4100Frame | FrameError] = []
-    deadline = time.monotonic() + listen_s
     try:
-        while time.monotonic() < deadline:
-            items += parser.feed(await asyncio.to_thread(stream.read, 256))
+        items = Em4100Parser().feed(await listen(stream, listen_s))
     except Exception as exc:  # report whatever the port says
         return ProbeResult.fail(f"{path} opened but reading failed: {exc}")
-    finally:
-        with contextlib.suppress(Exception):
-            stream.close()
     cards = {i.uid for i in items if isinstance(i, Em4100Frame)}
     errors = sorted({i.reason for i in items if isinstance(i, FrameError)})
     if not items:  # an idle reader is silent until a card comes near

@@ -26,7 +26,6 @@ book lifted mid-read — is counted (``library.<why>``), logged, and shown on th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -57,6 +56,7 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
+from device_drivers.handoff import DropOldestQueue
 from device_drivers.iso28560 import LibraryItemTag, TagProblem, decode_basic_block
 from device_drivers.pcsc import (
     _SERVICE_GONE,
@@ -318,20 +318,10 @@ class BookPad:
         self._on_tag = on_tag
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[PadObservation] = asyncio.Queue(self.QUEUE_MAX)
-
-        def offer(obs: PadObservation) -> None:
-            if queue.full():
-                queue.get_nowait()
-                self._ctx.count("library.pad_dropped")
-            queue.put_nowait(obs)
-
-        def report(obs: PadObservation) -> None:
-            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-                loop.call_soon_threadsafe(offer, obs)
-
-        watcher = PadWatcher(self.options, self.name, report)
+        queue: DropOldestQueue[PadObservation] = DropOldestQueue(
+            self.QUEUE_MAX, lambda: self._ctx.count("library.pad_dropped")
+        )
+        watcher = PadWatcher(self.options, self.name, queue.put_threadsafe)
         watcher.start()
         try:
             while True:

@@ -59,6 +59,7 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
+from device_drivers.lines import LineSplitter, Overlong
 from device_drivers.transport import Link, LinkedDriver, exchange, open_transport
 from schemas.events import BoardInput, BoardPower
 
@@ -130,23 +131,15 @@ class SmartCodec:
     input_query = b"get input\r"
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._skipping = False
+        self._lines = LineSplitter(MAX_LINE)
 
     def feed(self, data: bytes) -> list[PanelItem]:
         out: list[PanelItem] = []
-        for byte in data:
-            if byte in b"\r\n":
-                if not self._skipping and self._buf:
-                    out += self._line(bytes(self._buf))
-                self._buf.clear()
-                self._skipping = False
-            elif not self._skipping:
-                self._buf.append(byte)
-                if len(self._buf) > MAX_LINE:
-                    out.append(Rejected("overlong", bytes(self._buf)))
-                    self._buf.clear()
-                    self._skipping = True
+        for line in self._lines.feed(data):
+            if isinstance(line, Overlong):
+                out.append(Rejected("overlong", line.raw))
+            else:
+                out += self._line(line)
         return out
 
     @staticmethod
@@ -394,10 +387,7 @@ class PanelPoller(LinkedDriver):
             self.count("refused")
             log.info("%s: the panel refused a query: %s", self.name, item.detail)
         else:
-            self.count("malformed")
-            self.count(f"malformed.{item.reason}")
-            self.last_error = f"skipped a malformed reply ({item.reason.replace('_', ' ')})"
-            log.warning("%s: %s: %r", self.name, self.last_error, item.raw[:64])
+            self.malformed(item.reason, item.raw)
 
     async def _emit_power(self, state: Power, emit: Emit) -> None:
         if event := self.tracker.see_power(state):

@@ -19,7 +19,6 @@ driver starts, or when its reader is plugged in, is a tap.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import threading
@@ -36,13 +35,15 @@ from device_drivers.base import (
     DriverContext,
     DriverError,
     DriverState,
+    DriverStatus,
     Emit,
     ProbeResult,
     Reading,
     convert_options,
     register_driver,
 )
-from schemas.events import CardTap, CardTech
+from device_drivers.handoff import DropOldestQueue
+from schemas.events import CardTech
 
 log = logging.getLogger(__name__)
 
@@ -421,34 +422,22 @@ class ReaderWatcher:
             self._report(CardSeen(reader, result.uid, card_tech(atr), result.retried))
 
 
-class PcscCardReader:
+class PcscCardReader(DriverStatus):
     """Contactless readers served by pcscd."""
 
+    counters = "pcsc"
     QUEUE_MAX = 64
 
     def __init__(self, name: str, options: PcscOptions, ctx: DriverContext) -> None:
-        self.name = name
-        self.state = DriverState.STARTING
-        self.last_error: str | None = None
+        super().__init__(name, ctx)
         self.options = options
         self.label = options.reader_name or name
-        self._ctx = ctx
 
     async def run(self, emit: Emit) -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Observation] = asyncio.Queue(self.QUEUE_MAX)
-
-        def offer(obs: Observation) -> None:
-            if queue.full():
-                queue.get_nowait()
-                self._ctx.count("pcsc.dropped")
-            queue.put_nowait(obs)
-
-        def report(obs: Observation) -> None:
-            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-                loop.call_soon_threadsafe(offer, obs)
-
-        watcher = ReaderWatcher(self.options, self.name, report)
+        queue: DropOldestQueue[Observation] = DropOldestQueue(
+            self.QUEUE_MAX, lambda: self.count("dropped")
+        )
+        watcher = ReaderWatcher(self.options, self.name, queue.put_threadsafe)
         watcher.start()
         try:
             while True:
@@ -464,17 +453,11 @@ class PcscCardReader:
                     log.info("%s: watching %s", self.name, ", ".join(readers))
                 self.state = DriverState.OK
             case ReadersDown(reason):
-                self._down(reason)
+                self.down(reason)
             case CardSeen(_, uid, tech, retried):
                 if retried:
                     self._ctx.count("pcsc.uid_retry")
-                hasher = self._ctx.hasher
-                tap = CardTap(
-                    uid_hash=hasher.hash(uid),
-                    tech=tech,
-                    reader=self.label,
-                    uid=uid.hex().upper() if hasher.send_raw else None,
-                )
+                tap = self._ctx.hasher.card_tap(uid, tech=tech, reader=self.label)
                 await emit(Reading("card.tap", tap))
             case CardUnread(reader, counter, reason):
                 self._ctx.count(counter)
@@ -482,14 +465,6 @@ class PcscCardReader:
                 log.warning("%s: %s", self.name, self.last_error)
             case CardStillPresent(reader):
                 self._ctx.count("pcsc.still_present")
-
-    def _down(self, message: str) -> None:
-        if self.state != DriverState.DISCONNECTED:
-            self._ctx.count("pcsc.disconnected")
-        if self.state != DriverState.DISCONNECTED or message != self.last_error:
-            log.warning("%s: %s", self.name, message)
-        self.state = DriverState.DISCONNECTED
-        self.last_error = message
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> PcscOptions:

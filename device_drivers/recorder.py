@@ -48,6 +48,7 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
+from device_drivers.lines import LineSplitter, Overlong
 from device_drivers.transport import Link, LinkedDriver, exchange, open_transport
 from schemas.events import RecorderStatus
 
@@ -116,25 +117,15 @@ class SisCodec:
     """Sans-I/O: SIS reply lines in, typed replies out (banner lines dropped)."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._skipping = False
+        self._lines = LineSplitter(MAX_LINE)
 
     def feed(self, data: bytes) -> list[RecorderItem]:
         out: list[RecorderItem] = []
-        for byte in data:
-            if byte in b"\r\n":
-                if not self._skipping and self._buf:
-                    item = self._line(bytes(self._buf))
-                    if item is not None:
-                        out.append(item)
-                self._buf.clear()
-                self._skipping = False
-            elif not self._skipping:
-                self._buf.append(byte)
-                if len(self._buf) > MAX_LINE:
-                    out.append(Rejected("overlong", bytes(self._buf)))
-                    self._buf.clear()
-                    self._skipping = True
+        for line in self._lines.feed(data):
+            if isinstance(line, Overlong):
+                out.append(Rejected("overlong", line.raw))
+            elif (item := self._line(line)) is not None:
+                out.append(item)
         return out
 
     @staticmethod
@@ -270,10 +261,7 @@ class RecorderPoller(LinkedDriver):
                 self.count("refused")
                 log.info("%s: the recorder answered %s (%s)", self.name, item.code, item.meaning)
             elif isinstance(item, Rejected):
-                self.count("malformed")
-                self.count(f"malformed.{item.reason}")
-                self.last_error = f"skipped a malformed reply ({item.reason})"
-                log.warning("%s: %s: %r", self.name, self.last_error, item.raw[:64])
+                self.malformed(item.reason, item.raw)
         return state, answer.heard
 
     async def _report(self, state: RecordState, emit: Emit) -> None:

@@ -35,7 +35,6 @@ from schemas.events import (
     BoardPower,
     BoardTouch,
     CameraActivity,
-    CardTap,
     EnvReading,
     RecorderStatus,
 )
@@ -52,8 +51,7 @@ _STATUS: Final[tuple[Literal["on_time", "late", "outside_period"], ...]] = (
 
 def _card(i: int, name: str, hasher: UidHasher) -> msgspec.Struct:
     uid = (0x04000000 + i % 5000).to_bytes(4, "big")
-    raw = uid.hex().upper() if hasher.send_raw else None
-    return CardTap(uid_hash=hasher.hash(uid), tech="iso14443a", reader=name, uid=raw)
+    return hasher.card_tap(uid, tech="iso14443a", reader=name)
 
 
 def _checkin(i: int, name: str, hasher: UidHasher) -> msgspec.Struct:

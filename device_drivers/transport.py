@@ -27,12 +27,14 @@ import random
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 import serial
 from serial.tools import list_ports
 
-from device_drivers.base import DriverContext, DriverState, Emit
+from device_drivers.base import DriverContext, DriverState, DriverStatus, Emit
+from device_drivers.handoff import DropOldestQueue, pump
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +214,20 @@ class Link:
         self, transport: Transport, name: str, on_drop: Callable[[], None] = lambda: None
     ) -> None:
         self._transport = transport
-        self._on_drop = on_drop
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[bytes | Exception] = asyncio.Queue(self.QUEUE_CHUNKS)
+        self._queue: DropOldestQueue[bytes | Exception] = DropOldestQueue(
+            self.QUEUE_CHUNKS, on_drop
+        )
         self._lost: LinkLost | None = None
         self._stop = threading.Event()
         # Held around every write and the close, so a write still running in a worker thread
         # after a cancellation never meets a closed port.
         self._io = threading.Lock()
-        self._thread = threading.Thread(target=self._pump, name=f"link-{name}", daemon=True)
+        self._thread = threading.Thread(
+            target=pump,
+            args=(partial(transport.read, self.READ_SIZE), self._stop, self._queue),
+            name=f"link-{name}",
+            daemon=True,
+        )
         self._thread.start()
 
     @classmethod
@@ -273,26 +280,6 @@ class Link:
         with self._io, contextlib.suppress(Exception):
             self._transport.close()
 
-    def _pump(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._transport.read(self.READ_SIZE)
-            except Exception as exc:  # any read failure means the device is gone
-                self._deliver(exc)
-                return
-            if data:
-                self._deliver(data)
-
-    def _deliver(self, item: bytes | Exception) -> None:
-        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-            self._loop.call_soon_threadsafe(self._offer, item)
-
-    def _offer(self, item: bytes | Exception) -> None:
-        if self._queue.full():
-            self._queue.get_nowait()
-            self._on_drop()
-        self._queue.put_nowait(item)
-
 
 @dataclass(frozen=True, slots=True)
 class Answer(Generic[T]):
@@ -332,7 +319,7 @@ async def exchange(
     return Answer(items, heard)
 
 
-class LinkedDriver:
+class LinkedDriver(DriverStatus):
     """Base of request/response drivers: open a link, run a session, reopen after a loss.
 
     Subclasses implement :meth:`session`, call :meth:`up` once the device has answered and
@@ -341,18 +328,14 @@ class LinkedDriver:
 
     BACKOFF_MIN_S = 0.5
     BACKOFF_MAX_S = 10.0
-    #: Counter names are ``{counters}.{what}``.
     counters = "link"
 
     def __init__(
         self, name: str, port: str, opener: Callable[[], Transport], ctx: DriverContext
     ) -> None:
-        self.name = name
-        self.state = DriverState.STARTING
-        self.last_error: str | None = None
+        super().__init__(name, ctx)
         self.port = port
         self._opener = opener
-        self._ctx = ctx
         self._backoff = self.BACKOFF_MIN_S
 
     async def session(self, link: Link, emit: Emit) -> None:
@@ -384,16 +367,12 @@ class LinkedDriver:
         self.state = DriverState.OK
         self._backoff = self.BACKOFF_MIN_S
 
-    def down(self, message: str) -> None:
-        if self.state != DriverState.DISCONNECTED:
-            self.count("disconnected")
-        if self.state != DriverState.DISCONNECTED or message != self.last_error:
-            log.warning("%s: %s", self.name, message)
-        self.state = DriverState.DISCONNECTED
-        self.last_error = message
-
-    def count(self, what: str) -> None:
-        self._ctx.count(f"{self.counters}.{what}")
+    def malformed(self, reason: str, raw: bytes) -> None:
+        """Count and log a reply that was skipped; ``reason`` is a snake_case word."""
+        self.count("malformed")
+        self.count(f"malformed.{reason}")
+        self.last_error = f"skipped a malformed reply ({reason.replace('_', ' ')})"
+        log.warning("%s: %s: %r", self.name, self.last_error, raw[:64])
 
     def _dropped(self) -> None:
         self.count("dropped")

@@ -20,15 +20,12 @@ Lines that are not frames, frames with bad parity and lines over 64 bytes are co
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import re
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, Protocol
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 import serial
@@ -37,12 +34,18 @@ from msgspec import Meta
 from device_drivers.base import (
     DriverContext,
     DriverError,
-    DriverState,
     Emit,
     ProbeResult,
     Reading,
     convert_options,
     register_driver,
+)
+from device_drivers.lines import LineSplitter, Overlong
+from device_drivers.serial_reader import (
+    ByteStream,
+    SerialReader,
+    SerialStreamDriver,
+    listen,
 )
 from schemas.events import CardTap
 
@@ -106,25 +109,15 @@ class WiegandParser:
     """Sans-I/O: converter bytes in, frames and rejects out."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._skipping = False
+        self._lines = LineSplitter(MAX_LINE)
 
     def feed(self, data: bytes) -> list[WiegandFrame | Rejected]:
-        out: list[WiegandFrame | Rejected] = []
-        for byte in data:
-            if byte in b"\r\n":
-                if self._skipping:
-                    self._skipping = False
-                elif self._buf:
-                    out.append(self._parse(bytes(self._buf)))
-                self._buf.clear()
-            elif not self._skipping:
-                self._buf.append(byte)
-                if len(self._buf) > MAX_LINE:
-                    out.append(Rejected("overlong", bytes(self._buf[:MAX_LINE])))
-                    self._buf.clear()
-                    self._skipping = True
-        return out
+        return [
+            Rejected("overlong", line.raw[:MAX_LINE])
+            if isinstance(line, Overlong)
+            else self._parse(line)
+            for line in self._lines.feed(data)
+        ]
 
     @staticmethod
     def _parse(line: bytes) -> WiegandFrame | Rejected:
@@ -140,70 +133,6 @@ class WiegandParser:
         return WiegandFrame(bits, payload)
 
 
-class ByteStream(Protocol):
-    """What the driver reads: a pyserial port, a pty or a ``socket://`` URL all fit."""
-
-    def read(self, size: int = 1) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-class PortLost(Exception):
-    """The serial device went away while being read."""
-
-
-class SerialReader:
-    """Reads a :class:`ByteStream` on its own thread and hands chunks to the event loop.
-
-    The queue is bounded: when the loop falls behind, the oldest chunk is dropped and counted.
-    A read error ends the thread and surfaces as :class:`PortLost` from :meth:`next_chunk`.
-    """
-
-    QUEUE_CHUNKS = 64
-
-    def __init__(self, stream: ByteStream, name: str, on_drop: Callable[[], None]) -> None:
-        self._stream = stream
-        self._on_drop = on_drop
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[bytes | Exception] = asyncio.Queue(self.QUEUE_CHUNKS)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pump, name=f"serial-{name}", daemon=True)
-        self._thread.start()
-
-    async def next_chunk(self) -> bytes:
-        item = await self._queue.get()
-        if isinstance(item, Exception):
-            raise PortLost(str(item)) from item
-        return item
-
-    async def aclose(self) -> None:
-        """Stop the thread (it wakes within its read timeout) and close the port."""
-        self._stop.set()
-        await asyncio.to_thread(self._thread.join, 5)
-        with contextlib.suppress(Exception):
-            self._stream.close()
-
-    def _pump(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._stream.read(256)
-            except Exception as exc:  # any read failure means the port is gone
-                self._deliver(exc)
-                return
-            if data:
-                self._deliver(data)
-
-    def _deliver(self, item: bytes | Exception) -> None:
-        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-            self._loop.call_soon_threadsafe(self._offer, item)
-
-    def _offer(self, item: bytes | Exception) -> None:
-        if self._queue.full():
-            self._queue.get_nowait()
-            self._on_drop()
-        self._queue.put_nowait(item)
-
-
 class WiegandOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     port: str
     baudrate: Annotated[int, Meta(gt=0)] = 9600
@@ -216,44 +145,20 @@ def open_serial(opts: WiegandOptions) -> ByteStream:
     return port
 
 
-class WiegandReader:
+class WiegandReader(SerialStreamDriver):
     """A Wiegand-to-UART converter on a serial port."""
 
-    BACKOFF_MIN_S = 0.5
-    BACKOFF_MAX_S = 10.0
+    counters = "wiegand"
 
     def __init__(self, name: str, options: WiegandOptions, ctx: DriverContext) -> None:
-        self.name = name
-        self.state = DriverState.STARTING
-        self.last_error: str | None = None
+        super().__init__(name, options.port, ctx)
         self.options = options
-        self._ctx = ctx
         self._last: tuple[bytes, float] | None = None
 
-    async def run(self, emit: Emit) -> None:
-        backoff = self.BACKOFF_MIN_S
-        try:
-            while True:
-                try:
-                    stream = await asyncio.to_thread(open_serial, self.options)
-                except (OSError, ValueError) as exc:
-                    self._down(f"cannot open {self.options.port}: {exc}")
-                    await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
-                    backoff = min(backoff * 2, self.BACKOFF_MAX_S)
-                    continue
-                self.state = DriverState.OK
-                backoff = self.BACKOFF_MIN_S
-                reader = SerialReader(stream, self.name, lambda: self._ctx.count("wiegand.dropped"))
-                try:
-                    await self._read(reader, emit)
-                except PortLost as exc:
-                    self._down(f"{self.options.port} went away ({exc})")
-                finally:
-                    await reader.aclose()
-        finally:
-            self.state = DriverState.STOPPED
+    async def open_port(self) -> tuple[ByteStream, str]:
+        return await asyncio.to_thread(open_serial, self.options), self.options.port
 
-    async def _read(self, reader: SerialReader, emit: Emit) -> None:
+    async def read(self, reader: SerialReader, path: str, emit: Emit) -> None:
         parser = WiegandParser()
         while True:
             for item in parser.feed(await reader.next_chunk()):
@@ -275,21 +180,7 @@ class WiegandReader:
             self._last = (frame.uid, now)
             return None
         self._last = (frame.uid, now)
-        hasher = self._ctx.hasher
-        return CardTap(
-            uid_hash=hasher.hash(frame.uid),
-            tech=frame.tech,
-            reader=self.name,
-            uid=frame.uid.hex().upper() if hasher.send_raw else None,
-        )
-
-    def _down(self, message: str) -> None:
-        if self.state != DriverState.DISCONNECTED:
-            self._ctx.count("wiegand.disconnected")
-        if self.state != DriverState.DISCONNECTED or message != self.last_error:
-            log.warning("%s: %s", self.name, message)
-        self.state = DriverState.DISCONNECTED
-        self.last_error = message
+        return self._ctx.hasher.card_tap(frame.uid, tech=frame.tech, reader=self.name)
 
 
 def parse_options(name: str, options: Mapping[str, Any]) -> WiegandOptions:
@@ -310,16 +201,10 @@ async def probe(options: Mapping[str, Any], listen_s: float = 3.0) -> ProbeResul
         stream = await asyncio.to_thread(open_serial, opts)
     except (DriverError, OSError, ValueError) as exc:
         return ProbeResult.fail(f"cannot open the converter: {exc}")
-    parser = WiegandParser()
-    items: list[WiegandFrame | Rejected] = []
-    deadline = time.monotonic() + listen_s
     try:
-        while time.monotonic() < deadline:
-            items += parser.feed(await asyncio.to_thread(stream.read, 256))
+        items = WiegandParser().feed(await listen(stream, listen_s))
     except Exception as exc:  # report whatever the port says
         return ProbeResult.fail(f"{opts.port} opened but reading failed: {exc}")
-    finally:
-        stream.close()
     frames = [i for i in items if isinstance(i, WiegandFrame)]
     rejects = [i.reason for i in items if isinstance(i, Rejected)]
     if not items:  # an idle converter is silent until a card is presented

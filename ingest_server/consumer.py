@@ -28,8 +28,8 @@ from typing import Final
 import psycopg
 
 from ingest_server.batch import Batch, EventRow, Inbound, refused
+from ingest_server.db import connect_session
 from ingest_server.metrics import IngestMetrics
-from ingest_server.migrate import migrate
 from ingest_server.mqtt_codec import MQTT5, Publish
 from ingest_server.mqtt_session import MqttSubscriber, SessionConfig
 from ingest_server.settings import BrokerUrl, Settings, mask
@@ -342,21 +342,14 @@ class Consumer:
 
     def _connect_db(self) -> BatchWriter:
         if self._writer is None:
-            conn = psycopg.connect(
+            conn = connect_session(
                 self.db_url,
-                autocommit=True,
-                connect_timeout=self.DB_CONNECT_TIMEOUT_S,
                 application_name="campus-ingest",
-                # notice a database host that vanished from the network within ~25 s
-                keepalives=1,
-                keepalives_idle=10,
-                keepalives_interval=5,
-                keepalives_count=3,
+                connect_timeout=self.DB_CONNECT_TIMEOUT_S,
+                migrate_first=not self._migrated,
             )
+            self._migrated = True
             try:
-                if not self._migrated:
-                    migrate(conn)
-                    self._migrated = True
                 self._writer = BatchWriter(conn)
             except BaseException:
                 conn.close()

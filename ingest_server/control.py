@@ -34,7 +34,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from psycopg.types.json import Jsonb
 
-from ingest_server.migrate import migrate
+from ingest_server.db import connect_session
 from ingest_server.settings import BrokerUrl, Settings, mask
 from schemas import topics
 from schemas.errors import TopicError
@@ -359,23 +359,13 @@ class ControlPlane:
 
     def _connect_db(self) -> psycopg.Connection[Any]:
         if self._conn is None:
-            conn = psycopg.connect(
+            conn = connect_session(
                 self.db_url,
-                autocommit=True,
-                connect_timeout=self.DB_CONNECT_TIMEOUT_S,
                 application_name="campus-control",
-                keepalives=1,
-                keepalives_idle=10,
-                keepalives_interval=5,
-                keepalives_count=3,
+                connect_timeout=self.DB_CONNECT_TIMEOUT_S,
+                migrate_first=not self._migrated,
             )
-            try:
-                if not self._migrated:
-                    migrate(conn)
-                    self._migrated = True
-            except BaseException:
-                conn.close()
-                raise
+            self._migrated = True
             log.info("control plane: connected to database %s", mask(self.db_url))
             self._conn = conn
         return self._conn

@@ -12,11 +12,11 @@ and bad symbols::
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-import tty
 from pathlib import Path
+
+from simulators.pty import close_fds, open_pty, point_link
 
 SUFFIXES = {"cr": b"\r", "lf": b"\n", "crlf": b"\r\n"}
 
@@ -71,21 +71,14 @@ class BarcodeScannerSim:
     def unplug(self) -> None:
         with self._lock:
             if self._fds is not None:
-                for fd in self._fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                close_fds(self._fds)
             self._fds = None
 
     def replug(self) -> str:
         """Plug in on a fresh pty behind the same ``link``; return its /dev/pts name."""
         self.unplug()
-        master, slave = os.openpty()
-        tty.setraw(slave)
-        name = os.ttyname(slave)
-        staging = self.link.with_name(f".{self.link.name}.new")
-        staging.unlink(missing_ok=True)
-        staging.symlink_to(name)
-        staging.replace(self.link)
+        master, slave, name = open_pty()
+        point_link(self.link, name)
         with self._lock:
             self._fds = (master, slave)
         return name

@@ -18,9 +18,10 @@ import os
 import random
 import threading
 import time
-import tty
 from collections.abc import Sequence
 from pathlib import Path
+
+from simulators.pty import close_fds, open_pty, point_link
 
 
 def frame(card: bytes, *, bad_checksum: bool = False, lowercase: bool = False) -> bytes:
@@ -79,32 +80,16 @@ class Em4100Simulator:
         """Close the pty: reads on the device side fail, and ``link`` dangles."""
         with self._lock:
             if self._fds is not None:
-                for fd in self._fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                close_fds(self._fds)
             self._fds = None
             self.pts_name = None
 
     def replug(self) -> str:
         """Plug in (again) on a new pty whose /dev/pts name differs from the last; return it."""
         self.unplug()
-        held: list[int] = []
-        try:
-            while True:
-                master, slave = os.openpty()
-                name = os.ttyname(slave)
-                if name != self._previous:
-                    break
-                held += (master, slave)  # keep it open so the next pty gets another number
-        finally:
-            for fd in held:
-                os.close(fd)
-        tty.setraw(slave)
+        master, slave, name = open_pty(avoid=self._previous)
         os.set_blocking(master, False)
-        staging = self.link.with_name(f".{self.link.name}.new")
-        staging.unlink(missing_ok=True)
-        staging.symlink_to(name)
-        staging.replace(self.link)
+        point_link(self.link, name)
         with self._lock:
             self._fds = (master, slave)
             self.pts_name = self._previous = name

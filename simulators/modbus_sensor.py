@@ -26,7 +26,6 @@ import os
 import select
 import struct
 import threading
-import tty
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,8 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.server.base import ModbusBaseServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+
+from simulators.pty import close_fds, open_pty, point_link
 
 Table = Literal["holding", "input"]
 T = TypeVar("T")
@@ -75,15 +76,11 @@ CLASSROOM_LAYOUT: Mapping[str, Field] = {
 class _Pty:
     """One pty pair; the simulator keeps the slave open so the master never reads EIO."""
 
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.slave)
-        self.name = os.ttyname(self.slave)
+    def __init__(self, avoid: str | None = None) -> None:
+        self.master, self.slave, self.name = open_pty(avoid)
 
     def close(self) -> None:
-        for fd in (self.master, self.slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        close_fds((self.master, self.slave))
 
 
 class PtyBridge:
@@ -121,16 +118,10 @@ class PtyBridge:
         with self._lock:
             if self._outer:
                 self._outer.close()
-            fresh = _Pty()
-            if fresh.name == self._last_name:
-                spare, fresh = fresh, _Pty()
-                spare.close()
+            fresh = _Pty(avoid=self._last_name)
             self._outer = fresh
             self._last_name = fresh.name
-            tmp = self.link.with_name(self.link.name + ".new")
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(fresh.name)
-            tmp.replace(self.link)
+            point_link(self.link, fresh.name)
             return fresh.name
 
     def close(self) -> None:

@@ -30,10 +30,11 @@ import queue
 import select
 import socket
 import threading
-import tty
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
+
+from simulators.pty import close_fds, open_pty, point_link
 
 Respond = Callable[[bytes], bytes]
 PowerState = Literal["on", "off", "standby"]
@@ -109,20 +110,11 @@ class DeviceEndpoint:
 
     def _plug(self) -> str:
         self._unplug()
-        master, slave = os.openpty()
-        if os.ttyname(slave) == self._last_pts:  # make a re-plug visibly a new device
-            spare = (master, slave)
-            master, slave = os.openpty()
-            for fd in spare:
-                os.close(fd)
-        tty.setraw(slave)
+        master, slave, name = open_pty(avoid=self._last_pts)
         os.set_blocking(master, False)
         self._pty = (master, slave, self._session())
-        self.pts_name = self._last_pts = os.ttyname(slave)
-        tmp = self.link.with_name(self.link.name + ".new")
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(self.pts_name)
-        tmp.replace(self.link)
+        self.pts_name = self._last_pts = name
+        point_link(self.link, name)
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.tcp_port))
@@ -135,9 +127,7 @@ class DeviceEndpoint:
 
     def _unplug(self) -> None:
         if self._pty is not None:
-            for fd in self._pty[:2]:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            close_fds(self._pty[:2])
             self._pty = None
             self.pts_name = None
         self.link.unlink(missing_ok=True)
@@ -218,7 +208,70 @@ class DeviceEndpoint:
                 client.sendall(data)
 
 
-class SimulatedPanel:
+class EndpointDevice:
+    """A simulated device served by a :class:`DeviceEndpoint`: its addresses, plug switches and
+    the corrupt-reply fault. Subclasses set their state first, then call ``__init__`` (the
+    endpoint starts serving at once), and implement ``_session``."""
+
+    def __init__(
+        self,
+        link: str | Path,
+        *,
+        tcp_port: int = 0,
+        greeting: Callable[[], bytes] = bytes,
+        name: str = "device",
+    ) -> None:
+        self._corrupt = 0
+        self._lock = threading.Lock()
+        self.endpoint = DeviceEndpoint(
+            link, self._session, tcp_port=tcp_port, greeting=greeting, name=name
+        )
+
+    @property
+    def port(self) -> str:
+        return str(self.endpoint.link)
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    @property
+    def pts_name(self) -> str | None:
+        return self.endpoint.pts_name
+
+    def corrupt(self, replies: int = 1) -> None:
+        """Make the next ``replies`` replies malformed."""
+        with self._lock:
+            self._corrupt += replies
+
+    def unplug(self) -> None:
+        self.endpoint.unplug()
+
+    def replug(self) -> str:
+        return self.endpoint.replug()
+
+    def close(self) -> None:
+        self.endpoint.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _take_corrupt(self) -> bool:
+        """Whether this reply is to be malformed (using up one of :meth:`corrupt`'s)."""
+        with self._lock:
+            if self._corrupt:
+                self._corrupt -= 1
+                return True
+            return False
+
+    def _session(self) -> Respond:
+        raise NotImplementedError
+
+
+class SimulatedPanel(EndpointDevice):
     """State and fault switches shared by both panel protocols."""
 
     name = "panel"
@@ -235,21 +288,7 @@ class SimulatedPanel:
         self.source = source
         #: Commands received, in order (SMART: the normalised line; MAXHUB: the frame).
         self.received: list[bytes] = []
-        self._corrupt = 0
-        self._lock = threading.Lock()
-        self.endpoint = DeviceEndpoint(link, self._session, tcp_port=tcp_port, name=self.name)
-
-    @property
-    def port(self) -> str:
-        return str(self.endpoint.link)
-
-    @property
-    def url(self) -> str:
-        return self.endpoint.url
-
-    @property
-    def pts_name(self) -> str | None:
-        return self.endpoint.pts_name
+        super().__init__(link, tcp_port=tcp_port, name=self.name)
 
     def set_power(self, state: PowerState) -> None:
         if state not in ("on", "off", "standby"):
@@ -258,36 +297,6 @@ class SimulatedPanel:
 
     def set_input(self, source: str) -> None:
         self.source = source
-
-    def corrupt(self, replies: int = 1) -> None:
-        """Make the next ``replies`` replies malformed."""
-        with self._lock:
-            self._corrupt += replies
-
-    def unplug(self) -> None:
-        self.endpoint.unplug()
-
-    def replug(self) -> str:
-        return self.endpoint.replug()
-
-    def close(self) -> None:
-        self.endpoint.close()
-
-    def __enter__(self) -> SimulatedPanel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _take_corrupt(self) -> bool:
-        with self._lock:
-            if self._corrupt:
-                self._corrupt -= 1
-                return True
-            return False
-
-    def _session(self) -> Respond:
-        raise NotImplementedError
 
 
 class SmartPanel(SimulatedPanel):

@@ -24,6 +24,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from simulators.pty import point_link
+
 SYSTEM_SOCKET = Path("/run/pcscd/pcscd.comm")
 VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
 
@@ -157,10 +159,7 @@ class Pcscd:
                 self.kill()
                 raise RuntimeError(f"pcscd did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.02)
-        tmp = self.socket_link.with_name(self.socket_link.name + ".new")
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(self._server_socket())
-        tmp.replace(self.socket_link)
+        point_link(self.socket_link, self._server_socket())
 
     def stop(self) -> None:
         """Graceful stop (SIGTERM)."""

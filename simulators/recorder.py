@@ -21,11 +21,10 @@ and date, as a unit does after power-up.
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 from typing import Literal
 
-from simulators.panel import DeviceEndpoint, Respond
+from simulators.panel import EndpointDevice, Respond
 
 RecState = Literal["stop", "record", "pause"]
 CODES: dict[RecState, str] = {"stop": "0", "record": "1", "pause": "2"}
@@ -35,7 +34,7 @@ BANNER = (
 )
 
 
-class SmpRecorder:
+class SmpRecorder(EndpointDevice):
     """The device end of an SMP-style recorder's SIS control port."""
 
     def __init__(
@@ -54,23 +53,7 @@ class SmpRecorder:
         self.received: list[bytes] = []
         self._muted = False
         self._refusal: str | None = None
-        self._corrupt = 0
-        self._lock = threading.Lock()
-        self.endpoint = DeviceEndpoint(
-            link, self._session, tcp_port=tcp_port, greeting=lambda: BANNER, name="smp"
-        )
-
-    @property
-    def port(self) -> str:
-        return str(self.endpoint.link)
-
-    @property
-    def url(self) -> str:
-        return self.endpoint.url
-
-    @property
-    def pts_name(self) -> str | None:
-        return self.endpoint.pts_name
+        super().__init__(link, tcp_port=tcp_port, greeting=lambda: BANNER, name="smp")
 
     def set_state(self, state: RecState) -> None:
         if state not in CODES:
@@ -87,25 +70,6 @@ class SmpRecorder:
     def mute(self, muted: bool = True) -> None:
         """Stop (or resume) answering, like a unit whose control port hangs."""
         self._muted = muted
-
-    def corrupt(self, replies: int = 1) -> None:
-        with self._lock:
-            self._corrupt += replies
-
-    def unplug(self) -> None:
-        self.endpoint.unplug()
-
-    def replug(self) -> str:
-        return self.endpoint.replug()
-
-    def close(self) -> None:
-        self.endpoint.close()
-
-    def __enter__(self) -> SmpRecorder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _session(self) -> Respond:
         buf = bytearray()
@@ -142,10 +106,7 @@ class SmpRecorder:
         if self._muted:
             return b""
         self.received.append(command)
-        with self._lock:
-            corrupt = self._corrupt > 0
-            self._corrupt -= corrupt
-        reply = b"#Rc?\x01dr*?" if corrupt else self._reply(command)
+        reply = b"#Rc?\x01dr*?" if self._take_corrupt() else self._reply(command)
         return reply + b"\r\n"
 
     def _reply(self, command: bytes) -> bytes:

@@ -13,10 +13,10 @@ the second half.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tty
 from pathlib import Path
+
+from simulators.pty import close_fds, open_pty, point_link
 
 
 def frame_bits(payload: int, bits: int = 26, *, bad_parity: bool = False) -> int:
@@ -73,9 +73,7 @@ class WiegandConverter:
 
     def unplug(self) -> None:
         if self._fds is not None:
-            for fd in self._fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            close_fds(self._fds)
             self._fds = None
             self.pts_name = None
         self.link.unlink(missing_ok=True)
@@ -83,20 +81,11 @@ class WiegandConverter:
     def replug(self) -> str:
         """Plug in (again) under a pts name different from the previous one; return it."""
         self.unplug()
-        master, slave = os.openpty()
-        if os.ttyname(slave) == self._last_name:
-            spare = (master, slave)
-            master, slave = os.openpty()
-            for fd in spare:
-                os.close(fd)
-        tty.setraw(slave)
+        master, slave, name = open_pty(avoid=self._last_name)
         self._fds = (master, slave)
-        self.pts_name = self._last_name = os.ttyname(slave)
-        tmp = self.link.with_name(self.link.name + ".new")
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(self.pts_name)
-        tmp.replace(self.link)
-        return self.pts_name
+        self.pts_name = self._last_name = name
+        point_link(self.link, name)
+        return name
 
     def close(self) -> None:
         self.unplug()

@@ -144,7 +144,7 @@ async def test_link_drops_oldest_when_full(monkeypatch: pytest.MonkeyPatch) -> N
     fake = FakeTransport()
     link = Link(fake, "full", lambda: dropped.append(1))
     for chunk in (b"a", b"b", b"c"):
-        link._offer(chunk)
+        link._queue.put_threadsafe(chunk)  # as the reader thread does
     assert [await link.read(0.1), await link.read(0.1)] == [b"b", b"c"]
     assert dropped == [1]
     await link.aclose()
