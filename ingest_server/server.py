@@ -212,8 +212,8 @@ class IngestServer:
 #: back from each PostgreSQL round trip wanting the GIL while the decoder thread holds it; at
 #: Python's default 5 ms it waits up to that long, several times per batch, and the decoding
 #: and the database's work end up taking turns instead of overlapping. Measured with
-#: ``python -m bench ingest_e2e --type card.tap --rounds 3`` on 2 cores: 35–39k ev/s at 5 ms,
-#: 49–53k at 0.5 ms (pipeline cores in use 1.19 → 1.46).
+#: ``python -m bench ingest_e2e --type card.tap --rounds 3`` on 2 cores: 35-39k ev/s at 5 ms,
+#: 49-53k at 0.5 ms (pipeline cores in use 1.19 → 1.46).
 SWITCH_INTERVAL_S = 0.0005
 
 
