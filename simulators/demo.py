@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--data-dir", type=Path, default=Path("campus-data"))
-    ap.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT")
+    ap.add_argument(
+        "--http", default="127.0.0.1:8080", metavar="HOST:PORT", help="PORT 0: any free port"
+    )
     ap.add_argument(
         "--broker-port",
         type=int,
@@ -184,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=0, help="seconds to run (0: until Ctrl-C)")
     ap.add_argument("--interval", type=float, default=2.0, help="seconds between count updates")
     args = ap.parse_args(argv)
+    http_host, _, port_text = args.http.rpartition(":")
+    if not http_host or not port_text.isdigit() or int(port_text) > 65535:
+        ap.error(f"--http: expected HOST:PORT, e.g. 127.0.0.1:8080, got {args.http!r}")
+    http_port = int(port_text) or _free_port()
+    http = f"{http_host}:{http_port}"
 
     from ingest_server.embedded import EmbeddedPostgres  # noqa: PLC0415 - server extra
 
@@ -193,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
     (work / "district.key").write_text(KEY_HEX)
     broker_port = args.broker_port or _free_port()
-    http_port = int(args.http.rsplit(":", 1)[1])
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--db",
                     pg.url,
                     "--http",
-                    args.http,
+                    http,
                     "--embedded-broker-port",
                     str(broker_port),
                     "--data-dir",
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         _wait_healthy(http_port, procs[0])
         print(f"demo: MQTT broker   mqtt://127.0.0.1:{broker_port} (MQTT 3.1.1, embedded)")
-        print(f"demo: HTTP          http://{args.http}/healthz  http://{args.http}/docs (API)")
+        print(f"demo: HTTP          http://{http}/healthz  http://{http}/docs (API)")
         print(f"demo: admin token   {data / 'admin-token'} (Authorization: Bearer <token>)")
         print(f"demo: logs          {work}")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import free_port, shared_tmpdir
+from tests.services import shared_tmpdir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,7 +27,7 @@ def test_demo_shows_events_from_every_device_within_a_minute() -> None:
                 "--broker-port",
                 "0",
                 "--http",
-                f"127.0.0.1:{free_port()}",
+                "127.0.0.1:0",  # any free port: the demo picks one and says which
                 "--duration",
                 "40",
                 "--interval",
@@ -39,6 +39,9 @@ def test_demo_shows_events_from_every_device_within_a_minute() -> None:
             check=False,
         )
         assert out.returncode == 0, out.stderr[-3000:]
+        shown = re.search(r"HTTP +http://127\.0\.0\.1:(\d+)/healthz", out.stdout)
+        assert shown is not None, out.stdout[:2000]
+        assert int(shown.group(1)) > 0
         last = out.stdout.rsplit("device ", 1)[-1]
         for device, event_type in [
             ("cr-0101", "card.tap"),
@@ -54,3 +57,15 @@ def test_demo_shows_events_from_every_device_within_a_minute() -> None:
         assert "quarantined: 0" in last
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_demo_refuses_a_malformed_http_address() -> None:
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "ingest-server"), "demo", "--http", "8080"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "--http: expected HOST:PORT, e.g. 127.0.0.1:8080, got '8080'" in out.stderr
