@@ -32,6 +32,7 @@ from ingest_server.db import connect_session
 from ingest_server.metrics import IngestMetrics
 from ingest_server.mqtt_codec import MQTT5, Publish
 from ingest_server.mqtt_session import MqttSubscriber, SessionConfig
+from ingest_server.pgcopy import PG_EPOCH
 from ingest_server.settings import BrokerUrl, Settings, mask
 from ingest_server.writer import BatchWriter, WriteResult, missing_total
 from schemas.topics import Channel, subscription
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 #: MQTT 5 retain handling 1: retained messages only when the subscription is new.
 _RETAIN_IF_NEW_SUB: Final = 1
 _BAD_TOPIC: Final = "<topic is not UTF-8>"
+_PG_EPOCH_UNIX: Final = PG_EPOCH.timestamp()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -432,7 +434,12 @@ class Consumer:
         now = time.time()
         self._last_commit = time.monotonic()
         m.batch_latency.observe(elapsed)
-        m.event_latency.observe_many(now - r.event.ts.timestamp() for r in result.stored)
+        encoded = batch.encoded
+        if encoded is not None and result.stored is encoded.events:  # the whole batch
+            # in the stamps' own unit: µs since 2000-01-01 UTC
+            m.event_latency.observe_ages((now - _PG_EPOCH_UNIX) * 1e6, encoded.stamps, 1e-6)
+        else:
+            m.event_latency.observe_many(now - r.event.ts.timestamp() for r in result.stored)
         m.events_received.inc(batch.events_received)
         m.events_stored.inc(result.inserted)
         m.events_duplicate.inc(result.duplicates)

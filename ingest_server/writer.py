@@ -38,6 +38,7 @@ from ingest_server.batch import (
     Rows,
     StateRow,
     encode_events,
+    spans_of,
 )
 from ingest_server.pgcopy import EVENT_COLUMNS, CopyEncodeError, encode_readings
 
@@ -65,6 +66,7 @@ WITH batch AS (
     INSERT INTO devices AS d
         (device_id, school_id, kind, first_seen, last_seen, min_seq, max_seq, event_count)
     SELECT device_id, school_id, kind, seen, seen, min_seq, max_seq, stored FROM batch
+    ORDER BY device_id
     ON CONFLICT (device_id) DO UPDATE SET
         school_id = EXCLUDED.school_id,
         kind = EXCLUDED.kind,
@@ -158,7 +160,7 @@ class BatchWriter:
         try:
             if encoded is None:
                 encoded = encode_events(rows.events)
-            if encoded.events and self._all_new(encoded.events):
+            if encoded.events and self._all_new(encoded):
                 try:
                     return self._write(rows, encoded, fast=True)
                 except errors.UniqueViolation:
@@ -199,7 +201,7 @@ class BatchWriter:
                         for q in rows.quarantine
                     ),
                 )
-            new_missing = self._upsert_devices(events, stored)
+            new_missing = self._upsert_devices(encoded, stored)
             self._upsert_states(rows.states)
         return WriteResult(
             stored=stored,
@@ -236,42 +238,44 @@ class BatchWriter:
         new = set(self._cur.fetchall())
         return [r for r in events if r.key in new]
 
-    def _all_new(self, events: list[EventRow]) -> bool:
+    def _all_new(self, encoded: EncodedEvents) -> bool:
         """Whether every event's seq is above its device's highest stored seq."""
         cache = self._max_seq
-        unknown = {r.device_id for r in events} - cache.keys()
+        spans = encoded.spans
+        unknown = spans.keys() - cache.keys()
         if unknown:
             if len(cache) + len(unknown) > MAX_CACHED_DEVICES:
                 cache.clear()
             found = dict(self._cur.execute(_MAX_SEQS, [list(unknown)]).fetchall())
             for device_id in unknown:
                 cache[device_id] = found.get(device_id)
-        for r in events:
-            top = cache[r.device_id]
-            if top is not None and r.event.seq <= top:
+        for device_id, span in spans.items():
+            top = cache[device_id]
+            if top is not None and span.min_seq <= top:
                 return False
         return True
 
-    def _upsert_devices(self, events: list[EventRow], stored: list[EventRow]) -> int:
+    def _upsert_devices(self, encoded: EncodedEvents, stored: list[EventRow]) -> int:
         """Register every device of the batch; count only what was inserted. Returns new gaps."""
-        if not events:
+        spans = encoded.spans
+        if not spans:
             return 0
-        agg: dict[str, list[Any]] = {}  # device_id → [school, kind, seen, min, max, stored]
-        for r in events:
-            if (a := agg.get(r.device_id)) is None:
-                agg[r.device_id] = [r.school_id, r.kind, r.received_at, None, None, 0]
-            elif r.received_at > a[2]:
-                a[2] = r.received_at
-        seqs: dict[str, list[int]] = {}
-        for r in stored:
-            if (got := seqs.get(r.device_id)) is None:
-                seqs[r.device_id] = [r.event.seq]
-            else:
-                got.append(r.event.seq)
-        for device_id, got in seqs.items():
-            a = agg[device_id]
-            a[3], a[4], a[5] = min(got), max(got), len(got)
-        columns = [list(agg), *map(list, zip(*agg.values(), strict=True))]
+        # device_id (sorted: concurrent writers then lock the rows in one order) → school,
+        # kind, seen, and the min seq, max seq and count of what was inserted
+        ids = sorted(spans)
+        # all of them inserted (the usual case): the spans say it all
+        counted = spans if stored is encoded.events else spans_of(stored)
+        columns: list[list[Any]] = [ids, [], [], [], [], [], []]
+        _, schools, kinds, seen, lows, highs, counts = columns
+        for device_id in ids:
+            span = spans[device_id]
+            schools.append(span.school_id)
+            kinds.append(span.kind)
+            seen.append(span.seen)
+            got = counted.get(device_id)
+            lows.append(got.min_seq if got else None)
+            highs.append(got.max_seq if got else None)
+            counts.append(got.count if got else 0)
         row = self._cur.execute(_UPSERT_DEVICES, columns).fetchone()
         if row is None:
             return 0

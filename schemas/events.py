@@ -13,17 +13,22 @@ Adding a type (the rule, also in docs/contract.md):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import operator
+import re
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
 
 import msgspec
 from msgspec import Meta
 
 #: An HMAC-SHA256 of a card UID with the district key, as 64 lowercase hex digits.
-UidHash = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$", description="HMAC-SHA256 of the UID")]
+_UID_HASH_PATTERN: Final = r"^[0-9a-f]{64}$"
+UidHash = Annotated[str, Meta(pattern=_UID_HASH_PATTERN, description="HMAC-SHA256 of the UID")]
 Name = Annotated[str, Meta(min_length=1, max_length=128)]
 Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Meta(ge=0.0)]
@@ -54,8 +59,9 @@ CardTech = Literal[
 ]
 
 
-class _Data(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
-    """Base of every event's ``data``."""
+class _Data(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, gc=False):
+    """Base of every event's ``data``. (Not tracked by the garbage collector: decoded from JSON
+    it cannot refer back to itself, and the ingest decodes one per event.)"""
 
 
 class CardTap(_Data):
@@ -188,6 +194,118 @@ class AgentOutboxDropped(_Data):
 
 
 @dataclass(frozen=True, slots=True)
+class _Run:
+    """A pattern recast as a length and a set of allowed ASCII characters: the values of a
+    whole message can then be joined and checked at once (~40 ns a value here, against ~700
+    for a regular expression search each)."""
+
+    allowed: bytes
+    length: int
+
+
+#: Patterns that hold for a value of the run's length made of the run's characters. (Python's
+#: ``$`` also matches before a final newline: such a value, one longer, is not taken by the run;
+#: the strict decoder then decides.)
+_RUN_PATTERNS: Final[dict[str, _Run]] = {
+    _UID_HASH_PATTERN: _Run(b"0123456789abcdef", 64),
+}
+
+
+def _without_pattern(tp: Any) -> tuple[Any, str | None]:
+    """``tp`` with the ``pattern`` of its (possibly optional) ``Meta`` left out (or replaced by
+    its run's length), and that pattern; ``tp`` as it is and None when it has none."""
+    if get_origin(tp) is Annotated:
+        base, *metas = get_args(tp)
+        pattern = next((m.pattern for m in metas if isinstance(m, Meta) and m.pattern), None)
+        if pattern is None:
+            return tp, None
+        kept = [_meta_without_pattern(m) if isinstance(m, Meta) else m for m in metas]
+        run = _RUN_PATTERNS.get(pattern)
+        if run is not None:
+            kept.append(Meta(min_length=run.length, max_length=run.length))
+        return Annotated[(base, *kept)], pattern
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [_without_pattern(a) for a in get_args(tp)]
+        patterns = {p for _, p in args if p is not None}
+        if len(patterns) != 1:
+            return tp, None
+        return functools.reduce(operator.or_, (a for a, _ in args)), patterns.pop()
+    return tp, None
+
+
+def _meta_without_pattern(meta: Meta) -> Meta:
+    kept = {
+        name: getattr(meta, name)
+        for name in ("gt", "ge", "lt", "le", "multiple_of", "max_length", "min_length", "tz")
+        if getattr(meta, name) is not None
+    }
+    return Meta(**kept)
+
+
+@dataclass(frozen=True, slots=True)
+class _PatternCheck:
+    """One ``pattern`` field that the fast decoder left to be checked a message at a time."""
+
+    field: str
+    getter: Callable[[Any], Any]
+    #: Checks the list of a message's values (None when the field was null).
+    holds: Callable[[list[Any]], bool]
+
+
+def _checker(pattern: str, optional: bool) -> Callable[[list[Any]], bool]:
+    run = _RUN_PATTERNS.get(pattern)
+    if run is not None:
+        allowed = run.allowed
+
+        def joined(values: list[Any]) -> bool:
+            if optional:
+                values = [v for v in values if v is not None]
+            text = "".join(values)
+            # nothing left once every allowed character is deleted
+            return text.isascii() and not text.encode().translate(None, allowed)
+
+        return joined
+    search = re.compile(pattern).search  # what msgspec does with a pattern
+
+    def each(values: list[Any]) -> bool:
+        return all(v is None or search(v) for v in values)
+
+    return each
+
+
+def _fast_twin(cls: type[_Data]) -> tuple[type[_Data], tuple[_PatternCheck, ...]]:
+    """A subclass of ``cls`` whose fields keep every constraint but ``pattern``, and the checks
+    of the patterns it leaves out; ``cls`` itself when it has none."""
+    fields: list[tuple[str, Any, Any]] = []
+    checks: list[_PatternCheck] = []
+    for f in msgspec.structs.fields(cls):
+        tp, pattern = _without_pattern(f.type)
+        if pattern is None:
+            continue
+        default: Any = msgspec.NODEFAULT
+        if f.default is not msgspec.NODEFAULT:
+            default = f.default
+        elif f.default_factory is not msgspec.NODEFAULT:
+            default = msgspec.field(default_factory=f.default_factory)
+        fields.append((f.name, tp, default))
+        optional = get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+        holds = _checker(pattern, optional)
+        checks.append(_PatternCheck(f.name, operator.attrgetter(f.name), holds))
+    if not fields:
+        return cls, ()
+    twin: type[_Data] = msgspec.defstruct(  # type: ignore[assignment]
+        f"{cls.__name__}Unchecked",
+        fields,
+        bases=(cls,),
+        kw_only=True,
+        forbid_unknown_fields=False,
+        gc=False,
+        module=__name__,
+    )
+    return twin, tuple(checks)
+
+
+@dataclass(frozen=True, slots=True)
 class EventType:
     """One registered event type."""
 
@@ -197,9 +315,23 @@ class EventType:
     #: data field → metric name in ``readings`` (numeric fields only).
     metrics: Mapping[str, str] = field(default_factory=dict)
     decoder: msgspec.json.Decoder[_Data] = field(init=False, repr=False, compare=False)
+    #: Decodes ``data`` with every constraint but the ``pattern`` ones, into a subclass of
+    #: ``data`` (``decoder`` itself when there are none); :meth:`patterns_hold` checks those for
+    #: a message's events at once. The ingest's fast path; errors are named by ``decoder``.
+    unchecked_decoder: msgspec.json.Decoder[_Data] = field(init=False, repr=False, compare=False)
+    pattern_checks: tuple[_PatternCheck, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder", msgspec.json.Decoder(self.data))
+        twin, checks = _fast_twin(self.data)
+        unchecked = self.decoder if twin is self.data else msgspec.json.Decoder(twin)
+        object.__setattr__(self, "unchecked_decoder", unchecked)
+        object.__setattr__(self, "pattern_checks", checks)
+
+    def patterns_hold(self, datas: list[_Data]) -> bool:
+        """Whether the ``pattern`` of every field holds in all of ``datas`` (decoded by
+        :attr:`unchecked_decoder`)."""
+        return all(c.holds(list(map(c.getter, datas))) for c in self.pattern_checks)
 
 
 REGISTRY: Final[dict[str, EventType]] = {}

@@ -17,7 +17,10 @@ from ingest_server.storage import maintain, set_policy
 pytestmark = pytest.mark.integration
 
 TZ = ZoneInfo("Asia/Shanghai")
-D = datetime.now(TZ).date() - timedelta(days=3)
+# Four district days back: the first 1-day chunk (UTC-aligned) then ends at least two days
+# ago at any hour, as the "compress after 2 days" policy test needs. (Three days back left
+# that chunk too young between 00:00 and 08:00 in Shanghai.)
+D = datetime.now(TZ).date() - timedelta(days=4)
 D1 = D + timedelta(days=1)
 
 

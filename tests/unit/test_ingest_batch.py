@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from ingest_server.batch import QUARANTINE_KEEP_BYTES, Batch, Inbound, StateRow, rows_of
+from ingest_server import pgcopy
+from ingest_server.batch import (
+    QUARANTINE_KEEP_BYTES,
+    Batch,
+    DeviceSpan,
+    Inbound,
+    StateRow,
+    rows_of,
+    spans_of,
+    unique,
+)
 from ingest_server.consumer import Inbox, collect
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
 
@@ -198,3 +210,65 @@ def test_bad_seq_is_rejected(seq: object) -> None:
     (q,) = rows.quarantine
     assert q.reason.startswith("events[0]")
     assert "seq" in q.reason
+
+
+def _device_uplink(device: str, seqs: list[int], at: datetime = NOW) -> Inbound:
+    payload = encode_batch(
+        UplinkBatch(
+            device_id=device,
+            kind="smart_board",
+            sent_at=NOW,
+            events=[board_touch(s) for s in seqs],
+        )
+    )
+    return Inbound(f"campus/v1/sch-1/{device}/up", payload, 1, 1, at)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["sb-1", "sb-2", "sb-3"]),
+            st.lists(st.integers(0, 40), min_size=0, max_size=6),
+            st.integers(0, 5),
+        ),
+        max_size=12,
+    )
+)
+def test_sealed_spans_and_events_match_a_check_of_every_event(
+    messages: list[tuple[str, list[int], int]],
+) -> None:
+    """The batch works out each device's span a message at a time while seqs keep rising, and
+    falls back to checking every event once one repeats or goes back: either way the writer
+    gets each (device, seq) once and the same spans as a count over the distinct events."""
+    batch = Batch()
+    for device, seqs, minutes in messages:
+        batch.add(_device_uplink(device, seqs, NOW + timedelta(minutes=minutes)))
+    batch.seal()
+    encoded = batch.encoded
+    assert encoded is not None
+    distinct = unique(batch.rows.events)
+    assert [r.key for r in encoded.events] == [r.key for r in distinct]
+    assert encoded.spans == spans_of(distinct)
+    assert encoded.stamps == sorted(pgcopy.micros(r.event.ts) for r in distinct)
+
+
+def test_spans_of_a_rising_batch_are_worked_out_per_message() -> None:
+    batch = Batch()
+    batch.add(_device_uplink("sb-1", [1, 2, 3]))
+    batch.add(_device_uplink("sb-2", [7]))
+    batch.add(_device_uplink("sb-1", [4, 9], NOW + timedelta(seconds=5)))
+    batch.seal()
+    assert batch.encoded is not None
+    assert batch.encoded.spans == {
+        "sb-1": DeviceSpan("sch-1", "smart_board", NOW + timedelta(seconds=5), 1, 9, 5),
+        "sb-2": DeviceSpan("sch-1", "smart_board", NOW, 7, 7, 1),
+    }
+    assert batch._increasing  # the per-message path, not the fallback
+    batch.add(_device_uplink("sb-2", [7]))  # a resend: the fallback finds it
+    batch.seal()
+    assert batch.encoded is not None
+    assert not batch._increasing
+    assert [r.key for r in batch.encoded.events] == [
+        ("sb-1", 1), ("sb-1", 2), ("sb-1", 3), ("sb-2", 7), ("sb-1", 4), ("sb-1", 9)
+    ]  # fmt: skip
+    assert batch.encoded.spans["sb-2"].count == 1

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ingest_server.consumer import Health
 from ingest_server.http import HttpServer, create_app
@@ -134,3 +136,18 @@ def test_healthz_and_metrics(http: tuple[HttpServer, FakeSource, IngestMetrics])
     assert status == 200
     assert ctype.startswith("text/plain; version=0.0.4")
     assert "campus_ingest_events_stored_total 42\n" in body
+
+
+@given(
+    st.lists(st.integers(-(10**6), 10**8), max_size=60),
+    st.integers(0, 10**8),
+)
+def test_observe_ages_counts_like_one_observation_per_age(stamps: list[int], now: int) -> None:
+    """A batch's ages from its sorted stamps (µs) by bisection land in the buckets one
+    observation per age would."""
+    one = Histogram("a_seconds", "One by one.")
+    batch = Histogram("b_seconds", "By bisection.")
+    one.observe_many((now - t) * 1e-6 for t in stamps)
+    batch.observe_ages(now, sorted(stamps), 1e-6)
+    assert batch._counts == one._counts
+    assert batch._sum == pytest.approx(one._sum, abs=1e-6)

@@ -238,3 +238,65 @@ def test_non_ascii_utf8_is_kept_and_bad_utf8_refused_after_ascii() -> None:
     assert json.loads(ev.data_json)["reader"] == "门-1"
     with pytest.raises(UplinkError, match="not UTF-8: invalid byte at offset 3"):
         decode_uplink(TOPIC, b'{"v\xe9": 1}')
+
+
+_HASHES = st.one_of(
+    st.just(HASH),
+    st.text("0123456789abcdef", min_size=62, max_size=66),
+    st.text("0123456789abcdefABCDEF \n\u00e9", min_size=63, max_size=65),
+    st.just(HASH + "\n"),
+    st.just(HASH.upper()),
+    st.none(),
+    st.integers(),
+)
+_TYPES = st.sampled_from(["card.tap", "access.pass", "library.loan", "attendance.checkin"])
+
+
+def _data(type_: str, uid_hash: Any, uid: Any) -> dict[str, Any]:
+    if type_ == "card.tap":
+        return {"uid_hash": uid_hash, "tech": "iso14443a", "reader": "r", "uid": uid}
+    if type_ == "access.pass":
+        return {"uid_hash": uid_hash, "gate": "g", "direction": "in", "result": "granted"}
+    if type_ == "library.loan":
+        return {"student_hash": uid_hash, "item_id": "i", "source": "rfid", "terminal": "t"}
+    return {"uid_hash": uid_hash, "reader": "r"}
+
+
+@given(
+    st.lists(
+        st.tuples(_TYPES, _HASHES, st.one_of(st.none(), st.just("0A1b"), st.just("xyz"))),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_the_fast_path_takes_exactly_what_the_strict_decoder_takes(
+    cases: list[tuple[str, Any, Any]],
+) -> None:
+    """The fast decoder checks ``pattern`` fields a message at a time; each event must still
+    get the strict decoder's verdict, so no invalid value is ever stored."""
+    from schemas import uplink
+
+    payload = batch(*(event(i + 1, t, _data(t, h, u)) for i, (t, h, u) in enumerate(cases)))
+    strict = uplink._decode_events(uplink._decode_envelope(payload))
+    fast = uplink._decode_fast(payload)
+    if fast is not None:  # taken only when every event is valid, and then the same events
+        assert not strict[1]
+        assert [(e.seq, e.data_json) for e in fast[1]] == [(e.seq, e.data_json) for e in strict[0]]
+    decoded = decode_uplink(TOPIC, payload)
+    assert [e.seq for e in decoded.events] == [e.seq for e in strict[0]]
+    assert [r.reason for r in decoded.rejected] == [r.reason for r in strict[1]]
+    # and nothing the fast path let through would fail the contract's own types
+    for e in decoded.events:
+        msgspec.json.decode(e.data_json, type=REGISTRY[e.type].data)
+
+
+def test_fast_path_checks_patterns_of_every_event_in_a_message() -> None:
+    from schemas import uplink
+
+    good = event(1)
+    bad = event(2, data={"uid_hash": "g" * 64, "tech": "iso14443a", "reader": "r"})
+    assert uplink._decode_fast(batch(good, good | {"seq": 3})) is not None
+    assert uplink._decode_fast(batch(good, bad)) is None
+    decoded = decode_uplink(TOPIC, batch(good, bad))
+    assert [e.seq for e in decoded.events] == [1]
+    assert "events[1].data.uid_hash: expected `str` matching regex" in decoded.rejected[0].reason
