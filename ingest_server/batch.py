@@ -162,9 +162,9 @@ def encode_events(
         spans = spans_of(distinct)
     else:
         distinct = list(events)
-    readings_copy, readings = pgcopy.encode_readings(distinct)
     stamps: list[int] = []
     events_copy = pgcopy.encode_events(distinct, stamps)
+    readings_copy, readings = pgcopy.encode_readings(distinct, stamps)
     stamps.sort()
     return EncodedEvents(distinct, events_copy, readings_copy, readings, spans, stamps)
 

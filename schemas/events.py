@@ -32,7 +32,8 @@ UidHash = Annotated[str, Meta(pattern=_UID_HASH_PATTERN, description="HMAC-SHA25
 Name = Annotated[str, Meta(min_length=1, max_length=128)]
 Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Meta(ge=0.0)]
-Count = Annotated[int, Meta(ge=0)]
+#: A count; bounded like PostgreSQL int8, so every count fits its columns and float8 readings.
+Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
 
 class DeviceKind(StrEnum):

@@ -272,3 +272,15 @@ def test_spans_of_a_rising_batch_are_worked_out_per_message() -> None:
         ("sb-1", 1), ("sb-1", 2), ("sb-1", 3), ("sb-2", 7), ("sb-1", 4), ("sb-1", 9)
     ]  # fmt: skip
     assert batch.encoded.spans["sb-2"].count == 1
+
+
+def test_a_count_beyond_int8_is_rejected_with_the_bound_and_the_rest_flows() -> None:
+    batch = Batch()
+    batch.add(msg(uplink(board_touch(1), board_touch(2, touches=10**400), board_touch(3))))
+    batch.seal()
+    assert [r.event.seq for r in batch.rows.events] == [1, 3]
+    (bad,) = batch.rows.quarantine
+    assert bad.seq == 2
+    assert "events[1].data.touches: expected `int` <= 9223372036854775807" in bad.reason
+    assert batch.encoded is not None
+    assert batch.encoded.readings == 2

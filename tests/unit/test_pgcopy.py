@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from ingest_server import pgcopy
 from ingest_server.batch import EventRow, Inbound, encode_events, rows_of
+from schemas.events import REGISTRY, BoardTouch
 from schemas.uplink import UplinkBatch, UplinkEvent, ValidEvent, encode_batch, metrics_of
 
 T0 = datetime(2026, 11, 22, 7, 50, tzinfo=UTC)
@@ -236,3 +237,64 @@ def test_a_batch_encodes_each_distinct_event_once() -> None:
         40.0,
         21.0,
     ]
+
+
+_MIXED = st.sampled_from(
+    [
+        ("card.tap", {"uid_hash": "ab" * 32, "tech": "em4100", "reader": "r"}),
+        ("board.touch", {"touches": 12, "window_s": 60.0}),
+        ("board.touch", {"touches": 0, "window_s": 0.5}),
+        ("env.reading", {"co2_ppm": 900}),
+        ("env.reading", {"temperature_c": 21.5, "humidity_pct": 40, "noise_db": None}),
+        ("camera.activity", {"camera": "c", "motion": 0.25, "people": None}),
+        ("camera.activity", {"camera": "c", "motion": 1, "people": 31}),
+        (
+            "agent.health",
+            {"cpu_pct": 1.5, "rss_mb": 40, "outbox_depth": 3, "oldest_unsent_s": 0.0},
+        ),
+    ]
+)
+
+
+@given(st.lists(_MIXED, max_size=12))
+def test_readings_of_mixed_types_match_metrics_of(kinds: list[tuple[str, dict[str, Any]]]) -> None:
+    """Per-type plans read the same readings as metrics_of, whatever the mix of types."""
+    events = [
+        EventRow(
+            "sch-1",
+            "dev-1",
+            "gateway",
+            T0,
+            ValidEvent(
+                i + 1,
+                T0 + timedelta(seconds=i),
+                etype,
+                msgspec.json.encode(data),
+                msgspec.json.decode(msgspec.json.encode(data), type=REGISTRY[etype].data),
+                True,
+                False,
+            ),
+        )
+        for i, (etype, data) in enumerate(kinds)
+    ]
+    expected = [
+        (r.event.ts, r.school_id, r.device_id, metric, value)
+        for r in events
+        for metric, value in metrics_of(r.event)
+    ]
+    payload, count = pgcopy.encode_readings(events)
+    assert (payload, count) == (pgcopy.encode_rows(pgcopy.READING_TYPES, expected), len(expected))
+
+
+def test_a_reading_too_big_for_float8_is_an_encode_error_not_a_crash() -> None:
+    """A value float8 cannot hold must not escape as OverflowError (it stopped the decoder
+    thread): the batch then takes the per-message path, which quarantines the message."""
+    data = BoardTouch(touches=10**400, window_s=1.0)
+    row = EventRow(
+        "sch-1", "sb-1", "smart_board", T0,
+        ValidEvent(1, T0, "board.touch", b"{}", data, True, False),
+    )  # fmt: skip
+    with pytest.raises(pgcopy.CopyEncodeError, match="readings row"):
+        pgcopy.encode_readings([row])
+    with pytest.raises(pgcopy.CopyEncodeError):
+        encode_events([row])
