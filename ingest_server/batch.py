@@ -336,12 +336,16 @@ class Batch:
         """Encode the events' COPY payloads now, so the writer thread only sends them.
 
         A value that cannot be encoded leaves :attr:`encoded` None: the writer then meets the
-        same error and the batch takes the per-message path that quarantines its message.
+        same error and the batch takes the per-message path that quarantines its message. So
+        does an encoder bug (logged here): it must not stop the decoder thread.
         """
         try:
             spans = self._spans if self._increasing else None
             self.encoded = encode_events(self.rows.events, spans)
         except pgcopy.CopyEncodeError:
+            self.encoded = None
+        except Exception:
+            log.exception("cannot encode a batch of %d messages", len(self.messages))
             self.encoded = None
 
     def parts(self) -> list[tuple[Inbound, Rows]]:

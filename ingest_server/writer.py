@@ -22,6 +22,7 @@ would otherwise run while PostgreSQL waits for the rows and contend with the dec
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, LiteralString
@@ -41,6 +42,8 @@ from ingest_server.batch import (
     spans_of,
 )
 from ingest_server.pgcopy import EVENT_COLUMNS, CopyEncodeError, encode_readings
+
+log = logging.getLogger(__name__)
 
 _INSERT_FROM_STAGING: Final = """
 INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data, received_at, synced)
@@ -136,6 +139,18 @@ class WriteResult:
         )
 
 
+def _encode(rows: Rows) -> EncodedEvents:
+    """:func:`encode_events` of the rows' events; an encoder bug (logged) is raised as a
+    :class:`CopyEncodeError`, so the message that meets it is quarantined and ingest goes on."""
+    try:
+        return encode_events(rows.events)
+    except CopyEncodeError:
+        raise
+    except Exception as exc:
+        log.exception("cannot encode %d events", len(rows.events))
+        raise CopyEncodeError(f"internal error while encoding: {exc!r}") from exc
+
+
 def _text(value: str) -> str:
     """PostgreSQL text cannot hold NUL: make it visible instead."""
     return value.replace("\x00", "\\x00")
@@ -159,7 +174,7 @@ class BatchWriter:
         """Write ``rows``; ``encoded``, when given, must be :func:`encode_events` of its events."""
         try:
             if encoded is None:
-                encoded = encode_events(rows.events)
+                encoded = _encode(rows)
             if encoded.events and self._all_new(encoded):
                 try:
                     return self._write(rows, encoded, fast=True)

@@ -284,3 +284,17 @@ def test_a_count_beyond_int8_is_rejected_with_the_bound_and_the_rest_flows() -> 
     assert "events[1].data.touches: expected `int` <= 9223372036854775807" in bad.reason
     assert batch.encoded is not None
     assert batch.encoded.readings == 2
+
+
+def test_an_encoder_bug_leaves_the_batch_unsealed_not_the_decoder_stopped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_: object) -> tuple[bytes, int]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pgcopy, "encode_readings", broken)
+    batch = Batch()
+    batch.add(msg(uplink(board_touch(1))))
+    batch.seal()  # does not raise
+    assert batch.encoded is None
+    assert "cannot encode a batch of 1 messages" in caplog.text
