@@ -151,6 +151,7 @@ def encode_events(events: Iterable[EventRow], stamps: list[int] | None = None) -
     head, tail, jsonb_head = _EVENT_HEAD.pack, _EVENT_TAIL.pack, _JSONB_HEAD.pack
     int8 = _INT8.pack
     types: dict[str, bytes] = {}
+    wheres: dict[tuple[str, str, str], bytes] = {}
     # Rows of one message share their school, device, kind and received_at objects.
     school = device = kind = None
     where = b""
@@ -162,7 +163,10 @@ def encode_events(events: Iterable[EventRow], stamps: list[int] | None = None) -
         for r in events:
             if r.device_id is not device or r.school_id is not school or r.kind is not kind:
                 school, device, kind = r.school_id, r.device_id, r.kind
-                where = text_field(school) + text_field(device) + text_field(kind)
+                where = wheres.get((school, device, kind), b"")
+                if not where:  # (one message per device interleaved: seen again and again)
+                    where = text_field(school) + text_field(device) + text_field(kind)
+                    wheres[school, device, kind] = where
             if r.received_at is not received:
                 received = r.received_at
                 received_us = micros(received)
