@@ -161,6 +161,15 @@ def collect(
 
 
 @dataclass(frozen=True, slots=True)
+class _Committed:
+    batch: Batch
+    result: WriteResult
+    #: Seconds the write took, and when it committed (Unix time).
+    elapsed: float
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Health:
     mqtt_connected: bool
     db_ok: bool
@@ -198,15 +207,21 @@ class Consumer:
         self._last_commit: float | None = None
         self._next_refresh = 0.0
         self._idle_backoff = 0.0
-        #: Called on the writer thread with the rows of each commit; must not block (live.py).
+        #: Called with the rows of each commit, in commit order, on the thread that acknowledges
+        #: them; must not block (live.py).
         self.on_commit: Callable[[Sequence[EventRow]], None] | None = None
         self._topics: dict[bytes, str] = {}
         self._session = MqttSubscriber(self._session_config(), self._deliver, self._on_ready)
         # One decoded batch waits while the writer commits the previous one: decoding (CPU,
         # holds the GIL) overlaps the database's share of the work (the GIL is released).
         self._decoded: queue.Queue[Batch] = queue.Queue(maxsize=1)
+        # Committed batches, in commit order, for the acknowledging thread: the writer goes
+        # straight back to PostgreSQL instead of leaving it idle while the PUBACKs, metrics and
+        # live stream of the last batch are done. None: the writer has finished.
+        self._committed: queue.Queue[_Committed | None] = queue.Queue(maxsize=4)
         self._decoder = threading.Thread(target=self._decode, name="ingest-decoder", daemon=True)
         self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+        self._acker = threading.Thread(target=self._acknowledge, name="ingest-acker", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -215,13 +230,15 @@ class Consumer:
         self._session.start()
         self._decoder.start()
         self._thread.start()
+        self._acker.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish (or abandon, unacknowledged) the current batch, then leave the broker."""
         self._stopping.set()
         self.inbox.close()
         deadline = time.monotonic() + timeout
-        for thread in (self._decoder, self._thread):
+        # the acknowledging thread last: it acknowledges every batch the writer committed
+        for thread in (self._decoder, self._thread, self._acker):
             if thread.is_alive():
                 thread.join(max(0.0, deadline - time.monotonic()))
         self._session.stop()
@@ -233,7 +250,8 @@ class Consumer:
             mqtt_connected=bool(self.metrics.mqtt_connected.value()),
             db_ok=bool(self.metrics.db_connected.value())
             and self._thread.is_alive()
-            and self._decoder.is_alive(),
+            and self._decoder.is_alive()
+            and self._acker.is_alive(),
             queued=len(self.inbox),
             last_commit_age_s=None if last is None else time.monotonic() - last,
         )
@@ -331,16 +349,33 @@ class Consumer:
                 except queue.Empty:
                     batch = None
                 if batch is not None:
-                    if not self._commit(batch):
+                    committed = self._commit(batch)
+                    if committed is None:
                         log.info("stopping: %d messages left unacknowledged", len(batch))
                         break
-                    self._ack(batch)
+                    self._committed.put(committed)
                 self._housekeeping()
         except Exception:
             log.exception("the writer thread failed")
             raise
         finally:
+            self._committed.put(None)
             self._disconnect_db()
+
+    # -- acknowledging thread ------------------------------------------------------------
+
+    def _acknowledge(self) -> None:
+        """Metrics, live stream and PUBACKs of each committed batch, in commit order, until
+        the writer has finished and everything it committed is acknowledged."""
+        while (item := self._committed.get()) is not None:
+            try:
+                self._record(item)
+            except Exception:  # a metrics bug must not keep committed messages unacknowledged
+                log.exception("recording a committed batch failed")
+            try:
+                self._ack(item.batch)
+            except Exception:  # unacknowledged, the broker resends them: duplicates, no loss
+                log.exception("acknowledging a committed batch failed")
 
     def _connect_db(self) -> BatchWriter:
         if self._writer is None:
@@ -387,8 +422,8 @@ class Consumer:
         self._idle_backoff = 0.0
         self._next_refresh = time.monotonic() + self.REFRESH_S
 
-    def _commit(self, batch: Batch) -> bool:
-        """Write ``batch`` until it is committed (True) or the server stops first (False)."""
+    def _commit(self, batch: Batch) -> _Committed | None:
+        """Write ``batch`` until it is committed, or the server stops first (None)."""
         delay = self.BACKOFF_MIN_S
         while True:
             try:
@@ -406,11 +441,11 @@ class Consumer:
                 )
                 self._disconnect_db()
                 if self._stopping.wait(delay * random.uniform(0.5, 1.0)):  # noqa: S311
-                    return False
+                    return None
                 delay = min(delay * 2, self.BACKOFF_MAX_S)
                 continue
-            self._record(batch, result, elapsed)
-            return True
+            self._last_commit = time.monotonic()
+            return _Committed(batch, result, elapsed, time.time())
 
     def _write(self, writer: BatchWriter, batch: Batch) -> WriteResult:
         try:
@@ -429,11 +464,10 @@ class Consumer:
         assert total is not None
         return total
 
-    def _record(self, batch: Batch, result: WriteResult, elapsed: float) -> None:
+    def _record(self, committed: _Committed) -> None:
+        batch, result, now = committed.batch, committed.result, committed.at
         m = self.metrics
-        now = time.time()
-        self._last_commit = time.monotonic()
-        m.batch_latency.observe(elapsed)
+        m.batch_latency.observe(committed.elapsed)
         encoded = batch.encoded
         if encoded is not None and result.stored is encoded.events:  # the whole batch
             # in the stamps' own unit: µs since 2000-01-01 UTC
