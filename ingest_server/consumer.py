@@ -3,11 +3,13 @@
 The MQTT session's I/O thread (:mod:`ingest_server.mqtt_session`) hands each chunk of messages to
 :class:`Inbox` (bounded: when it is full the I/O thread waits, so the broker's TCP stream backs
 up instead of our memory growing). A decoder thread turns up to ``batch_events`` rows or
-``batch_ms`` of messages into a batch; the writer thread writes it in one transaction and only
-after the commit acknowledges its messages. If the database is down the batch is kept and
-retried; nothing is acknowledged meanwhile. A message delivered on an earlier broker connection
-is not acknowledged on a later one: the broker resends it and the writer counts it as a
-duplicate.
+``batch_ms`` of messages into a batch and encodes its COPY payloads; the writer thread writes
+it in one transaction and hands it, once committed, to the acknowledging thread, which records
+its metrics, feeds the live stream and only then acknowledges its messages, batch after batch
+in commit order (so the writer is back at PostgreSQL at once). If the database is down the
+batch is kept and retried; nothing is acknowledged meanwhile. A message delivered on an earlier
+broker connection is not acknowledged on a later one: the broker resends it and the writer
+counts it as a duplicate.
 """
 
 from __future__ import annotations
