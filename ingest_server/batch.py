@@ -311,22 +311,25 @@ class Batch:
     def _extend_span(self, new: list[EventRow]) -> bool:
         """Add one message's events (all of one device) to its span; False if a seq does not
         rise above every seq of the device before it."""
-        seqs = [r.event.seq for r in new]
-        lo, hi = seqs[0], seqs[-1]
-        if len(seqs) > 1 and seqs != sorted(set(seqs)):
-            return False
         first = new[0]
+        if len(new) == 1:  # one event per message: the common case of many small devices
+            lo = hi = first.event.seq
+        else:
+            seqs = [r.event.seq for r in new]
+            lo, hi = seqs[0], seqs[-1]
+            if seqs != sorted(set(seqs)):
+                return False
         span = self._spans.get(first.device_id)
         if span is None:
             self._spans[first.device_id] = DeviceSpan(
-                first.school_id, first.kind, first.received_at, lo, hi, len(seqs)
+                first.school_id, first.kind, first.received_at, lo, hi, len(new)
             )
             return True
         if lo <= span.max_seq:
             return False
         span.seen = max(span.seen, first.received_at)
         span.max_seq = hi
-        span.count += len(seqs)
+        span.count += len(new)
         return True
 
     def __len__(self) -> int:

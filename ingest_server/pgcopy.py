@@ -208,6 +208,7 @@ def encode_readings(
     out = bytearray(HEADER)
     head, value_field, join = _READING_HEAD.pack, _FLOAT8.pack, b"".join
     plans: dict[str, _MetricPlan | None] = {}
+    wheres: dict[tuple[str, str], bytes] = {}
     school = device = None
     where = b""
     rows = 0
@@ -233,7 +234,9 @@ def encode_readings(
                 if not row_head:
                     if r.device_id is not device or r.school_id is not school:
                         school, device = r.school_id, r.device_id
-                        where = text_field(school) + text_field(device)
+                        where = wheres.get((school, device), b"")
+                        if not where:
+                            where = wheres[school, device] = text_field(school) + text_field(device)
                     row_head = head(5, 8, ts) + where
                 out += join((row_head, name, value_field(8, float(value))))
                 rows += 1
