@@ -15,6 +15,7 @@ BENCHES = (
     "fleet",
     "api_queries",
     "devices_list",
+    "decode_cost",
 )
 
 
