@@ -249,7 +249,11 @@ def _add_rows(msg: Inbound, rows: Rows, max_bytes: int) -> int:
     school, device = decoded.topic.school_id, decoded.topic.device_id
     kind, at = decoded.kind, msg.received_at
     rejected = decoded.rejected
-    events = [EventRow(school, device, kind, at, e) for e in decoded.events]
+    valid = decoded.events
+    if len(valid) == 1:  # (one event per message: no comprehension to set up)
+        events = [EventRow(school, device, kind, at, valid[0])]
+    else:
+        events = [EventRow(school, device, kind, at, e) for e in valid]
     if rejected:
         rows.quarantine += [
             _quarantine(msg, r.reason, "event", payload=r.raw, seq=r.seq) for r in rejected

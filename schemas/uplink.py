@@ -116,7 +116,9 @@ class RejectedEvent(msgspec.Struct, frozen=True, kw_only=True):
     seq: int | None = None
 
 
-class DecodedUplink(msgspec.Struct, frozen=True, kw_only=True):
+class DecodedUplink(msgspec.Struct, frozen=True):
+    """(Built positionally on the hot path, once per message.)"""
+
     topic: Topic
     kind: str
     replay: bool
@@ -177,9 +179,7 @@ def decode_uplink(
     else:
         assert isinstance(env, _Envelope)  # the slow path decoded the loose envelope above
         valid, rejected = _decode_events(env)
-    return DecodedUplink(
-        topic=parsed, kind=env.kind, replay=env.replay, events=valid, rejected=rejected
-    )
+    return DecodedUplink(parsed, env.kind, env.replay, valid, rejected)
 
 
 def _decode_envelope(payload: bytes) -> _Envelope:
