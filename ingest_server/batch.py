@@ -346,9 +346,12 @@ class Batch:
         same error and the batch takes the per-message path that quarantines its message. So
         does an encoder bug (logged here): it must not stop the decoder thread.
         """
+        events = self.rows.events
+        spans: dict[str, DeviceSpan] | None = None
+        if self._increasing and sum(s.count for s in self._spans.values()) == len(events):
+            spans = self._spans  # (the count guards against rows set other than by add())
         try:
-            spans = self._spans if self._increasing else None
-            self.encoded = encode_events(self.rows.events, spans)
+            self.encoded = encode_events(events, spans)
         except pgcopy.CopyEncodeError:
             self.encoded = None
         except Exception:

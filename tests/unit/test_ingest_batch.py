@@ -17,6 +17,7 @@ from ingest_server.batch import (
     Batch,
     DeviceSpan,
     Inbound,
+    Rows,
     StateRow,
     rows_of,
     spans_of,
@@ -298,3 +299,13 @@ def test_an_encoder_bug_leaves_the_batch_unsealed_not_the_decoder_stopped(
     batch.seal()  # does not raise
     assert batch.encoded is None
     assert "cannot encode a batch of 1 messages" in caplog.text
+
+
+def test_rows_set_without_add_get_their_spans_counted() -> None:
+    source = Batch()
+    source.add(_device_uplink("sb-1", [1, 2]))
+    batch = Batch()
+    batch.rows = Rows(events=list(source.rows.events))  # not through add(): no spans kept
+    batch.seal()
+    assert batch.encoded is not None
+    assert batch.encoded.spans == {"sb-1": DeviceSpan("sch-1", "smart_board", NOW, 1, 2, 2)}
