@@ -9,7 +9,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,21 +30,7 @@ from tests.services import Mosquitto
 SKEW_S = 42.5
 NTP_DELTA = 2_208_988_800
 
-
-@pytest.fixture
-def collector(mosquitto: Mosquitto) -> Iterator[Collector]:
-    c = Collector(mosquitto)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture(autouse=True)
-async def no_task_left_behind() -> AsyncIterator[None]:
-    yield
-    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    assert not left, f"tasks left running: {[t.get_name() for t in left]}"
+pytestmark = pytest.mark.usefixtures("no_task_left_behind")
 
 
 class SkewedHealthz:

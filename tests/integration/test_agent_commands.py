@@ -28,7 +28,7 @@ from simulators.em4100 import Em4100Simulator
 from simulators.signage import Notice, SignageScreen
 from tests.services import Mosquitto, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
 SCHOOL, DEVICE = "s001", "cs-0101"
 BASE = f"campus/v1/{SCHOOL}/{DEVICE}"
 _ids = itertools.count()
@@ -103,13 +103,6 @@ async def until(pred: Callable[[], object], what: str, within: float = 10.0) -> 
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ScreenLink, "BACKOFF_MIN_S", 0.05)
     monkeypatch.setattr(ScreenLink, "BACKOFF_MAX_S", 0.2)
-
-
-@pytest.fixture(autouse=True)
-async def no_task_left_behind() -> AsyncIterator[None]:
-    yield
-    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    assert not left, f"tasks left running: {[t.get_name() for t in left]}"
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from schemas.events import BoardPower, CardTap
 from simulators.faults import FaultUnavailable, Tmpfs
 from tests.services import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
 KEY_HEX = "00112233445566778899aabbccddeeff"
 
 
@@ -35,13 +35,6 @@ async def until(pred: Callable[[], object], what: str, within: float = 10.0) -> 
 
 
 _sleep = asyncio.sleep  # the real one, for tests that patch asyncio.sleep
-
-
-@pytest.fixture(autouse=True)
-async def no_task_left_behind() -> AsyncIterator[None]:
-    yield
-    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    assert not left, f"tasks left running: {[t.get_name() for t in left]}"
 
 
 def config(tmp_path: Path, drivers: str, privacy: str = "") -> AgentConfig:

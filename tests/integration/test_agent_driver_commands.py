@@ -3,8 +3,7 @@ real Mosquitto, on a simulated SIS recorder (pty) and a synthetic sensor."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,8 @@ from simulators.recorder import SmpRecorder
 from tests.agent_server import DeviceServer, until
 from tests.services import Mosquitto
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
 SCHOOL, DEVICE = "s001", "ru-0101"
-
-
-@pytest.fixture(autouse=True)
-async def no_task_left_behind() -> AsyncIterator[None]:
-    yield
-    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    assert not left, f"tasks left running: {[t.get_name() for t in left]}"
 
 
 @pytest.fixture(autouse=True)

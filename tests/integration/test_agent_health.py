@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,21 +21,7 @@ from tests.services import Mosquitto
 
 _NO_BROKER = _Url("mqtt://127.0.0.1:1883")
 
-
-@pytest.fixture
-def collector(mosquitto: Mosquitto) -> Iterator[Collector]:
-    c = Collector(mosquitto)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture(autouse=True)
-async def no_task_left_behind() -> AsyncIterator[None]:
-    yield
-    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    assert not left, f"tasks left running: {[t.get_name() for t in left]}"
+pytestmark = pytest.mark.usefixtures("no_task_left_behind")
 
 
 def health_events(c: Collector) -> list[AgentHealth]:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from schemas.state import DeviceState, state_decoder
 from schemas.uplink import DecodedUplink, decode_uplink
 from tests.services import Mosquitto, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
 SCHOOL, DEVICE = "s001", "env-0101"
 _ids = itertools.count()
 
@@ -78,15 +78,6 @@ class Collector:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-@pytest.fixture
-def collector(mosquitto: Mosquitto) -> Iterator[Collector]:
-    c = Collector(mosquitto)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def retained_state(broker: Mosquitto) -> DeviceState:
@@ -160,13 +151,6 @@ async def drained(agent: Agent, within: float = 30.0) -> None:
         if loop.time() > deadline:
             raise TimeoutError(f"{depth} events still in the outbox after {within}s")
         await asyncio.sleep(0.05)
-
-
-@pytest.fixture(autouse=True)
-async def no_task_left_behind() -> AsyncIterator[None]:
-    yield
-    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    assert not left, f"tasks left running: {[t.get_name() for t in left]}"
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

@@ -6,7 +6,7 @@ import asyncio
 import json
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,17 +22,10 @@ from schemas.events import AgentOutboxDropped
 from tests.agent_server import DeviceServer, until
 from tests.services import Mosquitto, shared_tmpdir
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
 SCHOOL, DEVICE = "s001", "cr-0101"
 PASSWORD = "s3cret-pw-not-in-logs"
 KEY_HEX = "0f" * 32
-
-
-@pytest.fixture(autouse=True)
-async def no_task_left_behind() -> AsyncIterator[None]:
-    yield
-    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    assert not left, f"tasks left running: {[t.get_name() for t in left]}"
 
 
 async def test_quota_full_drops_lowest_priority_counts_and_reports(

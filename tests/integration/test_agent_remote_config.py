@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,16 +13,9 @@ from edge_agent.config import load_config
 from tests.agent_server import DeviceServer, until
 from tests.services import Mosquitto
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
 SCHOOL, DEVICE = "s001", "gw-0101"
 ENV = {"type": "synthetic", "name": "env", "event_type": "env.reading", "rate": 20}
-
-
-@pytest.fixture(autouse=True)
-async def no_task_left_behind() -> AsyncIterator[None]:
-    yield
-    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    assert not left, f"tasks left running: {[t.get_name() for t in left]}"
 
 
 @pytest.fixture

@@ -26,15 +26,8 @@ from edge_agent.clock import (
     to_ntp,
 )
 from edge_agent.config import ConfigError, load_config
+from tests.unit.test_agent_config import MINIMAL
 
-MINIMAL = """
-[device]
-id = "cr-0101"
-school_id = "s001"
-kind = "card_reader"
-[mqtt]
-url = "mqtt://127.0.0.1:1883"
-"""
 NOW = 1_790_000_000.0  # 2026-09
 unix = st.floats(min_value=0, max_value=4_000_000_000, allow_nan=False)  # 1970 to 2096
 offsets = st.floats(min_value=-86_400, max_value=86_400, allow_nan=False)

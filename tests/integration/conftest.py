@@ -1,0 +1,34 @@
+"""Fixtures shared by the agent integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.services import Mosquitto
+
+if TYPE_CHECKING:
+    from tests.integration.test_agent_mqtt import Collector
+
+
+@pytest.fixture
+def collector(mosquitto: Mosquitto) -> Iterator[Collector]:
+    """Everything published under the campus topics of ``mosquitto``, as it arrives."""
+    from tests.integration.test_agent_mqtt import Collector
+
+    c = Collector(mosquitto)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+async def no_task_left_behind() -> AsyncIterator[None]:
+    """Fails a test that leaves asyncio tasks running (use with ``pytest.mark.usefixtures``)."""
+    yield
+    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert not left, f"tasks left running: {[t.get_name() for t in left]}"
