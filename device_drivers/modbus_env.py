@@ -1,10 +1,11 @@
 """Modbus environment sensors (RTU on a serial port, or Modbus TCP) → ``env.reading`` per poll.
 
 Driver type ``modbus_env``. Options: ``host`` (Modbus TCP; ``port`` is then the TCP port,
-default 502) or, without ``host``, ``port`` as the serial device (RTU) with ``baudrate``
-(9600), ``parity`` (N/E/O), ``bytesize`` (8), ``stopbits`` (1); ``unit`` (1), ``timeout_s``
-(1.0), ``retries`` (1), ``poll_s`` (30), and ``registers``: a table ``metric → {address, table
-(holding|input), type (int16|uint16|int32|uint32|float32), word_order (big|little), scale}``.
+default 502) or, without ``host``, ``port`` as the serial device or ``usb:VID:PID[:SERIAL]``
+(RTU) with ``baudrate`` (9600), ``parity`` (N/E/O), ``bytesize`` (8), ``stopbits`` (1);
+``unit`` (1), ``timeout_s`` (1.0), ``retries`` (1), ``poll_s`` (30), and ``registers``: a table
+``metric → {address, table (holding|input), type (int16|uint16|int32|uint32|float32),
+word_order (big|little), scale}``.
 Without ``registers`` the map of a typical all-in-one classroom sensor is used
 (:data:`DEFAULT_REGISTERS`); with it, exactly the metrics listed are read.
 
@@ -44,6 +45,7 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
+from device_drivers.transport import UsbId, resolve_usb
 from schemas.events import EnvReading
 
 log = logging.getLogger(__name__)
@@ -238,8 +240,14 @@ class ModbusLink:
                 ep.host, port=port, timeout=ep.timeout_s, retries=ep.retries, reconnect_delay=0
             )
         else:
+            device = str(ep.port)
+            if device.startswith("usb:"):  # looked up at every connect: the tty name may change
+                try:
+                    device = await asyncio.to_thread(resolve_usb, UsbId.parse(device))
+                except (OSError, ValueError) as exc:
+                    raise LinkDown(f"cannot open {ep.describe()}: {exc}", "disconnected") from exc
             client = AsyncModbusSerialClient(
-                str(ep.port),
+                device,
                 baudrate=ep.baudrate,
                 parity=ep.parity,
                 bytesize=ep.bytesize,

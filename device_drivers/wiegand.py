@@ -1,8 +1,9 @@
 """Wiegand-26 / Wiegand-34 card readers behind a serial Wiegand-to-UART converter → ``card.tap``.
 
-Driver type ``wiegand``. Options: ``port`` (serial device or any pyserial URL such as
-``socket://host:port``), ``baudrate`` (9600), ``debounce_s`` (1.0: the same card again within
-this time is one tap; readers that repeat a held card keep extending the window).
+Driver type ``wiegand``. Options: ``port`` (serial device, ``usb:VID:PID[:SERIAL]`` or any
+pyserial URL such as ``socket://host:port``), ``baudrate`` (9600), ``debounce_s`` (1.0: the
+same card again within this time is one tap; readers that repeat a held card keep extending the
+window).
 
 Converter framing (our simulator speaks the same): one ASCII line per card read,
 ``W26:XXXXXXX`` or ``W34:XXXXXXXXX``, ended by CR, LF or CRLF. The digits are the raw Wiegand
@@ -47,6 +48,7 @@ from device_drivers.serial_reader import (
     SerialStreamDriver,
     listen,
 )
+from device_drivers.transport import pyserial_url
 from schemas.events import CardTap
 
 log = logging.getLogger(__name__)
@@ -141,7 +143,8 @@ class WiegandOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
 
 def open_serial(opts: WiegandOptions) -> ByteStream:
     """Open the port with a short read timeout so the reader thread can stop promptly."""
-    port: ByteStream = serial.serial_for_url(opts.port, baudrate=opts.baudrate, timeout=0.1)
+    url = pyserial_url(opts.port)  # a usb: id is looked up at every open
+    port: ByteStream = serial.serial_for_url(url, baudrate=opts.baudrate, timeout=0.1)
     return port
 
 

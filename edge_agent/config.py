@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Meta
 
 from edge_agent.clock import parse_reference
+from edge_agent.remote_policy import RemoteAllowList, RemoteRefused, check_drivers
 from schemas.events import DeviceKind
 from schemas.keyfile import key_from_file
 from schemas.topics import ID_PATTERN
@@ -106,6 +107,20 @@ class ClockConfig(_Section, frozen=True):
     timeout_s: Annotated[float, Meta(gt=0, le=60)] = 5.0
 
 
+class RemoteSection(_Section, frozen=True):
+    """What remote ``config`` documents may point drivers at (see :mod:`edge_agent.remote_policy`).
+
+    The local config's own values of each kind are always allowed besides these.
+    """
+
+    #: Camera sources (URLs, files, device indexes) a remote config may give a ``camera`` driver.
+    camera_sources: list[str | int] = []
+    #: Modbus TCP hosts a remote config may give ``modbus_env`` or a gate's thermometer.
+    modbus_hosts: list[str] = []
+    #: ``host:port`` of signage screens a remote config may give a ``signage`` driver.
+    screens: list[str] = []
+
+
 class _File(_Section, frozen=True):
     device: DeviceConfig
     mqtt: MqttConfig
@@ -114,6 +129,7 @@ class _File(_Section, frozen=True):
     privacy: PrivacyConfig = PrivacyConfig()
     health: HealthConfig = HealthConfig()
     clock: ClockConfig = ClockConfig()
+    remote: RemoteSection = RemoteSection()
     drivers: list[dict[str, Any]] = []
 
 
@@ -158,6 +174,7 @@ class AgentConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     outbox_quota: OutboxQuota = field(default_factory=OutboxQuota)
     clock: ClockConfig = field(default_factory=ClockConfig)
+    remote: RemoteAllowList = field(default_factory=RemoteAllowList)
 
 
 class ManagedConfig(_Section, frozen=True):
@@ -182,6 +199,7 @@ _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "privacy": PrivacyConfig,
     "health": HealthConfig,
     "clock": ClockConfig,
+    "remote": RemoteSection,
 }
 _MANAGED: Final[dict[str, type[msgspec.Struct]]] = {
     "": ManagedConfig,
@@ -200,6 +218,12 @@ def _explain(
     if text.startswith("Object contains unknown field"):
         key = text.split("`")[1]
         known = ", ".join(f.name for f in msgspec.structs.fields(sections[where]))
+        local = _SECTIONS.get(where)
+        if sections is _MANAGED and local is not None and key in _field_names(local):
+            return (
+                f"{f'{where}.' if where else ''}{key}: may not be set remotely, only in the "
+                f"local config file (a remote config may set here: {known})"
+            )
         return f"{f'{where}.' if where else ''}{key}: unknown key (known here: {known})"
     if text.startswith("Object missing required field"):
         key = text.split("`")[1]
@@ -208,6 +232,10 @@ def _explain(
     if where in _ENUMS:
         what += f" (expected one of {_ENUMS[where]})"
     return f"{where}: {what}" if where else what
+
+
+def _field_names(struct: type[msgspec.Struct]) -> set[str]:
+    return {f.name for f in msgspec.structs.fields(struct)}
 
 
 def load_config(path: Path | str) -> AgentConfig:
@@ -253,6 +281,11 @@ def _resolve(source: Path, f: _File) -> AgentConfig:
         health=f.health,
         outbox_quota=OutboxQuota(max_bytes=f.outbox.max_bytes, max_events=f.outbox.max_events),
         clock=f.clock,
+        remote=RemoteAllowList(
+            camera_sources=frozenset(str(s) for s in f.remote.camera_sources),
+            modbus_hosts=frozenset(h.lower() for h in f.remote.modbus_hosts),
+            screens=frozenset(f.remote.screens),
+        ),
     )
 
 
@@ -260,6 +293,8 @@ def apply_remote(base: AgentConfig, managed: Mapping[str, Any]) -> AgentConfig:
     """``base`` (the file's config) with the sections of a remote document's ``config``.
 
     Raises :class:`ConfigError` naming the field as ``config.<section>.<key>``, as for the file.
+    Only what :mod:`edge_agent.remote_policy` allows passes: no file paths, no URL handlers,
+    camera sources, Modbus hosts and screens only from ``base``'s ``[remote]`` allow-list.
     """
     try:
         m = msgspec.convert(managed, ManagedConfig)
@@ -267,10 +302,14 @@ def apply_remote(base: AgentConfig, managed: Mapping[str, Any]) -> AgentConfig:
         low, high = publish.backoff_initial_s, publish.backoff_max_s
         if low is not None and high is not None and high < low:
             raise _Invalid("publish.backoff_max_s: must not be below publish.backoff_initial_s")
-        drivers = base.drivers if m.drivers is None else _drivers(m.drivers)
+        drivers = base.drivers
+        if m.drivers is not None:
+            drivers = _drivers(m.drivers)
+            local = [{"type": d.type, "name": d.name, **d.options} for d in base.drivers]
+            check_drivers(m.drivers, local, base.remote)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"config.{_explain(exc, _MANAGED)}") from None
-    except _Invalid as exc:
+    except (_Invalid, RemoteRefused) as exc:
         raise ConfigError(f"config.{exc}") from None
     return replace(
         base,

@@ -252,10 +252,21 @@ def test_cli_status_reads_the_outbox(tmp_path: Path, capsys: pytest.CaptureFixtu
 @pytest.mark.parametrize(
     ("managed", "words"),
     [
-        ({"mqtt": {"url": "mqtt://x"}}, "config.mqtt: unknown key (known here: drivers, publish"),
-        ({"privacy": {}}, "config.privacy: unknown key"),
+        (
+            {"mqtt": {"url": "mqtt://x"}},
+            "config.mqtt: may not be set remotely, only in the local config file (a remote config "
+            "may set here: drivers, publish, health, outbox)",
+        ),
+        ({"privacy": {}}, "config.privacy: may not be set remotely"),
+        ({"remote": {"camera_sources": ["rtsp://x"]}}, "config.remote: may not be set remotely"),
+        ({"clock": {"reference": "ntp://x"}}, "config.clock: may not be set remotely"),
+        ({"colour": 1}, "config.colour: unknown key (known here: drivers, publish"),
         ({"publish": {"inflight": 0}}, "config.publish.inflight: expected `int` >= 1"),
-        ({"outbox": {"path": "/tmp/x"}}, "config.outbox.path: unknown key (known here: max_bytes"),
+        (
+            {"outbox": {"path": "/tmp/x"}},
+            "config.outbox.path: may not be set remotely, only in the local config file (a "
+            "remote config may set here: max_bytes, max_events)",
+        ),
         ({"outbox": {"max_events": 1}}, "config.outbox.max_events: expected `int` >= 10"),
         ({"drivers": [{"name": "x"}]}, "config.drivers[0].type: required"),
         ({"drivers": {}}, "config.drivers: expected `array | null`, got `object`"),
