@@ -118,6 +118,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             room=args.room,
             outbox_path=args.outbox,
             force=args.force,
+            insecure=args.insecure,
+            ca_file=args.ca,
         )
     except EnrollError as exc:
         print(f"edge-agent enroll: {exc}", file=sys.stderr)
@@ -161,7 +163,24 @@ def main(argv: list[str] | None = None) -> int:
         description="Ask the server for this device's identity and credentials with a one-time "
         "enrolment code, and write the agent config (secrets in 0600 files beside it).",
     )
-    enrol.add_argument("--server", required=True, metavar="URL", help="e.g. https://ingest:8080")
+    enrol.add_argument(
+        "--server",
+        required=True,
+        metavar="URL",
+        help="e.g. https://ingest:8080 (http:// only to this machine, or with --insecure)",
+    )
+    enrol.add_argument(
+        "--ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM CA certificate that signed the https server's certificate (a private CA)",
+    )
+    enrol.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain http:// to another machine: the MQTT password and the district "
+        "hashing key then cross the network unencrypted",
+    )
     enrol.add_argument("--code", required=True, help="the one-time enrolment code")
     enrol.add_argument(
         "--config",

@@ -9,19 +9,27 @@ Written beside the config file, secrets each in a file of their own, mode 0600: 
 ``hash.key`` and ``ca.pem`` (when the server sends one). The password and key never go to a log
 or a message. A replaced device keeps its id; ``seq_floor`` makes its new outbox start above the
 seqs its predecessor used, so the server never sees a seq twice.
+
+Because the answer carries those secrets, the server must be ``https://`` (its certificate is
+verified: the system's CAs, or ``ca_file`` for a private CA); plain ``http://`` is accepted only
+to a loopback address (a server on this machine) or with ``insecure``. Redirects are not
+followed: the code and the secrets go only to the URL given.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -121,10 +129,54 @@ def _default_interface(routes: Path) -> str | None:
     return None
 
 
-def request_enrolment(server: str, body: EnrolRequest) -> Enrolment:
-    url = server.rstrip("/") + "/api/v1/enrol"
-    if not url.startswith(("http://", "https://")):
-        raise EnrollError(f"--server: expected an http:// or https:// URL, got {server!r}")
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1: a server on this machine (no name is resolved)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_server(server: str, *, insecure: bool = False, ca_file: Path | None = None) -> str:
+    """The enrolment URL for ``server``, or :class:`EnrollError` when it would expose secrets."""
+    parts = urlsplit(server)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise EnrollError(
+            f"--server: expected an https:// URL such as https://ingest:8080, got {server!r}"
+        )
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise EnrollError(f"--server: expected https://HOST[:PORT][/PATH], got {server!r}")
+    if parts.scheme == "http" and ca_file is not None:
+        raise EnrollError("--ca: only used with an https:// server")
+    if parts.scheme == "http" and not insecure and not is_loopback(parts.hostname):
+        raise EnrollError(
+            f"--server {server}: refusing plain http:// to another machine: the answer carries "
+            "this device's MQTT password and the district hashing key, readable and replaceable "
+            "by anyone on the network. Use https:// (--ca FILE for a private CA), or pass "
+            "--insecure on a network you trust completely"
+        )
+    return server.rstrip("/") + "/api/v1/enrol"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *_: Any) -> None:
+        return None  # the 3xx itself is then raised as an HTTPError
+
+
+def _opener(ca_file: Path | None) -> urllib.request.OpenerDirector:
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise EnrollError(f"--ca: cannot use {str(ca_file)!r} as a CA certificate: {exc}") from None
+    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirect)
+
+
+def request_enrolment(
+    server: str, body: EnrolRequest, *, insecure: bool = False, ca_file: Path | None = None
+) -> Enrolment:
+    url = check_server(server, insecure=insecure, ca_file=ca_file)
     req = urllib.request.Request(  # noqa: S310 - the scheme is checked above
         url,
         data=msgspec.json.encode(body),
@@ -132,13 +184,21 @@ def request_enrolment(server: str, body: EnrolRequest) -> Enrolment:
         method="POST",
     )
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:  # noqa: S310
+        with _opener(ca_file).open(req, timeout=TIMEOUT_S) as resp:
             status, raw = resp.status, resp.read(MAX_REPLY)
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            where = exc.headers.get("Location", "elsewhere")
+            raise EnrollError(
+                f"the enrolment server redirects to {where}: give that as --server"
+            ) from None
         raise EnrollError(_refusal(exc.code, exc.read(MAX_REPLY))) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise EnrollError(f"cannot reach the enrolment server {url}: {reason}") from None
+        hint = ""
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            hint = " (a server with a private CA: pass its certificate with --ca FILE)"
+        raise EnrollError(f"cannot reach the enrolment server {url}: {reason}{hint}") from None
     if status != 201:
         raise EnrollError(f"the enrolment server answered {status}, expected 201 Created")
     try:
@@ -175,8 +235,11 @@ def enroll(
     outbox_path: str | None = None,
     force: bool = False,
     ids: dict[str, str] | None = None,
+    insecure: bool = False,
+    ca_file: Path | None = None,
 ) -> Written:
     """Enrol and write a working config; raise :class:`EnrollError` saying what went wrong."""
+    check_server(server, insecure=insecure, ca_file=ca_file)  # before anything is sent
     if kind not in {k.value for k in DeviceKind}:
         known = ", ".join(k.value for k in DeviceKind)
         raise EnrollError(f"--kind: {kind!r} is not a device kind (one of {known})")
@@ -192,7 +255,7 @@ def enroll(
         hardware_ids=ids if ids is not None else hardware_ids(),
         agent_version=__version__,
     )
-    got = request_enrolment(server, body)
+    got = request_enrolment(server, body, insecure=insecure, ca_file=ca_file)
     base = config_path.parent
     base.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {
