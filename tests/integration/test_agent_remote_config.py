@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 from edge_agent.agent import Agent, config_store_path
 from edge_agent.config import load_config
 from tests.agent_server import DeviceServer, until
+from tests.integration.test_agent_mqtt import spawn
 from tests.services import Mosquitto
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
@@ -101,7 +104,11 @@ async def test_bad_configs_are_rejected_or_rolled_back_and_the_old_one_keeps_run
     config: Path, server: DeviceServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(Agent, "DRIVER_START_TIMEOUT_S", 1.0)
-    recorder = {"type": "recorder", "name": "rec", "port": str(tmp_path / "no-such-tty")}
+    recorder = {
+        "type": "recorder",
+        "name": "rec",
+        "port": "/dev/ttyNOSUCH0",
+    }  # a node that is not there
     async with running(config, server) as agent:
         env_driver = agent.drivers()[0]
         server.send_config(1, {"mqtt": {"url": "mqtt://elsewhere"}})
@@ -120,7 +127,7 @@ async def test_bad_configs_are_rejected_or_rolled_back_and_the_old_one_keeps_run
         rolled = await until(lambda: server.config_ack(3), "the ack of v3", within=15)
         assert rolled.status == "rolled_back"
         assert "driver rec did not come up in 1 s" in (rolled.detail or "")
-        assert "no-such-tty" in (rolled.detail or "")
+        assert "ttyNOSUCH0" in (rolled.detail or "")
         assert [d.name for d in agent.drivers()] == ["env"]
         assert agent.drivers()[0] is env_driver
         assert agent.config.health.interval_s == 0
@@ -145,3 +152,69 @@ async def test_bad_configs_are_rejected_or_rolled_back_and_the_old_one_keeps_run
         await until(lambda: server.config_ack(6), "the ack of v6")
         assert [a.version for a in server.config_acks] == [1, 2, 3, 4, 5, 6]
         assert [d.name for d in agent.drivers()] == ["env"]
+
+
+async def test_a_remote_config_may_not_open_urls_files_or_foreign_cameras(
+    config: Path, server: DeviceServer, tmp_path: Path
+) -> None:
+    """A real agent process: what only the local config may set is rejected, the old runs on."""
+    with config.open("a") as f:  # the technician's allow-list, in the local file
+        f.write('[remote]\ncamera_sources = ["rtsp://cam-203.school.lan/stream1"]\n')
+    spied = tmp_path / "spied"
+    agent = spawn(config, tmp_path / "agent.log")
+    try:
+
+        def running() -> bool:
+            assert agent.poll() is None, (tmp_path / "agent.log").read_text()
+            return True
+
+        await until(lambda: running() and any(s.state == "online" for s in server.states), "online")
+        await until(lambda: len(server.of("env.reading")) >= 3, "env readings")
+
+        door = {"type": "em4100", "name": "door", "port": f"spy:///dev/ttyS0?file={spied}"}
+        server.send_config(1, {"drivers": [ENV, door]})
+        ack = await until(lambda: running() and server.config_ack(1), "the ack of v1")
+        assert ack.status == "rejected"
+        detail = ack.detail or ""
+        assert detail.startswith("config.drivers[1] (door).port: 'spy:///dev/ttyS0?file=")
+        assert "may not be set remotely: a URL: serial ports set remotely are device" in detail
+
+        cam = {"type": "camera", "name": "cam", "source": "rtsp://10.66.0.1/stream"}
+        server.send_config(2, {"drivers": [ENV, cam]})
+        ack = await until(lambda: running() and server.config_ack(2), "the ack of v2")
+        assert ack.status == "rejected"
+        assert (ack.detail or "").startswith(
+            "config.drivers[1] (cam).source: 'rtsp://10.66.0.1/stream' may not be set remotely: "
+            "not in [remote] camera_sources of the local config"
+        )
+
+        board = {"type": "board_os", "name": "board", "path": "/etc/shadow"}
+        server.send_config(3, {"drivers": [ENV, board], "outbox": {"max_events": 100}})
+        ack = await until(lambda: running() and server.config_ack(3), "the ack of v3")
+        assert ack.status == "rejected"
+        assert "config.drivers[1] (board).path: '/etc/shadow' may not be set remotely" in (
+            ack.detail or ""
+        )
+
+        # the old config kept running all along: the same driver still produces events
+        seen = len(server.of("env.reading"))
+        await until(lambda: len(server.of("env.reading")) > seen + 5, "env readings after all")
+        assert not spied.exists()
+        assert not server.of("card.tap")
+        assert server.states[-1].config_version is None
+
+        taps = {"type": "synthetic", "name": "taps", "event_type": "card.tap", "rate": 20}
+        server.send_config(4, {"drivers": [ENV, taps]})  # a good config still applies
+        ack = await until(lambda: running() and server.config_ack(4), "the ack of v4")
+        assert (ack.status, ack.detail) == ("applied", None)
+        await until(lambda: server.of("card.tap"), "taps from the new driver")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(agent.wait, 30)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                await asyncio.to_thread(agent.wait, 30)
+    assert agent.returncode == 0, (tmp_path / "agent.log").read_text()
+    assert not spied.exists()
