@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 #: At most this much of an oversize payload is kept in quarantine.
 QUARANTINE_KEEP_BYTES: Final = 64 * 1024
+#: The longest ``agent_version`` a state may carry (the agent's is a few characters).
+MAX_AGENT_VERSION: Final = 128
 
 
 class Inbound(msgspec.Struct, frozen=True, gc=False):
@@ -209,6 +211,16 @@ def _state_row(msg: Inbound, topic: Topic) -> StateRow | QuarantineRow:
         state = state_schema.state_decoder.decode(msg.payload)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         return _quarantine(msg, f"state: {exc}", "state")
+    except (UnicodeDecodeError, RecursionError) as exc:  # not UTF-8; nested ~1000 deep
+        return _quarantine(msg, f"state: cannot decode: {exc}", "state")
+    version = state.agent_version
+    if len(version) > MAX_AGENT_VERSION or "\x00" in version:  # a text column holds it
+        why = (
+            "contains a NUL character, which cannot be stored"
+            if "\x00" in version
+            else f"is {len(version)} characters, over the limit of {MAX_AGENT_VERSION}"
+        )
+        return _quarantine(msg, f"state: agent_version {why}", "state")
     # A retained copy replayed at subscribe time arrived late: its own ts is the best guess.
     # A live one (including a will, whose ts dates from the device's connect) is news now.
     state_at = state.ts if msg.retain else msg.received_at

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 
+from ingest_server import logbound
 from ingest_server.settings import Settings, SettingsError, mask, parse_http
 
 BROKER_ENV = "CAMPUS_BROKER_URL"
@@ -52,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="admin API token: registered if the file exists, else created there when the "
         "database has none (default DATA_DIR/admin-token)",
+    )
+    run.add_argument(
+        "--stuck-after",
+        metavar="S",
+        type=float,
+        default=_DEFAULTS.stuck_after_s,
+        help="/healthz answers 503 when queued messages, the batch being written, an ack or "
+        "pending commands have not moved for S seconds (default %(default)s)",
     )
     run.add_argument(
         "--embedded-broker-port",
@@ -153,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logbound.install()
     db_url = args.db or os.environ.get(DB_ENV) or None
 
     if args.command == "migrate":
@@ -209,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mosquitto_reload_cmd=args.mosquitto_reload_cmd,
             broker_auth_interval_s=args.broker_auth_interval,
             embedded_allow_anonymous=not args.no_embedded_anonymous,
+            stuck_after_s=args.stuck_after,
         )
     except SettingsError as exc:
         parser.error(str(exc))

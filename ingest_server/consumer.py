@@ -65,6 +65,11 @@ class Inbox:
     def __len__(self) -> int:
         return len(self._items)
 
+    def oldest(self) -> datetime | None:
+        """When the oldest queued message was received; None when none is queued."""
+        with self._cond:
+            return self._items[0].received_at if self._items else None
+
     def put(self, item: Inbound) -> bool:
         """Queue ``item``; False (and dropped, so never acknowledged) once closed."""
         with self._cond:
@@ -177,6 +182,8 @@ class Health:
     db_ok: bool
     queued: int
     last_commit_age_s: float | None
+    #: Why ingest is not making progress; empty when it is.
+    stuck: tuple[str, ...] = ()
 
 
 class Consumer:
@@ -207,6 +214,8 @@ class Consumer:
         self._writer: BatchWriter | None = None
         self._migrated = False
         self._last_commit: float | None = None
+        #: Since when the writer has been at the batch in hand (monotonic); None between.
+        self._batch_since: float | None = None
         self._next_refresh = 0.0
         self._idle_backoff = 0.0
         #: Called with the rows of each commit, in commit order, on the thread that acknowledges
@@ -248,6 +257,25 @@ class Consumer:
 
     def health(self) -> Health:
         last = self._last_commit
+        now, limit = time.monotonic(), self.settings.stuck_after_s
+        stuck = []
+        threads = (self._decoder, self._thread, self._acker)
+        if not self._stopping.is_set():
+            dead = [t.name for t in threads if t.ident is not None and not t.is_alive()]
+            if dead:
+                stuck.append(f"ingest: thread {', '.join(dead)} has died")
+        since = self._batch_since
+        if since is not None and now - since > limit:
+            stuck.append(f"ingest: the batch in hand has not committed for {now - since:.0f} s")
+        oldest = self.inbox.oldest()
+        if oldest is not None:
+            waited = (datetime.now(UTC) - oldest).total_seconds()
+            idle = now - last if last is not None else waited
+            if waited > limit and idle > limit:
+                stuck.append(
+                    f"ingest: {len(self.inbox)} messages queued, the oldest for {waited:.0f} s,"
+                    f" and no commit for {idle:.0f} s"
+                )
         return Health(
             mqtt_connected=bool(self.metrics.mqtt_connected.value()),
             db_ok=bool(self.metrics.db_connected.value())
@@ -255,7 +283,8 @@ class Consumer:
             and self._decoder.is_alive()
             and self._acker.is_alive(),
             queued=len(self.inbox),
-            last_commit_age_s=None if last is None else time.monotonic() - last,
+            last_commit_age_s=None if last is None else now - last,
+            stuck=tuple(stuck),
         )
 
     # -- MQTT (the session's I/O thread) -------------------------------------------------
@@ -427,6 +456,13 @@ class Consumer:
     def _commit(self, batch: Batch) -> _Committed | None:
         """Write ``batch`` until it is committed, or the server stops first (None)."""
         delay = self.BACKOFF_MIN_S
+        self._batch_since = time.monotonic()
+        try:
+            return self._commit_retrying(batch, delay)
+        finally:
+            self._batch_since = None
+
+    def _commit_retrying(self, batch: Batch, delay: float) -> _Committed | None:
         while True:
             try:
                 writer = self._connect_db()

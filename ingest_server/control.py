@@ -9,6 +9,14 @@ most once). Its paho client has an id of its own (``<client-id>-control``) and a
 session, and acknowledges an ack to the broker only after its row is committed. A malformed
 ack, or one nobody asked for, goes to ``quarantine`` with the reason. Servers sharing a
 database all record acks; only the one holding an advisory lock publishes.
+
+No ack can hold the others up: one beyond :data:`ACK_LIMITS` (size, nesting, string length, a
+``\\u0000`` the database cannot store) is quarantined before it reaches the database, its
+``detail`` included (refused, not truncated: a device's truncated answer would read as its
+answer). One the database still refuses (DataError, IntegrityError, ...) is quarantined with the
+database's reason at once; one that keeps losing the connection is retried with backoff, up to
+:attr:`ControlPlane.MAX_ATTEMPTS` times, then quarantined. Quarantined means recorded and
+acknowledged to the broker, never redelivered.
 """
 
 from __future__ import annotations
@@ -34,10 +42,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from psycopg.types.json import Jsonb
 
+from ingest_server.batch import QUARANTINE_KEEP_BYTES
 from ingest_server.db import connect_session
+from ingest_server.logbound import short
+from ingest_server.metrics import IngestMetrics
 from ingest_server.settings import BrokerUrl, Settings, mask
 from schemas import topics
 from schemas.errors import TopicError
+from schemas.limits import JsonLimits, check_json
 from schemas.state import (
     Command,
     CommandAck,
@@ -53,10 +65,18 @@ log = logging.getLogger(__name__)
 _MQTT5: Final = 5
 #: Advisory lock held by the one server (per database) that publishes; "campus\0\x30".
 LEADER_LOCK_KEY: Final = 0x6361_6D70_7573_0030
+#: What an ack may be. The agent's acks are well under a kilobyte; a config ack's ``detail`` is
+#: a validation error's text, rarely over 1 KB.
+ACK_LIMITS: Final = JsonLimits(max_bytes=32 * 1024, max_depth=16, max_string=8 * 1024)
 
 
 class ControlError(ValueError):
-    """An ack that cannot be used; the message says what is wrong with it."""
+    """An ack that cannot be used; the message says what is wrong with it, ``kind`` its class
+    for ``campus_control_quarantined_total{reason}``."""
+
+    def __init__(self, message: str, kind: str = "malformed") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class AckKind(StrEnum):
@@ -85,23 +105,57 @@ def parse_ack_topic(topic: str) -> AckTopic:
     parts = topic.split("/")
     channel = "/".join(parts[4:])
     if len(parts) != 6 or "/".join(parts[:2]) != topics.PREFIX or channel not in set(AckKind):
-        raise ControlError(f"topic {topic!r} is not a device's cmd/ack or config/ack")
+        raise ControlError(
+            f"topic {short(topic)!r} is not a device's cmd/ack or config/ack", "topic"
+        )
     try:
         topics.check_id(parts[2], "school_id")
         topics.check_id(parts[3], "device_id")
     except TopicError as exc:
-        raise ControlError(str(exc)) from None
+        raise ControlError(short(str(exc)), "topic") from None
     return AckTopic(parts[2], parts[3], AckKind(channel))
 
 
 def decode_ack(kind: AckKind, payload: bytes) -> CommandAck | ConfigAck:
-    """Decode an ack payload; :class:`ControlError` says which field is wrong."""
+    """Decode an ack payload within :data:`ACK_LIMITS`; :class:`ControlError` says which field
+    or bound is wrong."""
+    exceeded = check_json(payload, ACK_LIMITS)
+    if exceeded is not None:
+        raise ControlError(f"{kind.value} refused: {exceeded.reason}", exceeded.kind)
     try:
         if kind is AckKind.COMMAND:
             return ack_decoder.decode(payload)
         return _config_ack_decoder.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise ControlError(f"malformed {kind.value}: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # (ValidationError is a DecodeError; the others are caught by the limits above)
+        raise ControlError(f"malformed {kind.value}: {short(str(exc))}") from None
+
+
+#: Commands and configs waiting to be published, and the age (s) of the oldest of them.
+_PENDING: Final = """
+WITH cmd AS (
+    SELECT count(*) AS n, min(created_at) AS oldest FROM commands
+    WHERE status = 'pending' AND expires_at > now()
+), cfg AS (
+    SELECT count(*) AS n, min(updated_at) AS oldest FROM device_config
+    WHERE published_version IS DISTINCT FROM version
+)
+SELECT cmd.n, cfg.n, extract(epoch FROM now() - least(cmd.oldest, cfg.oldest))::float8
+FROM cmd, cfg
+"""
+
+
+def _device_of(topic: str) -> str | None:
+    try:
+        return parse_ack_topic(topic).device_id
+    except ControlError:
+        return None
+
+
+def _text(value: str) -> str:
+    """PostgreSQL text cannot hold NUL: make it visible instead (a topic may carry one)."""
+    # (a lone surrogate, which cannot be encoded, the same way)
+    return value.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
 
 
 def command_payload(cmd_id: str, name: str, args: dict[str, Any], expires_at: datetime) -> bytes:
@@ -141,6 +195,13 @@ class ControlHealth:
     #: Whether this server is the one publishing for its database.
     leader: bool
     inflight: int
+    #: Acks received and not yet recorded (the one in hand included).
+    inbox: int = 0
+    #: Commands waiting to be published, and devices whose newest config is (as last counted).
+    pending_commands: int = 0
+    pending_configs: int = 0
+    #: Why the control plane is not making progress; empty when it is.
+    stuck: tuple[str, ...] = ()
 
 
 class ControlPlane:
@@ -158,10 +219,20 @@ class ControlPlane:
     MQTT_RECONNECT_S = (1, 30)
     SESSION_EXPIRY_S = 7 * 24 * 3600
     DB_CONNECT_TIMEOUT_S = 5
+    #: Tries of one ack whose database connection keeps failing before it is quarantined.
+    MAX_ATTEMPTS = 8
 
-    def __init__(self, settings: Settings, broker: BrokerUrl, db_url: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        broker: BrokerUrl,
+        db_url: str,
+        metrics: IngestMetrics | None = None,
+    ) -> None:
         self.broker = broker
         self.db_url = db_url
+        self.metrics = metrics or IngestMetrics()
+        self.stuck_after_s = settings.stuck_after_s
         self.client_id = f"{settings.client_id}-control"
         # None wakes the worker; only acks are bounded by the queue's size.
         self._inbox: queue.Queue[_Inbound | None] = queue.Queue(self.QUEUE_MESSAGES)
@@ -177,6 +248,13 @@ class ControlPlane:
         self._migrated = False
         self._leader = False
         self._retry: _Inbound | None = None
+        #: Failed tries of the ack in hand; since when it is in hand (monotonic).
+        self._attempts = 0
+        self._busy_since: float | None = None
+        #: When the worker last finished a pass of its loop; the oldest pending work's age (s).
+        self._last_pass = time.monotonic()
+        self._pending = (0, 0)
+        self._pending_age_s = 0.0
         self._client = self._make_client()
         self._thread = threading.Thread(target=self._run, name="control-worker", daemon=True)
 
@@ -215,11 +293,29 @@ class ControlPlane:
             self._inbox.put_nowait(None)
 
     def health(self) -> ControlHealth:
+        now, limit = time.monotonic(), self.stuck_after_s
+        stuck = []
+        if self._thread.ident is not None and not self._thread.is_alive():
+            stuck.append("control: the worker thread has died")
+        busy = self._busy_since
+        if busy is not None and now - busy > limit:
+            stuck.append(f"control: an ack has waited {now - busy:.0f} s to be recorded")
+        elif now - self._last_pass > limit:
+            stuck.append(
+                f"control: the worker has not come round for {now - self._last_pass:.0f} s"
+            )
+        if self._leader and self._connected.is_set() and self._pending_age_s > limit:
+            stuck.append(f"control: commands or configs pending for {self._pending_age_s:.0f} s")
+        inbox = self._inbox.qsize() + (busy is not None)
         return ControlHealth(
             mqtt_connected=self._connected.is_set(),
             db_ok=self._conn is not None and self._thread.is_alive(),
             leader=self._leader,
             inflight=len(self._inflight),
+            inbox=inbox,
+            pending_commands=self._pending[0],
+            pending_configs=self._pending[1],
+            stuck=tuple(stuck),
         )
 
     # -- MQTT (paho's network thread) ------------------------------------------------------
@@ -334,28 +430,70 @@ class ControlPlane:
                     if item is None:  # woken, or time for the next tick
                         next_tick = 0.0
                 if item is not None:
-                    self._retry = item
-                    self._handle(conn, item)
-                    self._retry = None
+                    if self._retry is None:
+                        self._retry, self._busy_since = item, time.monotonic()
+                    self._record_ack(conn, item)
+                    self._retry = self._busy_since = None
+                    self._attempts = 0
                     self._ack_broker(item)
                 if time.monotonic() >= next_tick:
                     self._tick(conn)
                     next_tick = time.monotonic() + self.TICK_S
                 delay = self.BACKOFF_MIN_S
+                self._last_pass = time.monotonic()
+                self._update_metrics()
             except psycopg.Error as exc:
                 log.warning(
                     "control plane: database error (%s); retrying in %.1f s",
-                    " ".join(str(exc).split()),
+                    short(" ".join(str(exc).split())),
                     delay,
                 )
+                self.metrics.control_retries.inc()
                 self._disconnect_db()
                 self._stopping.wait(delay * random.uniform(0.5, 1.0))  # noqa: S311
                 delay = min(delay * 2, self.BACKOFF_MAX_S)
             except Exception:  # a bug must not stop commands for the whole district
                 log.exception("control plane: unexpected error; going on")
-                self._retry = None
                 self._stopping.wait(self.BACKOFF_MAX_S)
         self._disconnect_db()
+
+    def _record_ack(self, conn: psycopg.Connection[Any], item: _Inbound) -> None:
+        """Record ``item``, or quarantine it: only a lost connection (raised) is tried again,
+        and only :attr:`MAX_ATTEMPTS` times."""
+        try:
+            self._handle(conn, item)
+            return
+        except psycopg.Error as exc:
+            why = short(" ".join((exc.diag.message_primary or str(exc)).split()))
+            if not conn.closed and not isinstance(
+                exc, (psycopg.OperationalError, psycopg.InterfaceError)
+            ):
+                reason, kind = (
+                    f"the database refused this ack: {type(exc).__name__}: {why}",
+                    "database",
+                )
+            else:
+                self._attempts += 1
+                if self._attempts < self.MAX_ATTEMPTS:
+                    raise
+                reason = f"not recorded after {self._attempts} tries: {type(exc).__name__}: {why}"
+                kind = "retries"
+                self._disconnect_db()  # the failure may have left the session unusable
+                conn = self._connect_db()
+        except Exception as exc:  # a bug on one ack must not hold up the others
+            log.exception("control plane: cannot record an ack on %s", short(item.topic))
+            reason, kind = f"internal error while recording: {short(repr(exc))}", "internal"
+        try:
+            self._quarantine(conn, item, reason, _device_of(item.topic), kind)
+        except psycopg.Error as exc:
+            if conn.closed or isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+                raise
+            log.error(
+                "control plane: an ack on %s cannot even be quarantined (%s); dropped",
+                short(item.topic),
+                short(str(exc)),
+            )
+            self.metrics.control_quarantined.inc(reason="dropped")
 
     def _connect_db(self) -> psycopg.Connection[Any]:
         if self._conn is None:
@@ -396,6 +534,16 @@ class ControlPlane:
                 log.info("control plane: this server publishes commands and configs")
         if self._leader and self._connected.is_set():
             self._send(conn)
+        if self._leader:
+            self._count_pending(conn)
+        else:
+            self._pending, self._pending_age_s = (0, 0), 0.0
+
+    def _count_pending(self, conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute(_PENDING).fetchone()
+        if row is not None:
+            self._pending = (int(row[0]), int(row[1]))
+            self._pending_age_s = float(row[2] or 0.0)
 
     def _send(self, conn: psycopg.Connection[Any]) -> None:
         room = self.MAX_INFLIGHT - len(self._inflight)
@@ -497,12 +645,12 @@ class ControlPlane:
         try:
             where = parse_ack_topic(item.topic)
         except ControlError as exc:
-            self._quarantine(conn, item, str(exc), None)
+            self._quarantine(conn, item, str(exc), None, exc.kind)
             return
         try:
             ack = decode_ack(where.kind, item.payload)
         except ControlError as exc:
-            self._quarantine(conn, item, str(exc), where.device_id)
+            self._quarantine(conn, item, str(exc), where.device_id, exc.kind)
             return
         with conn.transaction():
             if isinstance(ack, CommandAck):
@@ -510,7 +658,7 @@ class ControlPlane:
             else:
                 problem = self._config_ack(conn, where, ack)
             if problem:
-                self._quarantine(conn, item, problem, where.device_id)
+                self._quarantine(conn, item, problem, where.device_id, "unexpected")
 
     def _command_ack(
         self, conn: psycopg.Connection[Any], where: AckTopic, ack: CommandAck
@@ -563,13 +711,32 @@ class ControlPlane:
         return None
 
     def _quarantine(
-        self, conn: psycopg.Connection[Any], item: _Inbound, reason: str, device_id: str | None
+        self,
+        conn: psycopg.Connection[Any],
+        item: _Inbound,
+        reason: str,
+        device_id: str | None,
+        kind: str,
     ) -> None:
-        log.warning("control plane: %s (topic %s); kept in quarantine", reason, item.topic)
+        """Keep ``item`` (its first :data:`QUARANTINE_KEEP_BYTES`) with ``reason``."""
+        payload = item.payload[:QUARANTINE_KEEP_BYTES]
+        if len(payload) < len(item.payload):
+            reason += f"; only its first {len(payload)} bytes of {len(item.payload)} are kept here"
+        log.warning(
+            "control plane: %s (topic %s); kept in quarantine", short(reason), short(item.topic)
+        )
         conn.execute(
             "INSERT INTO quarantine (topic, payload, reason, device_id) VALUES (%s, %s, %s, %s)",
-            (item.topic, item.payload, reason, device_id),
+            (_text(item.topic), payload, _text(reason), device_id),
         )
+        self.metrics.control_quarantined.inc(reason=kind)
+
+    def _update_metrics(self) -> None:
+        m = self.metrics
+        m.control_inbox.set(self._inbox.qsize() + (self._busy_since is not None))
+        m.control_inflight.set(len(self._inflight))
+        m.control_pending_commands.set(self._pending[0])
+        m.control_pending_configs.set(self._pending[1])
 
 
 __all__ = [

@@ -75,6 +75,7 @@ def create_app(
     @app.get("/healthz")
     def healthz() -> JSONResponse:
         h = source.health()
+        stuck = list(h.stuck)
         body: dict[str, Any] = {
             "status": "ok" if h.mqtt_connected and h.db_ok else "down",
             "mqtt": "connected" if h.mqtt_connected else "disconnected",
@@ -86,6 +87,23 @@ def create_app(
             # The agents' clock reference (edge_agent.clock): UTC, to the millisecond.
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
+        control = getattr(app.state, "control", None)  # set by IngestServer once it runs
+        if control is not None:
+            c = control.health()
+            stuck += c.stuck
+            body["control"] = {
+                "mqtt": "connected" if c.mqtt_connected else "disconnected",
+                "db": "ok" if c.db_ok else "down",
+                "leader": c.leader,
+                "inbox_messages": c.inbox,
+                "inflight": c.inflight,
+                "pending_commands": c.pending_commands,
+                "pending_configs": c.pending_configs,
+            }
+        body["stuck"] = stuck
+        metrics.stuck.set(1 if stuck else 0)
+        if stuck and body["status"] == "ok":
+            body["status"] = "stuck"
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     guard = [Depends(auth.require("read"))] if db_url is not None else []

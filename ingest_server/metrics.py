@@ -191,6 +191,31 @@ class IngestMetrics:
         self.queue_depth = Gauge(
             f"{p}_queue_messages", "Messages received and waiting for the writer."
         )
+        c = "campus_control"
+        self.control_inbox = Gauge(
+            f"{c}_inbox_messages", "Acks received by the control plane and not yet recorded."
+        )
+        self.control_pending_commands = Gauge(
+            f"{c}_pending_commands", "Commands waiting to be published (leader only)."
+        )
+        self.control_pending_configs = Gauge(
+            f"{c}_pending_configs",
+            "Devices whose newest config is not yet published (leader only).",
+        )
+        self.control_inflight = Gauge(
+            f"{c}_inflight", "Commands and configs published and awaiting the broker's PUBACK."
+        )
+        self.control_retries = Counter(
+            f"{c}_retries_total", "Database errors the control plane backed off and retried after."
+        )
+        self.control_quarantined = Counter(
+            f"{c}_quarantined_total",
+            "Acks written to quarantine, by kind of failure.",
+            ["reason"],
+        )
+        self.stuck = Gauge(
+            "campus_stuck", "1 while /healthz reports work not progressing (see its stuck list)."
+        )
         self.all: tuple[_Metric, ...] = tuple(
             m for m in vars(self).values() if isinstance(m, _Metric)
         )

@@ -19,7 +19,7 @@ from typing import Self
 
 import psycopg
 
-from ingest_server import broker_auth
+from ingest_server import broker_auth, logbound
 from ingest_server.api import auth
 from ingest_server.api.enrol import EnrolmentState
 from ingest_server.consumer import Consumer
@@ -88,7 +88,7 @@ class IngestServer:
             consumer.start()
             self._stack.callback(consumer.stop)
             self._consumer = consumer
-            control = ControlPlane(s, BrokerUrl.parse(broker_url), db_url)
+            control = ControlPlane(s, BrokerUrl.parse(broker_url), db_url, self.metrics)
             app.state.control = control
             control.start()
             self._stack.callback(control.stop)
@@ -220,6 +220,7 @@ SWITCH_INTERVAL_S = 0.0005
 def run_server(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT; the batch in progress is finished or left unacknowledged."""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    logbound.install()  # no log line of tens of MB, whatever a device sends
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -140,6 +140,8 @@ class Settings:
     broker_auth_interval_s: float = 5.0
     #: The embedded broker admits loopback clients without credentials (the demo's agents).
     embedded_allow_anonymous: bool = True
+    #: /healthz answers 503 once queued work, a batch or an ack has not moved for this long.
+    stuck_after_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.batch_events < 1 or self.batch_ms < 0:
@@ -168,6 +170,8 @@ class Settings:
             BrokerUrl.parse(self.enrol_broker_url)
         if not 0.1 <= self.broker_auth_interval_s <= 3600:
             raise SettingsError("--broker-auth-interval must be between 0.1 and 3600 seconds")
+        if not 0.1 <= self.stuck_after_s <= 86400:
+            raise SettingsError("--stuck-after must be between 0.1 and 86400 seconds")
 
     @property
     def token_file(self) -> Path:

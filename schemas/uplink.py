@@ -161,8 +161,11 @@ def decode_uplink(
             payload.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise UplinkError(f"payload is not UTF-8: invalid byte at offset {exc.start}") from None
-    fast = _decode_fast(payload)
-    env: _Envelope | _FastEnvelope = fast[0] if fast is not None else _decode_envelope(payload)
+    try:
+        fast = _decode_fast(payload)
+        env: _Envelope | _FastEnvelope = fast[0] if fast is not None else _decode_envelope(payload)
+    except RecursionError:  # msgspec's own bound on nesting, some 1000 levels
+        raise UplinkError("payload is nested too deeply to decode") from None
     if env.v != VERSION:
         raise UplinkError(f"v: unsupported contract version {env.v} (this server speaks {VERSION})")
     if env.device_id != parsed.device_id:

@@ -284,7 +284,7 @@ def test_bad_acks_are_kept_and_the_control_plane_goes_on(
     device.publish("config/ack", {"version": 1, "status": "applied", "ts": _now()})
     wait_until(lambda: len(quarantined(db_url)) == 4, 20, "four quarantined acks")
     reasons = [r for _, r, _ in quarantined(db_url)]
-    assert reasons[0].startswith("malformed cmd/ack")
+    assert reasons[0].startswith("cmd/ack refused: payload is not UTF-8")
     assert reasons[1] == "ack for unknown command id 'never-sent'"
     assert "status" in reasons[2]
     assert "no desired configuration" in reasons[3]

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from ingest_server.control import (
+    ACK_LIMITS,
     AckKind,
     ConfigAck,
     ControlError,
@@ -58,7 +59,12 @@ def test_decode_acks() -> None:
 @pytest.mark.parametrize(
     ("kind", "payload", "says"),
     [
-        (AckKind.COMMAND, b"\xff", "malformed cmd/ack: JSON is malformed"),
+        (
+            AckKind.COMMAND,
+            b"\xff",
+            "cmd/ack refused: payload is not UTF-8: invalid byte at offset 0",
+        ),
+        (AckKind.COMMAND, b"{,}", "malformed cmd/ack: JSON is malformed"),
         (AckKind.COMMAND, b'{"id": "a", "status": "fine"}', r"at `\$.status`"),
         (AckKind.COMMAND, b'{"status": "ok"}', "missing required field `id`"),
         (
@@ -95,3 +101,73 @@ def test_check_document() -> None:
     assert check_document(doc) == doc.encode()
     with pytest.raises(msgspec.ValidationError, match="version"):
         check_document('{"config": {}, "version": 0, "issued_at": "2026-11-22T08:00:00Z"}')
+
+
+_NESTED = b"[" * 17 + b"]" * 17
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "why", "says"),
+    [
+        (
+            AckKind.COMMAND,
+            b'{"id": "a", "status": "ok", "detail": "x\\u0000y"}',
+            "nul",
+            r"cmd/ack refused: contains a \\u0000 character",
+        ),
+        (
+            AckKind.CONFIG,
+            b'{"version": 1, "status": "applied", "detail": "\\u0000",'
+            b' "ts": "2026-01-01T00:00:00Z"}',
+            "nul",
+            "config/ack refused: contains a",
+        ),
+        (
+            AckKind.COMMAND,
+            b'{"id": "a", "status": "ok", "detail": "' + b"x" * ACK_LIMITS.max_bytes + b'"}',
+            "oversize",
+            f"over the limit of {ACK_LIMITS.max_bytes}",
+        ),
+        (
+            AckKind.COMMAND,
+            b'{"id": "a", "status": "ok", "detail": ' + _NESTED + b"}",
+            "depth",
+            "nested deeper than the limit of 16 levels",
+        ),
+        (
+            AckKind.COMMAND,
+            b'{"id": "a", "status": "ok", "detail": "' + b"x" * 8193 + b'"}',
+            "string",
+            "a string is 8193 bytes long, over the limit of 8192",
+        ),
+        (
+            AckKind.COMMAND,
+            b'{"id": "a", "status": "ok", "detail": "\\ud800"}',
+            "malformed",
+            "malformed cmd/ack",
+        ),
+        (
+            AckKind.COMMAND,
+            b'{"id": "a", "status": "ok", "detail": "\xed\xa0\x80"}',
+            "encoding",
+            "payload is not UTF-8",
+        ),
+    ],
+)
+def test_acks_beyond_the_limits_are_refused_before_the_database(
+    kind: AckKind, payload: bytes, why: str, says: str
+) -> None:
+    with pytest.raises(ControlError, match=says) as info:
+        decode_ack(kind, payload)
+    assert info.value.kind == why
+
+
+def test_acks_within_the_limits_pass() -> None:
+    nested = b"[" * 15 + b"]" * 15
+    ack = decode_ack(AckKind.COMMAND, b'{"id": "a", "status": "ok", "detail": ' + nested + b"}")
+    assert isinstance(ack, CommandAck)
+    # an escaped backslash before "u0000" is no NUL; brackets inside strings are no nesting
+    text = b'{"id": "a", "status": "ok", "detail": ["\\\\u0000", "[[[[[[[[[[[[[[[[[[[["]}'
+    ack = decode_ack(AckKind.COMMAND, text)
+    assert isinstance(ack, CommandAck)
+    assert ack.detail == ["\\u0000", "[" * 20]

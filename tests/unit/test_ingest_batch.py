@@ -309,3 +309,54 @@ def test_rows_set_without_add_get_their_spans_counted() -> None:
     batch.seal()
     assert batch.encoded is not None
     assert batch.encoded.spans == {"sb-1": DeviceSpan("sch-1", "smart_board", NOW, 1, 2, 2)}
+
+
+_STATE = b'{"state": "online", "boot": 1, "ts": "2026-11-22T00:00:00Z", "agent_version": '
+_STATE_TOPIC = "campus/v1/sch-1/sb-1/state"
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "kind", "says"),
+    [
+        # every bound an up or state message meets before the database, each a quarantine row
+        (
+            "campus/v1/sch-1/sb-1/up",
+            b"[" * 5000 + b"]" * 5000,
+            "message",
+            "expected `object`, got `array`",
+        ),
+        (
+            "campus/v1/sch-1/sb-1/up",
+            uplink(board_touch(1)).replace(
+                b'"touches"', b'"x": ' + b"[" * 3000 + b"]" * 3000 + b', "touches"'
+            ),
+            "message",
+            "nested too deeply",
+        ),
+        ("campus/v1/sch-1/sb-1/up", b'{"v": 1, "x": "\xff"}', "message", "not UTF-8"),
+        (_STATE_TOPIC, _STATE + b'"1.0\xed\xa0\x80"}', "state", "cannot decode: 'utf-8'"),
+        (
+            _STATE_TOPIC,
+            _STATE + b'"1.0", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            "state",
+            "recursion",
+        ),
+        (_STATE_TOPIC, _STATE + b'"1.0\\u0000"}', "state", "agent_version contains a NUL"),
+        (_STATE_TOPIC, _STATE + b'"' + b"9" * 129 + b'"}', "state", "is 129 characters, over"),
+        (_STATE_TOPIC, _STATE + b'"1.0\\ud800"}', "state", "state: "),
+    ],
+)
+def test_up_and_state_bounds_quarantine_with_a_reason(
+    topic: str, payload: bytes, kind: str, says: str
+) -> None:
+    rows, _ = rows_of(msg(payload, topic))
+    assert (rows.events, rows.states) == ([], [])
+    (q,) = rows.quarantine
+    assert q.kind == kind
+    assert says in q.reason, q.reason
+
+
+def test_a_state_within_the_bounds_is_kept() -> None:
+    rows, _ = rows_of(msg(_STATE + b'"' + b"9" * 128 + b'"}', _STATE_TOPIC))
+    (state,) = rows.states
+    assert state.state.agent_version == "9" * 128

@@ -81,6 +81,13 @@ def test_every_ingest_metric_is_exported() -> None:
         "campus_ingest_event_latency_seconds",
         "campus_ingest_mqtt_connected",
         "campus_ingest_db_connected",
+        "campus_control_inbox_messages",
+        "campus_control_pending_commands",
+        "campus_control_pending_configs",
+        "campus_control_inflight",
+        "campus_control_retries_total",
+        "campus_control_quarantined_total",
+        "campus_stuck",
     ):
         assert f"# TYPE {name} " in text
 
@@ -130,12 +137,26 @@ def test_healthz_and_metrics(http: tuple[HttpServer, FakeSource, IngestMetrics])
         "db": "down",
         "queued_messages": 7,
         "last_commit_age_s": 12.5,
+        "stuck": [],
     }
+    # up and connected, but not moving: 503 with the reason
+    why = "ingest: the batch in hand has not committed for 31 s"
+    source.state = Health(
+        mqtt_connected=True, db_ok=True, queued=7, last_commit_age_s=31.0, stuck=(why,)
+    )
+    status, _, body = fetch(server.url + "/healthz")
+    assert status == 503
+    answer = json.loads(body)
+    assert (answer["status"], answer["stuck"]) == ("stuck", [why])
+    assert "campus_stuck 1\n" in fetch(server.url + "/metrics")[2]
+    source.state = Health(mqtt_connected=True, db_ok=True, queued=0, last_commit_age_s=0.5)
+    assert fetch(server.url + "/healthz")[0] == 200
     metrics.events_stored.inc(42)
     status, ctype, body = fetch(server.url + "/metrics")
     assert status == 200
     assert ctype.startswith("text/plain; version=0.0.4")
     assert "campus_ingest_events_stored_total 42\n" in body
+    assert "campus_stuck 0\n" in body
 
 
 @given(
