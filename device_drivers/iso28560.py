@@ -132,6 +132,13 @@ def decode_basic_block(memory: bytes) -> LibraryItemTag | TagProblem:
             "lay the book down again or take it to the desk",
         )
     item_id = _text(block[ITEM_ID])
+    if block[3] == 0x01 and not item_id:
+        # ISO 28560-3 (biblstandard.dk clarification, Table 1 entry 1): an id over 16 bytes
+        # is marked 01 here and kept in the library extension block, which is not read.
+        return TagProblem(
+            "bad_item_id",
+            "the tag keeps its item identifier in an extension block: the book needs a desk check",
+        )
     if not item_id:
         return TagProblem("bad_item_id", "the tag holds no readable item identifier")
     parts, part = block[1], block[2]

@@ -8,6 +8,8 @@ Sources:
   0x3E51, item "11223344", country "DE", library "705"), src/main/java/.../CRC.java
   (the check string "RFID tag data model" -> 0x1AEE; two zero bytes appended after the block
   with the CRC bytes left out), DDMData.java (usage nibbles 0, 1, 2, 7, 8, 9).
+- [CLAR] biblstandard.dk/rfid/docs/clarification_28560-3.htm (ISO 28560-3:2011 clarification by
+  its editor): an item id over 16 bytes is marked 01 in byte 3 and kept in an extension block.
 - [ISIL] ISO 15511 as summarised at biblstandard.dk/isil/structure.htm: an ISIL is a prefix
   (a 2-letter ISO 3166-1 country code) and a library identifier joined by a hyphen.
 """
@@ -108,3 +110,14 @@ def test_bytes_after_the_basic_block_do_not_change_it() -> None:
     """[DDM] optional (extension) blocks follow byte 31; the basic block's CRC covers 0-31 only."""
     tail = bytes([0x06, 0x01, 0x41, 0x42, 0x43, 0x44]).ljust(32, b"\x00")
     assert decode_basic_block(PUBLISHED + tail) == decode_basic_block(PUBLISHED)
+
+
+def test_a_long_item_id_marker_is_named() -> None:
+    """[CLAR] Table 1 entry 1: byte 3 = 01, the id is in the library extension block."""
+    block = bytearray(PUBLISHED)
+    block[3:19] = b"\x01".ljust(16, b"\x00")
+    block[19:21] = block_crc(bytes(block)).to_bytes(2, "little")
+    result = decode_basic_block(bytes(block))
+    assert isinstance(result, TagProblem)
+    assert result.kind == "bad_item_id"
+    assert "extension block" in result.reason
