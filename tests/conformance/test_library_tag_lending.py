@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -77,10 +78,13 @@ def rdm(tmp_path: Path) -> Iterator[Em4100Simulator]:
 
 @pytest.fixture
 def slot(pcscd: Pcscd) -> Iterator[BookTag]:  # noqa: F811
-    with BookTag(pcscd.port) as tag:
+    tag = BookTag(pcscd.port)
+    try:
         yield tag
+    finally:
+        tag.close()
     for reader in pcscd.readers:
-        wait_until(lambda r=reader: reader_empty(r), 10, f"{reader} to be empty")
+        wait_until(partial(reader_empty, reader), 10, f"{reader} to be empty")
 
 
 async def test_a_standard_tag_is_lent_at_the_terminal(
