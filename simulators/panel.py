@@ -4,7 +4,7 @@ Written from the protocol descriptions, independently of the driver:
 
 - :class:`SmartPanel` — SMART-style ASCII: ``get powerstate`` / ``get input`` / ``set …`` lines
   ended by CR (case and extra spaces ignored); replies ``powerstate=on`` (``ready`` when the
-  screen is off), ``input=HDMI1``, or ``invalid cmd: …``, each followed by CR LF and a ``>``
+  screen is off), ``input=HDMI1``, or ``invalid cmd=<command>``, each followed by CR LF and a ``>``
   prompt. Only the power state is answered while the screen is off.
 - :class:`MaxhubPanel` — MAXHUB-style frames ``A6 ID LEN OP CMD DATA SUM 0D`` (LEN counts
   OP+CMD+DATA, SUM is the byte sum of ID..DATA); ``G``et / ``S``et of ``P``ower (00 off, 01 on,
@@ -330,7 +330,6 @@ class SmartPanel(SimulatedPanel):
             return b">"
         if self._take_corrupt():
             return b"p\x00w\xfer#st@te%%\r\n>"
-        key = line.removeprefix("get ").removeprefix("set ").split(" ")[0]
         if line == "get powerstate":
             return self._reply("powerstate", "on" if self.power == "on" else "ready")
         if line.startswith("set powerstate = "):
@@ -346,7 +345,8 @@ class SmartPanel(SimulatedPanel):
         elif line.startswith("set input = ") and line.rsplit(" ", 1)[-1] in self.INPUTS:
             self.source = line.rsplit(" ", 1)[-1]
             return self._reply("input", self.source.upper())
-        return f"invalid cmd: {line.replace(' ', '') or key}\r\n>".encode()
+        # SMART's guide: the command is echoed as sent, "invalid cmd=set vol ume=65".
+        return f"invalid cmd={raw.decode('latin-1').strip()}\r\n>".encode()
 
     @staticmethod
     def _reply(key: str, value: str) -> bytes:
