@@ -41,6 +41,15 @@ from schemas.topics import Channel, subscription
 
 log = logging.getLogger(__name__)
 
+#: What PostgreSQL raises for a value a device sent, rather than for a fault of its own: a
+#: refused value (DataError), a value past a limit such as a jsonb too deep or too big (class 54,
+#: e.g. StatementTooComplex). A batch meeting one is written a message at a time and the message at
+#: fault quarantined; retrying it would stall ingest for every device. Anything else (connection
+#: lost, our own SQL, a unique violation racing another server) is retried whole.
+def refused_by_data(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` blames the data written (see above), not the connection or our SQL."""
+    return isinstance(exc, psycopg.DataError) or (exc.sqlstate or "").startswith("54")
+
 #: MQTT 5 retain handling 1: retained messages only when the subscription is new.
 _RETAIN_IF_NEW_SUB: Final = 1
 _BAD_TOPIC: Final = "<topic is not UTF-8>"
@@ -488,13 +497,17 @@ class Consumer:
     def _write(self, writer: BatchWriter, batch: Batch) -> WriteResult:
         try:
             return writer.write(batch.rows, batch.encoded)
-        except psycopg.DataError as exc:
+        except psycopg.Error as exc:
+            if not refused_by_data(exc):
+                raise
             log.warning("the database refused a batch (%s); trying each message", _one_line(exc))
         total: WriteResult | None = None
         for msg, rows in batch.parts():
             try:
                 result = writer.write(rows)
-            except psycopg.DataError as exc:
+            except psycopg.Error as exc:
+                if not refused_by_data(exc):
+                    raise
                 why = exc.diag.message_primary or _one_line(exc)
                 reason = f"the database refused this message: {why}"
                 result = writer.write(refused(msg, reason))

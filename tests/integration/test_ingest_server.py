@@ -206,6 +206,39 @@ def test_valid_and_malformed_messages(
     assert rejected_seq9[2:] == ("cr-1", 9)
 
 
+def test_a_value_past_a_database_limit_is_quarantined_not_retried(
+    mosquitto: Mosquitto, db_url: str, publisher: Publisher
+) -> None:
+    """PostgreSQL refuses some JSON with a program-limit error (class 54) rather than a data
+    error: here jsonb nested deeper than the server's stack allows. Retrying that batch would
+    stall ingest for every device, so the message is quarantined and the rest goes on."""
+    dbname = query(db_url, "SELECT current_database()")[0][0]
+    with psycopg.connect(db_url, autocommit=True) as conn:  # the smallest stack PG accepts
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET max_stack_depth = '100kB'").format(
+                sql.Identifier(dbname)
+            )
+        )
+    try:
+        deep = b"[" * 900 + b"]" * 900
+        payload = uplink("cr-5", [tap(1)]).replace(b'"reader":', b'"x":' + deep + b',"reader":')
+        with running(settings(mosquitto, db_url)) as server:
+            publisher.send(up("cr-5"), payload)
+            publisher.send(up("cr-6"), uplink("cr-6", [tap(1)]))
+            wait_until(lambda: count(db_url, "events") == 1, WAIT_S, "the good event")
+            wait_until(lambda: count(db_url, "quarantine") == 1, WAIT_S, "the quarantine row")
+            assert healthy(server)
+        ((reason, device),) = query(db_url, "SELECT reason, device_id FROM quarantine")
+        assert device == "cr-5"
+        assert "the database refused this message" in reason
+        assert "stack depth" in reason
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} RESET max_stack_depth").format(sql.Identifier(dbname))
+            )
+
+
 def test_oversize_payload_is_cut_to_64_kib(
     mosquitto: Mosquitto, db_url: str, publisher: Publisher
 ) -> None:
