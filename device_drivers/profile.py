@@ -244,7 +244,7 @@ def resolve(spec: str, base: Path | None = None) -> Path:
 
 
 def load_profile(spec: str, base: Path | None = None) -> Profile:
-    """Read and check a profile by shipped name or path; :class:`ProfileError` says what is wrong."""
+    """Read and check a profile (shipped name or path); :class:`ProfileError` says what is wrong."""
     path = resolve(spec, base)
     try:
         with path.open("rb") as f:
@@ -644,9 +644,9 @@ class ProfileCodec:
     def _decode(self, frame: bytes) -> Item:
         b = self.profile.spec.binary
         assert b is not None
-        if b.address is not None and b.address < len(frame):
-            if frame[b.address] != self.profile.variables.get("id", frame[b.address]):
-                return Rejected("wrong_id", frame)
+        own = self.profile.variables.get("id")
+        if b.address is not None and own is not None and b.address < len(frame) and frame[b.address] != own:
+            return Rejected("wrong_id", frame)
         for rule in self.profile.replies:
             if _matches(frame, rule.match):
                 assert rule.value is not None
