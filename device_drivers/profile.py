@@ -645,7 +645,8 @@ class ProfileCodec:
         b = self.profile.spec.binary
         assert b is not None
         own = self.profile.variables.get("id")
-        if b.address is not None and own is not None and b.address < len(frame) and frame[b.address] != own:
+        at = b.address
+        if at is not None and own is not None and at < len(frame) and frame[at] != own:
             return Rejected("wrong_id", frame)
         for rule in self.profile.replies:
             if _matches(frame, rule.match):
