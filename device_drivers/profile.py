@@ -38,11 +38,7 @@ Offset = Annotated[int, Meta(ge=-256, le=255)]
 # --- the file's schema ---------------------------------------------------------------------------
 
 
-class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
-    pass
-
-
-class Info(_Section):
+class Info(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     name: Annotated[str, Meta(min_length=1, max_length=64)]
     description: Annotated[str, Meta(max_length=2000)] = ""
     #: Where the protocol comes from: a vendor document, or "own" for a format of ours.
@@ -50,13 +46,13 @@ class Info(_Section):
     driver: Literal["panel", "recorder"] = "panel"
 
 
-class TransportSpec(_Section):
+class TransportSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     baudrate: Annotated[int, Meta(gt=0, le=4_000_000)] = 9600
     #: The device's own TCP control port, if it has one (documentation; the port spec decides).
     tcp_port: Annotated[int, Meta(ge=1, le=65535)] | None = None
 
 
-class TextFraming(_Section):
+class TextFraming(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     #: Appended to every command.
     terminator: Short = "\r"
     #: Characters stripped from both ends of a reply line (prompts, spaces).
@@ -65,19 +61,19 @@ class TextFraming(_Section):
     max_line: Annotated[int, Meta(ge=8, le=4096)] = 128
 
 
-class Checksum(_Section):
+class Checksum(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     kind: Literal["sum8", "xor8", "crc16-modbus"]
     #: First byte covered (frame offset); the checksum covers up to the byte before itself.
     start: Annotated[int, Meta(ge=0, le=255)] = 0
 
 
-class LengthByte(_Section):
+class LengthByte(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     offset: Annotated[int, Meta(ge=0, le=255)]
     #: Frame size = the byte's value + adds.
     adds: Annotated[int, Meta(ge=0, le=255)] = 0
 
 
-class BinaryFraming(_Section):
+class BinaryFraming(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     start: Annotated[str, Meta(min_length=2, max_length=16)]
     end: Annotated[str, Meta(max_length=16)] = ""
     size: Annotated[int, Meta(ge=2, le=256)] | None = None
@@ -88,12 +84,12 @@ class BinaryFraming(_Section):
     max_frame: Annotated[int, Meta(ge=2, le=256)] = 64
 
 
-class Command(_Section):
+class Command(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     text: Short | None = None
     hex: Short | None = None
 
 
-class Poll(_Section):
+class Poll(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     command: Short
     #: The event type whose reply ends the wait for this query.
     expect: Short
@@ -101,19 +97,19 @@ class Poll(_Section):
     when: dict[str, str] = {}
 
 
-class Polling(_Section):
+class Polling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     every_s: Annotated[float, Meta(gt=0, le=3600)] = 2.0
     timeout_s: Annotated[float, Meta(gt=0, le=60)] = 1.0
 
 
-class Field(_Section):
+class Field(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     offset: Offset
     size: Annotated[int, Meta(ge=1, le=16)] = 1
     #: How the bytes become the value looked up in ``map``: "hex" ("0A"), "int", "ascii".
     format: Literal["hex", "int", "ascii"] = "hex"
 
 
-class Reply(_Section):
+class Reply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     event: Short
     field: Short
     #: Text: a regex matched against the whole (stripped) line; group "value" or 1 is the value.
@@ -126,7 +122,7 @@ class Reply(_Section):
     other: Short | None = None
 
 
-class Refusal(_Section):
+class Refusal(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     regex: Short | None = None
     match: dict[str, str] = {}
     value: Field | None = None
@@ -134,7 +130,7 @@ class Refusal(_Section):
     detail: Short = "refused"
 
 
-class ProfileFile(_Section, kw_only=True):
+class ProfileFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     profile: Info
     transport: TransportSpec = TransportSpec()
     text: TextFraming | None = None
@@ -420,14 +416,14 @@ class Profile:
             return (body + self.spec.text.terminator).encode("latin-1")
         if c.hex is None or c.text is not None:
             raise _Bad(path, 'a binary profile\'s command has hex = ".." (and no text)')
-        body = parse_hex(c.hex, self.variables, (*path, "hex"))
-        if not body.startswith(self.start):
+        frame = parse_hex(c.hex, self.variables, (*path, "hex"))
+        if not frame.startswith(self.start):
             raise _Bad((*path, "hex"), f"does not begin with the start bytes {self.start.hex()}")
         b = self.spec.binary
         assert b is not None
         if b.checksum is not None:
-            body += checksum(b.checksum.kind, body[b.checksum.start :])
-        return body + self.end
+            frame += checksum(b.checksum.kind, frame[b.checksum.start :])
+        return frame + self.end
 
     def _var(self, path: Path_, name: str) -> str:
         if name not in self.variables:
