@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from device_drivers.panel import probe
 from device_drivers.profile import checksum
 from tests.integration.test_agent_mqtt import Collector
 from tests.services import Mosquitto, wait_until
@@ -197,3 +198,19 @@ profile = "{profile}"
             agent.wait(5)
         collector.close()
         panel.close()
+
+
+async def test_doctor_probe_shows_each_query_reply_and_event(tmp_path: Path) -> None:
+    profile = tmp_path / "acme-ifp9.toml"
+    profile.write_text(PROFILE)
+    panel = AcmePanel(tmp_path / "ttyACME")
+    try:
+        result = await probe({"port": str(tmp_path / "ttyACME"), "profile": str(profile)})
+    finally:
+        panel.close()
+    assert result.status == "ok", result
+    sent = frame(5, 0x10, 0)[:5].hex(" ").upper()
+    got = frame(5, 0x90, 1).hex(" ").upper()
+    assert f"power {sent}" in result.message, result
+    assert f"{got} = board.power {{state: 'on'}}" in result.message, result
+    assert result.message.endswith(": power on, input hdmi1"), result
