@@ -1,10 +1,17 @@
 """Smart-board panels polled on their RS-232 / TCP control port → ``board.power``, ``board.input``.
 
 Driver type ``panel``. Options: ``port`` (device path, ``/dev/serial/by-id/…``,
-``usb:VID:PID[:SERIAL]`` or ``tcp://host:port``), ``profile`` (``smart`` or ``maxhub``),
-``baudrate`` (19200 for smart, 9600 for maxhub), ``poll_s`` (2), ``timeout_s`` (1: how long to
-wait for a reply), ``machine_id`` (1, maxhub only). Events are emitted on change only, and for the
-first observation (``previous`` is then ``"unknown"`` / absent).
+``usb:VID:PID[:SERIAL]`` or ``tcp://host:port``), ``profile`` (a shipped device profile's name:
+``smart``, ``maxhub`` (our own framing, the simulator's), ``maxhub-v6``; or the path of a
+profile file — see docs/profiles.md), and overrides of the profile's ``baudrate``, ``poll_s``,
+``timeout_s`` and ``machine_id`` (the profile's ``{id}`` variable). The profile's queries,
+reply patterns and value maps are run by :mod:`device_drivers.profile`; its first ``[[poll]]``
+is the power query. Events are emitted on change only, and for the first observation
+(``previous`` is then ``"unknown"`` / absent).
+
+The two codecs below (:class:`SmartCodec`, :class:`MaxhubCodec`) are the hand-written parsers
+the ``smart`` and ``maxhub`` profiles replace; they stay as a reference the profiles are
+tested against.
 
 Profile ``smart``: the ASCII control protocol of SMART Board 6000/7000/MX displays (19200 8N1).
 Commands are ``get powerstate`` and ``get input``, ended by CR; replies are ``key=value`` lines
@@ -60,6 +67,17 @@ from device_drivers.base import (
     register_driver,
 )
 from device_drivers.lines import LineSplitter, Overlong
+from device_drivers.profile import Item as ProfileItem
+from device_drivers.profile import (
+    Observed,
+    Poll,
+    Profile,
+    ProfileCodec,
+    ProfileError,
+    load_profile,
+)
+from device_drivers.profile import Refused as ProfileRefused
+from device_drivers.profile import Rejected as ProfileRejected
 from device_drivers.transport import Link, LinkedDriver, exchange, open_transport
 from schemas.events import BoardInput, BoardPower
 
@@ -295,18 +313,87 @@ class BoardTracker:
 
 class PanelOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     port: Annotated[str, Meta(min_length=1)]
-    profile: Literal["smart", "maxhub"] = "smart"
+    #: A shipped profile's name (``smart``, ``maxhub``, ``maxhub-v6``) or a path to a .toml file.
+    profile: Annotated[str, Meta(min_length=1, max_length=4096)] = "smart"
     baudrate: Annotated[int, Meta(gt=0)] | None = None
-    poll_s: Annotated[float, Meta(gt=0, le=3600)] = 2.0
-    timeout_s: Annotated[float, Meta(gt=0, le=60)] = 1.0
-    machine_id: Annotated[int, Meta(ge=1, le=0xFE)] = 1
+    poll_s: Annotated[float, Meta(gt=0, le=3600)] | None = None
+    timeout_s: Annotated[float, Meta(gt=0, le=60)] | None = None
+    machine_id: Annotated[int, Meta(ge=1, le=0xFE)] | None = None
 
-    def codec(self) -> PanelCodec:
-        return SmartCodec() if self.profile == "smart" else MaxhubCodec(self.machine_id)
+
+@dataclass(frozen=True, slots=True)
+class PanelSetup:
+    """Options with their profile loaded: what the poller and the probe run on."""
+
+    options: PanelOptions
+    profile: Profile
+    polls: tuple[Poll, ...]
+    speed: int
+    poll_s: float
+    timeout_s: float
 
     @property
-    def speed(self) -> int:
-        return self.baudrate or self.codec().default_baudrate
+    def port(self) -> str:
+        return self.options.port
+
+    def codec(self) -> ProfilePanelCodec:
+        return ProfilePanelCodec(self.profile.codec())
+
+
+def setup(name: str, options: Mapping[str, Any]) -> PanelSetup:
+    """Options and their profile, checked; :class:`DriverError` names the file, line and field."""
+    opts = convert_options(name, options, PanelOptions)
+    try:
+        profile = load_profile(opts.profile)
+        if opts.machine_id is not None:
+            profile = profile.with_variables({"id": opts.machine_id})
+    except ProfileError as exc:
+        raise DriverError(f"driver {name!r}: profile {exc}") from None
+    polls = tuple(profile.spec.poll)
+    if polls[0].expect != "board.power":
+        raise DriverError(
+            f"driver {name!r}: profile {profile.name}: a panel profile's first [[poll]] must "
+            "expect board.power (silence after it is how standby is told)"
+        )
+    timing = profile.spec.polling
+    return PanelSetup(
+        opts,
+        profile,
+        polls,
+        opts.baudrate or profile.spec.transport.baudrate,
+        opts.poll_s or timing.every_s,
+        opts.timeout_s or timing.timeout_s,
+    )
+
+
+class ProfilePanelCodec:
+    """A profile's parser, its items as the panel's: power and input replies, refusals, rejects."""
+
+    def __init__(self, codec: ProfileCodec) -> None:
+        self.inner = codec
+        #: Items of this feed as the profile saw them (for the probe's report).
+        self.seen: list[ProfileItem] = []
+
+    def feed(self, data: bytes) -> list[PanelItem]:
+        out: list[PanelItem] = []
+        for item in self.inner.feed(data):
+            self.seen.append(item)
+            if isinstance(item, Observed):
+                if item.event == "board.power":
+                    out.append(PowerReply(item.value))  # type: ignore[arg-type]  # schema-checked
+                elif item.event == "board.input":
+                    out.append(InputReply(item.value))
+            elif isinstance(item, ProfileRefused):
+                out.append(Refused(item.detail))
+            else:
+                out.append(Rejected(item.reason, item.raw))
+        return out
+
+
+def _answers(expect: str, item: PanelItem) -> bool:
+    if isinstance(item, Refused):
+        return True
+    return isinstance(item, PowerReply if expect == "board.power" else InputReply)
 
 
 class PanelPoller(LinkedDriver):
@@ -318,25 +405,28 @@ class PanelPoller(LinkedDriver):
     #: Polls without a valid reply from a panel that never answered, after which it is down.
     UNREACHABLE_AFTER = 3
 
-    def __init__(self, name: str, options: PanelOptions, ctx: DriverContext) -> None:
-        opener = partial(open_transport, options.port, baudrate=options.speed)
-        super().__init__(name, options.port, opener, ctx)
-        self.options = options
+    def __init__(self, name: str, setup: PanelSetup, ctx: DriverContext) -> None:
+        opener = partial(open_transport, setup.port, baudrate=setup.speed)
+        super().__init__(name, setup.port, opener, ctx)
+        self.setup = setup
+        self.options = setup.options
         self.tracker = BoardTracker()
         #: Whether the panel has ever given a valid reply: silence then means standby.
         self.reachable = False
 
     async def session(self, link: Link, emit: Emit) -> None:
-        codec = self.options.codec()
+        codec = self.setup.codec()
+        first, *rest = self.setup.polls
         silent = missed = 0
         while True:
-            power, heard = await self._ask_power(link, codec, emit)
+            power, heard = await self._ask_power(link, codec, first, emit)
             if power is not None:
                 silent = missed = 0
                 self.reachable = True
                 self.up()
-                if power == "on":
-                    await self._ask_input(link, codec, emit)
+                for poll in rest:
+                    if self._wanted(poll):
+                        await self._ask(link, codec, poll, emit)
             else:
                 missed += 1
                 silent = 0 if heard else silent + 1
@@ -345,17 +435,22 @@ class PanelPoller(LinkedDriver):
                     await self._emit_power("standby", emit)
                 elif not self.reachable and missed >= self.UNREACHABLE_AFTER:
                     self.down(self._unreachable(heard))
-            await asyncio.sleep(self.options.poll_s)
+            await asyncio.sleep(self.setup.poll_s)
+
+    def _wanted(self, poll: Poll) -> bool:
+        """Whether the poll's ``when`` conditions hold for what was last seen."""
+        seen = {"board.power": self.tracker.power, "board.input": self.tracker.source}
+        return all(seen.get(event) == value for event, value in poll.when.items())
 
     async def _ask_power(
-        self, link: Link, codec: PanelCodec, emit: Emit
+        self, link: Link, codec: ProfilePanelCodec, poll: Poll, emit: Emit
     ) -> tuple[Power | None, bool]:
         answer = await exchange(
             link,
-            codec.power_query,
+            self.setup.profile.query(poll.command),
             codec.feed,
             lambda i: isinstance(i, PowerReply),
-            self.options.timeout_s,
+            self.setup.timeout_s,
         )
         power: Power | None = None
         for item in answer.items:
@@ -366,13 +461,13 @@ class PanelPoller(LinkedDriver):
                 await self._handle(item, emit)
         return power, answer.heard
 
-    async def _ask_input(self, link: Link, codec: PanelCodec, emit: Emit) -> None:
+    async def _ask(self, link: Link, codec: ProfilePanelCodec, poll: Poll, emit: Emit) -> None:
         answer = await exchange(
             link,
-            codec.input_query,
+            self.setup.profile.query(poll.command),
             codec.feed,
-            lambda i: isinstance(i, InputReply | Refused),
-            self.options.timeout_s,
+            partial(_answers, poll.expect),
+            self.setup.timeout_s,
         )
         for item in answer.items:
             await self._handle(item, emit)
@@ -397,7 +492,7 @@ class PanelPoller(LinkedDriver):
         if heard:
             return (
                 f"the panel on {self.port} sends nothing readable: check the profile "
-                f"({self.options.profile}) and baud rate ({self.options.speed})"
+                f"({self.setup.profile.name}) and baud rate ({self.setup.speed})"
             )
         return (
             f"no reply from the panel on {self.port}: check the cable, that RS-232 control is "
@@ -405,53 +500,68 @@ class PanelPoller(LinkedDriver):
         )
 
 
-def parse_options(name: str, options: Mapping[str, Any]) -> PanelOptions:
-    return convert_options(name, options, PanelOptions)
+def parse_options(name: str, options: Mapping[str, Any]) -> PanelSetup:
+    return setup(name, options)
 
 
 def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> PanelPoller:
-    return PanelPoller(name, parse_options(name, options), ctx)
+    return PanelPoller(name, setup(name, options), ctx)
 
 
 register_driver("panel")(build)
 
 
+def _shown(raw: bytes, text: bool) -> str:
+    if text:
+        return repr(raw.decode("latin-1"))[:80]
+    return raw[:32].hex(" ").upper()
+
+
 async def probe(options: Mapping[str, Any]) -> ProbeResult:
-    """Ask the panel once for its power state and input; say what came back."""
+    """Send the profile's queries once; show each reply and the event it maps to."""
     try:
-        opts = parse_options("probe", options)
-        link = await Link.open(partial(open_transport, opts.port, baudrate=opts.speed), "probe")
+        s = setup("probe", options)
+        link = await Link.open(partial(open_transport, s.port, baudrate=s.speed), "probe")
     except (DriverError, OSError, ValueError) as exc:
         return ProbeResult.fail(f"cannot open the panel port: {exc}")
-    codec = opts.codec()
-    items: list[PanelItem] = []
+    codec = s.codec()
+    text = s.profile.mode == "text"
+    lines: list[str] = []
+    seen: list[ProfileItem] = []
+    short = {"board.power": "power", "board.input": "input"}
     heard = False
     try:
         async with link:
-            for query in (codec.power_query, codec.input_query):
+            for poll in s.polls:
+                codec.seen.clear()
+                query = s.profile.query(poll.command)
                 answer = await exchange(
-                    link,
-                    query,
-                    codec.feed,
-                    lambda i: not isinstance(i, Rejected),
-                    opts.timeout_s,
+                    link, query, codec.feed, partial(_answers, poll.expect), s.timeout_s
                 )
-                items += answer.items
                 heard = heard or answer.heard
+                seen += codec.seen
+                replies = [_described(i, text) for i in codec.seen] or ["no reply"]
+                lines.append(f"{poll.command} {_shown(query, text)} -> " + "; ".join(replies))
     except Exception as exc:  # report whatever the port says
-        return ProbeResult.fail(f"{opts.port} opened but talking to it failed: {exc}")
-    where = f"{opts.profile} panel on {opts.port} at {opts.speed} baud"
+        return ProbeResult.fail(f"{s.port} opened but talking to it failed: {exc}")
+    where = f"profile {s.profile.name} on {s.port} at {s.speed} baud"
+    everything = " | ".join(lines)
     if not heard:
         return ProbeResult.fail(
-            f"{where}: no reply in {opts.timeout_s:g} s (a panel in standby is silent; "
-            "otherwise check the cable and that RS-232 control is enabled)"
+            f"{where}: no reply in {s.timeout_s:g} s (a panel in standby is silent; "
+            f"otherwise check the cable and that RS-232 control is enabled): {everything}"
         )
-    found = [f"power {i.state}" for i in items if isinstance(i, PowerReply)]
-    found += [f"input {i.source}" for i in items if isinstance(i, InputReply)]
-    bad = sum(isinstance(i, Rejected) for i in items)
+    found = [f"{short.get(i.event, i.event)} {i.value}" for i in seen if isinstance(i, Observed)]
+    bad = sum(isinstance(i, ProfileRejected) for i in seen)
     if not found:
-        return ProbeResult.warn(
-            f"{where}: answered, but with {bad} unreadable repl(ies): check profile and baud"
-        )
-    verdict = f"{where}: " + ", ".join(found) + (f" ({bad} unreadable)" if bad else "")
+        return ProbeResult.warn(f"{where}: answered, but nothing the profile reads: {everything}")
+    verdict = f"{where}: {everything}: " + ", ".join(found)
     return ProbeResult.warn(verdict) if bad else ProbeResult.ok(verdict)
+
+
+def _described(item: ProfileItem, text: bool) -> str:
+    if isinstance(item, Observed):
+        return f"{_shown(item.raw, text)} = {item.event} {{{item.field}: {item.value!r}}}"
+    if isinstance(item, ProfileRefused):
+        return f"{_shown(item.raw, text)} = refused ({item.detail})"
+    return f"{_shown(item.raw, text)} = rejected ({item.reason})"

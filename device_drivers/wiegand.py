@@ -14,6 +14,12 @@ Payload: W26 = 8-bit facility code + 16-bit card number, W34 = 32-bit card numbe
 that is hashed is the payload as big-endian bytes (3 bytes for W26, 4 for W34), so the same
 card read by a PC/SC reader hashes differently: Wiegand only carries part of the serial.
 
+Other converters print decimal lines instead (option ``format``): ``decimal`` — the card
+number as up to 10 decimal digits (``bits`` = 26: facility+card as one 24-bit number; 34: the
+32-bit number) — or ``facility-card`` — ``FFF,CCCCC`` (W26). These outputs vary per vendor and
+have no published specification; check the converter's manual. The hashed UID is the same
+payload bytes as for ``hex``, so one card hashes the same through either converter.
+
 Lines that are not frames, frames with bad parity and lines over 64 bytes are counted
 (``wiegand.garbage``, ``wiegand.bad_parity``, ``wiegand.overlong``) and skipped.
 """
@@ -107,19 +113,48 @@ def check_parity(bits: int, raw: int) -> int | None:
     return payload if even_ok and odd_ok else None
 
 
-class WiegandParser:
-    """Sans-I/O: converter bytes in, frames and rejects out."""
+Format = Literal["hex", "decimal", "facility-card"]
+_DECIMAL = re.compile(rb"\d{1,10}")
+_FACILITY_CARD = re.compile(rb"(\d{1,3})[,:/ ](\d{1,5})")
 
-    def __init__(self) -> None:
+
+class WiegandParser:
+    """Sans-I/O: converter bytes in, frames and rejects out.
+
+    ``format``: ``hex`` (ours: ``W26:`` + raw bits, parity checked here), ``decimal`` (the
+    card number as up to 10 decimal digits, the common "10-digit" output of Wiegand-to-USB /
+    RS-232 converters; ``bits`` says whether it is a W26 24-bit or W34 32-bit payload) or
+    ``facility-card`` (``FFF,CCCCC``: W26 facility code and card number in decimal). In the
+    decimal formats the converter has checked parity already; they carry no parity bits.
+    """
+
+    def __init__(self, format: Format = "hex", bits: Literal[26, 34] = 26) -> None:
         self._lines = LineSplitter(MAX_LINE)
+        self.format, self.bits = format, bits
 
     def feed(self, data: bytes) -> list[WiegandFrame | Rejected]:
         return [
             Rejected("overlong", line.raw[:MAX_LINE])
             if isinstance(line, Overlong)
             else self._parse(line)
+            if self.format == "hex"
+            else self._parse_decimal(line)
             for line in self._lines.feed(data)
         ]
+
+    def _parse_decimal(self, line: bytes) -> WiegandFrame | Rejected:
+        text = line.strip(b" \t")
+        if self.format == "decimal" and _DECIMAL.fullmatch(text):
+            payload = int(text)
+            if payload >> (self.bits - 2):
+                return Rejected("garbage", line)
+            return WiegandFrame(self.bits, payload)
+        if self.format == "facility-card" and (m := _FACILITY_CARD.fullmatch(text)):
+            facility, card = int(m[1]), int(m[2])
+            if facility > 0xFF or card > 0xFFFF:
+                return Rejected("garbage", line)
+            return WiegandFrame(26, facility << 16 | card)
+        return Rejected("garbage", line)
 
     @staticmethod
     def _parse(line: bytes) -> WiegandFrame | Rejected:
@@ -139,6 +174,8 @@ class WiegandOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     port: str
     baudrate: Annotated[int, Meta(gt=0)] = 9600
     debounce_s: Annotated[float, Meta(ge=0)] = 1.0
+    format: Format = "hex"
+    bits: Literal[26, 34] = 26
 
 
 def open_serial(opts: WiegandOptions) -> ByteStream:
@@ -162,7 +199,7 @@ class WiegandReader(SerialStreamDriver):
         return await asyncio.to_thread(open_serial, self.options), self.options.port
 
     async def read(self, reader: SerialReader, path: str, emit: Emit) -> None:
-        parser = WiegandParser()
+        parser = WiegandParser(self.options.format, self.options.bits)
         while True:
             for item in parser.feed(await reader.next_chunk()):
                 if isinstance(item, Rejected):
@@ -205,7 +242,7 @@ async def probe(options: Mapping[str, Any], listen_s: float = 3.0) -> ProbeResul
     except (DriverError, OSError, ValueError) as exc:
         return ProbeResult.fail(f"cannot open the converter: {exc}")
     try:
-        items = WiegandParser().feed(await listen(stream, listen_s))
+        items = WiegandParser(opts.format, opts.bits).feed(await listen(stream, listen_s))
     except Exception as exc:  # report whatever the port says
         return ProbeResult.fail(f"{opts.port} opened but reading failed: {exc}")
     frames = [i for i in items if isinstance(i, WiegandFrame)]
