@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final, TypeAlias
 
+from device_drivers import profile
 from device_drivers.transport import UsbId
 
 
@@ -44,6 +45,8 @@ class Field(StrEnum):
     MODBUS_HOST = "modbus host"
     SCREEN = "screen"
     LOCAL_ONLY = "local only"
+    #: A device profile: remotely only the name of one shipped with the agent, never a file.
+    PROFILE = "profile"
     #: A list of inner card-reader driver tables (gate, signage, library terminal).
     CARDS = "cards"
 
@@ -63,10 +66,14 @@ _ENDPOINT: Final[Spec] = {
 POLICY: Final[Mapping[str, Spec]] = {
     "synthetic": dict.fromkeys(("event_type", "rate", "count"), _P),
     "em4100": {"port": Field.SERIAL_PORT, **dict.fromkeys(("baudrate", "reader", "hold_ms"), _P)},
-    "wiegand": {"port": Field.SERIAL_PORT, **dict.fromkeys(("baudrate", "debounce_s"), _P)},
+    "wiegand": {
+        "port": Field.SERIAL_PORT,
+        **dict.fromkeys(("baudrate", "debounce_s", "format", "bits"), _P),
+    },
     "panel": {
         "port": Field.SERIAL_PORT,
-        **dict.fromkeys(("profile", "baudrate", "poll_s", "timeout_s", "machine_id"), _P),
+        "profile": Field.PROFILE,
+        **dict.fromkeys(("baudrate", "poll_s", "timeout_s", "machine_id"), _P),
     },
     "recorder": {
         "port": Field.SERIAL_PORT,
@@ -272,6 +279,13 @@ class _Walk:
             raise refuse("only the local config file may set it (a file path or a pattern)")
         if field is Field.CARDS:
             self.cards(where, value, theirs, depth=depth)
+            return
+        if field is Field.PROFILE:
+            if str(value) not in (names := profile.shipped()):
+                raise refuse(
+                    f"a remote config may name only a shipped profile ({', '.join(names)});"
+                    " a profile file is set in the local config file"
+                )
             return
         if _norm(field, value) in self.known.get(field, frozenset()):
             return  # the local config uses it for this kind of option

@@ -142,6 +142,12 @@ def em4100(port: object, name: str = "door") -> dict[str, object]:
             "the local config file may set it",
         ),
         (
+            {"drivers": [{"type": "panel", "name": "board", "port": "/dev/ttyUSB0",
+                          "profile": "/tmp/evil.toml"}]},
+            "config.drivers[0] (board).profile: '/tmp/evil.toml' may not be set remotely: a remote "
+            "config may name only a shipped profile (",
+        ),
+        (
             {"drivers": [{"type": "synthetic", "name": "s", "log_file": "/tmp/x"}]},
             "config.drivers[0] (s).log_file: '/tmp/x' may not be set remotely: not an option a "
             "remote config may change for a synthetic driver",
@@ -197,6 +203,10 @@ def test_each_refused_form_is_named_with_why(
         {"drivers": [{"type": "gate", "name": "g", "cards": [
             {"type": "em4100", "port": "/dev/ttyUSB2", "direction": "out"}]}]},
         {"drivers": [{"type": "synthetic", "name": "s", "event_type": "card.tap", "rate": 5}]},
+        {"drivers": [{"type": "panel", "name": "board", "port": "/dev/ttyUSB0",
+                      "profile": "maxhub-v6"}]},
+        {"drivers": [{"type": "wiegand", "name": "w", "port": "/dev/ttyUSB0",
+                      "format": "decimal", "bits": 34}]},
     ],
 )  # fmt: skip
 def test_safe_forms_and_the_local_configs_own_values_pass(
