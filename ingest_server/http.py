@@ -102,8 +102,8 @@ def create_app(
             }
         body["stuck"] = stuck
         metrics.stuck.set(1 if stuck else 0)
-        if stuck and body["status"] == "ok":
-            body["status"] = "stuck"
+        if stuck:  # connected, but work is not moving: as down as a lost connection
+            body["status"] = "down"
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     guard = [Depends(auth.require("read"))] if db_url is not None else []

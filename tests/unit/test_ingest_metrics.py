@@ -147,7 +147,7 @@ def test_healthz_and_metrics(http: tuple[HttpServer, FakeSource, IngestMetrics])
     status, _, body = fetch(server.url + "/healthz")
     assert status == 503
     answer = json.loads(body)
-    assert (answer["status"], answer["stuck"]) == ("stuck", [why])
+    assert (answer["status"], answer["stuck"]) == ("down", [why])
     assert "campus_stuck 1\n" in fetch(server.url + "/metrics")[2]
     source.state = Health(mqtt_connected=True, db_ok=True, queued=0, last_commit_age_s=0.5)
     assert fetch(server.url + "/healthz")[0] == 200
