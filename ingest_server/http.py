@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from ingest_server import api_docs
 from ingest_server.api import (
     auth,
     data,
@@ -32,6 +33,7 @@ from ingest_server.api import config as config_api
 from ingest_server.api.deps import install_error_handlers, make_pool
 from ingest_server.consumer import Health
 from ingest_server.dashboard import mount as mount_dashboard
+from ingest_server.http_headers import SecurityHeaders
 from ingest_server.live import LiveHub
 from ingest_server.metrics import CONTENT_TYPE, IngestMetrics
 from ingest_server.tls import TlsFiles
@@ -55,8 +57,11 @@ def create_app(
         description="Device data of the district's classrooms. Every endpoint but /healthz "
         "needs an API token (Authorization: Bearer <token>) with the scope it names.",
         version="1",
+        docs_url=None,  # api_docs serves /docs from a package, not a CDN
         redoc_url=None,
     )
+    app.add_middleware(SecurityHeaders)
+    api_docs.mount(app)
     if db_url is not None:
         app.state.pool = make_pool(db_url)
         app.state.tokens = auth.TokenChecker(app.state.pool.connection, token_file)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 from ingest_server import cli
 from ingest_server.consumer import Health
@@ -144,6 +145,17 @@ def test_bad_certificate_files_are_named(files: TlsFiles, ca: trustme.CA, tmp_pa
     ca.issue_cert("127.0.0.1").private_key_pem.write_to_path(str(other))
     msg = error(tls_cert=files.cert, tls_key=other)
     assert f"--tls-key {other} is not the key of the certificate in --tls-cert {files.cert}" == msg
+    encrypted = tmp_path / "encrypted.key"
+    key = serialization.load_pem_private_key(files.key.read_bytes(), None)
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    # refused with a message, not a passphrase prompt on the terminal
+    assert "the key is encrypted" in error(tls_cert=files.cert, tls_key=encrypted)
     assert "no PEM certificate" in error(tls_cert=files.key, tls_key=files.key)
     assert "no PEM private key" in error(tls_cert=files.cert, tls_key=files.cert)
     # the happy pair passes
