@@ -24,6 +24,8 @@ from ingest_server.metrics import IngestMetrics
 from ingest_server.settings import Settings, SettingsError
 from ingest_server.tls import TlsFiles
 from simulators.harness import wait_until
+from tests.pipeline import IngestServer
+from tests.services import Mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -175,3 +177,30 @@ def test_cli_refuses_a_mismatched_pair_before_starting(
     assert done.returncode == 2, done.stderr
     assert "is not the key of the certificate" in done.stderr
     assert not (tmp_path / "d").exists()  # nothing was started
+
+
+def test_ingest_server_process_serves_https(
+    files: TlsFiles, ca: trustme.CA, mosquitto: Mosquitto, db_url: str, tmp_path: Path
+) -> None:
+    """``ingest-server run --tls-cert --tls-key`` end to end: a real process, broker, database."""
+    proc = IngestServer(
+        tmp_path, mosquitto.url, db_url, "--tls-cert", str(files.cert), "--tls-key", str(files.key)
+    )
+    proc.start()
+    ctx = _client_context(ca)
+
+    def healthy() -> bool:
+        if not proc.running:
+            raise RuntimeError(f"ingest server exited:\n{proc.tail()}")
+        try:
+            return _https_get(proc.http_port, ctx, "/healthz")[0] == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(healthy, 60, "ingest-server /healthz over https")
+        status, body = _https_get(proc.http_port, ctx, "/healthz")
+        assert (status, json.loads(body)["db"]) == (200, "ok")
+        assert "https://127.0.0.1:" in proc.tail()  # it says where it listens
+    finally:
+        proc.terminate()
