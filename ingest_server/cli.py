@@ -16,6 +16,8 @@ from ingest_server.settings import Settings, SettingsError, mask, parse_http
 
 BROKER_ENV = "CAMPUS_BROKER_URL"
 DB_ENV = "CAMPUS_DB_URL"
+TLS_CERT_ENV = "CAMPUS_TLS_CERT"
+TLS_KEY_ENV = "CAMPUS_TLS_KEY"
 _DEFAULTS = Settings()
 
 
@@ -39,6 +41,19 @@ def _parser() -> argparse.ArgumentParser:
         help=f"libpq URL (default ${DB_ENV}; without either, an embedded PostgreSQL)",
     )
     run.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:8080", type=parse_http)
+    run.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        type=Path,
+        help=f"serve the HTTP API over TLS (1.2+) with this PEM certificate chain, server "
+        f"certificate first (default ${TLS_CERT_ENV}); needs --tls-key",
+    )
+    run.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        type=Path,
+        help=f"the certificate's unencrypted PEM private key (default ${TLS_KEY_ENV})",
+    )
     run.add_argument("--client-id", metavar="ID", default=_DEFAULTS.client_id)
     run.add_argument("--share-group", metavar="G", help="consume $share/G/... (MQTT 5 only)")
     run.add_argument("--batch-events", metavar="N", type=int, default=_DEFAULTS.batch_events)
@@ -220,11 +235,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             broker_auth_interval_s=args.broker_auth_interval,
             embedded_allow_anonymous=not args.no_embedded_anonymous,
             stuck_after_s=args.stuck_after,
+            tls_cert=_path_or_env(args.tls_cert, TLS_CERT_ENV),
+            tls_key=_path_or_env(args.tls_key, TLS_KEY_ENV),
         )
     except SettingsError as exc:
         parser.error(str(exc))
     run_server(settings)
     return 0
+
+
+def _path_or_env(given: Path | None, env: str) -> Path | None:
+    value = os.environ.get(env)
+    return given if given is not None else Path(value) if value else None
 
 
 def _token(args: argparse.Namespace, db_url: str) -> int:

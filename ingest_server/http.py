@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ import uvicorn
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from ingest_server import api_docs
 from ingest_server.api import (
     auth,
     data,
@@ -31,8 +33,10 @@ from ingest_server.api import config as config_api
 from ingest_server.api.deps import install_error_handlers, make_pool
 from ingest_server.consumer import Health
 from ingest_server.dashboard import mount as mount_dashboard
+from ingest_server.http_headers import SecurityHeaders
 from ingest_server.live import LiveHub
 from ingest_server.metrics import CONTENT_TYPE, IngestMetrics
+from ingest_server.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,11 @@ def create_app(
         description="Device data of the district's classrooms. Every endpoint but /healthz "
         "needs an API token (Authorization: Bearer <token>) with the scope it names.",
         version="1",
+        docs_url=None,  # api_docs serves /docs from a package, not a CDN
         redoc_url=None,
     )
+    app.add_middleware(SecurityHeaders)
+    api_docs.mount(app)
     if db_url is not None:
         app.state.pool = make_pool(db_url)
         app.state.tokens = auth.TokenChecker(app.state.pool.connection, token_file)
@@ -117,11 +124,12 @@ def create_app(
 
 
 class HttpServer:
-    """uvicorn on a thread of its own, on a socket bound before it starts (so port 0 works)."""
+    """uvicorn on a thread of its own, on a socket bound before it starts (so port 0 works);
+    over TLS when given a certificate and key."""
 
     STOP_TIMEOUT_S = 10.0
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, tls: TlsFiles | None = None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # proto=IPPROTO_TCP, so asyncio sets TCP_NODELAY on accepted connections (it checks
         # the proto; create_server leaves it 0): without it each response waited ~40 ms for a
@@ -136,7 +144,23 @@ class HttpServer:
             raise
         self.host = host
         self.port: int = self._sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self.tls = tls
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            ssl_certfile=None if tls is None else tls.cert,
+            ssl_keyfile=None if tls is None else tls.key,
+        )
+        if tls is not None:
+            try:
+                config.load()  # builds uvicorn's SSLContext now, so it can be tightened
+            except BaseException:
+                self._sock.close()
+                raise
+            assert config.ssl is not None
+            config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run,
@@ -148,7 +172,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def start(self) -> None:
         self._thread.start()

@@ -84,7 +84,7 @@ class IngestServer:
                 offer, missing, on_enrolled=refresher.kick if refresher else None
             )
             consumer.on_commit = app.state.live.publish
-            http = HttpServer(app, s.http_host, s.http_port)
+            http = HttpServer(app, s.http_host, s.http_port, s.tls())
             consumer.start()
             self._stack.callback(consumer.stop)
             self._consumer = consumer

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from ingest_server.tls import TlsError, TlsFiles
 from schemas.uplink import DEFAULT_MAX_BYTES
 
 _PROTOCOLS: Final = {"5": 5, "3.1.1": 4, "311": 4}
@@ -142,6 +143,9 @@ class Settings:
     embedded_allow_anonymous: bool = True
     #: /healthz answers 503 once queued work, a batch or an ack has not moved for this long.
     stuck_after_s: float = 30.0
+    #: PEM certificate chain and key: the HTTP API is served over TLS (both or neither).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         if self.batch_events < 1 or self.batch_ms < 0:
@@ -172,6 +176,19 @@ class Settings:
             raise SettingsError("--broker-auth-interval must be between 0.1 and 3600 seconds")
         if not 0.1 <= self.stuck_after_s <= 86400:
             raise SettingsError("--stuck-after must be between 0.1 and 86400 seconds")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("--tls-cert and --tls-key go together (give both or neither)")
+        if (tls := self.tls()) is not None:
+            try:
+                tls.check()
+            except TlsError as exc:
+                raise SettingsError(str(exc)) from None
+
+    def tls(self) -> TlsFiles | None:
+        """The HTTP API's certificate and key, when it is served over TLS."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return TlsFiles(self.tls_cert, self.tls_key)
 
     @property
     def token_file(self) -> Path:

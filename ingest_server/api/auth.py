@@ -2,8 +2,9 @@
 
 A token is ``cet_`` + 43 URL-safe characters (256 random bits), shown once when created. Being
 random and long, a plain SHA-256 is a sound digest for it (no password stretching needed), and
-lookups stay one index probe. ``admin`` includes ``read``. Browsers' EventSource and WebSocket
-cannot set headers, so ``?access_token=`` is accepted as well as ``Authorization: Bearer``.
+lookups stay one index probe. ``admin`` includes ``read``. A token in a URL ends up in access
+logs, proxies and browser history, so ``?access_token=`` is accepted only where a browser cannot
+send ``Authorization: Bearer`` (the live stream's EventSource); anywhere else it is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ PREFIX: Final = "cet_"
 CACHE_S: Final = 5.0
 #: How long a checked token is still trusted while the database cannot be asked.
 STALE_S: Final = 3600.0
+#: Query parameters that carry a token; only endpoints that allow it read ``access_token``.
+QUERY_TOKEN_PARAMS: Final = ("access_token", "token")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +138,16 @@ class TokenChecker:
         return bool(text.strip()) and secrets.compare_digest(digest(text.strip()), key)
 
 
-def _presented(conn: Request | WebSocket) -> str | None:
+def _presented(conn: Request | WebSocket, query_token: bool) -> str | None:
+    in_query = [p for p in QUERY_TOKEN_PARAMS if p in conn.query_params]
+    if in_query and (not query_token or in_query != ["access_token"]):
+        also = " (or, on this endpoint only, ?access_token=)" if query_token else ""
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            f"API tokens are not accepted in the query string (?{in_query[-1]}=): URLs end up "
+            f"in logs and browser history. Send 'Authorization: Bearer <token>'{also}",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     header = conn.headers.get("authorization")
     if header:
         kind, _, value = header.partition(" ")
@@ -149,9 +161,12 @@ def _presented(conn: Request | WebSocket) -> str | None:
     return conn.query_params.get("access_token")
 
 
-def authenticate(conn: Request | WebSocket, scope: Scope) -> Token:
-    """The caller's token if it grants ``scope``; 401 (none or unknown) or 403 (too narrow)."""
-    presented = _presented(conn)
+def authenticate(conn: Request | WebSocket, scope: Scope, query_token: bool = False) -> Token:
+    """The caller's token if it grants ``scope``; 401 (none or unknown) or 403 (too narrow).
+
+    ``query_token``: also take ``?access_token=`` (for clients that cannot set headers).
+    """
+    presented = _presented(conn, query_token)
     if presented is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -175,11 +190,12 @@ def authenticate(conn: Request | WebSocket, scope: Scope) -> Token:
     return token
 
 
-def require(scope: Scope) -> Callable[[Request], Token]:
-    """FastAPI dependency: the request's token, which must grant ``scope``."""
+def require(scope: Scope, query_token: bool = False) -> Callable[[Request], Token]:
+    """FastAPI dependency: the request's token, which must grant ``scope`` (``query_token``:
+    ``?access_token=`` is taken too; only for the live stream's EventSource)."""
 
     def dependency(request: Request) -> Token:
-        return authenticate(request, scope)
+        return authenticate(request, scope, query_token)
 
     return dependency
 

@@ -19,7 +19,12 @@ from ingest_server.api import auth
 from ingest_server.api.common import ID_PATTERN, NAME_PATTERN, bad_param
 from ingest_server.live import LiveFilter, LiveHub, Subscription
 
-router = APIRouter(prefix="/api/v1", tags=["live"], dependencies=[Depends(auth.require("read"))])
+# EventSource cannot send headers: the one endpoint that takes ?access_token= (auth.py).
+router = APIRouter(
+    prefix="/api/v1",
+    tags=["live"],
+    dependencies=[Depends(auth.require("read", query_token=True))],
+)
 
 HEARTBEAT_S: Final = 15.0
 _MAX_VALUES: Final = 100

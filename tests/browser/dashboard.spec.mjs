@@ -42,6 +42,21 @@ async function launch(options) {
   });
 }
 
+// Every Content-Security-Policy violation is a failure: the browser logs each one, and the
+// page's securitypolicyviolation event (reported from an init script, which the CSP does not
+// govern) names the directive even where the log line would not.
+async function watchCsp(p, label) {
+  await p.addInitScript(() => {
+    document.addEventListener("securitypolicyviolation", (e) =>
+      console.error(`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI || "inline"} at ${e.sourceFile}:${e.lineNumber}`));
+  });
+  p.on("console", (m) => {
+    if (m.type() === "error" && /Content Security Policy|CSP violation/i.test(m.text())) {
+      out.failures.push({ step: `${label}-csp`, error: m.text() });
+    }
+  });
+}
+
 async function shot(page, name) {
   const path = join(SHOTS, `${name}.png`);
   await page.screenshot({ path, fullPage: true });
@@ -80,9 +95,11 @@ async function noHorizontalScroll(page) {
 const desktop = await launch({ viewport: { width: 1280, height: 900 }, locale: "en-GB" });
 const page = desktop.pages()[0] || (await desktop.newPage());
 page.on("pageerror", (error) => out.failures.push({ step: "pageerror", error: String(error) }));
+await watchCsp(page, "desktop");
 
 await step("bad-token", page, async () => {
-  await page.goto(`${URL_}/dashboard/`);
+  const resp = await page.goto(`${URL_}/dashboard/`);
+  out.csp = resp.headers()["content-security-policy"];
   await page.waitForSelector("#token", { timeout: STEP_MS });
   await page.fill("#token", "cet_not-a-real-token-0000000000000000000000000");
   await page.click("#login-submit");
@@ -142,6 +159,15 @@ await step("device-admin-ping", page, async () => {
   await page.waitForFunction(() => document.querySelectorAll("#health-charts canvas").length >= 3, null, { timeout: STEP_MS });
   out.healthCharts = await page.$$eval("#health-charts canvas", (c) => c.length);
   out.deviceEvents = await page.$$eval("#events tr[data-seq]", (trs) => trs.map((tr) => Number(tr.dataset.seq)));
+  // a chart's tooltip under the CSP: hovering redraws the canvas with it (charts.mjs)
+  const canvas = await page.$("#health-charts canvas");
+  const before = await canvas.screenshot();
+  await canvas.hover();
+  const deadline = Date.now() + STEP_MS;
+  let after = before;
+  while (Date.now() < deadline && after.equals(before)) after = await canvas.screenshot();
+  out.tooltip = !after.equals(before);
+  await shot(page, "05a-device-tooltip-en");
   await page.click("#ping");
   await page.waitForSelector('#commands tr[data-status="ok"]', { timeout: STEP_MS });
   out.commands = await rows(page, "#commands tr[data-command]", ["command", "status"]);
@@ -200,6 +226,7 @@ await desktop.close();
 const tablet = await launch({ viewport: { width: 800, height: 1280 }, deviceScaleFactor: 1, isMobile: true, hasTouch: true, locale: "zh-CN" });
 const tab = tablet.pages()[0] || (await tablet.newPage());
 tab.on("pageerror", (error) => out.failures.push({ step: "tablet-pageerror", error: String(error) }));
+await watchCsp(tab, "tablet");
 out.tablet = {};
 await step("tablet", tab, async () => {
   await tab.goto(`${URL_}/dashboard/`);

@@ -26,6 +26,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest_server.api import auth
+from ingest_server.http_headers import DASHBOARD_CSP
 from ingest_server.storage import maintain
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
 from simulators.harness import wait_until
@@ -190,8 +191,12 @@ def test_dashboard_in_chromium(stack: dict[str, Any], db_url: str, tmp_path: Pat
     assert proc.stdout.strip(), f"no output from the browser script:\n{proc.stderr[-3000:]}"
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0, json.dumps(seen["failures"], indent=1)[:6000]
-    assert len(seen["screenshots"]) == 15
+    assert len(seen["screenshots"]) == 16
     assert all(Path(p).is_file() for p in seen["screenshots"])
+
+    # the whole run was under the strict policy (a violation is one of the failures above)
+    assert seen["csp"] == DASHBOARD_CSP
+    assert seen["tooltip"] is True
 
     with psycopg.connect(db_url) as conn:
         # login: the server's own words about a bad token; what each scope allows

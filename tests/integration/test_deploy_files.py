@@ -34,6 +34,12 @@ def _unit(path: Path) -> dict[str, str]:
     return dict(parser["Service"])
 
 
+def _unit_values(path: Path, key: str) -> list[str]:
+    """Every value of a key set more than once (configparser keeps only the last)."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    return re.findall(rf"^{key}=(.*)$", text, re.M)
+
+
 @pytest.mark.parametrize("name", ["campus-edge-agent.service", "campus-edge-ingest.service"])
 def test_units_are_hardened(name: str) -> None:
     svc = _unit(SYSTEMD / name)
@@ -49,7 +55,12 @@ def test_ingest_unit_arguments_parse_and_hold_no_secret() -> None:
     assert argv[0].endswith("/ingest-server")
     args = cli._parser().parse_args(argv[1:])
     assert args.mosquitto_passwd.parent == Path(svc["ReadWritePaths"])
-    assert "hash-key" in svc["LoadCredential"]
+    # HTTPS by default: the key comes as a systemd credential, the certificate from /etc
+    assert args.tls_cert == Path("/etc/campus-edge/api.crt")
+    assert str(args.tls_key) == "${CREDENTIALS_DIRECTORY}/api-key"
+    credentials = _unit_values(SYSTEMD / "campus-edge-ingest.service", "LoadCredential")
+    assert "api-key:/etc/campus-edge/api.key" in credentials
+    assert "hash-key:/etc/campus-edge/hash-key" in credentials
     assert not re.search(r"://[^/\s]*:[^/\s]*@", svc["ExecStart"])  # no password in a URL
     conf = (ROOT / "deploy/mosquitto/mosquitto-tls.conf").read_text()
     assert f"password_file {args.mosquitto_passwd}" in conf
@@ -118,6 +129,11 @@ def test_compose_wiring() -> None:
     assert args.hash_key_file == Path("/run/secrets/hash-key")
     assert "hash-key" in svc["ingest"]["secrets"]
     assert str(args.ca_cert) in _mounts(svc["ingest"])
+    # HTTPS by default: the certificate mounted, the key a secret, both from ./certs
+    assert _mounts(svc["ingest"])[str(args.tls_cert)] == "./certs/api.crt"
+    assert args.tls_key == Path("/run/secrets/api-key")
+    assert "api-key" in svc["ingest"]["secrets"]
+    assert doc["secrets"]["api-key"]["file"] == "./certs/api.key"
     assert svc["ingest"]["pid"] == "service:mosquitto"  # so the reload command reaches it
 
     # environment names are the ones the CLI reads; they point at the compose services

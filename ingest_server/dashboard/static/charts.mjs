@@ -33,11 +33,14 @@ export async function drawChart(slot, option) {
     return false;
   }
   const chart = lib.init(slot, null, { renderer: "canvas" });
+  const { tooltip, ...rest } = option;
   chart.setOption({
     animation: false,
     grid: { left: 48, right: 16, top: 36, bottom: 40, containLabel: true },
-    tooltip: { trigger: "axis" },
-    ...option,
+    ...rest,
+    // Drawn on the canvas: HTML tooltips carry inline style attributes, which the page's
+    // Content-Security-Policy (style-src 'self') blocks.
+    tooltip: { trigger: "axis", ...tooltip, renderMode: "richText" },
   });
   live.add(chart);
   return true;
