@@ -135,10 +135,18 @@ def _enrolment_args(run: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--broker-auth-interval", metavar="S", type=float, default=_DEFAULTS.broker_auth_interval_s
     )
-    g.add_argument(
+    anon = g.add_mutually_exclusive_group()
+    anon.add_argument(
+        "--embedded-anonymous",
+        action="store_true",
+        help="demo only: the embedded broker also admits clients without credentials, to "
+        "publish uplinks of devices outside the registry (nothing to read); not with "
+        "--hash-key-file",
+    )
+    anon.add_argument(
         "--no-embedded-anonymous",
         action="store_true",
-        help="the embedded broker admits only enrolled devices (and this server)",
+        help="the default: the embedded broker admits only enrolled devices (and this server)",
     )
 
 
@@ -208,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mosquitto_pid_file=args.mosquitto_pid_file,
             mosquitto_reload_cmd=args.mosquitto_reload_cmd,
             broker_auth_interval_s=args.broker_auth_interval,
-            embedded_allow_anonymous=not args.no_embedded_anonymous,
+            embedded_allow_anonymous=args.embedded_anonymous,
         )
     except SettingsError as exc:
         parser.error(str(exc))
