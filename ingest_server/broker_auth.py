@@ -132,7 +132,7 @@ class BrokerRules:
         """A client without a user (the embedded broker's explicit demo mode) may only publish a
         device's uplink channels, and never as a device of the registry."""
         parts = topic.split("/")
-        if len(parts) < 5 or parts[3] in self.devices:
+        if len(parts) < 5 or parts[3] in self.devices or "+" in topic or "#" in topic:
             return False
         return any(filter_covers(f"campus/v1/+/+/{c}", topic) for c in DEVICE_PUBLISH)
 
