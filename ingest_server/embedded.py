@@ -24,7 +24,11 @@ What amqtt 0.12 does, as tests/integration/test_embedded.py pins down:
 Given ``rules`` (a :class:`~ingest_server.broker_auth.RulesHolder` the server keeps current from
 the device registry), the broker enforces what Mosquitto's password and ACL files do: a client
 that names a user must give its password, and a device may publish and subscribe only under its
-own prefix. Clients without a user are admitted only with ``allow_anonymous`` (the demo's agents).
+own prefix. Beyond Mosquitto, a CONNECT is checked before amqtt acts on it
+(:meth:`EmbeddedBroker.admission`): client ids are bound to users (``reserved_client_ids`` are the
+server's), and a will must be a topic the client may publish. Clients without a user are admitted
+only with ``allow_anonymous`` (the demo's agents), to publish uplinks of devices outside the
+registry and read nothing. Retained and queued messages go out only through the same rules.
 """
 
 from __future__ import annotations
