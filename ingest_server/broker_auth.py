@@ -41,6 +41,10 @@ DEVICE_PUBLISH: Final = ("up", "state", "cmd/ack", "config/ack")
 DEVICE_READ: Final = ("cmd", "config")
 SERVER_READ: Final = ("up", "state", "cmd/ack", "config/ack")
 SERVER_PUBLISH: Final = ("cmd", "config")
+#: What the edge agent calls itself by default (``agent-{device_id}``); a device may also use
+#: its bare ``device_id``. The embedded broker holds each device to these (see
+#: :meth:`BrokerRules.may_use_client_id`).
+AGENT_CLIENT_ID_PREFIX: Final = "agent-"
 
 
 class BrokerAuthError(RuntimeError):
@@ -123,6 +127,39 @@ class BrokerRules:
 
     def may_publish(self, username: str | None, topic: str) -> bool:
         return any(filter_covers(p, topic) for p in self._patterns(username, write=True))
+
+    def anonymous_may_publish(self, topic: str) -> bool:
+        """A client without a user (the embedded broker's explicit demo mode) may only publish a
+        device's uplink channels, and never as a device of the registry."""
+        parts = topic.split("/")
+        if len(parts) < 5 or parts[3] in self.devices or "+" in topic or "#" in topic:
+            return False
+        return any(filter_covers(f"campus/v1/+/+/{c}", topic) for c in DEVICE_PUBLISH)
+
+    def client_id_owner(self, client_id: str) -> str | None:
+        """The device a client id is bound to (``{device}`` or ``agent-{device}``), if any."""
+        if client_id in self.devices:
+            return client_id
+        bare = client_id.removeprefix(AGENT_CLIENT_ID_PREFIX)
+        return bare if bare != client_id and bare in self.devices else None
+
+    def may_use_client_id(
+        self, username: str | None, client_id: str, reserved: frozenset[str] = frozenset()
+    ) -> bool:
+        """Whether ``username`` (None: anonymous) may connect as ``client_id``: ``reserved``
+        (the server's own sessions) are the server user's only, a device uses only its own ids,
+        and nobody else takes a device's. An empty id gets one made up by the broker."""
+        if username is not None and username == self.server_user:
+            return True
+        if client_id in reserved:
+            return False
+        if username is None:
+            return client_id == "" or self.client_id_owner(client_id) is None
+        return username in self.devices and client_id in (
+            "",
+            username,
+            AGENT_CLIENT_ID_PREFIX + username,
+        )
 
     def may_subscribe(self, username: str | None, topic_filter: str) -> bool:
         """Only filters wholly inside what the user may read (``$share/G/`` is looked through)."""

@@ -159,10 +159,18 @@ def _enrolment_args(run: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--broker-auth-interval", metavar="S", type=float, default=_DEFAULTS.broker_auth_interval_s
     )
-    g.add_argument(
+    anon = g.add_mutually_exclusive_group()
+    anon.add_argument(
+        "--embedded-anonymous",
+        action="store_true",
+        help="demo only: the embedded broker also admits clients without credentials, to "
+        "publish uplinks of devices outside the registry (nothing to read); not with "
+        "--hash-key-file",
+    )
+    anon.add_argument(
         "--no-embedded-anonymous",
         action="store_true",
-        help="the embedded broker admits only enrolled devices (and this server)",
+        help="the default: the embedded broker admits only enrolled devices (and this server)",
     )
 
 
@@ -233,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mosquitto_pid_file=args.mosquitto_pid_file,
             mosquitto_reload_cmd=args.mosquitto_reload_cmd,
             broker_auth_interval_s=args.broker_auth_interval,
-            embedded_allow_anonymous=not args.no_embedded_anonymous,
+            embedded_allow_anonymous=args.embedded_anonymous,
             stuck_after_s=args.stuck_after,
             tls_cert=_path_or_env(args.tls_cert, TLS_CERT_ENV),
             tls_key=_path_or_env(args.tls_key, TLS_KEY_ENV),

@@ -24,7 +24,11 @@ What amqtt 0.12 does, as tests/integration/test_embedded.py pins down:
 Given ``rules`` (a :class:`~ingest_server.broker_auth.RulesHolder` the server keeps current from
 the device registry), the broker enforces what Mosquitto's password and ACL files do: a client
 that names a user must give its password, and a device may publish and subscribe only under its
-own prefix. Clients without a user are admitted only with ``allow_anonymous`` (the demo's agents).
+own prefix. Beyond Mosquitto, a CONNECT is checked before amqtt acts on it
+(:meth:`EmbeddedBroker.admission`): client ids are bound to users (``reserved_client_ids`` are the
+server's), and a will must be a topic the client may publish. Clients without a user are admitted
+only with ``allow_anonymous`` (the demo's agents), to publish uplinks of devices outside the
+registry and read nothing. Retained and queued messages go out only through the same rules.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import subprocess
 import threading
 import time
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -68,6 +73,150 @@ _LISTENER: Final = "default"
 
 class EmbeddedError(RuntimeError):
     """The embedded broker or database could not be started."""
+
+
+#: CONNACK return codes of MQTT 3.1.1 the gate answers with.
+_UNACCEPTABLE_PROTOCOL: Final = 0x01
+_IDENTIFIER_REJECTED: Final = 0x02
+_NOT_AUTHORISED: Final = 0x05
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    """What a CONNECT packet asks for (MQTT 3.1 / 3.1.1; other levels carry only ``level``)."""
+
+    level: int
+    clean_session: bool = True
+    client_id: str = ""
+    will_topic: str | None = None
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+
+
+class _Cursor:
+    def __init__(self, data: bytes) -> None:
+        self._data, self._pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if self._pos + n > len(self._data):
+            raise ValueError("CONNECT packet truncated")
+        out = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def blob(self) -> bytes:
+        return self.take(int.from_bytes(self.take(2), "big"))
+
+    def text(self) -> str:
+        return self.blob().decode("utf-8")  # UnicodeDecodeError is a ValueError
+
+
+def parse_connect(body: bytes) -> ConnectRequest:
+    """The CONNECT's variable header and payload (after the fixed header); ValueError if bad."""
+    c = _Cursor(body)
+    c.text()  # protocol name: amqtt checks it
+    level, flags = c.take(1)[0], c.take(1)[0]
+    c.take(2)  # keep-alive
+    if level not in (3, 4):
+        return ConnectRequest(level)
+    client_id = c.text()
+    will_topic = None
+    if flags & 0x04:
+        will_topic = c.text()
+        c.blob()
+    username = c.text() if flags & 0x80 else None
+    password = c.blob().decode("utf-8") if flags & 0x40 else None
+    return ConnectRequest(level, bool(flags & 0x02), client_id, will_topic, username, password)
+
+
+async def _read_connect(reader: asyncio.StreamReader, limit: int) -> tuple[bytes, bytes]:
+    """The first packet's fixed header and body, which must be a CONNECT of at most ``limit``."""
+    head = bytearray(await reader.readexactly(1))
+    if head[0] != 0x10:
+        raise ValueError(f"the first packet is not a CONNECT (type byte {head[0]:#04x})")
+    length = 0
+    for shift in range(0, 28, 7):
+        byte = (await reader.readexactly(1))[0]
+        head.append(byte)
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+    else:
+        raise ValueError("malformed remaining length in CONNECT")
+    if length > limit:
+        raise ValueError(f"a CONNECT of {length} bytes (at most {limit})")
+    return bytes(head), await reader.readexactly(length)
+
+
+class _ReplayReader(StreamReaderAdapter):  # type: ignore[misc]
+    """The stream with the CONNECT the gate has read put back in front, for amqtt."""
+
+    def __init__(self, reader: asyncio.StreamReader, head: bytes) -> None:
+        super().__init__(reader)
+        self._head = head
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return bytes(await super().read(n))
+        if n == -1:
+            head, self._head = self._head, b""
+            return head + bytes(await super().read(-1))
+        out, self._head = self._head[:n], self._head[n:]
+        if len(out) < n:
+            out += bytes(await super().read(n - len(out)))
+        return out
+
+
+class _GuardedBroker(Broker):  # type: ignore[misc]
+    """amqtt's broker with retained and queued messages sent only through the topic rules.
+
+    amqtt 0.12 sends retained messages without asking the topic plugin, and on every connect
+    it sends those matching *any* session's subscriptions (another device's ``config``, every
+    device's ``state``) to the new client. Here a session gets retained messages only for its
+    own subscriptions and only on topics it may read; queued ones are checked again on the way
+    out, as the rules may have changed (a revoked device) while it was away.
+    """
+
+    async def _may_receive(self, session: Session, topic: str) -> bool:
+        return bool(await self._topic_filtering(session, topic=topic, action=Action.RECEIVE))
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        topic_filter, qos = subscription
+        own = self._subscriptions.get(topic_filter, ())
+        handler = self._get_handler(session)
+        if handler is None or all(s.client_id != session.client_id for s, _ in own):
+            return
+        sends = [
+            asyncio.ensure_future(
+                handler.mqtt_publish(m.topic, m.data, min(qos, m.qos or qos), retain=True)
+            )
+            for topic, m in list(self._retained_messages.items())
+            if self._matches(topic, topic_filter) and await self._may_receive(session, topic)
+        ]
+        if sends:
+            await asyncio.wait(sends)
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        sends = []
+        while not session.retained_messages.empty():
+            m = session.retained_messages.get_nowait()
+            if await self._may_receive(session, m.topic):
+                sends.append(
+                    asyncio.ensure_future(handler.mqtt_publish(m.topic, m.data, m.qos, retain=True))
+                )
+            else:
+                log.warning(
+                    "embedded broker: dropped a queued message on %s for %r (no longer allowed)",
+                    m.topic,
+                    session.client_id,
+                )
+        if sends:
+            await asyncio.wait(sends)
 
 
 #: The rules of each running broker, by key (amqtt builds plugins from plain config values).
@@ -124,7 +273,13 @@ class RegistryTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
         if session is None or topic is None:
             return False
         if session.username is None:
-            return bool(self.config.allow_anonymous)
+            # Anonymous (demo only): uplink channels of devices outside the registry, nothing
+            # to read, so no command, config or other device's data ever reaches it.
+            return (
+                bool(self.config.allow_anonymous)
+                and action == Action.PUBLISH
+                and holder.rules.anonymous_may_publish(topic)
+            )
         if action == Action.PUBLISH:
             return holder.rules.may_publish(session.username, topic)
         return holder.rules.may_subscribe(session.username, topic)
@@ -138,6 +293,9 @@ class EmbeddedBroker:
     MAX_CONNECTIONS = 1024
     #: How long shutdown waits for client connections to wind down before cancelling them.
     CLOSE_TIMEOUT_S = 5.0
+    #: A client has this long to send its CONNECT, of at most this many bytes (the will too).
+    CONNECT_TIMEOUT_S = 10.0
+    MAX_CONNECT_BYTES = 64 * 1024
 
     def __init__(
         self,
@@ -145,13 +303,16 @@ class EmbeddedBroker:
         port: int = 0,
         *,
         rules: RulesHolder | None = None,
-        allow_anonymous: bool = True,
+        allow_anonymous: bool = False,
+        reserved_client_ids: Collection[str] = (),
     ) -> None:
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"the embedded broker listens on loopback only, not {host}")
         self.host = host
         self._rules = rules
         self._allow_anonymous = allow_anonymous
+        #: Client ids only the server user may connect with (its consumer and control plane).
+        self._reserved = frozenset(reserved_client_ids)
         self._rules_key = f"broker-{id(self)}"
         self._requested_port = port
         self.port = 0
@@ -177,7 +338,7 @@ class EmbeddedBroker:
                 f"{__name__}.{LoopbackAuthPlugin.__name__}": conf,
                 f"{__name__}.{RegistryTopicPlugin.__name__}": conf,
             }
-        broker = Broker(
+        broker = _GuardedBroker(
             {
                 # An "external" listener: we own the socket, so binding stays on loopback and the
                 # port chosen at run time is known. (amqtt ignores its default bind for it.)
@@ -228,11 +389,70 @@ class EmbeddedBroker:
         assert task is not None
         self._conns.add(task)
         try:
-            await broker.external_connected(
-                StreamReaderAdapter(reader), StreamWriterAdapter(writer), _LISTENER
-            )
+            connect = await self._gate(reader, writer)
+            if connect is not None:
+                await broker.external_connected(
+                    _ReplayReader(reader, connect), StreamWriterAdapter(writer), _LISTENER
+                )
         finally:
             self._conns.discard(task)
+
+    async def _gate(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bytes | None:
+        """Read the CONNECT and refuse it here, before amqtt sees it; the packet if admitted.
+
+        amqtt 0.12 acts on a CONNECT before it authenticates: a clean session deletes the
+        stored session of that client id, a persistent one gets its will and user overwritten,
+        and a connected one is taken over, even when the CONNACK then refuses the client.
+        """
+        try:
+            async with asyncio.timeout(self.CONNECT_TIMEOUT_S):
+                head, body = await _read_connect(reader, self.MAX_CONNECT_BYTES)
+            request = parse_connect(body)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            log.warning("embedded broker: dropped a connection without a valid CONNECT: %s", exc)
+            writer.close()
+            return None
+        code, why = self.admission(request)
+        if code == 0:
+            return head + body
+        log.warning(
+            "embedded broker: refused client id %r (%s): %s",
+            request.client_id[:80],
+            "anonymous" if request.username is None else f"user {request.username[:80]!r}",
+            why,
+        )
+        writer.write(bytes((0x20, 0x02, 0x00, code)))  # CONNACK with the refusal
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+        return None
+
+    def admission(self, req: ConnectRequest) -> tuple[int, str]:
+        """The CONNACK return code for ``req`` (0: admitted) and, if refused, why."""
+        if req.level not in (3, 4):
+            return _UNACCEPTABLE_PROTOCOL, f"MQTT protocol level {req.level} (3.1.1 only)"
+        if self._rules is None:
+            return 0, ""
+        rules = self._rules.rules
+        if req.username is None:
+            if not self._allow_anonymous:
+                return _NOT_AUTHORISED, "anonymous clients are not admitted"
+        elif not rules.authenticate(req.username, req.password):
+            return _NOT_AUTHORISED, "unknown user or wrong password"
+        if not req.client_id and not req.clean_session:
+            return _IDENTIFIER_REJECTED, "an empty client id needs a clean session"
+        if not rules.may_use_client_id(req.username, req.client_id, self._reserved):
+            return _IDENTIFIER_REJECTED, "the client id belongs to the server or another device"
+        if req.will_topic is not None and not (
+            rules.anonymous_may_publish(req.will_topic)
+            if req.username is None
+            else rules.may_publish(req.username, req.will_topic)
+        ):
+            # amqtt publishes (and retains) a will without asking the topic plugin
+            return _NOT_AUTHORISED, f"a will on {req.will_topic[:200]!r}, which it may not publish"
+        return 0, ""
 
     def sessions(self) -> dict[str, str]:
         """Each client id the broker holds a session for, and its state (``connected``, ...)."""

@@ -147,10 +147,18 @@ class IngestServer:
         self.broker_rules = broker_auth.RulesHolder(
             broker_auth.BrokerRules({}, user, broker_auth.hash_password(password))
         )
+        s = self.settings
+        if s.embedded_allow_anonymous:
+            log.warning(
+                "EMBEDDED BROKER ADMITS ANONYMOUS CLIENTS (--embedded-anonymous, demo only): any "
+                "local program may publish uplinks as a device outside the registry"
+            )
         broker = EmbeddedBroker(
-            port=self.settings.embedded_broker_port,
+            port=s.embedded_broker_port,
             rules=self.broker_rules,
-            allow_anonymous=self.settings.embedded_allow_anonymous,
+            allow_anonymous=s.embedded_allow_anonymous,
+            # the consumer's and the control plane's sessions: nobody else may take them over
+            reserved_client_ids=(s.client_id, f"{s.client_id}-control"),
         ).start_in_thread()
         self._stack.callback(broker.stop)
         return broker.url.replace("mqtt://", f"mqtt://{user}:{password}@", 1)

@@ -139,8 +139,9 @@ class Settings:
     mosquitto_pid_file: Path | None = None
     mosquitto_reload_cmd: str | None = None
     broker_auth_interval_s: float = 5.0
-    #: The embedded broker admits loopback clients without credentials (the demo's agents).
-    embedded_allow_anonymous: bool = True
+    #: The embedded broker admits loopback clients without credentials, to publish uplinks of
+    #: devices outside the registry only (the demo's agents); never with enrolment on.
+    embedded_allow_anonymous: bool = False
     #: /healthz answers 503 once queued work, a batch or an ack has not moved for this long.
     stuck_after_s: float = 30.0
     #: PEM certificate chain and key: the HTTP API is served over TLS (both or neither).
@@ -172,6 +173,13 @@ class Settings:
                 )
         if self.enrol_broker_url is not None:
             BrokerUrl.parse(self.enrol_broker_url)
+        if self.embedded_allow_anonymous and self.hash_key_file is not None:
+            raise SettingsError(
+                "--embedded-anonymous cannot go with --hash-key-file: with enrolment on, the "
+                "embedded broker admits enrolled devices only"
+            )
+        if self.embedded_allow_anonymous and self.broker_url is not None:
+            raise SettingsError("--embedded-anonymous is for the embedded broker (no --broker)")
         if not 0.1 <= self.broker_auth_interval_s <= 3600:
             raise SettingsError("--broker-auth-interval must be between 0.1 and 3600 seconds")
         if not 0.1 <= self.stuck_after_s <= 86400:

@@ -219,13 +219,18 @@ def main(argv: list[str] | None = None) -> int:
                     str(broker_port),
                     "--data-dir",
                     str(data),
+                    # the demo's agents are not enrolled: they publish without credentials
+                    "--embedded-anonymous",
                 ],
                 stdout=server_log,
                 stderr=server_log,
             )
         )
         _wait_healthy(http_port, procs[0])
-        print(f"demo: MQTT broker   mqtt://127.0.0.1:{broker_port} (MQTT 3.1.1, embedded)")
+        print(
+            f"demo: MQTT broker   mqtt://127.0.0.1:{broker_port} (MQTT 3.1.1, embedded; "
+            "admits anonymous agents, publish only: demo use only)"
+        )
         print(f"demo: HTTP          http://{http}/healthz  http://{http}/docs (API)")
         print(f"demo: admin token   {data / 'admin-token'} (Authorization: Bearer <token>)")
         print(f"demo: logs          {work}")

@@ -392,7 +392,9 @@ def test_embedded_default_mode() -> None:
     """No URLs: the in-process broker (MQTT 3.1.1) and a private PostgreSQL under data_dir."""
     data_dir = shared_tmpdir("campus-ingest-embedded-")
     try:
-        cfg = Settings(data_dir=data_dir, embedded_broker_port=0, http_port=0)
+        cfg = Settings(
+            data_dir=data_dir, embedded_broker_port=0, http_port=0, embedded_allow_anonymous=True
+        )
         with running(cfg) as server:
             broker = server.consumer.broker
             assert broker.protocol == 4

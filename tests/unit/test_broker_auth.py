@@ -91,6 +91,37 @@ def test_server_reads_all_uplinks_and_writes_commands() -> None:
     assert not RULES.may_subscribe("ingest", "#")
 
 
+def test_client_ids_bound_to_their_user() -> None:
+    reserved = frozenset({"campus-ingest", "campus-ingest-control"})
+    a, b = A.device_id, B.device_id
+    for cid in ("campus-ingest", "campus-ingest-control", "anything"):
+        assert RULES.may_use_client_id("ingest", cid, reserved)  # the server user's own
+    for user in (a, None):
+        assert not RULES.may_use_client_id(user, "campus-ingest", reserved)
+        assert not RULES.may_use_client_id(user, "campus-ingest-control", reserved)
+        assert not RULES.may_use_client_id(user, f"agent-{b}", reserved)
+        assert not RULES.may_use_client_id(user, b, reserved)
+        assert RULES.may_use_client_id(user, "", reserved)  # the broker makes one up
+    assert RULES.may_use_client_id(a, f"agent-{a}", reserved)
+    assert RULES.may_use_client_id(a, a, reserved)
+    assert not RULES.may_use_client_id(a, "t-123", reserved)
+    assert not RULES.may_use_client_id("revoked-or-unknown", "revoked-or-unknown")
+    assert RULES.may_use_client_id(None, "agent-cr-0101", reserved)  # a demo agent
+    assert RULES.client_id_owner(f"agent-{a}") == a
+    assert RULES.client_id_owner("agent-") is None
+
+
+def test_anonymous_publishes_uplinks_of_unregistered_devices_only() -> None:
+    assert RULES.anonymous_may_publish("campus/v1/demo/cr-0101/up")
+    assert RULES.anonymous_may_publish("campus/v1/demo/cr-0101/state")
+    assert RULES.anonymous_may_publish("campus/v1/demo/cr-0101/cmd/ack")
+    assert not RULES.anonymous_may_publish(f"campus/v1/s1/{A.device_id}/up")  # enrolled
+    for topic in ("campus/v1/demo/cr-0101/cmd", "campus/v1/demo/cr-0101/config", "x", "#"):
+        assert not RULES.anonymous_may_publish(topic)
+        assert not RULES.may_subscribe(None, topic)
+    assert not RULES.anonymous_may_publish("campus/v1/+/+/up")
+
+
 def test_rendered_files() -> None:
     passwd = RULES.passwd_text().splitlines()
     assert [line.split(":")[0] for line in passwd] == ["ingest", A.device_id, B.device_id]
