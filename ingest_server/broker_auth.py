@@ -136,6 +136,17 @@ class BrokerRules:
             return False
         return any(filter_covers(f"campus/v1/+/+/{c}", topic) for c in DEVICE_PUBLISH)
 
+    def anonymous_may_read(self, topic_filter: str) -> bool:
+        """A client without a user (demo mode only) may read exactly one device's ``cmd`` or
+        ``config`` (no wildcards), and never those of a device of the registry: the demo's
+        agents take commands, nobody reads what is meant for an enrolled device."""
+        parts = topic_filter.split("/")
+        if len(parts) < 5 or parts[3] in self.devices or "+" in topic_filter:
+            return False
+        if "#" in topic_filter or topic_filter.startswith("$"):
+            return False
+        return any(filter_covers(f"campus/v1/+/+/{c}", topic_filter) for c in DEVICE_READ)
+
     def client_id_owner(self, client_id: str) -> str | None:
         """The device a client id is bound to (``{device}`` or ``agent-{device}``), if any."""
         if client_id in self.devices:

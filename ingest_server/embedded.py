@@ -273,13 +273,13 @@ class RegistryTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
         if session is None or topic is None:
             return False
         if session.username is None:
-            # Anonymous (demo only): uplink channels of devices outside the registry, nothing
-            # to read, so no command, config or other device's data ever reaches it.
-            return (
-                bool(self.config.allow_anonymous)
-                and action == Action.PUBLISH
-                and holder.rules.anonymous_may_publish(topic)
-            )
+            # Anonymous (demo only): a device's own channels, by exact topic, of devices
+            # outside the registry; no wildcard, so no other device's data ever reaches it.
+            if not self.config.allow_anonymous:
+                return False
+            if action == Action.PUBLISH:
+                return holder.rules.anonymous_may_publish(topic)
+            return holder.rules.anonymous_may_read(topic)
         if action == Action.PUBLISH:
             return holder.rules.may_publish(session.username, topic)
         return holder.rules.may_subscribe(session.username, topic)

@@ -122,6 +122,24 @@ def test_anonymous_publishes_uplinks_of_unregistered_devices_only() -> None:
     assert not RULES.anonymous_may_publish("campus/v1/+/+/up")
 
 
+def test_anonymous_reads_only_exact_commands_of_unregistered_devices() -> None:
+    """The demo's agents take commands; nobody anonymous reads an enrolled device's, nor data."""
+    assert RULES.anonymous_may_read("campus/v1/demo/cr-0101/cmd")
+    assert RULES.anonymous_may_read("campus/v1/demo/cr-0101/config")
+    for topic_filter in (
+        f"campus/v1/s1/{A.device_id}/cmd",  # enrolled
+        f"campus/v1/s1/{A.device_id}/config",
+        "campus/v1/demo/cr-0101/up",
+        "campus/v1/demo/cr-0101/state",
+        "campus/v1/demo/+/cmd",
+        "campus/v1/+/+/config",
+        "campus/v1/demo/cr-0101/#",
+        "#",
+        "$share/g/campus/v1/demo/cr-0101/cmd",
+    ):
+        assert not RULES.anonymous_may_read(topic_filter), topic_filter
+
+
 def test_rendered_files() -> None:
     passwd = RULES.passwd_text().splitlines()
     assert [line.split(":")[0] for line in passwd] == ["ingest", A.device_id, B.device_id]
