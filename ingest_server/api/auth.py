@@ -24,6 +24,8 @@ from fastapi import HTTPException, Request, WebSocket, status
 from psycopg.rows import tuple_row
 from psycopg_pool import PoolTimeout
 
+from ingest_server.enrolment import FailureLimiter
+
 Scope = Literal["read", "admin"]
 SCOPES: Final[tuple[Scope, ...]] = ("read", "admin")
 PREFIX: Final = "cet_"
@@ -31,6 +33,15 @@ PREFIX: Final = "cet_"
 CACHE_S: Final = 5.0
 #: How long a checked token is still trusted while the database cannot be asked.
 STALE_S: Final = 3600.0
+#: Lengths a token can have (issued ones are ``PREFIX`` + 43; a provisioned one may be longer,
+#: see :func:`bootstrap`); anything else, or without the prefix, is refused without a query.
+TOKEN_LENS: Final = range(len(PREFIX) + 32, 257)
+#: Token lookups that may use pooled connections at once (the API pool has 4), so a flood of
+#: unknown tokens cannot take every connection.
+MAX_LOOKUPS: Final = 2
+#: Failed token checks a client address may make in ``FAILED_WINDOW_S`` before it gets 429.
+MAX_FAILED: Final = 60
+FAILED_WINDOW_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +108,13 @@ class TokenChecker:
         self._bootstrap_file = bootstrap_file
         self._cache: dict[bytes, tuple[float, Token | None]] = {}
         self._lock = threading.Lock()
+        self._lookups = threading.BoundedSemaphore(MAX_LOOKUPS)
+        #: Failed checks per client address (see :func:`authenticate`).
+        self.failures = FailureLimiter(MAX_FAILED, FAILED_WINDOW_S)
 
     def check(self, token: str) -> Token | None:
+        if len(token) not in TOKEN_LENS or not token.startswith(PREFIX):
+            return None  # not one this server could have issued: no query
         key = digest(token)
         now = time.monotonic()
         with self._lock:
@@ -106,12 +122,17 @@ class TokenChecker:
         if hit is not None and now - hit[0] < CACHE_S:
             return hit[1]
         try:
-            with self._connect() as conn:
-                row = conn.execute(
-                    "UPDATE api_tokens SET last_used_at = now() WHERE token_sha256 = %s"
-                    " AND revoked_at IS NULL RETURNING id, name, scopes",
-                    (key,),
-                ).fetchone()
+            if not self._lookups.acquire(timeout=CACHE_S):
+                raise PoolTimeout(f"{MAX_LOOKUPS} token lookups are waiting on the database")
+            try:
+                with self._connect() as conn:
+                    row = conn.execute(
+                        "UPDATE api_tokens SET last_used_at = now() WHERE token_sha256 = %s"
+                        " AND revoked_at IS NULL RETURNING id, name, scopes",
+                        (key,),
+                    ).fetchone()
+            finally:
+                self._lookups.release()
         except (psycopg.Error, PoolTimeout):
             # The database is down: a token it accepted lately still opens /metrics and the
             # like (stale-if-error), so watching an outage does not need the database.
@@ -160,8 +181,16 @@ def authenticate(conn: Request | WebSocket, scope: Scope) -> Token:
             headers={"WWW-Authenticate": "Bearer"},
         )
     checker: TokenChecker = conn.app.state.tokens
+    client = conn.client.host if conn.client else "unknown"
+    if (wait := checker.failures.retry_after(client)) is not None:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"too many invalid API tokens from {client}; try again later",
+            headers={"Retry-After": str(int(wait) + 1)},
+        )
     token = checker.check(presented)
     if token is None:
+        checker.failures.failed(client)
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "this API token is not valid: unknown or revoked",
@@ -172,6 +201,7 @@ def authenticate(conn: Request | WebSocket, scope: Scope) -> Token:
             status.HTTP_403_FORBIDDEN,
             f"token {token.name!r} has scopes {sorted(token.scopes)}; this needs {scope!r}",
         )
+    conn.state.token = token  # for per-token limits (live streams, exports)
     return token
 
 
