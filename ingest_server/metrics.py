@@ -191,6 +191,11 @@ class IngestMetrics:
         self.queue_depth = Gauge(
             f"{p}_queue_messages", "Messages received and waiting for the writer."
         )
+        self.maintenance_lock_retries = Counter(
+            f"{p}_maintenance_lock_retries_total",
+            "Storage maintenance steps that gave up waiting for a lock (tried again later).",
+            ["step"],
+        )
         self.all: tuple[_Metric, ...] = tuple(
             m for m in vars(self).values() if isinstance(m, _Metric)
         )

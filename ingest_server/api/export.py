@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -25,6 +25,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from psycopg import sql
 from psycopg_pool import ConnectionPool
+from starlette.concurrency import run_in_threadpool
 
 from ingest_server.api import auth
 from ingest_server.api.common import (
@@ -36,7 +37,7 @@ from ingest_server.api.common import (
     time_range,
 )
 from ingest_server.api.data import MetricQ, TypeQ, where
-from ingest_server.api.limits import SlotLimiter, SlotsFull
+from ingest_server.api.limits import HeldResponse, SlotLimiter, SlotsFull
 
 router = APIRouter(
     prefix="/api/v1/export", tags=["export"], dependencies=[Depends(auth.require("read"))]
@@ -152,21 +153,15 @@ def pages(
         rows = _fetch(pool, q.after, [*q.params, last[0], *last, limit])
 
 
-def stream_rows(
-    pool: ConnectionPool[Any],
-    query: ExportQuery,
-    header: str,
-    render: Render,
-    release: Callable[[], None],
-) -> Iterator[bytes]:
-    """Header, then the rendered rows page by page; calls ``release`` at the end."""
-    try:
-        if header:
-            yield header.encode()
-        for rows in pages(pool, query):
-            yield render(rows).encode()
-    finally:
-        release()
+async def stream_rows(
+    pool: ConnectionPool[Any], query: ExportQuery, header: str, render: Render
+) -> AsyncIterator[bytes]:
+    """Header, then the rendered rows page by page (each page fetched on a worker thread)."""
+    if header:
+        yield header.encode()
+    it = pages(pool, query)
+    while (rows := await run_in_threadpool(next, it, None)) is not None:
+        yield render(rows).encode()
 
 
 def _respond(
@@ -187,11 +182,10 @@ def _respond(
     first = ",".join(header) + "\n" if fmt == "csv" else ""
     render = _csv if fmt == "csv" else _ndjson
     stamp = f"{span[0]:%Y%m%dT%H%M%SZ}-{span[1]:%Y%m%dT%H%M%SZ}"
-    body = stream_rows(
-        request.app.state.pool, query, first, render, functools.partial(slots.release, token)
-    )
-    return StreamingResponse(
+    body = stream_rows(request.app.state.pool, query, first, render)
+    return HeldResponse(
         body,
+        functools.partial(slots.release, token),
         media_type=_MEDIA[fmt],
         headers={"Content-Disposition": f'attachment; filename="{what}-{stamp}.{fmt}"'},
     )

@@ -18,10 +18,12 @@ import json
 import logging
 import threading
 from collections import Counter
-from typing import Final
+from collections.abc import AsyncIterable, Callable
+from typing import Any, ClassVar, Final
 
 import anyio
 from fastapi import HTTPException, status
+from fastapi.responses import StreamingResponse
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -229,3 +231,34 @@ class SlotLimiter:
             self._held[token.id] -= 1
             if self._held[token.id] <= 0:
                 del self._held[token.id]
+
+
+class HeldResponse(StreamingResponse):
+    """A streamed response holding a slot, released the moment the response ends however it
+    ends (finished, client gone, or ``STALL_S`` without the client taking a chunk)."""
+
+    #: Seconds one chunk may wait for a client that stopped reading before the stream ends.
+    STALL_S: ClassVar[float] = 60.0
+
+    def __init__(
+        self, content: AsyncIterable[bytes], release: Callable[[], None], **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def bounded_send(message: Message) -> None:
+            with anyio.fail_after(self.STALL_S):
+                await send(message)
+
+        try:
+            await super().__call__(scope, receive, bounded_send)
+        except TimeoutError:
+            log.warning(
+                "%s %s: the client took nothing for %.0f s; stream ended",
+                scope["method"],
+                scope["path"],
+                self.STALL_S,
+            )
+        finally:
+            self._release()

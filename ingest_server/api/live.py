@@ -7,7 +7,6 @@ Each message is ``id: <device_id>:<seq>`` and ``data: <event JSON>``; a comment 
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from ingest_server.api import auth
 from ingest_server.api.common import ID_PATTERN, NAME_PATTERN, bad_param
-from ingest_server.api.limits import SlotLimiter, SlotsFull
+from ingest_server.api.limits import HeldResponse, SlotLimiter, SlotsFull
 from ingest_server.live import MAX_SUBSCRIBERS, LiveFilter, LiveHub, Subscription
 
 router = APIRouter(prefix="/api/v1", tags=["live"], dependencies=[Depends(auth.require("read"))])
@@ -40,21 +39,25 @@ def _set(values: list[str] | None) -> frozenset[str] | None:
     return frozenset(values) if values else None
 
 
-async def _stream(
-    sub: Subscription, hub: LiveHub, release: Callable[[], None]
-) -> AsyncIterator[bytes]:
-    try:
-        yield b": connected\nretry: 3000\n\n"
-        while True:
-            batch = await sub.next(HEARTBEAT_S)
-            if batch is None:
-                reason = json.dumps({"reason": sub.dropped})
-                yield f"event: dropped\ndata: {reason}\n\n".encode()
-                return
-            yield b"".join(batch) if batch else b": keep-alive\n\n"
-    finally:
+async def _stream(sub: Subscription) -> AsyncIterator[bytes]:
+    yield b": connected\nretry: 3000\n\n"
+    while True:
+        batch = await sub.next(HEARTBEAT_S)
+        if batch is None:
+            reason = json.dumps({"reason": sub.dropped})
+            yield f"event: dropped\ndata: {reason}\n\n".encode()
+            return
+        yield b"".join(batch) if batch else b": keep-alive\n\n"
+
+
+def _ender(
+    hub: LiveHub, sub: Subscription, slots: SlotLimiter, token: auth.Token
+) -> Callable[[], None]:
+    def end() -> None:
         hub.unsubscribe(sub)
-        release()
+        slots.release(token)
+
+    return end
 
 
 @router.get(
@@ -94,8 +97,9 @@ async def live(
     except OverflowError as exc:
         slots.release(token)
         raise SlotsFull(str(exc), slots.retry_after_s).http() from None
-    return StreamingResponse(
-        _stream(sub, hub, functools.partial(slots.release, token)),
+    return HeldResponse(
+        _stream(sub),
+        _ender(hub, sub, slots, token),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
