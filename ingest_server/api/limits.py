@@ -84,11 +84,11 @@ class RequestLimits:
         app: ASGIApp,
         *,
         caps: dict[str, int] | None = None,
-        body_timeout_s: float = BODY_TIMEOUT_S,
+        body_timeout_s: float | None = None,
     ) -> None:
         self.app = app
         self.caps = BODY_CAPS if caps is None else caps
-        self.body_timeout_s = body_timeout_s
+        self.body_timeout_s = BODY_TIMEOUT_S if body_timeout_s is None else body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
