@@ -100,6 +100,12 @@ def revoke_token(conn: psycopg.Connection[Any], token_id: int) -> bool:
     return cur.rowcount == 1
 
 
+class TooManyFailures(Exception):
+    def __init__(self, client: str, retry_after_s: float) -> None:
+        super().__init__(f"too many invalid API tokens from {client}; try again later")
+        self.retry_after_s = retry_after_s
+
+
 class TokenChecker:
     """Looks tokens up by digest, with a short cache so each request is not a query."""
 
@@ -112,7 +118,13 @@ class TokenChecker:
         #: Failed checks per client address (see :func:`authenticate`).
         self.failures = FailureLimiter(MAX_FAILED, FAILED_WINDOW_S)
 
-    def check(self, token: str) -> Token | None:
+    def check(self, token: str, client: str | None = None) -> Token | None:
+        """The token's record, or None if it is not valid.
+
+        Raises :class:`TooManyFailures` when ``client`` has failed too often lately and the
+        token is not one known good: a client behind the same address with a token checked
+        within ``STALE_S`` still gets in, but no new lookup is made for that address.
+        """
         if len(token) not in TOKEN_LENS or not token.startswith(PREFIX):
             return None  # not one this server could have issued: no query
         key = digest(token)
@@ -121,6 +133,10 @@ class TokenChecker:
             hit = self._cache.get(key)
         if hit is not None and now - hit[0] < CACHE_S:
             return hit[1]
+        if client is not None and (wait := self.failures.retry_after(client)) is not None:
+            if hit is not None and hit[1] is not None and now - hit[0] < STALE_S:
+                return hit[1]
+            raise TooManyFailures(client, wait)
         try:
             if not self._lookups.acquire(timeout=CACHE_S):
                 raise PoolTimeout(f"{MAX_LOOKUPS} token lookups are waiting on the database")
@@ -182,13 +198,14 @@ def authenticate(conn: Request | WebSocket, scope: Scope) -> Token:
         )
     checker: TokenChecker = conn.app.state.tokens
     client = conn.client.host if conn.client else "unknown"
-    if (wait := checker.failures.retry_after(client)) is not None:
+    try:
+        token = checker.check(presented, client)
+    except TooManyFailures as exc:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
-            f"too many invalid API tokens from {client}; try again later",
-            headers={"Retry-After": str(int(wait) + 1)},
-        )
-    token = checker.check(presented)
+            str(exc),
+            headers={"Retry-After": str(int(exc.retry_after_s) + 1)},
+        ) from None
     if token is None:
         checker.failures.failed(client)
         raise HTTPException(

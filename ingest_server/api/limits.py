@@ -22,8 +22,10 @@ from collections.abc import AsyncIterable, Callable
 from typing import Any, ClassVar, Final
 
 import anyio
+import psycopg
 from fastapi import HTTPException, status
 from fastapi.responses import StreamingResponse
+from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -168,6 +170,8 @@ async def _check_token(scope: Scope) -> None:
         await anyio.to_thread.run_sync(auth.authenticate, request, "read")
     except HTTPException as exc:
         raise _Refused(exc.status_code, str(exc.detail), dict(exc.headers or {})) from None
+    except (psycopg.Error, PoolTimeout):
+        pass  # the database cannot say: the route's own guard answers 503 with the reason
 
 
 class SlotsFull(Exception):

@@ -9,6 +9,7 @@ writer commits, and other clients are answered.
 from __future__ import annotations
 
 import json
+import secrets
 import select
 import socket
 import struct
@@ -461,3 +462,35 @@ def test_export_pages_render_what_one_query_renders(srv: Server, what: str, fmt:
             for line in paged.splitlines()
         ]
         assert time_of == sorted(time_of)
+
+
+def test_a_flood_of_wrong_tokens_cannot_take_the_pool(srv: Server) -> None:
+    """Concurrent requests with well-formed unknown tokens (each a database lookup until the
+    address is limited): a known token from the same address is still answered at once, and
+    the flood gets 429 with Retry-After once it has failed often enough."""
+    with serve(srv.db_url) as (http, _app):
+        own = Server(http, _app, srv.db_url, srv.tokens)
+        assert own.get("/api/v1/devices", srv.tokens["a"])[0] == 200  # known before the flood
+        codes: list[int] = []
+
+        def flood() -> None:
+            for _ in range(20):
+                codes.append(own.get("/api/v1/devices", "cet_" + secrets.token_urlsafe(32))[0])
+
+        threads = [threading.Thread(target=flood, name=f"flood-{i}") for i in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(5):
+                t0 = time.monotonic()
+                assert own.get("/api/v1/devices", srv.tokens["a"])[0] == 200
+                assert time.monotonic() - t0 < 2.0
+        finally:
+            for t in threads:
+                t.join(60)
+        assert set(codes) <= {401, 429}
+        assert codes.count(401) <= auth.MAX_FAILED + len(threads)  # a few in flight at the limit
+        assert 429 in codes
+        code, body = own.get("/api/v1/devices", "cet_" + secrets.token_urlsafe(32))
+        assert code == 429
+        assert "too many invalid API tokens" in body["detail"]
