@@ -31,6 +31,7 @@ from ingest_server.api import (
 from ingest_server.api import commands as commands_api
 from ingest_server.api import config as config_api
 from ingest_server.api.deps import install_error_handlers, make_pool
+from ingest_server.api.limits import RequestLimits
 from ingest_server.consumer import Health
 from ingest_server.dashboard import mount as mount_dashboard
 from ingest_server.http_headers import SecurityHeaders
@@ -63,12 +64,15 @@ def create_app(
     app.add_middleware(SecurityHeaders)
     api_docs.mount(app)
     if db_url is not None:
+        app.add_middleware(RequestLimits)
         app.state.pool = make_pool(db_url)
         app.state.tokens = auth.TokenChecker(app.state.pool.connection, token_file)
         install_error_handlers(app)
         app.include_router(tokens.router)
         app.include_router(meta.router)
         app.state.live = LiveHub()
+        app.state.live_slots = live.new_slots()
+        app.state.export_slots = export.new_slots()
         app.include_router(devices.router)
         app.include_router(data.router)
         app.include_router(export.router)
@@ -123,6 +127,22 @@ def create_app(
     return app
 
 
+def connection_limits() -> dict[str, Any]:
+    """uvicorn's own bounds on clients (bodies are bounded by the API's RequestLimits).
+
+    h11 refuses a request head over ``h11_max_incomplete_event_size`` (431/400) but gives it no
+    time limit; an idle kept-alive connection is closed after ``timeout_keep_alive``; past
+    ``limit_concurrency`` connections and requests, new requests get 503 at once instead of
+    queueing, so a flood of connections costs file descriptors, not memory and threads.
+    """
+    return {
+        "http": "h11",
+        "timeout_keep_alive": 5,
+        "h11_max_incomplete_event_size": 64 * 1024,
+        "limit_concurrency": 1000,
+    }
+
+
 class HttpServer:
     """uvicorn on a thread of its own, on a socket bound before it starts (so port 0 works);
     over TLS when given a certificate and key."""
@@ -152,6 +172,7 @@ class HttpServer:
             lifespan="off",
             ssl_certfile=None if tls is None else tls.cert,
             ssl_keyfile=None if tls is None else tls.key,
+            **connection_limits(),
         )
         if tls is not None:
             try:

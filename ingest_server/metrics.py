@@ -216,6 +216,11 @@ class IngestMetrics:
         self.stuck = Gauge(
             "campus_stuck", "1 while /healthz reports work not progressing (see its stuck list)."
         )
+        self.maintenance_lock_retries = Counter(
+            f"{p}_maintenance_lock_retries_total",
+            "Storage maintenance steps that gave up waiting for a lock (tried again later).",
+            ["step"],
+        )
         self.all: tuple[_Metric, ...] = tuple(
             m for m in vars(self).values() if isinstance(m, _Metric)
         )

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 #: Key of the session advisory lock held while migrating (any fixed bigint; "campus\0\1").
 LOCK_KEY: Final = 0x63616D7075730001
+#: Longest a migration waits for a table lock. A server may migrate while others serve (a rolling
+#: upgrade): DDL queued behind a long reader would hold up every writer behind it. Giving up
+#: fails this connection attempt, which the consumer retries with its backoff.
+MIGRATION_LOCK_TIMEOUT: Final = "5s"
 _FILE_RE: Final = re.compile(r"^(\d{4})_([a-z0-9_]+)(?:\.(timescaledb|postgres))?\.sql$")
 #: Backends a migration file may be specific to.
 BACKENDS: Final = ("timescaledb", "postgres")
@@ -76,6 +80,9 @@ def migrate(conn: psycopg.Connection[Any]) -> list[int]:
                     )
                 continue
             with conn.transaction():
+                conn.execute(
+                    "SELECT set_config('lock_timeout', %s, true)", (MIGRATION_LOCK_TIMEOUT,)
+                )
                 conn.execute(mig.sql.encode())
                 conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",

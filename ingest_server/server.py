@@ -94,7 +94,7 @@ class IngestServer:
             self._stack.callback(control.stop)
             self._control = control
             # Partitions ahead, retention, rollups; skips a pass until the consumer has migrated.
-            self.storage = StorageMaintenance(db_url)
+            self.storage = StorageMaintenance(db_url, metrics=self.metrics)
             self.storage.start()
             self._stack.callback(self.storage.stop)
             http.start()

@@ -4,22 +4,34 @@ Plain PostgreSQL: daily partitions made ahead of now and dropped after retention
 the rollup tables refreshed for the days touched since the last pass (TimescaleDB runs its own
 compression, retention and continuous-aggregate jobs). The SQL lives in the migrations
 (``campus_ensure_partitions``, ``campus_drop_partitions``, ``campus_refresh_touched``).
+
+Each step waits at most ``LOCK_TIMEOUT`` for its locks. Creating or dropping a partition needs
+an exclusive lock on the table, and a DDL statement waiting in the lock queue holds up every
+lock asked for after it, the ingest writer's included: behind a long reader, ingest would stop.
+So a step that cannot take its locks in time gives up (logged, counted in
+``campus_ingest_maintenance_lock_retries_total``) and the pass tries again ``RETRY_S`` later.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
 
+from ingest_server.metrics import IngestMetrics
 from ingest_server.migrate import LOCK_KEY
 
 log = logging.getLogger(__name__)
 
 PARTITIONED: Final = ("events", "readings")
+#: Longest a maintenance step waits for a lock (ingest may wait this long behind it, once).
+LOCK_TIMEOUT: Final = "1s"
+#: Seconds until a pass that gave up on a lock is tried again.
+RETRY_S: Final = 30.0
 #: Held while maintaining, so servers sharing a database take turns (migrations' key + 1).
 MAINTENANCE_LOCK: Final = LOCK_KEY + 1
 
@@ -31,6 +43,8 @@ class MaintenanceResult:
     days_refreshed: int = 0
     #: False when another server held the maintenance lock and this pass did nothing.
     ran: bool = True
+    #: Steps that gave up waiting for a lock (``partitions:events``, ``rollups``): next pass.
+    busy: tuple[str, ...] = ()
 
 
 def is_timescale(conn: psycopg.Connection[Any]) -> bool:
@@ -40,28 +54,55 @@ def is_timescale(conn: psycopg.Connection[Any]) -> bool:
     return bool(row and row[0])
 
 
-def maintain(conn: psycopg.Connection[Any]) -> MaintenanceResult:
-    """One pass over a migrated database (autocommit connection)."""
+def maintain(
+    conn: psycopg.Connection[Any],
+    lock_timeout: str = LOCK_TIMEOUT,
+    on_busy: Callable[[str], None] | None = None,
+) -> MaintenanceResult:
+    """One pass over a migrated database (autocommit connection).
+
+    A step whose locks are not granted within ``lock_timeout`` is rolled back, named in the
+    result's ``busy`` and reported to ``on_busy``; the other steps still run.
+    """
     got = conn.execute("SELECT pg_try_advisory_lock(%s)", (MAINTENANCE_LOCK,)).fetchone()
     if not (got and got[0]):
         return MaintenanceResult(ran=False)
+    busy: list[str] = []
+
+    def step(name: str, query: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        try:
+            with conn.transaction():
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (lock_timeout,))
+                return conn.execute(query, params).fetchone()
+        except psycopg.errors.LockNotAvailable:
+            log.warning(
+                "storage maintenance: %s waited %s for a lock and gave up (a long reader?); "
+                "trying again in %.0f s",
+                name,
+                lock_timeout,
+                RETRY_S,
+            )
+            busy.append(name)
+            if on_busy is not None:
+                on_busy(name)
+            return None
+
     try:
         created = dropped = 0
         if not is_timescale(conn):
             for table in PARTITIONED:
-                with conn.transaction():
-                    row = conn.execute(
-                        "SELECT campus_ensure_partitions(%s, now(), now() + partitions_ahead"
-                        " * interval '1 day'), campus_drop_partitions(%s, now() - retain_for)"
-                        " FROM storage_config, storage_policy WHERE table_name = %s",
-                        (table, table, table),
-                    ).fetchone()
+                row = step(
+                    f"partitions:{table}",
+                    "SELECT campus_ensure_partitions(%s, now(), now() + partitions_ahead"
+                    " * interval '1 day'), campus_drop_partitions(%s, now() - retain_for)"
+                    " FROM storage_config, storage_policy WHERE table_name = %s",
+                    (table, table, table),
+                )
                 if row:
                     created += int(row[0] or 0)
                     dropped += int(row[1] or 0)
-        with conn.transaction():
-            row = conn.execute("SELECT campus_refresh_touched()").fetchone()
-        return MaintenanceResult(created, dropped, int(row[0]) if row else 0)
+        row = step("rollups", "SELECT campus_refresh_touched()")
+        return MaintenanceResult(created, dropped, int(row[0]) if row else 0, busy=tuple(busy))
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (MAINTENANCE_LOCK,))
 
@@ -94,11 +135,17 @@ def set_policy(
 
 
 class StorageMaintenance:
-    """Runs :func:`maintain` at start and every ``interval_s`` on its own connection."""
+    """Runs :func:`maintain` at start and every ``interval_s`` on its own connection (sooner,
+    ``RETRY_S``, after a pass that gave up on a lock)."""
 
-    def __init__(self, db_url: str, interval_s: float = 300.0) -> None:
+    def __init__(
+        self, db_url: str, interval_s: float = 300.0, metrics: IngestMetrics | None = None
+    ) -> None:
         self.db_url = db_url
         self.interval_s = interval_s
+        self.metrics = metrics
+        #: Steps given up on a lock so far (also the metric, when there are metrics).
+        self.lock_retries = 0
         self.last: MaintenanceResult | None = None
         self.passes = 0
         self._stop = threading.Event()
@@ -114,6 +161,11 @@ class StorageMaintenance:
             self._thread.join(timeout)
             self._thread = None
 
+    def _busy(self, step: str) -> None:
+        self.lock_retries += 1
+        if self.metrics is not None:
+            self.metrics.maintenance_lock_retries.inc(step=step)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             wait = self.interval_s
@@ -122,8 +174,10 @@ class StorageMaintenance:
                     if conn.execute("SELECT to_regclass('rollup_state')").fetchone() == (None,):
                         wait = min(wait, 2.0)  # not migrated yet: the consumer does that
                     else:
-                        self.last = maintain(conn)
+                        self.last = maintain(conn, on_busy=self._busy)
                         self.passes += 1
+                        if self.last.busy:
+                            wait = min(wait, RETRY_S)
             except psycopg.Error as exc:
                 log.warning("storage maintenance failed: %s", str(exc).splitlines()[0])
                 wait = min(wait, 10.0)

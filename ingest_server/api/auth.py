@@ -25,6 +25,8 @@ from fastapi import HTTPException, Request, WebSocket, status
 from psycopg.rows import tuple_row
 from psycopg_pool import PoolTimeout
 
+from ingest_server.enrolment import FailureLimiter
+
 Scope = Literal["read", "admin"]
 SCOPES: Final[tuple[Scope, ...]] = ("read", "admin")
 PREFIX: Final = "cet_"
@@ -34,6 +36,15 @@ CACHE_S: Final = 5.0
 STALE_S: Final = 3600.0
 #: Query parameters that carry a token; only endpoints that allow it read ``access_token``.
 QUERY_TOKEN_PARAMS: Final = ("access_token", "token")
+#: Lengths a token can have (issued ones are ``PREFIX`` + 43; a provisioned one may be longer,
+#: see :func:`bootstrap`); anything else, or without the prefix, is refused without a query.
+TOKEN_LENS: Final = range(len(PREFIX) + 32, 257)
+#: Token lookups that may use pooled connections at once (the API pool has 4), so a flood of
+#: unknown tokens cannot take every connection.
+MAX_LOOKUPS: Final = 2
+#: Failed token checks a client address may make in ``FAILED_WINDOW_S`` before it gets 429.
+MAX_FAILED: Final = 60
+FAILED_WINDOW_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +103,12 @@ def revoke_token(conn: psycopg.Connection[Any], token_id: int) -> bool:
     return cur.rowcount == 1
 
 
+class TooManyFailures(Exception):
+    def __init__(self, client: str, retry_after_s: float) -> None:
+        super().__init__(f"too many invalid API tokens from {client}; try again later")
+        self.retry_after_s = retry_after_s
+
+
 class TokenChecker:
     """Looks tokens up by digest, with a short cache so each request is not a query."""
 
@@ -100,21 +117,41 @@ class TokenChecker:
         self._bootstrap_file = bootstrap_file
         self._cache: dict[bytes, tuple[float, Token | None]] = {}
         self._lock = threading.Lock()
+        self._lookups = threading.BoundedSemaphore(MAX_LOOKUPS)
+        #: Failed checks per client address (see :func:`authenticate`).
+        self.failures = FailureLimiter(MAX_FAILED, FAILED_WINDOW_S)
 
-    def check(self, token: str) -> Token | None:
+    def check(self, token: str, client: str | None = None) -> Token | None:
+        """The token's record, or None if it is not valid.
+
+        Raises :class:`TooManyFailures` when ``client`` has failed too often lately and the
+        token is not one known good: a client behind the same address with a token checked
+        within ``STALE_S`` still gets in, but no new lookup is made for that address.
+        """
+        if len(token) not in TOKEN_LENS or not token.startswith(PREFIX):
+            return None  # not one this server could have issued: no query
         key = digest(token)
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
         if hit is not None and now - hit[0] < CACHE_S:
             return hit[1]
+        if client is not None and (wait := self.failures.retry_after(client)) is not None:
+            if hit is not None and hit[1] is not None and now - hit[0] < STALE_S:
+                return hit[1]
+            raise TooManyFailures(client, wait)
         try:
-            with self._connect() as conn:
-                row = conn.execute(
-                    "UPDATE api_tokens SET last_used_at = now() WHERE token_sha256 = %s"
-                    " AND revoked_at IS NULL RETURNING id, name, scopes",
-                    (key,),
-                ).fetchone()
+            if not self._lookups.acquire(timeout=CACHE_S):
+                raise PoolTimeout(f"{MAX_LOOKUPS} token lookups are waiting on the database")
+            try:
+                with self._connect() as conn:
+                    row = conn.execute(
+                        "UPDATE api_tokens SET last_used_at = now() WHERE token_sha256 = %s"
+                        " AND revoked_at IS NULL RETURNING id, name, scopes",
+                        (key,),
+                    ).fetchone()
+            finally:
+                self._lookups.release()
         except (psycopg.Error, PoolTimeout):
             # The database is down: a token it accepted lately still opens /metrics and the
             # like (stale-if-error), so watching an outage does not need the database.
@@ -175,8 +212,17 @@ def authenticate(conn: Request | WebSocket, scope: Scope, query_token: bool = Fa
             headers={"WWW-Authenticate": "Bearer"},
         )
     checker: TokenChecker = conn.app.state.tokens
-    token = checker.check(presented)
+    client = conn.client.host if conn.client else "unknown"
+    try:
+        token = checker.check(presented, client)
+    except TooManyFailures as exc:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            str(exc),
+            headers={"Retry-After": str(int(exc.retry_after_s) + 1)},
+        ) from None
     if token is None:
+        checker.failures.failed(client)
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "this API token is not valid: unknown or revoked",
@@ -187,6 +233,7 @@ def authenticate(conn: Request | WebSocket, scope: Scope, query_token: bool = Fa
             status.HTTP_403_FORBIDDEN,
             f"token {token.name!r} has scopes {sorted(token.scopes)}; this needs {scope!r}",
         )
+    conn.state.token = token  # for per-token limits (live streams, exports)
     return token
 
 

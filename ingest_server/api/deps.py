@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 log = logging.getLogger(__name__)
 
 #: Seconds a request waits for a pooled connection before answering 503.
 POOL_TIMEOUT_S = 5.0
+#: Server-side limits of every API session, so no request (or client gone quiet) can hold a
+#: database resource that ingest or maintenance waits on. An export page (``CHUNK_ROWS`` rows
+#: on the time index) takes milliseconds; the slowest listing or rollup well under a second.
+SESSION_LIMITS: Final[dict[str, str]] = {
+    "statement_timeout": "30s",
+    "lock_timeout": "5s",
+    "idle_in_transaction_session_timeout": "15s",
+}
+
+
+def session_options(db_url: str, limits: dict[str, str] = SESSION_LIMITS) -> str:
+    """The libpq ``options`` for ``db_url`` with ``limits`` appended (the URL's own kept)."""
+    own = conninfo_to_dict(db_url).get("options") or ""
+    ours = " ".join(f"-c {name}={value}" for name, value in limits.items())
+    return f"{own} {ours}".strip()
 
 
 def make_pool(db_url: str, max_size: int = 4) -> ConnectionPool[Any]:
@@ -25,7 +41,11 @@ def make_pool(db_url: str, max_size: int = 4) -> ConnectionPool[Any]:
         min_size=1,
         max_size=max_size,
         timeout=POOL_TIMEOUT_S,
-        kwargs={"autocommit": True, "application_name": "campus-edge-api"},
+        kwargs={
+            "autocommit": True,
+            "application_name": "campus-edge-api",
+            "options": session_options(db_url),
+        },
         open=False,
         name="api",
     )
@@ -54,6 +74,16 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("API: %s", exc)
         return JSONResponse(
             {"detail": "the database schema is not ready yet (migrations pending)"}, 503
+        )
+
+    @app.exception_handler(psycopg.errors.QueryCanceled)
+    @app.exception_handler(psycopg.errors.LockNotAvailable)
+    async def too_slow(_request: Request, exc: psycopg.Error) -> JSONResponse:
+        log.warning("API: query stopped: %s", str(exc).splitlines()[0])
+        return JSONResponse(
+            {"detail": "the database is busy: this query ran into a time limit; try again"},
+            503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(psycopg.OperationalError)

@@ -16,6 +16,7 @@ import msgspec
 import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import JSONResponse
+from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -81,7 +82,10 @@ def list_codes(conn: Conn) -> list[dict[str, Any]]:
 
 
 @router.post("/api/v1/enrol", status_code=status.HTTP_201_CREATED)
-async def enrol(request: Request, conn: Conn) -> JSONResponse:
+async def enrol(request: Request) -> JSONResponse:
+    """No token: so the address's rate limit and the body (read whole, within its size and time
+    caps, by :class:`~ingest_server.api.limits.RequestLimits`) are checked before a pooled
+    connection is taken, and a slow client never holds one."""
     state: EnrolmentState | None = getattr(request.app.state, "enrolment", None)
     if state is None or state.offer is None:
         why = state.missing if state else "enrolment is not set up"
@@ -98,7 +102,7 @@ async def enrol(request: Request, conn: Conn) -> JSONResponse:
         if len(body) > MAX_BODY:
             raise enrolment.EnrolmentError(400, f"the request body exceeds {MAX_BODY} bytes")
         req = enrolment.decode_request(body)
-        result = await run_in_threadpool(_enrol, conn, req, state.offer)
+        result = await run_in_threadpool(_enrol, request.app.state.pool, req, state.offer)
     except enrolment.EnrolmentError as exc:
         if exc.status in (404, 410):
             state.limiter.failed(client)
@@ -109,15 +113,16 @@ async def enrol(request: Request, conn: Conn) -> JSONResponse:
 
 
 def _enrol(
-    conn: psycopg.Connection[Any], req: enrolment.EnrolRequest, offer: enrolment.Offer
+    pool: ConnectionPool[Any], req: enrolment.EnrolRequest, offer: enrolment.Offer
 ) -> enrolment.EnrolResult:
     """Spend the code; ``config`` is the desired configuration an admin set for the device id
     (a replacement takes over its predecessor's), null when there is none."""
-    result = enrolment.enrol(conn, req, offer)
-    row = conn.execute(
-        "SELECT document -> 'config' FROM device_config WHERE device_id = %s",
-        (result.device_id,),
-    ).fetchone()
+    with pool.connection() as conn:
+        result = enrolment.enrol(conn, req, offer)
+        row = conn.execute(
+            "SELECT document -> 'config' FROM device_config WHERE device_id = %s",
+            (result.device_id,),
+        ).fetchone()
     if row is not None and isinstance(row[0], dict):
         result.config = row[0]
     return result

@@ -1,24 +1,31 @@
 """``/api/v1/export/{events,readings}.{csv,ndjson}``: a whole range, streamed.
 
-A named (server-side) cursor inside a transaction hands out ``CHUNK_ROWS`` rows at a time, so
-the server's memory stays flat whatever the range. PostgreSQL renders each row as text (an
+The range goes out in pages of ``CHUNK_ROWS`` rows, keyset paged on the export order, each page
+one short query on a pooled connection given back before the page is sent: while a client is
+slow, or stops reading, the export holds no connection, transaction or lock (retention could
+not drop a partition behind an export's open cursor, and ingest queued behind the retention).
+The server's memory stays flat whatever the range. As with the listings, a row stored meanwhile
+is exported if its key is past the page being sent. PostgreSQL renders each row as text (an
 NDJSON line, or CSV fields with ``data`` as one JSON-string column); Python only quotes CSV.
-At most ``EXPORT_SLOTS`` exports run at once (each holds a pooled connection); more get 429.
+At most ``EXPORT_SLOTS`` exports run at once, ``EXPORTS_PER_TOKEN`` per token, the last one
+for admin tokens; more get 429 (see :class:`~ingest_server.api.limits.SlotLimiter`).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from psycopg import sql
 from psycopg_pool import ConnectionPool
+from starlette.concurrency import run_in_threadpool
 
 from ingest_server.api import auth
 from ingest_server.api.common import (
@@ -30,14 +37,21 @@ from ingest_server.api.common import (
     time_range,
 )
 from ingest_server.api.data import MetricQ, TypeQ, where
+from ingest_server.api.limits import HeldResponse, SlotLimiter, SlotsFull
 
 router = APIRouter(
     prefix="/api/v1/export", tags=["export"], dependencies=[Depends(auth.require("read"))]
 )
 
 CHUNK_ROWS: Final = 5000
-EXPORT_SLOTS: Final = 2
-_slots = threading.BoundedSemaphore(EXPORT_SLOTS)
+EXPORT_SLOTS: Final = 4
+EXPORTS_PER_TOKEN: Final = 2
+
+
+def new_slots() -> SlotLimiter:
+    """The export slots of one app (``app.state.export_slots``)."""
+    return SlotLimiter("exports", EXPORT_SLOTS, EXPORTS_PER_TOKEN, reserved=1)
+
 
 Format = Literal["csv", "ndjson"]
 _MEDIA: Final = {"csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
@@ -54,6 +68,8 @@ _EVENT_HEADER: Final = (
 )
 _READING_HEADER: Final = ("time", "school_id", "device_id", "metric", "value")
 _ORDER: Final = {"events": "time, device_id, seq", "readings": "time, device_id, metric"}
+#: Key columns come first in each page's rows; rendering skips them.
+_KEY_COLS: Final = 3
 # PostgreSQL renders each row (its JSON and ISO 8601 output are C, and several times faster
 # than formatting datetimes and JSON here); with TimeZone UTC every time ends in +00:00.
 _FINITE: Final = "CASE WHEN value IN ('NaN', 'Infinity', '-Infinity') THEN NULL ELSE value END"
@@ -71,47 +87,81 @@ _SELECT: Final[dict[tuple[str, str], str]] = {
 
 def _csv(rows: list[tuple[Any, ...]]) -> str:
     out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
+    csv.writer(out, lineterminator="\n").writerows([r[_KEY_COLS:] for r in rows])
     return out.getvalue()
 
 
 def _ndjson(rows: list[tuple[Any, ...]]) -> str:
-    return "".join([r[0] + "\n" for r in rows])
+    return "".join([r[_KEY_COLS] + "\n" for r in rows])
 
 
 Render = Callable[[list[tuple[Any, ...]]], str]
 
 
-def export_query(what: str, fmt: str, cond: sql.Composable) -> sql.Composed:
-    """The SELECT that renders ``what`` rows matching ``cond`` in ``fmt``, in export order."""
-    return sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {}").format(
-        sql.SQL(_SELECT[what, fmt]),
-        sql.Identifier(what),
-        cond,
-        sql.SQL(_ORDER[what]),
+@dataclass(frozen=True, slots=True)
+class ExportQuery:
+    """One export's pages: ``after(key)`` the next page, ``ties(key)`` every row with ``key``."""
+
+    first: sql.Composed
+    after: sql.Composed
+    ties: sql.Composed
+    params: list[Any]
+
+
+def export_query(what: str, fmt: str, cond: sql.Composable, params: list[Any]) -> ExportQuery:
+    """The page queries rendering ``what`` rows matching ``cond`` in ``fmt``, in export order."""
+    order = sql.SQL(_ORDER[what])
+    head = sql.SQL("SELECT {}, {} FROM {} WHERE {}").format(
+        order, sql.SQL(_SELECT[what, fmt]), sql.Identifier(what), cond
+    )
+    tail = sql.SQL(" ORDER BY {} LIMIT %s").format(order)
+    # The leading `time >=` lets the time index bound the scan; the row comparison is exact.
+    return ExportQuery(
+        first=head + tail,
+        after=head + sql.SQL(" AND time >= %s AND ({}) > (%s, %s, %s)").format(order) + tail,
+        ties=head + sql.SQL(" AND ({}) = (%s, %s, %s)").format(order),
+        params=params,
     )
 
 
-def stream_rows(
-    pool: ConnectionPool[Any],
-    query: sql.Composable,
-    params: list[Any],
-    header: str,
-    render: Render,
-) -> Iterator[bytes]:
-    """Header, then the rendered rows chunk by chunk; releases the export slot at the end."""
-    try:
-        if header:
-            yield header.encode()
-        with pool.connection() as conn, conn.transaction():
-            conn.execute("SET LOCAL TimeZone = 'UTC'")
-            with conn.cursor(name="campus_export") as cur:
-                cur.itersize = CHUNK_ROWS
-                cur.execute(query, params)
-                while rows := cur.fetchmany(CHUNK_ROWS):
-                    yield render(rows).encode()
-    finally:
-        _slots.release()
+def _fetch(pool: ConnectionPool[Any], query: sql.Composed, params: list[Any]) -> list[Any]:
+    """One short transaction (UTC rendering), the connection back in the pool at once."""
+    with pool.connection() as conn, conn.transaction():
+        conn.execute("SET LOCAL TimeZone = 'UTC'")
+        rows: list[Any] = conn.execute(query, params).fetchall()
+        return rows
+
+
+def pages(
+    pool: ConnectionPool[Any], q: ExportQuery, limit: int = CHUNK_ROWS
+) -> Iterator[list[Any]]:
+    """Every matching row, ``limit`` at a time, each page its own query.
+
+    The readings' key need not be unique, so a full page's last key is completed with every
+    row sharing it (one more query), and the next page starts past it: nothing is repeated or
+    skipped.
+    """
+    rows = _fetch(pool, q.first, [*q.params, limit])
+    while rows:
+        if len(rows) < limit:
+            yield rows
+            return
+        last = tuple(rows[-1][:_KEY_COLS])
+        rows = [r for r in rows if tuple(r[:_KEY_COLS]) != last]
+        rows += _fetch(pool, q.ties, [*q.params, *last])
+        yield rows
+        rows = _fetch(pool, q.after, [*q.params, last[0], *last, limit])
+
+
+async def stream_rows(
+    pool: ConnectionPool[Any], query: ExportQuery, header: str, render: Render
+) -> AsyncIterator[bytes]:
+    """Header, then the rendered rows page by page (each page fetched on a worker thread)."""
+    if header:
+        yield header.encode()
+    it = pages(pool, query)
+    while (rows := await run_in_threadpool(next, it, None)) is not None:
+        yield render(rows).encode()
 
 
 def _respond(
@@ -119,23 +169,23 @@ def _respond(
     *,
     what: str,
     fmt: Format,
-    query: sql.Composable,
-    params: list[Any],
+    query: ExportQuery,
     header: tuple[str, ...],
     span: tuple[datetime, datetime],
 ) -> StreamingResponse:
-    if not _slots.acquire(blocking=False):
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            f"{EXPORT_SLOTS} exports are running already; try again when one has finished",
-            headers={"Retry-After": "10"},
-        )
+    token: auth.Token = request.state.token
+    slots: SlotLimiter = request.app.state.export_slots
+    try:
+        slots.acquire(token)
+    except SlotsFull as exc:
+        raise exc.http() from None
     first = ",".join(header) + "\n" if fmt == "csv" else ""
     render = _csv if fmt == "csv" else _ndjson
     stamp = f"{span[0]:%Y%m%dT%H%M%SZ}-{span[1]:%Y%m%dT%H%M%SZ}"
-    body = stream_rows(request.app.state.pool, query, params, first, render)
-    return StreamingResponse(
+    body = stream_rows(request.app.state.pool, query, first, render)
+    return HeldResponse(
         body,
+        functools.partial(slots.release, token),
         media_type=_MEDIA[fmt],
         headers={"Content-Disposition": f'attachment; filename="{what}-{stamp}.{fmt}"'},
     )
@@ -143,7 +193,7 @@ def _respond(
 
 _RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
     200: {"content": {_MEDIA["csv"]: {}, _MEDIA["ndjson"]: {}}, "description": "the rows"},
-    429: {"description": "too many exports at once"},
+    429: {"description": "too many exports at once (for this token, or in all)"},
 }
 
 
@@ -165,14 +215,13 @@ def export_events(
 ) -> StreamingResponse:
     r = time_range(start, end, MAX_EXPORT_SPAN)
     cond, params = where(r.start, r.end, {"school_id": school, "device_id": device, "type": type})
-    query = export_query("events", fmt, cond)
+    query = export_query("events", fmt, cond, params)
     span = (r.start.astimezone(UTC), r.end.astimezone(UTC))
     return _respond(
         request,
         what="events",
         fmt=fmt,
         query=query,
-        params=params,
         header=_EVENT_HEADER,
         span=span,
     )
@@ -198,14 +247,13 @@ def export_readings(
     cond, params = where(
         r.start, r.end, {"school_id": school, "device_id": device, "metric": metric}
     )
-    query = export_query("readings", fmt, cond)
+    query = export_query("readings", fmt, cond, params)
     span = (r.start.astimezone(UTC), r.end.astimezone(UTC))
     return _respond(
         request,
         what="readings",
         fmt=fmt,
         query=query,
-        params=params,
         header=_READING_HEADER,
         span=span,
     )

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Final
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from ingest_server.api import auth
 from ingest_server.api.common import ID_PATTERN, NAME_PATTERN, bad_param
-from ingest_server.live import LiveFilter, LiveHub, Subscription
+from ingest_server.api.limits import HeldResponse, SlotLimiter, SlotsFull
+from ingest_server.live import MAX_SUBSCRIBERS, LiveFilter, LiveHub, Subscription
 
 # EventSource cannot send headers: the one endpoint that takes ?access_token= (auth.py).
 router = APIRouter(
@@ -28,24 +29,40 @@ router = APIRouter(
 
 HEARTBEAT_S: Final = 15.0
 _MAX_VALUES: Final = 100
+#: One token holds at most this many of the hub's ``MAX_SUBSCRIBERS`` streams.
+STREAMS_PER_TOKEN: Final = 10
+#: Streams only admin tokens may open, so an administrator always gets in.
+RESERVED_FOR_ADMIN: Final = 2
+
+
+def new_slots() -> SlotLimiter:
+    """The live-stream slots of one app (``app.state.live_slots``)."""
+    return SlotLimiter("live streams", MAX_SUBSCRIBERS, STREAMS_PER_TOKEN, RESERVED_FOR_ADMIN)
 
 
 def _set(values: list[str] | None) -> frozenset[str] | None:
     return frozenset(values) if values else None
 
 
-async def _stream(sub: Subscription, hub: LiveHub) -> AsyncIterator[bytes]:
-    try:
-        yield b": connected\nretry: 3000\n\n"
-        while True:
-            batch = await sub.next(HEARTBEAT_S)
-            if batch is None:
-                reason = json.dumps({"reason": sub.dropped})
-                yield f"event: dropped\ndata: {reason}\n\n".encode()
-                return
-            yield b"".join(batch) if batch else b": keep-alive\n\n"
-    finally:
+async def _stream(sub: Subscription) -> AsyncIterator[bytes]:
+    yield b": connected\nretry: 3000\n\n"
+    while True:
+        batch = await sub.next(HEARTBEAT_S)
+        if batch is None:
+            reason = json.dumps({"reason": sub.dropped})
+            yield f"event: dropped\ndata: {reason}\n\n".encode()
+            return
+        yield b"".join(batch) if batch else b": keep-alive\n\n"
+
+
+def _ender(
+    hub: LiveHub, sub: Subscription, slots: SlotLimiter, token: auth.Token
+) -> Callable[[], None]:
+    def end() -> None:
         hub.unsubscribe(sub)
+        slots.release(token)
+
+    return end
 
 
 @router.get(
@@ -54,7 +71,7 @@ async def _stream(sub: Subscription, hub: LiveHub) -> AsyncIterator[bytes]:
     response_class=StreamingResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "the event stream"},
-        503: {"description": "too many live clients"},
+        429: {"description": "too many live streams (for this token, or in all)"},
     },
 )
 async def live(
@@ -74,12 +91,20 @@ async def live(
             if not re.fullmatch(pattern, v):
                 raise bad_param(name, f"must match {pattern}", v)
     hub: LiveHub = request.app.state.live
+    slots: SlotLimiter = request.app.state.live_slots
+    token: auth.Token = request.state.token
+    try:
+        slots.acquire(token)
+    except SlotsFull as exc:
+        raise exc.http() from None
     try:
         sub = hub.subscribe(LiveFilter(_set(school), _set(device), _set(type)))
     except OverflowError as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
-    return StreamingResponse(
-        _stream(sub, hub),
+        slots.release(token)
+        raise SlotsFull(str(exc), slots.retry_after_s).http() from None
+    return HeldResponse(
+        _stream(sub),
+        _ender(hub, sub, slots, token),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
