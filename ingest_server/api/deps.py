@@ -86,6 +86,13 @@ def install_error_handlers(app: FastAPI) -> None:
             headers={"Retry-After": "5"},
         )
 
+    @app.exception_handler(psycopg.DataError)
+    async def refused_value(_request: Request, exc: psycopg.DataError) -> JSONResponse:
+        # the last line of defence: a value the database cannot store is the client's fault
+        why = exc.diag.message_primary or "a value the database cannot store"
+        detail = f"the request holds a value the database refuses: {why}"
+        return JSONResponse({"detail": detail}, 422)
+
     @app.exception_handler(psycopg.OperationalError)
     async def db_down(_request: Request, exc: psycopg.Error) -> JSONResponse:
         log.warning("API: database error: %s", exc)

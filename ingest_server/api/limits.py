@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest_server.api import auth
+from schemas.limits import JsonLimits, check_json
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ BODY_CAPS: Final[dict[str, int]] = {
 }
 #: Routes under ``/api/`` that take a body without a token (the body authenticates).
 OPEN_ROUTES: Final = frozenset({"/api/v1/enrol"})
+#: Nesting and string bounds of a JSON request body (its size is the route's cap); a body
+#: that breaks one, or holds a ``\u0000`` the database cannot store, gets 422 before the route.
+BODY_DEPTH: Final = 32
+BODY_STRING: Final = 64 * 1024
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -96,6 +101,10 @@ class RequestLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if b"%00" in scope.get("query_string", b"") or "\x00" in scope["path"]:
+            nul = _Refused(400, "the URL holds a NUL character (%00), which nothing here takes")
+            await _reply(send, nul, close=False)
+            return
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
@@ -117,6 +126,10 @@ class RequestLimits:
             await _reply(send, refusal, close=refusal.code in (400, 408, 413))
             return
         if body is None:  # the client went away
+            return
+        if body and (problem := check_json(body, JsonLimits(cap, BODY_DEPTH, BODY_STRING))):
+            bad = _Refused(422, f"the request body is refused: {problem.reason}")
+            await _reply(send, bad, close=False)
             return
         await self.app(scope, _replay(body, receive), send)
 

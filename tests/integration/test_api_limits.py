@@ -494,3 +494,75 @@ def test_a_flood_of_wrong_tokens_cannot_take_the_pool(srv: Server) -> None:
         code, body = own.get("/api/v1/devices", "cet_" + secrets.token_urlsafe(32))
         assert code == 429
         assert "too many invalid API tokens" in body["detail"]
+
+
+def send_json(srv: Server, method: str, path: str, body: bytes) -> tuple[int, Any]:
+    """``body`` as sent (bytes, so a test controls every escape), with the admin token."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(  # noqa: S310  # http://127.0.0.1
+        srv.http.url + path,
+        data=body,
+        method=method,
+        headers={
+            "Authorization": f"Bearer {srv.tokens['admin']}",
+            "Content-Type": "application/json",
+        },
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "words"),
+    [
+        ("POST", "/api/v1/tokens", b'{"name": "a\\u0000b", "scopes": ["read"]}', "\\u0000"),
+        (
+            "POST",
+            "/api/v1/enrolment-codes",
+            b'{"school_id": "s1", "room": "2\\u00003"}',
+            "\\u0000",
+        ),
+        ("POST", "/api/v1/devices/cr-1/commands", b'{"name": "ping", "args": {"x": '
+         + b"[" * 40 + b"]" * 40 + b"}}", "nested deeper than the limit of 32"),
+        ("POST", "/api/v1/tokens", b'{"name": "' + b"x" * 70_000 + b'"}', "over the limit"),
+        ("POST", "/api/v1/tokens", b'{"name": "\xff\xfe"}', "not UTF-8"),
+    ],
+)  # fmt: skip
+def test_bodies_the_database_would_refuse_are_refused_first(
+    srv: Server, method: str, path: str, body: bytes, words: str
+) -> None:
+    """NUL escapes, deep nesting, long strings and broken UTF-8 get 422 naming the problem
+    before any route runs (they were 500s: PostgreSQL refused the NUL inside the route)."""
+    code, answer = send_json(srv, method, path, body)
+    if len(body) > limits.body_cap(path):
+        assert code == 413
+        return
+    assert code == 422, answer
+    assert words in answer["detail"], answer
+
+
+def test_a_nul_in_the_url_is_refused(srv: Server) -> None:
+    code, answer = srv.get("/api/v1/events?type=card.tap%00x", srv.tokens["a"])
+    assert code == 400
+    assert "NUL" in answer["detail"]
+    assert srv.get("/api/v1/devices", srv.tokens["a"])[0] == 200  # the API goes on
+
+
+def test_a_value_the_database_refuses_is_a_422_not_a_500(srv: Server) -> None:
+    """What gets past the byte checks and still is refused by PostgreSQL (here a number JSON
+    can write and jsonb cannot hold) answers 422 with the database's reason."""
+    with psycopg.connect(srv.db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO devices (device_id, school_id, kind) VALUES ('cr-9', 's1', 'card_reader')"
+            " ON CONFLICT DO NOTHING"
+        )
+    code, answer = send_json(
+        srv, "POST", "/api/v1/devices/cr-9/commands", b'{"name": "ping", "args": {"x": 1e999}}'
+    )
+    assert code == 422, answer
+    assert "the database refuses" in answer["detail"]
