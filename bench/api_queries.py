@@ -29,8 +29,8 @@ from urllib.parse import urlencode, urlsplit
 
 import psycopg
 
-from ingest_server.api.data import where
-from ingest_server.api.export import CHUNK_ROWS, export_query
+from ingest_server.web.api.data import where
+from ingest_server.web.api.export import CHUNK_ROWS, export_query
 from tests.integration.api_seed import api_server, make_tokens, prepare
 from tests.services import Postgres, shared_tmpdir
 

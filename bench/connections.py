@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 import psutil
 import psycopg
 
-from ingest_server.migrate import migrate_url
-from ingest_server.mqtt_codec import MQTT5, encode_connect, encode_publish
+from ingest_server.ingest.mqtt_codec import MQTT5, encode_connect, encode_publish
+from ingest_server.storage.migrate import migrate_url
 from tests.pipeline import IngestServer
 from tests.services import Mosquitto, Postgres, shared_tmpdir, wait_until
 

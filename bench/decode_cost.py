@@ -35,7 +35,7 @@ def _child(mode: str, etype: str, per_message: int, events: int) -> None:
     import msgspec
 
     from bench.ingest_e2e import payloads
-    from ingest_server.batch import Batch, Inbound
+    from ingest_server.ingest.batch import Batch, Inbound
 
     msgs = payloads(20, events // 20, per_message, etype)
     now = datetime.now(UTC)

@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ingest_server.api.devices import MAX_DEVICES, _query
-from ingest_server.migrate import migrate
+from ingest_server.storage.migrate import migrate
+from ingest_server.web.api.devices import MAX_DEVICES, _query
 from tests.services import Postgres, shared_tmpdir
 
 _BOARDS = """

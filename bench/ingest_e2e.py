@@ -41,7 +41,7 @@ import paho.mqtt.client as mqtt
 import psutil
 import psycopg
 
-from ingest_server.writer import _RawJsonbDumper
+from ingest_server.ingest.writer import _RawJsonbDumper
 from schemas.uplink import decode_uplink, metrics_of
 from tests.pipeline import HASH_KEY_HEX, IngestServer
 from tests.services import Mosquitto, Postgres, shared_tmpdir, wait_until
@@ -367,7 +367,7 @@ def run_workload(
 ) -> dict[str, Any]:
     per_device = args.events // args.devices
     total = per_device * args.devices
-    from ingest_server.migrate import migrate_url
+    from ingest_server.storage.migrate import migrate_url
 
     tag = w.type.replace(".", "_")
     msgs = payloads(args.devices, per_device, args.per_message, w.type)

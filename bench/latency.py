@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 import paho.mqtt.client as mqtt
 
-from ingest_server.migrate import migrate_url
+from ingest_server.storage.migrate import migrate_url
 from tests.pipeline import IngestServer
 from tests.services import Mosquitto, Postgres, shared_tmpdir, wait_until
 

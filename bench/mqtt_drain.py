@@ -8,7 +8,8 @@ the same run on the same broker:
 
 1. ``mosquitto_sub`` (Mosquitto's own C client): the broker's ceiling here, the baseline.
 2. paho-mqtt with manual acks, one ``ack()`` per message: the ingest server's previous loop.
-3. :class:`ingest_server.mqtt_session.MqttSubscriber`: the ingest server's loop now, acks sent
+3. :class:`~ingest_server.ingest.mqtt_session.MqttSubscriber`: the ingest server's loop now,
+   acks sent
    in one write per chunk.
 
 No database: this isolates the MQTT receive path. CPU is this process's CPU time per message
@@ -28,8 +29,8 @@ from collections.abc import Sequence
 import paho.mqtt.client as mqtt
 
 from bench.ingest_e2e import T0, event
-from ingest_server.mqtt_codec import Publish
-from ingest_server.mqtt_session import MqttSubscriber, SessionConfig
+from ingest_server.ingest.mqtt_codec import Publish
+from ingest_server.ingest.mqtt_session import MqttSubscriber, SessionConfig
 from tests.services import Mosquitto, shared_tmpdir, wait_until
 
 TOPIC = "campus/v1/s001/env-0000/up"

@@ -26,7 +26,7 @@ import shutil
 import psycopg
 
 from bench.ingest_e2e import WORKLOADS, CpuMeter, e2e, payloads
-from ingest_server.migrate import migrate_url
+from ingest_server.storage.migrate import migrate_url
 from tests.services import Mosquitto, Postgres, shared_tmpdir
 
 PARTS = ("ingest", "mosquitto", "postgres")

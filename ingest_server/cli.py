@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     db_url = args.db or os.environ.get(DB_ENV) or None
 
     if args.command == "migrate":
-        from ingest_server.migrate import migrate_url  # noqa: PLC0415
+        from ingest_server.storage.migrate import migrate_url  # noqa: PLC0415
 
         if db_url is None:
             parser.error(f"migrate needs --db URL or ${DB_ENV}")
@@ -258,8 +258,8 @@ def _path_or_env(given: Path | None, env: str) -> Path | None:
 
 
 def _token(args: argparse.Namespace, db_url: str) -> int:
-    from ingest_server.api import auth  # noqa: PLC0415
-    from ingest_server.migrate import migrate  # noqa: PLC0415
+    from ingest_server.storage.migrate import migrate  # noqa: PLC0415
+    from ingest_server.web.api import auth  # noqa: PLC0415
 
     try:
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -287,8 +287,8 @@ def _token(args: argparse.Namespace, db_url: str) -> int:
 
 
 def _enrol_code(args: argparse.Namespace, db_url: str) -> int:
-    from ingest_server import enrolment  # noqa: PLC0415
-    from ingest_server.migrate import migrate  # noqa: PLC0415
+    from ingest_server.control import enrolment  # noqa: PLC0415
+    from ingest_server.storage.migrate import migrate  # noqa: PLC0415
 
     try:
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -328,7 +328,7 @@ def _enrol_code(args: argparse.Namespace, db_url: str) -> int:
 
 
 def _broker_auth(args: argparse.Namespace, db_url: str) -> int:
-    from ingest_server import broker_auth as ba  # noqa: PLC0415
+    from ingest_server.control import broker_auth as ba  # noqa: PLC0415
 
     password = None
     try:

@@ -19,17 +19,18 @@ from typing import Self
 
 import psycopg
 
-from ingest_server import broker_auth, logbound
-from ingest_server.api import auth
-from ingest_server.api.enrol import EnrolmentState
-from ingest_server.consumer import Consumer
-from ingest_server.control import ControlPlane
-from ingest_server.enrolment import Offer
-from ingest_server.http import HttpServer, create_app
+from ingest_server import logbound
+from ingest_server.control import broker_auth
+from ingest_server.control.enrolment import Offer
+from ingest_server.control.plane import ControlPlane
+from ingest_server.ingest.consumer import Consumer
 from ingest_server.metrics import IngestMetrics
-from ingest_server.migrate import migrate
 from ingest_server.settings import BrokerUrl, Settings, SettingsError, mask
-from ingest_server.storage import StorageMaintenance
+from ingest_server.storage.maintenance import StorageMaintenance
+from ingest_server.storage.migrate import migrate
+from ingest_server.web.api import auth
+from ingest_server.web.api.enrol import EnrolmentState
+from ingest_server.web.app import HttpServer, create_app
 from schemas.keyfile import key_from_file
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class IngestServer:
         self._stack.callback(stop.set)
 
     def _embedded_broker(self) -> str:
-        from ingest_server.embedded import EmbeddedBroker  # noqa: PLC0415  # optional deps
+        from ingest_server.embedded.broker import EmbeddedBroker  # noqa: PLC0415  # optional deps
 
         # The server logs in to its own broker as a user only it knows; devices as themselves.
         user, password = "campus-ingest-server", secrets.token_urlsafe(24)
@@ -208,7 +209,7 @@ class IngestServer:
         return Offer(mqtt_url=url, hash_key_hex=key.hex(), ca_cert_pem=ca), ""
 
     def _embedded_database(self) -> str:
-        from ingest_server.embedded import EmbeddedPostgres  # noqa: PLC0415  # optional deps
+        from ingest_server.embedded.postgres import EmbeddedPostgres  # noqa: PLC0415  # optional deps
 
         pg = EmbeddedPostgres(self.settings.data_dir)
         pg.start()

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from ingest_server.tls import TlsError, TlsFiles
+from ingest_server.web.tls import TlsError, TlsFiles
 from schemas.uplink import DEFAULT_MAX_BYTES
 
 _PROTOCOLS: Final = {"5": 5, "3.1.1": 4, "311": 4}
@@ -118,7 +118,7 @@ class Settings:
     batch_ms: int = 50
     data_dir: Path = Path("campus-data")
     #: An admin API token: registered if given, created (when none exists) if not; see
-    #: :func:`ingest_server.api.auth.bootstrap`. Default: ``data_dir / "admin-token"``.
+    #: :func:`ingest_server.web.api.auth.bootstrap`. Default: ``data_dir / "admin-token"``.
     admin_token_file: Path | None = None
     #: Port of the embedded broker (when no broker URL is given); 0 picks a free one.
     embedded_broker_port: int = 1883

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     http_port = int(port_text) or _free_port()
     http = f"{http_host}:{http_port}"
 
-    from ingest_server.embedded import EmbeddedPostgres  # noqa: PLC0415 - server extra
+    from ingest_server.embedded.postgres import EmbeddedPostgres  # noqa: PLC0415 - server extra
 
     data = args.data_dir.resolve()
     work = data / "demo"

@@ -25,9 +25,9 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ingest_server.api import auth
-from ingest_server.http_headers import DASHBOARD_CSP
-from ingest_server.storage import maintain
+from ingest_server.storage.maintenance import maintain
+from ingest_server.web.api import auth
+from ingest_server.web.headers import DASHBOARD_CSP
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
 from simulators.harness import wait_until
 from tests.integration.api_seed import prepare

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from ingest_server.mqtt_codec import (
+from ingest_server.ingest.mqtt_codec import (
     MQTT5,
     MQTT311,
     PUBACK,

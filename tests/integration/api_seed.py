@@ -18,15 +18,15 @@ from typing import Any
 
 import psycopg
 
-from ingest_server.api import auth
-from ingest_server.api.common import utc_now
-from ingest_server.api.enrol import EnrolmentState
-from ingest_server.consumer import Health
-from ingest_server.enrolment import Offer
-from ingest_server.http import HttpServer, create_app
+from ingest_server.control.enrolment import Offer
+from ingest_server.ingest.consumer import Health
 from ingest_server.metrics import IngestMetrics
-from ingest_server.migrate import migrate
-from ingest_server.storage import maintain
+from ingest_server.storage.maintenance import maintain
+from ingest_server.storage.migrate import migrate
+from ingest_server.web.api import auth
+from ingest_server.web.api.common import utc_now
+from ingest_server.web.api.enrol import EnrolmentState
+from ingest_server.web.app import HttpServer, create_app
 
 T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 DAY0 = date(2026, 11, 20)

@@ -20,9 +20,9 @@ from edge_agent.agent import Agent
 from edge_agent.clock import ClockError, ClockWatch, measure
 from edge_agent.config import load_config
 from edge_agent.doctor import Status, check_clock
-from ingest_server.consumer import Health
-from ingest_server.http import HttpServer, create_app
+from ingest_server.ingest.consumer import Health
 from ingest_server.metrics import IngestMetrics
+from ingest_server.web.app import HttpServer, create_app
 from tests.integration.test_agent_health import health_events, with_health
 from tests.integration.test_agent_mqtt import Collector, until
 from tests.services import Mosquitto

@@ -180,7 +180,7 @@ async def test_every_event_arrives_once_in_bounded_batches(
 
 async def test_works_with_the_embedded_mqtt_311_broker(tmp_path: Path) -> None:
     # Imported here: another team's module should not stop the rest of this file loading.
-    from ingest_server.embedded import EmbeddedBroker
+    from ingest_server.embedded.broker import EmbeddedBroker
 
     count = 2000
     async with EmbeddedBroker() as broker:

@@ -15,9 +15,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from ingest_server.api import auth
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
+from ingest_server.web.api import auth
 from tests.services import Mosquitto, wait_until
 
 pytestmark = pytest.mark.integration
@@ -114,7 +114,7 @@ def test_bootstrap_registers_a_provisioned_token(db_url: str, tmp_path: Path) ->
     path = tmp_path / "admin-token"
     path.write_text("cet_" + "p" * 43 + "\n")
     with psycopg.connect(db_url, autocommit=True) as conn:
-        from ingest_server.migrate import migrate
+        from ingest_server.storage.migrate import migrate
 
         migrate(conn)
         assert "registered" in (auth.bootstrap(conn, path) or "")

@@ -17,8 +17,8 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 
-from ingest_server.api import devices as devices_api
-from ingest_server.http import HttpServer
+from ingest_server.web.api import devices as devices_api
+from ingest_server.web.app import HttpServer
 from tests.integration.api_seed import (
     DAY0,
     ROLLUP_ROWS,

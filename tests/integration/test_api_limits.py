@@ -27,17 +27,17 @@ import psutil
 import psycopg
 import pytest
 
-from ingest_server.api import auth, export, limits
-from ingest_server.api.data import where
-from ingest_server.api.enrol import EnrolmentState
-from ingest_server.api.limits import SlotLimiter
-from ingest_server.batch import Inbound, rows_of
-from ingest_server.enrolment import Offer
-from ingest_server.http import HttpServer, create_app
+from ingest_server.control.enrolment import Offer
+from ingest_server.ingest.batch import Inbound, rows_of
+from ingest_server.ingest.writer import BatchWriter
 from ingest_server.metrics import IngestMetrics
-from ingest_server.migrate import migrate
-from ingest_server.storage import StorageMaintenance, set_policy
-from ingest_server.writer import BatchWriter
+from ingest_server.storage.maintenance import StorageMaintenance, set_policy
+from ingest_server.storage.migrate import migrate
+from ingest_server.web.api import auth, export, limits
+from ingest_server.web.api.data import where
+from ingest_server.web.api.enrol import EnrolmentState
+from ingest_server.web.api.limits import SlotLimiter
+from ingest_server.web.app import HttpServer, create_app
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
 from tests.integration.api_seed import _Healthy, get_json
 from tests.services import Postgres

@@ -22,11 +22,11 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ingest_server.api import auth
-from ingest_server.http import HttpServer
-from ingest_server.live import LiveHub
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
+from ingest_server.web.api import auth
+from ingest_server.web.app import HttpServer
+from ingest_server.web.live import LiveHub
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
 from tests.services import Mosquitto, wait_until
 

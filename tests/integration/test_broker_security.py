@@ -26,9 +26,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from ingest_server.migrate import migrate_url
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
+from ingest_server.storage.migrate import migrate_url
 from tests.integration.test_api_auth import call
 from tests.services import free_port, port_open, shared_tmpdir, wait_until
 

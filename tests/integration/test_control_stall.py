@@ -13,9 +13,9 @@ from typing import Any, cast
 import psycopg
 import pytest
 
-from ingest_server import control as control_mod
-from ingest_server.batch import QUARANTINE_KEEP_BYTES
-from ingest_server.control import ControlPlane
+from ingest_server.control import plane as control_mod
+from ingest_server.control.plane import ControlPlane
+from ingest_server.ingest.batch import QUARANTINE_KEEP_BYTES
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
 from tests.integration.test_control import Api, Device, _now
@@ -92,6 +92,8 @@ def stack(
     if request.param == "mosquitto":
         mosquitto: Mosquitto = request.getfixturevalue("mosquitto")
         settings = replace(settings, broker_url=mosquitto.url)
+    else:  # the devices here are not enrolled: the embedded broker's demo mode admits them
+        settings = replace(settings, embedded_allow_anonymous=True)
     with IngestServer(settings) as server:
         wait_until(settings.token_file.exists, 60, "the bootstrap admin token")
         wait_until(lambda: server.control.health().leader, WAIT_S, "the control plane to lead")

@@ -23,7 +23,8 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ingest_server.embedded import BrokerThread, EmbeddedBroker, EmbeddedPostgres
+from ingest_server.embedded.broker import BrokerThread, EmbeddedBroker
+from ingest_server.embedded.postgres import EmbeddedPostgres
 from tests.services import port_open, shared_tmpdir, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -283,7 +284,7 @@ _FIRST_RUN = """
 import sys
 from pathlib import Path
 import psycopg
-from ingest_server.embedded import EmbeddedPostgres
+from ingest_server.embedded.postgres import EmbeddedPostgres
 pg = EmbeddedPostgres(Path(sys.argv[1]))
 pg.start()
 with psycopg.connect(pg.url, autocommit=True) as conn:

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from ingest_server import enrolment
+from ingest_server.control import enrolment
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
 from tests.integration.test_api_auth import call

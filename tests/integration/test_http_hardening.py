@@ -11,10 +11,10 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 
-from ingest_server import api_docs
-from ingest_server.http_headers import API_CSP, DASHBOARD_CSP
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
+from ingest_server.web import api_docs
+from ingest_server.web.headers import API_CSP, DASHBOARD_CSP
 from tests.services import Mosquitto, wait_until
 
 pytestmark = pytest.mark.integration

@@ -18,11 +18,11 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 from ingest_server import cli
-from ingest_server.consumer import Health
-from ingest_server.http import HttpServer, create_app
+from ingest_server.ingest.consumer import Health
 from ingest_server.metrics import IngestMetrics
 from ingest_server.settings import Settings, SettingsError
-from ingest_server.tls import TlsFiles
+from ingest_server.web.app import HttpServer, create_app
+from ingest_server.web.tls import TlsFiles
 from simulators.harness import wait_until
 from tests.pipeline import IngestServer
 from tests.services import Mosquitto

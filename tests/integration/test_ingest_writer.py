@@ -13,9 +13,9 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from ingest_server.batch import Batch, EventRow, Inbound, Rows, rows_of
-from ingest_server.migrate import available, migrate_url
-from ingest_server.writer import BatchWriter, missing_total
+from ingest_server.ingest.batch import Batch, EventRow, Inbound, Rows, rows_of
+from ingest_server.ingest.writer import BatchWriter, missing_total
+from ingest_server.storage.migrate import available, migrate_url
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
 
 pytestmark = pytest.mark.integration
@@ -249,7 +249,7 @@ def test_an_encoder_bug_is_a_data_error_and_writes_nothing(
 ) -> None:
     """An exception the encoder did not mean to raise takes the same path as a refused value:
     the consumer then quarantines the message that meets it, and ingest goes on."""
-    from ingest_server import pgcopy
+    from ingest_server.ingest import pgcopy
 
     good = rows(message("env-1", [env(1, 21.5, 40.0)], kind="env_sensor"))
     real = pgcopy.encode_readings

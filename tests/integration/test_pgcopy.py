@@ -1,4 +1,4 @@
-"""Binary COPY payloads from ingest_server.pgcopy, read back from a real PostgreSQL 15."""
+"""Binary COPY payloads from ingest_server.ingest.pgcopy, read back from a real PostgreSQL 15."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest_server import pgcopy
+from ingest_server.ingest import pgcopy
 
 pytestmark = pytest.mark.integration
 

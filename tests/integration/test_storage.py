@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 
-from ingest_server.migrate import available, migrate
-from ingest_server.storage import maintain, set_policy
+from ingest_server.storage.maintenance import maintain, set_policy
+from ingest_server.storage.migrate import available, migrate
 
 pytestmark = pytest.mark.integration
 
@@ -261,7 +261,7 @@ def test_partitions_made_ahead_and_dropped_after_retention(db_url: str) -> None:
 
 
 def test_writer_keeps_device_seq_identity(db_url: str) -> None:
-    from ingest_server.writer import BatchWriter
+    from ingest_server.ingest.writer import BatchWriter
     from tests.integration.test_ingest_writer import message, rows, tap
 
     with psycopg.connect(db_url, autocommit=True) as conn:

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest_server.api.common import (
+from ingest_server.web.api.common import (
     DEFAULT_SPAN,
     day_range,
     decode_cursor,

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from ingest_server.batch import EventRow
-from ingest_server.live import SEND_CHUNK, LiveFilter, LiveHub, encode
+from ingest_server.ingest.batch import EventRow
+from ingest_server.web.live import SEND_CHUNK, LiveFilter, LiveHub, encode
 from schemas.uplink import ValidEvent
 
 

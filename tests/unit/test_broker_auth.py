@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ingest_server import enrolment
-from ingest_server.broker_auth import (
+from ingest_server.control import enrolment
+from ingest_server.control.broker_auth import (
     BrokerRules,
     DeviceCredential,
     filter_covers,

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from ingest_server.control import (
+from ingest_server.control.plane import (
     ACK_LIMITS,
     AckKind,
     ConfigAck,

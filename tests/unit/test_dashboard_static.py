@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ingest_server.consumer import Health
-from ingest_server.dashboard import STATIC_DIR, vendor_dir
-from ingest_server.http import HttpServer, create_app
+from ingest_server.ingest.consumer import Health
 from ingest_server.metrics import IngestMetrics
+from ingest_server.web.app import HttpServer, create_app
+from ingest_server.web.dashboard import STATIC_DIR, vendor_dir
 from simulators.harness import wait_until
 
 

@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from ingest_server.broker_auth import BrokerRules, DeviceCredential, RulesHolder, hash_password
-from ingest_server.embedded import ConnectRequest, EmbeddedBroker, parse_connect
+from ingest_server.control.broker_auth import (
+    BrokerRules,
+    DeviceCredential,
+    RulesHolder,
+    hash_password,
+)
+from ingest_server.embedded.broker import ConnectRequest, EmbeddedBroker, parse_connect
 from ingest_server.settings import Settings, SettingsError
 
 A = DeviceCredential("s1-sb-aaaaaa", "s1", hash_password("pw-a"))

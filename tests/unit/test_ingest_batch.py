@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest_server import pgcopy
-from ingest_server.batch import (
+from ingest_server.ingest import pgcopy
+from ingest_server.ingest.batch import (
     QUARANTINE_KEEP_BYTES,
     Batch,
     DeviceSpan,
@@ -23,7 +23,7 @@ from ingest_server.batch import (
     spans_of,
     unique,
 )
-from ingest_server.consumer import Inbox, collect
+from ingest_server.ingest.consumer import Inbox, collect
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
 
 NOW = datetime(2026, 11, 22, 0, 0, tzinfo=UTC)
@@ -127,7 +127,7 @@ def test_batch_rows_are_each_message_rows_in_order() -> None:
 
 
 def test_a_decoder_bug_quarantines_only_its_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ingest_server.batch as batch_module
+    import ingest_server.ingest.batch as batch_module
 
     real = batch_module.decode_uplink
 

@@ -6,8 +6,8 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from ingest_server.batch import Inbound
-from ingest_server.consumer import Inbox, collect
+from ingest_server.ingest.batch import Inbound
+from ingest_server.ingest.consumer import Inbox, collect
 
 NOW = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest_server.consumer import Health
-from ingest_server.http import HttpServer, create_app
+from ingest_server.ingest.consumer import Health
 from ingest_server.metrics import Counter, Gauge, Histogram, IngestMetrics
+from ingest_server.web.app import HttpServer, create_app
 
 
 def test_counter_and_gauge_text() -> None:

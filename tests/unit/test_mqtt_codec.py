@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest_server.mqtt_codec import (
+from ingest_server.ingest.mqtt_codec import (
     MAX_REMAINING,
     MQTT5,
     MQTT311,

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest_server import pgcopy
-from ingest_server.batch import EventRow, Inbound, encode_events, rows_of
+from ingest_server.ingest import pgcopy
+from ingest_server.ingest.batch import EventRow, Inbound, encode_events, rows_of
 from schemas.events import REGISTRY, BoardTouch
 from schemas.uplink import UplinkBatch, UplinkEvent, ValidEvent, encode_batch, metrics_of
 

@@ -1,0 +1,552 @@
+"""MQTT in, PostgreSQL out, PUBACK last.
+
+The MQTT session's I/O thread (:mod:`.mqtt_session`) hands each chunk of messages to
+:class:`Inbox` (bounded: when it is full the I/O thread waits, so the broker's TCP stream backs
+up instead of our memory growing). A decoder thread turns up to ``batch_events`` rows or
+``batch_ms`` of messages into a batch and encodes its COPY payloads; the writer thread writes
+it in one transaction and hands it, once committed, to the acknowledging thread, which records
+its metrics, feeds the live stream and only then acknowledges its messages, batch after batch
+in commit order (so the writer is back at PostgreSQL at once). If the database is down the
+batch is kept and retried; nothing is acknowledged meanwhile. A message delivered on an earlier
+broker connection is not acknowledged on a later one: the broker resends it and the writer
+counts it as a duplicate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import random
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+import psycopg
+
+from ingest_server.ingest.batch import Batch, EventRow, Inbound, refused
+from ingest_server.ingest.mqtt_codec import MQTT5, Publish
+from ingest_server.ingest.mqtt_session import MqttSubscriber, SessionConfig
+from ingest_server.ingest.pgcopy import PG_EPOCH
+from ingest_server.ingest.writer import BatchWriter, WriteResult, missing_total
+from ingest_server.metrics import IngestMetrics
+from ingest_server.settings import BrokerUrl, Settings, mask
+from ingest_server.storage.db import connect_session
+from schemas.topics import Channel, subscription
+
+log = logging.getLogger(__name__)
+
+
+#: What PostgreSQL raises for a value a device sent, rather than for a fault of its own: a
+#: refused value (DataError), a value past a limit such as a jsonb too deep or too big (class 54,
+#: e.g. StatementTooComplex). A batch meeting one is written a message at a time and the message at
+#: fault quarantined; retrying it would stall ingest for every device. Anything else (connection
+#: lost, our own SQL, a unique violation racing another server) is retried whole.
+def refused_by_data(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` blames the data written (see above), not the connection or our SQL."""
+    return isinstance(exc, psycopg.DataError) or (exc.sqlstate or "").startswith("54")
+
+
+#: MQTT 5 retain handling 1: retained messages only when the subscription is new.
+_RETAIN_IF_NEW_SUB: Final = 1
+_BAD_TOPIC: Final = "<topic is not UTF-8>"
+_PG_EPOCH_UNIX: Final = PG_EPOCH.timestamp()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+class Inbox:
+    """A FIFO bounded by message count and total payload bytes; ``put`` waits while full."""
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._items: deque[Inbound] = deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def oldest(self) -> datetime | None:
+        """When the oldest queued message was received; None when none is queued."""
+        with self._cond:
+            return self._items[0].received_at if self._items else None
+
+    def put(self, item: Inbound) -> bool:
+        """Queue ``item``; False (and dropped, so never acknowledged) once closed."""
+        with self._cond:
+            while not self._closed and (
+                len(self._items) >= self.max_messages
+                or (self._items and self._bytes + len(item.payload) > self.max_bytes)
+            ):
+                self._cond.wait()
+            if self._closed:
+                return False
+            self._items.append(item)
+            self._bytes += len(item.payload)
+            self._cond.notify_all()
+            return True
+
+    def put_many(self, items: Sequence[Inbound], timeout: float) -> int:
+        """Queue a prefix of ``items``, waiting up to ``timeout`` s for room; how many went in
+        (all of them, or fewer when full or closed)."""
+        deadline = time.monotonic() + timeout
+        taken = 0
+        with self._cond:
+            for item in items:
+                while not self._closed and (
+                    len(self._items) >= self.max_messages
+                    or (self._items and self._bytes + len(item.payload) > self.max_bytes)
+                ):
+                    if taken:  # let the reader start on what is there
+                        self._cond.notify_all()
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._cond.wait(left):
+                        return taken
+                if self._closed:
+                    # nothing more will go in: wait out the timeout rather than let the
+                    # network thread spin while the server shuts down
+                    self._cond.wait(max(0.0, deadline - time.monotonic()))
+                    return taken
+                self._items.append(item)
+                self._bytes += len(item.payload)
+                taken += 1
+            self._cond.notify_all()
+        return taken
+
+    def get(self, timeout: float) -> Inbound | None:
+        """The oldest item, waiting up to ``timeout`` seconds; None if there is none by then."""
+        with self._cond:
+            if not self._items and timeout > 0:
+                self._cond.wait_for(lambda: self._items or self._closed, timeout)
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            self._bytes -= len(item.payload)
+            self._cond.notify_all()
+            return item
+
+    def get_many(self, max_items: int, timeout: float) -> list[Inbound]:
+        """Up to ``max_items`` of the oldest items, waiting up to ``timeout`` s for the first."""
+        with self._cond:
+            if not self._items and timeout > 0:
+                self._cond.wait_for(lambda: self._items or self._closed, timeout)
+            items = self._items
+            n = min(max_items, len(items))
+            if not n:
+                return []
+            popleft = items.popleft
+            out = [popleft() for _ in range(n)]
+            self._bytes -= sum(len(m.payload) for m in out)
+            self._cond.notify_all()
+            return out
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+def collect(
+    inbox: Inbox, *, max_size: int, max_wait_s: float, idle_s: float, max_bytes: int
+) -> Batch | None:
+    """Wait up to ``idle_s`` for a first message, then gather until the batch is full or
+    ``max_wait_s`` has passed since that first message. None when nothing came."""
+    first = inbox.get(idle_s)
+    if first is None:
+        return None
+    batch = Batch(max_bytes=max_bytes)
+    batch.add(first)
+    deadline = time.monotonic() + max_wait_s
+    while batch.size < max_size:
+        # take as many messages as should fill the room left, at the rows per message so far
+        room = (max_size - batch.size) // max(1, batch.size // len(batch))
+        msgs = inbox.get_many(max(1, room), max(0.0, deadline - time.monotonic()))
+        if not msgs:
+            break
+        for msg in msgs:
+            batch.add(msg)
+    return batch
+
+
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    batch: Batch
+    result: WriteResult
+    #: Seconds the write took, and when it committed (Unix time).
+    elapsed: float
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    mqtt_connected: bool
+    db_ok: bool
+    queued: int
+    last_commit_age_s: float | None
+    #: Why ingest is not making progress; empty when it is.
+    stuck: tuple[str, ...] = ()
+
+
+class Consumer:
+    """Subscribes, batches, writes, acknowledges; reconnects to broker and database by itself."""
+
+    #: Database retry backoff (seconds), doubled per failure up to the maximum, with jitter.
+    BACKOFF_MIN_S = 0.1
+    BACKOFF_MAX_S = 5.0
+    #: How long the writer waits for a message before doing housekeeping.
+    IDLE_S = 0.5
+    #: How often the seq-missing gauge is refreshed (and an idle database is pinged).
+    REFRESH_S = 5.0
+    MQTT_KEEPALIVE_S = 30
+    MQTT_RECONNECT_S = (1, 30)
+    SESSION_EXPIRY_S = 7 * 24 * 3600
+    RECEIVE_MAXIMUM = 65535
+    DB_CONNECT_TIMEOUT_S = 5
+
+    def __init__(
+        self, settings: Settings, broker: BrokerUrl, db_url: str, metrics: IngestMetrics
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.db_url = db_url
+        self.metrics = metrics
+        self.inbox = Inbox(settings.queue_messages, settings.queue_bytes)
+        self._stopping = threading.Event()
+        self._writer: BatchWriter | None = None
+        self._migrated = False
+        self._last_commit: float | None = None
+        #: Since when the writer has been at the batch in hand (monotonic); None between.
+        self._batch_since: float | None = None
+        self._next_refresh = 0.0
+        self._idle_backoff = 0.0
+        #: Called with the rows of each commit, in commit order, on the thread that acknowledges
+        #: them; must not block (live.py).
+        self.on_commit: Callable[[Sequence[EventRow]], None] | None = None
+        self._topics: dict[bytes, str] = {}
+        self._session = MqttSubscriber(self._session_config(), self._deliver, self._on_ready)
+        # One decoded batch waits while the writer commits the previous one: decoding (CPU,
+        # holds the GIL) overlaps the database's share of the work (the GIL is released).
+        self._decoded: queue.Queue[Batch] = queue.Queue(maxsize=1)
+        # Committed batches, in commit order, for the acknowledging thread: the writer goes
+        # straight back to PostgreSQL instead of leaving it idle while the PUBACKs, metrics and
+        # live stream of the last batch are done. None: the writer has finished.
+        self._committed: queue.Queue[_Committed | None] = queue.Queue(maxsize=4)
+        self._decoder = threading.Thread(target=self._decode, name="ingest-decoder", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+        self._acker = threading.Thread(target=self._acknowledge, name="ingest-acker", daemon=True)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        log.info("connecting to MQTT broker %s as %r", self.broker, self.settings.client_id)
+        self._session.start()
+        self._decoder.start()
+        self._thread.start()
+        self._acker.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish (or abandon, unacknowledged) the current batch, then leave the broker."""
+        self._stopping.set()
+        self.inbox.close()
+        deadline = time.monotonic() + timeout
+        # the acknowledging thread last: it acknowledges every batch the writer committed
+        for thread in (self._decoder, self._thread, self._acker):
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self._session.stop()
+        self.metrics.mqtt_connected.set(0)
+
+    def health(self) -> Health:
+        last = self._last_commit
+        now, limit = time.monotonic(), self.settings.stuck_after_s
+        stuck = []
+        threads = (self._decoder, self._thread, self._acker)
+        if not self._stopping.is_set():
+            dead = [t.name for t in threads if t.ident is not None and not t.is_alive()]
+            if dead:
+                stuck.append(f"ingest: thread {', '.join(dead)} has died")
+        since = self._batch_since
+        if since is not None and now - since > limit:
+            stuck.append(f"ingest: the batch in hand has not committed for {now - since:.0f} s")
+        oldest = self.inbox.oldest()
+        if oldest is not None:
+            waited = (datetime.now(UTC) - oldest).total_seconds()
+            idle = now - last if last is not None else waited
+            if waited > limit and idle > limit:
+                stuck.append(
+                    f"ingest: {len(self.inbox)} messages queued, the oldest for {waited:.0f} s,"
+                    f" and no commit for {idle:.0f} s"
+                )
+        return Health(
+            mqtt_connected=bool(self.metrics.mqtt_connected.value()),
+            db_ok=bool(self.metrics.db_connected.value())
+            and self._thread.is_alive()
+            and self._decoder.is_alive()
+            and self._acker.is_alive(),
+            queued=len(self.inbox),
+            last_commit_age_s=None if last is None else now - last,
+            stuck=tuple(stuck),
+        )
+
+    # -- MQTT (the session's I/O thread) -------------------------------------------------
+
+    def _session_config(self) -> SessionConfig:
+        b = self.broker
+        context = None
+        if b.tls:
+            context = ssl.create_default_context(cafile=b.ca)
+        group = self.settings.share_group
+        retain = _RETAIN_IF_NEW_SUB if b.protocol == MQTT5 else 0
+        return SessionConfig(
+            host=b.host,
+            port=b.port,
+            client_id=self.settings.client_id,
+            subscriptions=(
+                (subscription(Channel.UP, share_group=group), 1, 0),
+                (subscription(Channel.STATE), 1, retain),
+            ),
+            protocol=b.protocol,
+            username=b.username,
+            password=b.password,
+            ssl_context=context,
+            keepalive_s=self.MQTT_KEEPALIVE_S,
+            session_expiry_s=self.SESSION_EXPIRY_S,
+            receive_maximum=self.RECEIVE_MAXIMUM,
+            reconnect_min_s=self.MQTT_RECONNECT_S[0],
+            reconnect_max_s=self.MQTT_RECONNECT_S[1],
+        )
+
+    def _on_ready(self, ready: bool) -> None:
+        self.metrics.mqtt_connected.set(1 if ready else 0)
+
+    def _topic(self, raw: bytes) -> str:
+        topic = self._topics.get(raw)
+        if topic is None:
+            try:
+                topic = raw.decode()
+            except UnicodeDecodeError:
+                topic = _BAD_TOPIC
+            if len(self._topics) >= 100_000:  # bounded: one entry per device channel
+                self._topics.clear()
+            self._topics[raw] = topic
+        return topic
+
+    def _deliver(self, publishes: Sequence[Publish], generation: int, timeout: float) -> int:
+        now = datetime.now(UTC)
+        topic = self._topic
+        items = [
+            Inbound(topic(p.topic), p.payload, p.packet_id, p.qos, now, p.retain, generation)
+            for p in publishes
+        ]
+        taken = self.inbox.put_many(items, timeout)
+        self.metrics.messages_received.inc(taken)
+        self.metrics.queue_depth.set(len(self.inbox))
+        return taken
+
+    # -- decoder thread --------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        """Collect and decode batches ahead of the writer; never acknowledges anything."""
+        s = self.settings
+        try:
+            while not self._stopping.is_set():
+                batch = collect(
+                    self.inbox,
+                    max_size=s.batch_events,
+                    max_wait_s=s.batch_ms / 1000,
+                    idle_s=self.IDLE_S,
+                    max_bytes=s.max_bytes,
+                )
+                self.metrics.queue_depth.set(len(self.inbox))
+                if batch is not None:
+                    batch.seal()  # the COPY payloads, built here rather than on the writer thread
+                while batch is not None and not self._stopping.is_set():
+                    try:
+                        self._decoded.put(batch, timeout=self.IDLE_S)
+                    except queue.Full:
+                        continue
+                    batch = None
+        except Exception:
+            log.exception("the decoder thread failed")
+            raise
+
+    # -- writer thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._housekeeping()  # connect and migrate before the first message
+            while not self._stopping.is_set():
+                try:
+                    batch: Batch | None = self._decoded.get(timeout=self.IDLE_S)
+                except queue.Empty:
+                    batch = None
+                if batch is not None:
+                    committed = self._commit(batch)
+                    if committed is None:
+                        log.info("stopping: %d messages left unacknowledged", len(batch))
+                        break
+                    self._committed.put(committed)
+                self._housekeeping()
+        except Exception:
+            log.exception("the writer thread failed")
+            raise
+        finally:
+            self._committed.put(None)
+            self._disconnect_db()
+
+    # -- acknowledging thread ------------------------------------------------------------
+
+    def _acknowledge(self) -> None:
+        """Metrics, live stream and PUBACKs of each committed batch, in commit order, until
+        the writer has finished and everything it committed is acknowledged."""
+        while (item := self._committed.get()) is not None:
+            try:
+                self._record(item)
+            except Exception:  # a metrics bug must not keep committed messages unacknowledged
+                log.exception("recording a committed batch failed")
+            try:
+                self._ack(item.batch)
+            except Exception:  # unacknowledged, the broker resends them: duplicates, no loss
+                log.exception("acknowledging a committed batch failed")
+
+    def _connect_db(self) -> BatchWriter:
+        if self._writer is None:
+            conn = connect_session(
+                self.db_url,
+                application_name="campus-ingest",
+                connect_timeout=self.DB_CONNECT_TIMEOUT_S,
+                migrate_first=not self._migrated,
+            )
+            self._migrated = True
+            try:
+                self._writer = BatchWriter(conn)
+            except BaseException:
+                conn.close()
+                raise
+            log.info("connected to database %s", mask(self.db_url))
+            self.metrics.db_connected.set(1)
+        return self._writer
+
+    def _disconnect_db(self) -> None:
+        writer, self._writer = self._writer, None
+        self.metrics.db_connected.set(0)
+        if writer is not None:
+            with contextlib.suppress(psycopg.Error):
+                writer.conn.close()
+
+    def _housekeeping(self) -> None:
+        """Every few seconds: reconnect if idle and down, refresh the seq-missing gauge."""
+        if time.monotonic() < self._next_refresh:
+            return
+        was_up = self._writer is not None
+        try:
+            writer = self._connect_db()
+            self.metrics.seq_missing.set(missing_total(writer.conn))
+        except psycopg.Error as exc:
+            if was_up or not self._idle_backoff:
+                log.warning("database unavailable: %s", _one_line(exc))
+            self._disconnect_db()
+            # A dropped connection is retried at once: the server may be back already.
+            backoff = 0.0 if was_up else max(self._idle_backoff * 2, self.BACKOFF_MIN_S)
+            self._idle_backoff = min(backoff, self.BACKOFF_MAX_S)
+            self._next_refresh = time.monotonic() + self._idle_backoff
+            return
+        self._idle_backoff = 0.0
+        self._next_refresh = time.monotonic() + self.REFRESH_S
+
+    def _commit(self, batch: Batch) -> _Committed | None:
+        """Write ``batch`` until it is committed, or the server stops first (None)."""
+        delay = self.BACKOFF_MIN_S
+        self._batch_since = time.monotonic()
+        try:
+            return self._commit_retrying(batch, delay)
+        finally:
+            self._batch_since = None
+
+    def _commit_retrying(self, batch: Batch, delay: float) -> _Committed | None:
+        while True:
+            try:
+                writer = self._connect_db()
+                started = time.perf_counter()
+                result = self._write(writer, batch)
+                elapsed = time.perf_counter() - started
+            except psycopg.Error as exc:
+                log.warning(
+                    "database write of %d messages failed (%s: %s); retrying in %.1f s",
+                    len(batch),
+                    type(exc).__name__,
+                    _one_line(exc),
+                    delay,
+                )
+                self._disconnect_db()
+                if self._stopping.wait(delay * random.uniform(0.5, 1.0)):  # noqa: S311
+                    return None
+                delay = min(delay * 2, self.BACKOFF_MAX_S)
+                continue
+            self._last_commit = time.monotonic()
+            return _Committed(batch, result, elapsed, time.time())
+
+    def _write(self, writer: BatchWriter, batch: Batch) -> WriteResult:
+        try:
+            return writer.write(batch.rows, batch.encoded)
+        except psycopg.Error as exc:
+            if not refused_by_data(exc):
+                raise
+            log.warning("the database refused a batch (%s); trying each message", _one_line(exc))
+        total: WriteResult | None = None
+        for msg, rows in batch.parts():
+            try:
+                result = writer.write(rows)
+            except psycopg.Error as exc:
+                if not refused_by_data(exc):
+                    raise
+                why = exc.diag.message_primary or _one_line(exc)
+                reason = f"the database refused this message: {why}"
+                result = writer.write(refused(msg, reason))
+            total = result if total is None else total + result
+        assert total is not None
+        return total
+
+    def _record(self, committed: _Committed) -> None:
+        batch, result, now = committed.batch, committed.result, committed.at
+        m = self.metrics
+        m.batch_latency.observe(committed.elapsed)
+        encoded = batch.encoded
+        if encoded is not None and result.stored is encoded.events:  # the whole batch
+            # in the stamps' own unit: µs since 2000-01-01 UTC
+            m.event_latency.observe_ages((now - _PG_EPOCH_UNIX) * 1e6, encoded.stamps, 1e-6)
+        else:
+            m.event_latency.observe_many(now - r.event.ts.timestamp() for r in result.stored)
+        m.events_received.inc(batch.events_received)
+        m.events_stored.inc(result.inserted)
+        m.events_duplicate.inc(result.duplicates)
+        m.seq_gaps.inc(result.new_missing)
+        for q in result.quarantine:
+            m.quarantined.inc(reason=q.kind)
+        if result.new_missing:
+            self._next_refresh = 0.0
+        if self.on_commit is not None and result.stored:
+            try:
+                self.on_commit(result.stored)
+            except Exception:  # a listener's fault must never stop ingest
+                log.exception("the on_commit hook failed")
+
+    def _ack(self, batch: Batch) -> None:
+        stale = self._session.ack(batch.messages)
+        if stale:
+            log.info(
+                "%d messages came on an earlier connection: the broker will resend them", stale
+            )
+
+
+__all__ = ["Consumer", "Health", "Inbox", "collect"]

@@ -1,0 +1,1 @@
+"""The database: connections, migrations, partitions, retention and rollup maintenance."""

@@ -1,0 +1,1 @@
+"""The HTTP side: the app, API routers, live stream, dashboard, docs, TLS and headers."""

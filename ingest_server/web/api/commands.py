@@ -1,0 +1,169 @@
+"""Commands to a device: admins send them, readers follow their status.
+
+``POST /api/v1/devices/{device_id}/commands`` stores a ``pending`` command; the control plane
+(:mod:`ingest_server.control.plane`) publishes it and records the device's ack. A client-chosen
+``id`` makes the POST idempotent: the same id again answers 200 with the first command.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+import psycopg
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi import Path as PathParam
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ingest_server.web.api import auth
+from ingest_server.web.api.deps import db
+from schemas.topics import ID_PATTERN
+
+router = APIRouter(prefix="/api/v1", tags=["commands"])
+Conn = Annotated[psycopg.Connection[Any], Depends(db)]
+Admin = Annotated[auth.Token, Depends(auth.require("admin"))]
+DeviceId = Annotated[str, PathParam(pattern=ID_PATTERN, description="the device's id")]
+CommandStatus = Literal["pending", "sent", "ok", "error", "rejected", "expired"]
+
+#: Largest ``args`` document accepted, encoded as JSON.
+MAX_ARGS_BYTES: Final = 16 * 1024
+MAX_TTL_S: Final = 7 * 24 * 3600
+_INSERT: Final = """
+INSERT INTO commands (id, device_id, school_id, name, args, expires_at, created_by)
+VALUES (%s, %s, %s, %s, %s, now() + make_interval(secs => %s), %s)
+ON CONFLICT (id) DO NOTHING
+RETURNING id, device_id, school_id, name, args, status, detail, created_at, expires_at, sent_at,
+          acked_at, created_by
+"""
+_BY_ID: Final = """
+SELECT id, device_id, school_id, name, args, status, detail, created_at, expires_at, sent_at,
+       acked_at, created_by
+FROM commands WHERE id = %s
+"""
+_BY_DEVICE: Final = """
+SELECT id, device_id, school_id, name, args, status, detail, created_at, expires_at, sent_at,
+       acked_at, created_by
+FROM commands WHERE device_id = %s AND (%s::text IS NULL OR status = %s)
+ORDER BY created_at DESC, id LIMIT %s
+"""
+
+
+class CommandRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_]{0,63}$",
+        description="e.g. ping, flush_outbox, show_notice, restart_driver, set_sample_rate",
+    )
+    args: dict[str, Any] = Field(default_factory=dict)
+    ttl_s: int = Field(default=300, ge=1, le=MAX_TTL_S, description="seconds until it expires")
+    id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
+        description="idempotency key: sending the same id again returns the first command",
+    )
+
+    @field_validator("args")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(msgspec.json.encode(value))
+        if size > MAX_ARGS_BYTES:
+            raise ValueError(f"args are {size} bytes as JSON; at most {MAX_ARGS_BYTES} allowed")
+        return value
+
+
+class CommandInfo(BaseModel):
+    id: str
+    device_id: str
+    school_id: str
+    name: str
+    args: dict[str, Any]
+    status: CommandStatus
+    detail: Any = None
+    created_at: datetime
+    expires_at: datetime
+    sent_at: datetime | None
+    acked_at: datetime | None
+    created_by: str | None
+
+
+def device_school(conn: psycopg.Connection[Any], device_id: str) -> str:
+    """The school of a registered device; 404 if the server has never heard of it."""
+    row = conn.execute(
+        "SELECT school_id FROM devices WHERE device_id = %s", (device_id,)
+    ).fetchone()
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r} is known")
+    return str(row[0])
+
+
+def _wake_control(request: Request) -> None:
+    control = getattr(request.app.state, "control", None)
+    if control is not None:
+        control.wake()
+
+
+@router.post(
+    "/devices/{device_id}/commands",
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"description": "a command with this id exists: it is returned"}},
+)
+def send_command(
+    device_id: DeviceId,
+    body: CommandRequest,
+    *,
+    conn: Conn,
+    token: Admin,
+    request: Request,
+    response: Response,
+) -> CommandInfo:
+    school_id = device_school(conn, device_id)
+    cmd_id = body.id or uuid.uuid4().hex
+    cur = conn.cursor(row_factory=dict_row)
+    row = cur.execute(
+        _INSERT,
+        (cmd_id, device_id, school_id, body.name, Jsonb(body.args), body.ttl_s, token.name),
+    ).fetchone()
+    if row is not None:
+        _wake_control(request)
+        return CommandInfo(**row)
+    first = cur.execute(_BY_ID, (cmd_id,)).fetchone()
+    assert first is not None  # ids are never deleted
+    if (first["device_id"], first["name"], first["args"]) != (device_id, body.name, body.args):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"command id {cmd_id!r} is already used by a different command "
+            f"({first['name']} to {first['device_id']})",
+        )
+    response.status_code = status.HTTP_200_OK
+    return CommandInfo(**first)
+
+
+@router.get("/devices/{device_id}/commands", dependencies=[Depends(auth.require("read"))])
+def list_commands(
+    device_id: DeviceId,
+    conn: Conn,
+    status_: Annotated[CommandStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> list[CommandInfo]:
+    """A device's commands, most recent first."""
+    device_school(conn, device_id)
+    cur = conn.cursor(row_factory=dict_row)
+    rows = cur.execute(
+        _BY_DEVICE,
+        (device_id, status_, status_, limit),
+    ).fetchall()
+    return [CommandInfo(**r) for r in rows]
+
+
+@router.get("/commands/{command_id}", dependencies=[Depends(auth.require("read"))])
+def get_command(command_id: str, conn: Conn) -> CommandInfo:
+    cur = conn.cursor(row_factory=dict_row)
+    row = cur.execute(_BY_ID, (command_id,)).fetchone()
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no command with id {command_id!r}")
+    return CommandInfo(**row)

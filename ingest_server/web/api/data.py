@@ -1,0 +1,185 @@
+"""``/api/v1/events``, ``/api/v1/readings``: time-range listings, keyset paged.
+
+Pages are ordered by ``(time, device_id, seq)`` (readings: ``(time, device_id, metric)``) and a
+cursor holds the last key of a page, so rows stored meanwhile never shift a page: a row is
+neither repeated nor skipped, and one that arrives late with an earlier ``time`` than the cursor
+is seen by the next query over its range, not by this walk.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Final, LiteralString
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from psycopg import sql
+from psycopg.rows import dict_row
+from pydantic import BaseModel, Field
+
+from ingest_server.web.api import auth
+from ingest_server.web.api.common import (
+    NAME_PATTERN,
+    Conn,
+    CursorQ,
+    DeviceQ,
+    FromQ,
+    LimitQ,
+    SchoolQ,
+    ToQ,
+    decode_cursor,
+    encode_cursor,
+    next_link,
+    reply,
+    time_range,
+)
+
+router = APIRouter(prefix="/api/v1", tags=["data"], dependencies=[Depends(auth.require("read"))])
+
+TypeQ = Annotated[str | None, Query(pattern=NAME_PATTERN, description="event type, e.g. card.tap")]
+MetricQ = Annotated[
+    str | None, Query(pattern=NAME_PATTERN, description="metric, e.g. temperature_c")
+]
+
+
+class Event(BaseModel):
+    time: datetime
+    school_id: str
+    device_id: str
+    device_kind: str
+    seq: int
+    type: str
+    data: dict[str, Any]
+    received_at: datetime
+    synced: bool
+
+
+class Reading(BaseModel):
+    time: datetime
+    school_id: str
+    device_id: str
+    metric: str
+    value: float | None = Field(description="null if the stored value is not finite")
+
+
+class EventPage(BaseModel):
+    items: list[Event]
+    next: str | None = Field(description="URL of the next page; null on the last")
+    cursor: str | None = Field(description="the cursor in `next`")
+
+
+class ReadingPage(BaseModel):
+    items: list[Reading]
+    next: str | None
+    cursor: str | None
+
+
+EVENT_COLUMNS: Final = (
+    "time, school_id, device_id, device_kind, seq, type, data, received_at, synced"
+)
+READING_COLUMNS: Final = "time, school_id, device_id, metric, value"
+
+
+def where(
+    start: datetime, end: datetime, filters: dict[str, str | None]
+) -> tuple[sql.Composed, list[Any]]:
+    """``time`` in ``[start, end)`` and each given column equal to its value."""
+    parts: list[sql.Composable] = [sql.SQL("time >= %s AND time < %s")]
+    params: list[Any] = [start, end]
+    for column, value in filters.items():
+        if value is not None:
+            parts.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+            params.append(value)
+    return sql.SQL(" AND ").join(parts), params
+
+
+def _page(
+    conn: Conn,
+    *,
+    table: LiteralString,
+    columns: LiteralString,
+    key: tuple[str, str, str],
+    cond: sql.Composed,
+    params: list[Any],
+    after: tuple[Any, ...] | None,
+    limit: int,
+) -> tuple[list[dict[str, Any]], tuple[Any, ...] | None]:
+    """One page ordered by ``key``, and the key of its last row if more follow."""
+    k = sql.SQL(", ").join(map(sql.Identifier, key))
+    if after is not None:
+        # The leading `time >=` lets the time index bound the scan; the row comparison is exact.
+        cond = sql.SQL("{} AND time >= %s AND ({}) > (%s, %s, %s)").format(cond, k)
+        params = [*params, after[0], *after]
+    query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT %s").format(
+        sql.SQL(columns), sql.Identifier(table), cond, k
+    )
+    rows = conn.cursor(row_factory=dict_row).execute(query, [*params, limit + 1]).fetchall()
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    last = rows[-1]
+    return rows, tuple(last[c] for c in key)
+
+
+@router.get("/events", summary="Events in a time range, keyset paged", response_model=EventPage)
+def list_events(
+    request: Request,
+    conn: Conn,
+    *,
+    start: FromQ = None,
+    end: ToQ = None,
+    school: SchoolQ = None,
+    device: DeviceQ = None,
+    type: TypeQ = None,
+    limit: LimitQ = 100,
+    cursor: CursorQ = None,
+) -> Response:
+    r = time_range(start, end)
+    after = None if cursor is None else decode_cursor(cursor, "events", (datetime, str, int))
+    cond, params = where(r.start, r.end, {"school_id": school, "device_id": device, "type": type})
+    rows, last = _page(
+        conn,
+        table="events",
+        columns=EVENT_COLUMNS,
+        key=("time", "device_id", "seq"),
+        cond=cond,
+        params=params,
+        after=after,
+        limit=limit,
+    )
+    token = None if last is None else encode_cursor("events", last)
+    return reply(EventPage, {"items": rows, "next": next_link(request, token), "cursor": token})
+
+
+@router.get(
+    "/readings",
+    summary="Numeric readings in a time range, keyset paged",
+    response_model=ReadingPage,
+)
+def list_readings(
+    request: Request,
+    conn: Conn,
+    *,
+    start: FromQ = None,
+    end: ToQ = None,
+    school: SchoolQ = None,
+    device: DeviceQ = None,
+    metric: MetricQ = None,
+    limit: LimitQ = 100,
+    cursor: CursorQ = None,
+) -> Response:
+    r = time_range(start, end)
+    after = None if cursor is None else decode_cursor(cursor, "readings", (datetime, str, str))
+    filters = {"school_id": school, "device_id": device, "metric": metric}
+    cond, params = where(r.start, r.end, filters)
+    rows, last = _page(
+        conn,
+        table="readings",
+        columns=READING_COLUMNS,
+        key=("time", "device_id", "metric"),
+        cond=cond,
+        params=params,
+        after=after,
+        limit=limit,
+    )
+    token = None if last is None else encode_cursor("readings", last)
+    return reply(ReadingPage, {"items": rows, "next": next_link(request, token), "cursor": token})

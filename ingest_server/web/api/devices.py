@@ -1,0 +1,166 @@
+"""``/api/v1/devices``: the registry, and one device's health as its agent last reported it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Final, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
+from psycopg import sql
+from psycopg.rows import dict_row
+from pydantic import BaseModel, Field
+
+from ingest_server.web.api import auth
+from ingest_server.web.api.common import ID_PATTERN, Conn, SchoolQ
+
+router = APIRouter(
+    prefix="/api/v1/devices", tags=["devices"], dependencies=[Depends(auth.require("read"))]
+)
+
+KINDS: Final = (
+    "smart_board",
+    "class_signage",
+    "card_reader",
+    "recording_unit",
+    "env_sensor",
+    "access_gate",
+    "library_terminal",
+    "gateway",
+)
+Kind = Literal[
+    "smart_board",
+    "class_signage",
+    "card_reader",
+    "recording_unit",
+    "env_sensor",
+    "access_gate",
+    "library_terminal",
+    "gateway",
+]
+MAX_DEVICES: Final = 10_000
+
+
+class AgentHealth(BaseModel):
+    time: datetime = Field(description="when the agent reported it")
+    outbox_depth: int | None = Field(description="events in the outbox not yet acknowledged")
+    oldest_unsent_s: float | None
+    drivers: dict[str, str] = Field(description="driver name to state")
+
+
+class Device(BaseModel):
+    device_id: str
+    school_id: str
+    kind: str | None = Field(description="null until the device's first uplink")
+    name: str | None
+    room: str | None
+    class_id: str | None
+    grade: str | None
+    state: str | None = Field(description="online or offline, from the device's state topic")
+    state_since: datetime | None
+    first_seen: datetime
+    last_seen: datetime
+    agent_version: str | None
+    event_count: int
+    missing: int = Field(description="seqs between the lowest and highest stored that never came")
+    health: AgentHealth | None = Field(
+        description="the latest agent.health event, if one came in the day before last_seen"
+    )
+
+
+class DeviceDetail(Device):
+    boot: int | None
+    min_seq: int | None
+    max_seq: int | None
+
+
+#: A health report older than this before the device's ``last_seen`` counts as none: the bound
+#: keeps the search for devices that never report health to a day of their events.
+HEALTH_WINDOW: Final = "1 day"
+
+# Each listed device's latest agent.health: newest seq first along the (device_id, seq, time)
+# index, only the partitions (chunks) of the day before last_seen. One query for the page.
+_SELECT: Final = """
+SELECT d.device_id, d.school_id, d.kind, d.name, d.room, d.class_id, d.grade::text AS grade,
+       d.state, d.state_at AS state_since, d.first_seen, d.last_seen, d.agent_version,
+       d.event_count, d.missing, d.boot, d.min_seq, d.max_seq,
+       h.time AS health_time, h.data AS health_data
+FROM devices d
+LEFT JOIN LATERAL (
+    SELECT e.time, e.data FROM events e
+    WHERE e.device_id = d.device_id AND e.type = 'agent.health'
+      AND e.time >= d.last_seen - interval '{window}'
+    ORDER BY e.seq DESC LIMIT 1
+) h ON true
+WHERE {where}
+ORDER BY d.school_id, d.device_id
+LIMIT {limit}
+"""
+
+
+def _query(where: sql.Composable, limit: int) -> sql.Composed:
+    return sql.SQL(_SELECT).format(
+        window=sql.SQL(HEALTH_WINDOW), where=where, limit=sql.Literal(limit)
+    )
+
+
+@router.get("", summary="Devices, filtered, each with its agent's latest health")
+def list_devices(
+    conn: Conn,
+    *,
+    school: SchoolQ = None,
+    room: Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^[^\x00]+$")] = None,
+    kind: Kind | None = None,
+    state: Literal["online", "offline"] | None = None,
+) -> list[Device]:
+    parts: list[sql.Composable] = [sql.SQL("true")]
+    params: list[Any] = []
+    for column, value in (("school_id", school), ("room", room), ("kind", kind)):
+        if value is not None:
+            parts.append(sql.SQL("d.{} = %s").format(sql.Identifier(column)))
+            params.append(value)
+    if state == "online":
+        parts.append(sql.SQL("d.state = 'online'"))
+    elif state == "offline":  # never seen online counts as offline
+        parts.append(sql.SQL("d.state IS DISTINCT FROM 'online'"))
+    query = _query(sql.SQL(" AND ").join(parts), MAX_DEVICES)
+    rows = conn.cursor(row_factory=dict_row).execute(query, params).fetchall()
+    return [Device.model_validate(_with_health(r)) for r in rows]
+
+
+@router.get(
+    "/{device_id}",
+    summary="One device: registry, state, seq gaps and its agent's latest health",
+    responses={404: {"description": "no such device"}},
+)
+def device_detail(conn: Conn, device_id: Annotated[str, Path(pattern=ID_PATTERN)]) -> DeviceDetail:
+    query = _query(sql.SQL("d.device_id = %s"), 1)
+    row = conn.cursor(row_factory=dict_row).execute(query, (device_id,)).fetchone()
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+    return DeviceDetail.model_validate(_with_health(row))
+
+
+def _with_health(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with its health columns folded into ``health`` (fields of the wrong type: null)."""
+    when, data = row.pop("health_time"), row.pop("health_data")
+    if when is None:
+        return {**row, "health": None}
+    data = data if isinstance(data, dict) else {}
+    drivers = data.get("drivers")
+    health = AgentHealth(
+        time=when,
+        outbox_depth=_int(data.get("outbox_depth")),
+        oldest_unsent_s=_float(data.get("oldest_unsent_s")),
+        drivers={str(k): str(v) for k, v in drivers.items()} if isinstance(drivers, dict) else {},
+    )
+    return {**row, "health": health}
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None

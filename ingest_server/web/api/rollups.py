@@ -1,0 +1,277 @@
+"""``/api/v1/rollups/*``: one endpoint per rollup relation, filtered by school, range and key.
+
+The relations (continuous aggregates on TimescaleDB, materialised views on plain PostgreSQL)
+keep their names and columns on both; these queries only read them. Every range endpoint is the
+same shape, so one table (:data:`ROLLUPS`) lists them and :func:`_route` makes each.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Annotated, Any, Final, Generic, Literal, LiteralString, TypeVar
+
+from fastapi import APIRouter, Depends, Query, Response
+from psycopg import sql
+from psycopg.rows import dict_row
+from pydantic import BaseModel, Field
+
+from ingest_server.web.api import auth
+from ingest_server.web.api.common import (
+    ID_PATTERN,
+    NAME_PATTERN,
+    Conn,
+    DeviceQ,
+    FromDayQ,
+    FromQ,
+    Now,
+    SchoolQ,
+    ToDayQ,
+    ToQ,
+    day_range,
+    district_today,
+    reply,
+    time_range,
+)
+
+router = APIRouter(
+    prefix="/api/v1/rollups", tags=["rollups"], dependencies=[Depends(auth.require("read"))]
+)
+
+#: A rollup answer holds at most this many rows; ``truncated`` says when there were more.
+MAX_ROWS: Final = 10_000
+ClassQ = Annotated[str | None, Query(alias="class", pattern=ID_PATTERN, description="class id")]
+GradeQ = Annotated[str | None, Query(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_ -]+$")]
+MetricQ = Annotated[str | None, Query(pattern=NAME_PATTERN)]
+
+
+class CardTaps(BaseModel):
+    day: date
+    school_id: str
+    device_id: str
+    taps: int
+
+
+class Attendance(BaseModel):
+    day: date
+    school_id: str
+    class_id: str | None
+    checkins: int
+    on_time: int
+    late: int
+    outside_period: int
+
+
+class BoardPower(BaseModel):
+    day: date
+    school_id: str
+    device_id: str
+    on_minutes: float | None
+
+
+class BoardInput(BaseModel):
+    day: date
+    school_id: str
+    device_id: str
+    source: str | None
+    minutes: float | None
+
+
+class Env5Min(BaseModel):
+    bucket: datetime
+    school_id: str
+    device_id: str
+    metric: str
+    avg: float | None
+    min: float | None
+    max: float | None
+    samples: int
+
+
+class DeviceOnline(BaseModel):
+    day: date
+    school_id: str
+    device_id: str
+    online_minutes: float | None
+
+
+class Library(BaseModel):
+    day: date
+    school_id: str
+    grade: str | None
+    loans: int
+    returns: int
+
+
+class LibraryItem(BaseModel):
+    school_id: str
+    item_id: str
+    loans: int
+    last_loan: datetime | None
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class Rollup(BaseModel, Generic[T]):
+    items: list[T]
+    truncated: bool = Field(description=f"more than {MAX_ROWS} rows matched; narrow the query")
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """An optional query parameter that, when given, adds ``condition`` (one ``%s``)."""
+
+    param: str
+    annotation: Any
+    condition: LiteralString
+
+
+@dataclass(frozen=True, slots=True)
+class RollupSpec:
+    """One rollup endpoint: its relation, what it reads, and how a query narrows it."""
+
+    name: str  # the route's name, hence its OpenAPI operationId
+    path: str
+    summary: str
+    model: type[BaseModel]
+    relation: LiteralString
+    columns: LiteralString
+    order: LiteralString
+    #: ``day``: ``from``/``to`` are dates, both inclusive (district-local days); ``bucket``:
+    #: times, ``to`` exclusive.
+    range: Literal["day", "bucket"]
+    filters: tuple[Filter, ...]
+
+
+DEVICE: Final = Filter("device", DeviceQ, "device_id = %s")
+ROLLUPS: Final = (
+    RollupSpec(
+        "card_taps", "/card-taps", "Card taps per reader and day (card_taps_daily)", CardTaps,
+        "card_taps_daily", "day, school_id, device_id, taps", "day, school_id, device_id",
+        "day", (DEVICE,),
+    ),
+    RollupSpec(
+        "attendance", "/attendance", "Check-ins per class and day (attendance_daily)",
+        Attendance, "attendance_daily",
+        "day, school_id, class_id, checkins, on_time, late, outside_period",
+        "day, school_id, class_id", "day", (Filter("class_id", ClassQ, "class_id = %s"),),
+    ),
+    RollupSpec(
+        "board_power", "/board-power", "Minutes each smart board was on, per day", BoardPower,
+        "board_power_daily", "day, school_id, device_id, on_minutes",
+        "day, school_id, device_id", "day", (DEVICE,),
+    ),
+    RollupSpec(
+        "board_input", "/board-input", "Minutes per smart-board input source, per day",
+        BoardInput, "board_input_daily", "day, school_id, device_id, source, minutes",
+        "day, school_id, device_id, source", "day", (DEVICE,),
+    ),
+    RollupSpec(
+        "env", "/env", "Environment readings in 5-minute buckets (env_5min)", Env5Min,
+        "env_5min", "bucket, school_id, device_id, metric, avg, min, max, samples",
+        "bucket, school_id, device_id, metric", "bucket",
+        (DEVICE, Filter("metric", MetricQ, "metric = %s")),
+    ),
+    RollupSpec(
+        "device_online", "/device-online", "Minutes each device was online, per day",
+        DeviceOnline, "device_online_daily", "day, school_id, device_id, online_minutes",
+        "day, school_id, device_id", "day", (DEVICE,),
+    ),
+    RollupSpec(
+        "library", "/library", "Library loans and returns per grade and day", Library,
+        "library_daily", "day, school_id, grade::text AS grade, loans, returns",
+        "day, school_id, grade", "day", (Filter("grade", GradeQ, "grade::text = %s"),),
+    ),
+)  # fmt: skip
+
+
+def _fetch(
+    conn: Conn,
+    spec: RollupSpec,
+    conds: list[tuple[LiteralString, Any]],
+) -> tuple[list[dict[str, Any]], bool]:
+    where = [sql.SQL(c) for c, v in conds if v is not None] or [sql.SQL("true")]
+    params = [v for _, v in conds if v is not None]
+    query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT %s").format(
+        sql.SQL(spec.columns),
+        sql.Identifier(spec.relation),
+        sql.SQL(" AND ").join(where),
+        sql.SQL(spec.order),
+    )
+    rows = conn.cursor(row_factory=dict_row).execute(query, [*params, MAX_ROWS + 1]).fetchall()
+    return rows[:MAX_ROWS], len(rows) > MAX_ROWS
+
+
+def _range(spec: RollupSpec, conn: Conn, now: datetime, start: Any, end: Any) -> list[Any]:
+    """The range's conditions: district-local days, or [from, to) times for buckets."""
+    if spec.range == "bucket":
+        r = time_range(start, end)
+        return [("bucket >= %s", r.start), ("bucket < %s", r.end)]
+    first, last = day_range(start, end, lambda: district_today(conn, now))
+    return [("day >= %s", first), ("day <= %s", last)]
+
+
+def _route(spec: RollupSpec) -> Callable[..., Response]:
+    """The endpoint for ``spec``: query parameters school, from, to, then the spec's filters."""
+    model = Rollup[spec.model]  # type: ignore[name-defined]  # a runtime parametrisation
+
+    def endpoint(
+        conn: Conn, now: Now, school: str | None, start: Any, end: Any, **keys: Any
+    ) -> Response:
+        conds = [("school_id = %s", school), *_range(spec, conn, now, start, end)]
+        conds += [(f.condition, keys[f.param]) for f in spec.filters]
+        rows, more = _fetch(conn, spec, conds)
+        return reply(model, {"items": rows, "truncated": more})
+
+    day = spec.range == "day"
+    query = [
+        ("school", SchoolQ),
+        ("start", FromDayQ if day else FromQ),
+        ("end", ToDayQ if day else ToQ),
+        *((f.param, f.annotation) for f in spec.filters),
+    ]
+    kw = inspect.Parameter.KEYWORD_ONLY
+    # FastAPI reads the parameters from the signature: the same ones a hand-written def had
+    endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter("conn", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Conn),
+            inspect.Parameter("now", kw, annotation=Now),
+            *(inspect.Parameter(n, kw, annotation=a, default=None) for n, a in query),
+        ],
+        return_annotation=Response,
+    )
+    return endpoint
+
+
+for _spec in ROLLUPS:
+    router.add_api_route(
+        _spec.path,
+        _route(_spec),
+        methods=["GET"],
+        name=_spec.name,
+        summary=_spec.summary,
+        response_model=Rollup[_spec.model],  # type: ignore[name-defined]
+    )
+
+
+@router.get(
+    "/library-top-items",
+    summary="The most borrowed library items",
+    response_model=Rollup[LibraryItem],
+)
+def library_top_items(
+    conn: Conn,
+    *,
+    school: SchoolQ = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> Response:
+    query = sql.SQL(
+        "SELECT school_id, item_id, loans, last_loan FROM library_top_items"
+        " WHERE {} ORDER BY loans DESC, school_id, item_id LIMIT %s"
+    ).format(sql.SQL("school_id = %s" if school is not None else "true"))
+    params: list[Any] = [school] if school is not None else []
+    rows = conn.cursor(row_factory=dict_row).execute(query, [*params, limit + 1]).fetchall()
+    return reply(Rollup[LibraryItem], {"items": rows[:limit], "truncated": len(rows) > limit})
