@@ -28,8 +28,8 @@ import psycopg
 
 from ingest_server.migrate import migrate_url
 from ingest_server.mqtt_codec import MQTT5, encode_connect, encode_publish
-from tests.pipeline import IngestServer
-from tests.services import Mosquitto, Postgres, shared_tmpdir, wait_until
+from simulators.harness import Mosquitto, Postgres, shared_tmpdir, wait_until
+from simulators.harness_pipeline import IngestServer
 
 SCHOOL = "s001"
 

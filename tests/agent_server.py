@@ -27,7 +27,7 @@ from schemas.state import (
     state_decoder,
 )
 from schemas.uplink import ValidEvent, decode_uplink
-from tests.services import Mosquitto, wait_until
+from simulators.harness import Mosquitto, wait_until
 
 _ids = itertools.count()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.services import Mosquitto, Postgres
+from simulators.harness import Mosquitto, Postgres
 from tests.timescale import timescale_server, tsdb_url  # noqa: F401  # fixtures
 
 

@@ -24,11 +24,11 @@ from device_drivers.pcsc import ReaderWatcher
 from device_drivers.transport import LinkedDriver
 from schemas.events import LibraryLoan
 from simulators.em4100 import Em4100Simulator
+from simulators.harness import wait_until
 from simulators.library_tags import BookTag
 from simulators.pcscd import Pcscd
 from tests.driver_harness import HASHER, RunningDriver, ctx_fixture, fast_backoff, until
 from tests.integration.test_pcsc_reader import pcscd, reader_empty  # noqa: F401
-from tests.services import wait_until
 
 pytestmark = pytest.mark.integration
 

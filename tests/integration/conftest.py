@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.services import Mosquitto
+from simulators.harness import Mosquitto
 
 if TYPE_CHECKING:
     from tests.integration.test_agent_mqtt import Collector

@@ -11,13 +11,13 @@ import pytest
 from edge_agent.agent import Agent
 from edge_agent.config import ConfigError, load_config
 from schemas.events import AgentHealth
+from simulators.harness import Mosquitto
 from tests.integration.test_agent_mqtt import (
     Collector,
     _Url,
     until,
     write_config,
 )
-from tests.services import Mosquitto
 
 _NO_BROKER = _Url("mqtt://127.0.0.1:1883")
 

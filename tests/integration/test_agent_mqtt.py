@@ -26,7 +26,7 @@ from edge_agent.outbox import Outbox
 from schemas.events import EnvReading
 from schemas.state import DeviceState, state_decoder
 from schemas.uplink import DecodedUplink, decode_uplink
-from tests.services import Mosquitto, wait_until
+from simulators.harness import Mosquitto, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
 SCHOOL, DEVICE = "s001", "env-0101"

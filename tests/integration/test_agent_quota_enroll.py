@@ -19,8 +19,8 @@ from edge_agent.cli import main
 from edge_agent.config import load_config
 from edge_agent.outbox import Outbox
 from schemas.events import AgentOutboxDropped
+from simulators.harness import Mosquitto, shared_tmpdir
 from tests.agent_server import DeviceServer, until
-from tests.services import Mosquitto, shared_tmpdir
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
 SCHOOL, DEVICE = "s001", "cr-0101"

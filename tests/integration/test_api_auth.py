@@ -18,7 +18,7 @@ import pytest
 from ingest_server.api import auth
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
-from tests.services import Mosquitto, wait_until
+from simulators.harness import Mosquitto, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import pytest
 
 from ingest_server.api import devices as devices_api
 from ingest_server.http import HttpServer
-from tests.integration.api_seed import (
+from simulators.api_seed import (
     DAY0,
     ROLLUP_ROWS,
     T0,
@@ -31,7 +31,7 @@ from tests.integration.api_seed import (
     make_tokens,
     seed,
 )
-from tests.services import Postgres
+from simulators.harness import Postgres
 
 pytestmark = pytest.mark.integration
 

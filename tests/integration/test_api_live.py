@@ -28,7 +28,7 @@ from ingest_server.live import LiveHub
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
-from tests.services import Mosquitto, wait_until
+from simulators.harness import Mosquitto, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 import psycopg
 import pytest
 
-from tests.integration.api_seed import (
+from simulators.api_seed import (
     DAY0,
     ROLLUP_ROWS,
     T0,

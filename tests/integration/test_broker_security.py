@@ -29,8 +29,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from ingest_server.migrate import migrate_url
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
+from simulators.harness import free_port, port_open, shared_tmpdir, wait_until
 from tests.integration.test_api_auth import call
-from tests.services import free_port, port_open, shared_tmpdir, wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,8 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
+from simulators.harness import Mosquitto, wait_until
 from tests.integration.test_api_auth import call
-from tests.services import Mosquitto, wait_until
 
 pytestmark = pytest.mark.integration
 SCHOOL = "s001"

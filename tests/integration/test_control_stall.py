@@ -18,9 +18,9 @@ from ingest_server.batch import QUARANTINE_KEEP_BYTES
 from ingest_server.control import ControlPlane
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
+from simulators.harness import Mosquitto, wait_until
 from tests.integration.test_control import Api, Device, _now
 from tests.integration.test_ingest_server import Publisher, get, tap, up, uplink
-from tests.services import Mosquitto, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -24,7 +24,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest_server.embedded import BrokerThread, EmbeddedBroker, EmbeddedPostgres
-from tests.services import port_open, shared_tmpdir, wait_until
+from simulators.harness import port_open, shared_tmpdir, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

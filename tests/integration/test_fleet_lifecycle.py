@@ -20,13 +20,13 @@ from typing import Any
 import psycopg
 import pytest
 
+from simulators.harness import shared_tmpdir, wait_until
+from simulators.harness_pipeline import BIN, IngestServer, Proc
 from tests.integration.test_api_auth import call
 from tests.integration.test_broker_security import (  # noqa: F401  # fixtures
     tls_files,
     tls_mosquitto,
 )
-from tests.pipeline import BIN, IngestServer, Proc
-from tests.services import shared_tmpdir, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,7 @@ from psycopg import sql
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
-from tests.services import Mosquitto, Postgres, free_port, shared_tmpdir, wait_until
+from simulators.harness import Mosquitto, Postgres, free_port, shared_tmpdir, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -26,6 +26,8 @@ from edge_agent.config import load_config
 from schemas.events import LibraryLoan, LibraryReturn
 from simulators.barcode_scanner import BarcodeScannerSim, ean13, wrong_check_digit
 from simulators.em4100 import Em4100Simulator
+from simulators.harness import Mosquitto, wait_until
+from simulators.harness_pipeline import HASH_KEY_HEX, IngestServer, assert_exactly_once
 from simulators.lending_desk import Book, LendingDesk, play
 from simulators.library_tags import BookTag, book_block, iso28560_2_block, memory_of
 from simulators.pcscd import Pcscd
@@ -33,8 +35,6 @@ from tests.driver_harness import HASHER, RunningDriver, ctx_fixture, fast_backof
 
 # The PC/SC tests' private pcscd (module scope) and their reader-state helper.
 from tests.integration.test_pcsc_reader import pcscd, reader_empty  # noqa: F401
-from tests.pipeline import HASH_KEY_HEX, IngestServer, assert_exactly_once
-from tests.services import Mosquitto, wait_until
 
 pytestmark = pytest.mark.integration
 

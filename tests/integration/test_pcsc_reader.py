@@ -22,11 +22,11 @@ from smartcard import scard
 from device_drivers.base import DriverContext, DriverState, UidHasher
 from device_drivers.pcsc import PcscCardReader, ReaderWatcher, build, probe
 from schemas.events import CardTap
+from simulators.harness import wait_until
 from simulators.pcscd import Pcscd, PcscdUnavailable, find_pcscd
 from simulators.vpcd_card import DESFIRE_ATR, MIFARE_1K_ATR, TYPE_B_ATR, VirtualCard
 from tests.driver_harness import HASHER, KEY, RunningDriver, ctx_fixture, fast_backoff
 from tests.driver_harness import until as poll
-from tests.services import wait_until
 
 pytestmark = pytest.mark.integration
 

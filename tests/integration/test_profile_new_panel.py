@@ -21,8 +21,8 @@ import pytest
 
 from device_drivers.panel import probe
 from device_drivers.profile import checksum
+from simulators.harness import Mosquitto, wait_until
 from tests.integration.test_agent_mqtt import Collector
-from tests.services import Mosquitto, wait_until
 
 pytestmark = pytest.mark.integration
 
