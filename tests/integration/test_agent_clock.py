@@ -24,8 +24,7 @@ from ingest_server.consumer import Health
 from ingest_server.http import HttpServer, create_app
 from ingest_server.metrics import IngestMetrics
 from simulators.harness import Mosquitto
-from tests.integration.test_agent_health import health_events, with_health
-from tests.integration.test_agent_mqtt import Collector, until
+from tests.agent_helpers import Collector, health_events, until, with_health
 
 SKEW_S = 42.5
 NTP_DELTA = 2_208_988_800

@@ -12,7 +12,7 @@ import pytest
 from ingest_server.server import IngestServer
 from simulators.harness import Mosquitto, shared_tmpdir, wait_until
 from simulators.harness_pipeline import Agent
-from tests.integration.test_control import Api, _settings
+from tests.api_client import Api, _settings
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ from ingest_server.control import ControlPlane
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
 from simulators.harness import Mosquitto, wait_until
-from tests.integration.test_control import Api, Device, _now
-from tests.integration.test_ingest_server import Publisher, get, tap, up, uplink
+from tests.api_client import Api, Device, _now
+from tests.ingest_publish import Publisher, get, tap, up, uplink
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -17,7 +17,7 @@ from ingest_server import enrolment
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
 from simulators.harness import Mosquitto, wait_until
-from tests.integration.test_api_auth import call
+from tests.api_client import call
 
 pytestmark = pytest.mark.integration
 

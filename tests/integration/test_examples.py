@@ -42,10 +42,9 @@ from simulators.recorder import SmpRecorder
 from simulators.signage import SignageScreen
 from simulators.vpcd_card import VirtualCard
 from simulators.wiegand import WiegandConverter
-from tests.integration.test_agent_mqtt import until
+from tests.agent_helpers import until
 
 # The PC/SC tests' private pcscd (module scope), reached through request.getfixturevalue.
-from tests.integration.test_pcsc_reader import pcscd  # noqa: F401
 
 pytestmark = pytest.mark.integration
 

@@ -34,7 +34,7 @@ from simulators.pcscd import Pcscd
 from tests.driver_harness import HASHER, RunningDriver, ctx_fixture, fast_backoff, until
 
 # The PC/SC tests' private pcscd (module scope) and their reader-state helper.
-from tests.integration.test_pcsc_reader import pcscd, reader_empty  # noqa: F401
+from tests.pcsc import reader_empty
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +58,7 @@ def scanner(tmp_path: Path) -> Iterator[BarcodeScannerSim]:
 
 
 @pytest.fixture
-def pad(pcscd: Pcscd) -> Iterator[tuple[BookTag, BookTag]]:  # noqa: F811
+def pad(pcscd: Pcscd) -> Iterator[tuple[BookTag, BookTag]]:
     with BookTag(pcscd.port) as first, BookTag(pcscd.port + 1) as second:
         yield first, second
     for reader in pcscd.readers:
@@ -138,7 +138,7 @@ async def test_books_on_the_pad_and_bad_tags(
     ctx: DriverContext,
     rdm: Em4100Simulator,
     pad: tuple[BookTag, BookTag],
-    pcscd: Pcscd,  # noqa: F811
+    pcscd: Pcscd,
 ) -> None:
     first, second = pad
     terminal = build("lib-0101", options(rdm, pad={"reader": pcscd.label, "poll_ms": 100}), ctx)
@@ -194,7 +194,7 @@ async def test_books_on_the_pad_and_bad_tags(
 class Desk:
     """The lending desk's hardware: the card reader and scanner ptys, the pad's two slots."""
 
-    def __init__(self, rdm: Em4100Simulator, scanner: BarcodeScannerSim, pcscd: Pcscd) -> None:  # noqa: F811
+    def __init__(self, rdm: Em4100Simulator, scanner: BarcodeScannerSim, pcscd: Pcscd) -> None:
         self.rdm, self.scanner, self.readers = rdm, scanner, pcscd.readers
         self.slots = (BookTag(pcscd.port), BookTag(pcscd.port + 1))
 
@@ -233,7 +233,7 @@ async def test_a_morning_of_lending_is_stored_exactly_once(
     db_url: str,
     rdm: Em4100Simulator,
     scanner: BarcodeScannerSim,
-    pcscd: Pcscd,  # noqa: F811
+    pcscd: Pcscd,
 ) -> None:
     morning = LendingDesk(seed=2026).morning(transactions=200, rfid_share=0.08)
     (tmp_path / "district.key").write_text(HASH_KEY_HEX)

@@ -22,7 +22,7 @@ import pytest
 from device_drivers.panel import probe
 from device_drivers.profile import checksum
 from simulators.harness import Mosquitto, wait_until
-from tests.integration.test_agent_mqtt import Collector
+from tests.agent_helpers import Collector
 
 pytestmark = pytest.mark.integration
 
