@@ -38,8 +38,8 @@ import psutil
 from device_drivers.base import Reading, UidHasher
 from device_drivers.synthetic import GENERATORS
 from edge_agent.outbox import Outbox
-from tests.pipeline import HASH_KEY_HEX, Agent
-from tests.services import Mosquitto, shared_tmpdir, wait_until
+from simulators.harness import Mosquitto, shared_tmpdir, wait_until
+from simulators.harness_pipeline import HASH_KEY_HEX, Agent
 
 
 class _Seq(msgspec.Struct):

@@ -31,8 +31,8 @@ import psycopg
 
 from ingest_server.web.api.data import where
 from ingest_server.web.api.export import CHUNK_ROWS, export_query
-from tests.integration.api_seed import api_server, make_tokens, prepare
-from tests.services import Postgres, shared_tmpdir
+from simulators.api_seed import api_server, make_tokens, prepare
+from simulators.harness import Postgres, shared_tmpdir
 
 T0 = datetime(2026, 11, 10, tzinfo=UTC)
 DAYS = 10

@@ -28,8 +28,8 @@ import psycopg
 
 from ingest_server.ingest.mqtt_codec import MQTT5, encode_connect, encode_publish
 from ingest_server.storage.migrate import migrate_url
-from tests.pipeline import IngestServer
-from tests.services import Mosquitto, Postgres, shared_tmpdir, wait_until
+from simulators.harness import Mosquitto, Postgres, shared_tmpdir, wait_until
+from simulators.harness_pipeline import IngestServer
 
 SCHOOL = "s001"
 

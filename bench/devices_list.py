@@ -21,7 +21,7 @@ from psycopg import sql
 
 from ingest_server.storage.migrate import migrate
 from ingest_server.web.api.devices import MAX_DEVICES, _query
-from tests.services import Postgres, shared_tmpdir
+from simulators.harness import Postgres, shared_tmpdir
 
 _BOARDS = """
 INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data)

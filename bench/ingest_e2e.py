@@ -43,8 +43,8 @@ import psycopg
 
 from ingest_server.ingest.writer import _RawJsonbDumper
 from schemas.uplink import decode_uplink, metrics_of
-from tests.pipeline import HASH_KEY_HEX, IngestServer
-from tests.services import Mosquitto, Postgres, shared_tmpdir, wait_until
+from simulators.harness import Mosquitto, Postgres, shared_tmpdir, wait_until
+from simulators.harness_pipeline import HASH_KEY_HEX, IngestServer
 
 SCHOOL = "s001"
 T0 = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)

@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 import paho.mqtt.client as mqtt
 
 from ingest_server.storage.migrate import migrate_url
-from tests.pipeline import IngestServer
-from tests.services import Mosquitto, Postgres, shared_tmpdir, wait_until
+from simulators.harness import Mosquitto, Postgres, shared_tmpdir, wait_until
+from simulators.harness_pipeline import IngestServer
 
 SCHOOL = "s001"
 

@@ -31,7 +31,7 @@ import paho.mqtt.client as mqtt
 from bench.ingest_e2e import T0, event
 from ingest_server.ingest.mqtt_codec import Publish
 from ingest_server.ingest.mqtt_session import MqttSubscriber, SessionConfig
-from tests.services import Mosquitto, shared_tmpdir, wait_until
+from simulators.harness import Mosquitto, shared_tmpdir, wait_until
 
 TOPIC = "campus/v1/s001/env-0000/up"
 FILTER = "campus/v1/+/+/up"

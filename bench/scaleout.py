@@ -27,7 +27,7 @@ import psycopg
 
 from bench.ingest_e2e import WORKLOADS, CpuMeter, e2e, payloads
 from ingest_server.storage.migrate import migrate_url
-from tests.services import Mosquitto, Postgres, shared_tmpdir
+from simulators.harness import Mosquitto, Postgres, shared_tmpdir
 
 PARTS = ("ingest", "mosquitto", "postgres")
 

@@ -331,7 +331,7 @@ class CaptureWorker:
             self._read(source)
         except SourceLost as exc:
             self._post(Lost(str(exc), ended=False))
-        except Exception as exc:  # any other OpenCV failure also means the source is lost
+        except Exception as exc:  # noqa: BLE001 - any other OpenCV failure also means the source is lost
             self._post(Lost(f"reading {self.opts.describe()} failed: {exc}", ended=False))
         finally:
             if source is not None:

@@ -320,7 +320,7 @@ async def probe(options: Mapping[str, Any], listen_s: float = 3.0) -> ProbeResul
         return ProbeResult.fail(f"cannot open the reader: {exc}")
     try:
         items = Em4100Parser().feed(await listen(stream, listen_s))
-    except Exception as exc:  # report whatever the port says
+    except Exception as exc:  # noqa: BLE001 - a probe reports any failure as its verdict
         return ProbeResult.fail(f"{path} opened but reading failed: {exc}")
     cards = {i.uid for i in items if isinstance(i, Em4100Frame)}
     errors = sorted({i.reason for i in items if isinstance(i, FrameError)})

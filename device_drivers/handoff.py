@@ -47,7 +47,7 @@ def pump(
     while not stop.is_set():
         try:
             data = read()
-        except Exception as exc:  # handed to the loop, which decides what a lost device means
+        except Exception as exc:  # noqa: BLE001 - handed to the loop, which decides what a lost device means
             queue.put_threadsafe(exc)
             return
         if data:

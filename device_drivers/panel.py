@@ -542,7 +542,7 @@ async def probe(options: Mapping[str, Any]) -> ProbeResult:
                 seen += codec.seen
                 replies = [_described(i, text) for i in codec.seen] or ["no reply"]
                 lines.append(f"{poll.command} {_shown(query, text)} -> " + "; ".join(replies))
-    except Exception as exc:  # report whatever the port says
+    except Exception as exc:  # noqa: BLE001 - a probe reports any failure as its verdict
         return ProbeResult.fail(f"{s.port} opened but talking to it failed: {exc}")
     where = f"profile {s.profile.name} on {s.port} at {s.speed} baud"
     everything = " | ".join(lines)

@@ -243,7 +243,7 @@ async def probe(options: Mapping[str, Any], listen_s: float = 3.0) -> ProbeResul
         return ProbeResult.fail(f"cannot open the converter: {exc}")
     try:
         items = WiegandParser(opts.format, opts.bits).feed(await listen(stream, listen_s))
-    except Exception as exc:  # report whatever the port says
+    except Exception as exc:  # noqa: BLE001 - a probe reports any failure as its verdict
         return ProbeResult.fail(f"{opts.port} opened but reading failed: {exc}")
     frames = [i for i in items if isinstance(i, WiegandFrame)]
     rejects = [i.reason for i in items if isinstance(i, Rejected)]

@@ -343,7 +343,7 @@ class Agent:
         except ConfigError as exc:  # a driver table its driver refused: nothing was changed
             log.error("config version %d rejected: %s", doc.version, exc)
             return ConfigAck(version=doc.version, status="rejected", detail=str(exc), ts=now())
-        except Exception as exc:  # whatever broke, the old config must run again
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the old config must run again
             why = str(exc) if isinstance(exc, StartFailed) else f"{type(exc).__name__}: {exc}"
             log.error("config version %d failed (%s): rolling back", doc.version, why)
             try:

@@ -333,7 +333,7 @@ def _queue(path: Path) -> Check:
             f"cannot read the outbox: {exc} — check its permissions; if it is corrupt, move it "
             "aside (its unsent events are lost) and restart the agent",
         )
-    except Exception as exc:  # sqlite3.Error and kin: report, never crash the check-up
+    except Exception as exc:  # noqa: BLE001 - sqlite3.Error and kin: report, never crash the check-up
         return _fail("outbox.queue", f"cannot read the outbox {path}: {exc}")
     running = " (an agent is running on it)" if _locked(path) else ""
     if stats.oldest_age_s is None:
@@ -428,7 +428,7 @@ def check_pcsc(config: AgentConfig) -> Check:
         why = f"PC/SC not available: pyscard is not installed ({exc})"
         fix = " — pip install 'campus-edge[smartcard]'"
         return _warn("hardware.pcsc", why + fix) if wanted else _ok("hardware.pcsc", why)
-    except Exception as exc:  # pyscard raises its own types for a missing or dead pcscd
+    except Exception as exc:  # noqa: BLE001 - pyscard raises its own types for a missing or dead pcscd
         why = f"PC/SC not available: {exc or type(exc).__name__}"
         fix = " — is pcscd installed and running (pcscd, or systemctl start pcscd)?"
         return _warn("hardware.pcsc", why + fix) if wanted else _ok("hardware.pcsc", why)
@@ -508,7 +508,7 @@ async def check_driver(config: AgentConfig, d: DriverConfig) -> Check:
             f"{d.type}: the probe got no verdict within {PROBE_TIMEOUT_S:g} s — check the "
             "device's cable and power",
         )
-    except Exception as exc:  # a probe bug must not end the check-up
+    except Exception as exc:  # noqa: BLE001 - a probe bug must not end the check-up
         return _fail(check, f"{d.type}: the probe failed: {type(exc).__name__}: {exc}")
     status, verdict = _probe_verdict(result)
     if status is Status.FAIL and "?" not in verdict:

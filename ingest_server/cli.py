@@ -6,7 +6,8 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import psycopg
@@ -174,12 +175,28 @@ def _enrolment_args(run: argparse.ArgumentParser) -> None:
     )
 
 
+#: Subcommands provided by packages above the server (the demo lives with the simulators, which
+#: import the server; the server never imports them), registered under this entry-point group.
+COMMANDS_GROUP = "campus_edge.ingest_server_commands"
+
+
+def _command_from_entry_point(name: str, argv: list[str]) -> int:
+    found = entry_points(group=COMMANDS_GROUP, name=name)
+    if not found:
+        print(
+            f"ingest-server {name}: not installed (no {name!r} in entry points {COMMANDS_GROUP}); "
+            "reinstall campus-edge, e.g. pip install -e '.[server,agent,modbus]'",
+            file=sys.stderr,
+        )
+        return 2
+    command: Callable[[list[str]], int] = next(iter(found)).load()
+    return command(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:  # the demo parses its own options
-        from simulators.demo import main as demo_main  # noqa: PLC0415  # simulators are optional
-
-        return demo_main(argv[1:])
+        return _command_from_entry_point("demo", argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

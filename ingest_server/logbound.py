@@ -50,7 +50,7 @@ def bound(record: logging.LogRecord) -> logging.LogRecord:
     if record.args or len(str(record.msg)) > MAX_MESSAGE:
         try:
             message = record.getMessage()
-        except Exception:  # a bad format string: logging reports it later
+        except Exception:  # noqa: BLE001 - a bad format string: logging reports it later
             return record
         if len(message) > MAX_MESSAGE:
             record.msg, record.args = cut(message, MAX_MESSAGE), None

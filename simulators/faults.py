@@ -23,6 +23,7 @@ from typing import Final, Protocol, Self
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from simulators.harness import Mosquitto, Postgres, wait_until
 
@@ -278,7 +279,7 @@ def publish_raw(
     """Publish each ``(topic, payload)`` at QoS 1 and wait for every PUBACK; return the count."""
     u = urlsplit(broker_url)
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
+        CallbackAPIVersion.VERSION2,
         client_id=f"campus-fault-{uuid.uuid4().hex[:8]}",
         protocol=mqtt.MQTTv5,
     )

@@ -97,11 +97,10 @@ class Mosquitto:
 
     def start(self) -> None:
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [self.binary, "-c", str(self.conf)], stdout=log, stderr=log
-            )
-        wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 10, "mosquitto")
-        if self.proc.poll() is not None:
+            proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=log)
+        self.proc = proc
+        wait_until(lambda: port_open(self.port) or proc.poll() is not None, 10, "mosquitto")
+        if proc.poll() is not None:
             raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:

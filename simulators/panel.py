@@ -162,7 +162,7 @@ class DeviceEndpoint:
             fn, done = self._calls.get_nowait()
             try:
                 done.put(fn())
-            except Exception as exc:  # hand it to the caller
+            except Exception as exc:  # noqa: BLE001 - any error goes to the calling thread
                 done.put(exc)
 
     def _accept(self) -> None:

@@ -13,7 +13,8 @@ import os
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from http.server import BaseHTTPRequestHandler
+from typing import Any, ClassVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -27,7 +28,7 @@ from schemas.state import (
     state_decoder,
 )
 from schemas.uplink import ValidEvent, decode_uplink
-from tests.services import Mosquitto, wait_until
+from simulators.harness import Mosquitto, wait_until
 
 _ids = itertools.count()
 
@@ -109,3 +110,25 @@ async def until(pred: Callable[[], object], what: str, within: float = 10.0) -> 
             raise TimeoutError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.02)
     return value
+
+
+KEY_HEX = "0f" * 32
+
+
+class _Enrolment(BaseHTTPRequestHandler):
+    answers: ClassVar[list[tuple[int, dict[str, Any]]]] = []
+    requests: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"path": self.path, **body})
+        status, answer = type(self).answers.pop(0)
+        raw = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *_: object) -> None:
+        pass

@@ -8,8 +8,22 @@ from __future__ import annotations
 
 import pytest
 
-from tests.services import Mosquitto, Postgres
-from tests.timescale import timescale_server, tsdb_url  # noqa: F401  # fixtures
+from simulators.harness import Mosquitto, Postgres
+
+#: Helper modules shared by test modules: loaded as plugins so their fixtures are everywhere and
+#: no test module imports another (the camera helper is imported by the camera tests themselves,
+#: after their check that OpenCV is installed).
+pytest_plugins = [
+    "tests.agent_helpers",
+    "tests.agent_server",
+    "tests.api_client",
+    "tests.broker_tls",
+    "tests.driver_harness",
+    "tests.ingest_publish",
+    "tests.ingest_rows",
+    "tests.pcsc",
+    "tests.timescale",
+]
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Self
 import psycopg
 import pytest
 
-from tests.services import free_port, wait_until
+from simulators.harness import free_port, wait_until
 
 HARNESS_DIR = Path(__file__).parent / "tsdb"
 

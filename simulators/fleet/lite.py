@@ -120,7 +120,7 @@ class LiteDevice:
                 self._opened.set()
                 try:
                     await pub.run()
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - any crash is counted, not fatal
                     # The shipped publisher must survive outbox errors; should it not, count it
                     # and start again, as systemd would restart the agent.
                     self.publisher_crashes += 1

@@ -29,10 +29,9 @@ from ingest_server.storage.maintenance import maintain
 from ingest_server.web.api import auth
 from ingest_server.web.headers import DASHBOARD_CSP
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
-from simulators.harness import wait_until
-from tests.integration.api_seed import prepare
-from tests.pipeline import Agent, IngestServer
-from tests.services import Mosquitto
+from simulators.api_seed import prepare
+from simulators.harness import Mosquitto, wait_until
+from simulators.harness_pipeline import Agent, IngestServer
 
 pytestmark = pytest.mark.integration
 

@@ -24,11 +24,11 @@ from device_drivers.pcsc import ReaderWatcher
 from device_drivers.transport import LinkedDriver
 from schemas.events import LibraryLoan
 from simulators.em4100 import Em4100Simulator
+from simulators.harness import wait_until
 from simulators.library_tags import BookTag
 from simulators.pcscd import Pcscd
 from tests.driver_harness import HASHER, RunningDriver, ctx_fixture, fast_backoff, until
-from tests.integration.test_pcsc_reader import pcscd, reader_empty  # noqa: F401
-from tests.services import wait_until
+from tests.pcsc import reader_empty
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,7 @@ def rdm(tmp_path: Path) -> Iterator[Em4100Simulator]:
 
 
 @pytest.fixture
-def slot(pcscd: Pcscd) -> Iterator[BookTag]:  # noqa: F811
+def slot(pcscd: Pcscd) -> Iterator[BookTag]:
     tag = BookTag(pcscd.port)
     try:
         yield tag
@@ -91,7 +91,7 @@ async def test_a_standard_tag_is_lent_at_the_terminal(
     ctx: DriverContext,
     rdm: Em4100Simulator,
     slot: BookTag,
-    pcscd: Pcscd,  # noqa: F811
+    pcscd: Pcscd,
 ) -> None:
     """A student taps, the published-layout tag is laid on the pad: one library.loan for it."""
     options = {

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.services import Mosquitto
-
-if TYPE_CHECKING:
-    from tests.integration.test_agent_mqtt import Collector
+from simulators.harness import Mosquitto
+from tests.agent_helpers import Collector
 
 
 @pytest.fixture
 def collector(mosquitto: Mosquitto) -> Iterator[Collector]:
     """Everything published under the campus topics of ``mosquitto``, as it arrives."""
-    from tests.integration.test_agent_mqtt import Collector
-
     c = Collector(mosquitto)
     try:
         yield c

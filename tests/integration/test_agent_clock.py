@@ -23,9 +23,8 @@ from edge_agent.doctor import Status, check_clock
 from ingest_server.ingest.consumer import Health
 from ingest_server.metrics import IngestMetrics
 from ingest_server.web.app import HttpServer, create_app
-from tests.integration.test_agent_health import health_events, with_health
-from tests.integration.test_agent_mqtt import Collector, until
-from tests.services import Mosquitto
+from simulators.harness import Mosquitto
+from tests.agent_helpers import Collector, health_events, until, with_health
 
 SKEW_S = 42.5
 NTP_DELTA = 2_208_988_800

@@ -25,8 +25,8 @@ from schemas.events import AttendanceCheckin, SignageNoticeShown
 from schemas.state import CommandAck, ack_decoder
 from schemas.uplink import ValidEvent, decode_uplink
 from simulators.em4100 import Em4100Simulator
+from simulators.harness import Mosquitto, wait_until
 from simulators.signage import Notice, SignageScreen
-from tests.services import Mosquitto, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
 SCHOOL, DEVICE = "s001", "cs-0101"

@@ -19,7 +19,7 @@ from edge_agent.outbox import AsyncOutbox, Outbox
 from edge_agent.publisher import LinkState, Publisher
 from schemas.events import BoardPower, CardTap
 from simulators.faults import FaultUnavailable, Tmpfs
-from tests.services import free_port
+from simulators.harness import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
 KEY_HEX = "00112233445566778899aabbccddeeff"

@@ -14,9 +14,9 @@ from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from schemas.events import RecorderStatus
 from schemas.state import CommandAck
+from simulators.harness import Mosquitto
 from simulators.recorder import SmpRecorder
 from tests.agent_server import DeviceServer, until
-from tests.services import Mosquitto
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
 SCHOOL, DEVICE = "s001", "ru-0101"

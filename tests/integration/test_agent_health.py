@@ -10,31 +10,23 @@ import pytest
 
 from edge_agent.agent import Agent
 from edge_agent.config import ConfigError, load_config
-from schemas.events import AgentHealth
-from tests.integration.test_agent_mqtt import (
+from simulators.harness import Mosquitto
+from tests.agent_helpers import (
     Collector,
     _Url,
+    health_events,
     until,
+    with_health,
     write_config,
 )
-from tests.services import Mosquitto
 
 _NO_BROKER = _Url("mqtt://127.0.0.1:1883")
 
 pytestmark = pytest.mark.usefixtures("no_task_left_behind")
 
 
-def health_events(c: Collector) -> list[AgentHealth]:
-    events = [e for b in list(c.batches) for e in b.events]
-    return [e.data for e in events if isinstance(e.data, AgentHealth)]
-
-
 def other_events(c: Collector) -> int:
     return sum(e.type != "agent.health" for b in list(c.batches) for e in b.events)
-
-
-def with_health(tmp_path: Path, broker: Mosquitto | _Url, interval: str) -> Path:
-    return write_config(tmp_path, broker, "rate = 20", health_interval_s=interval)
 
 
 @pytest.mark.integration

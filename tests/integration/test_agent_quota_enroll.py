@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
 
 import pytest
 
@@ -19,13 +17,12 @@ from edge_agent.cli import main
 from edge_agent.config import load_config
 from edge_agent.outbox import Outbox
 from schemas.events import AgentOutboxDropped
-from tests.agent_server import DeviceServer, until
-from tests.services import Mosquitto, shared_tmpdir
+from simulators.harness import Mosquitto, shared_tmpdir
+from tests.agent_server import KEY_HEX, DeviceServer, _Enrolment, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
 SCHOOL, DEVICE = "s001", "cr-0101"
 PASSWORD = "s3cret-pw-not-in-logs"
-KEY_HEX = "0f" * 32
 
 
 async def test_quota_full_drops_lowest_priority_counts_and_reports(
@@ -90,25 +87,6 @@ rate = 20
     out = capsys.readouterr().out
     assert "DROPPED" in out
     assert "env.reading" in out
-
-
-class _Enrolment(BaseHTTPRequestHandler):
-    answers: ClassVar[list[tuple[int, dict[str, Any]]]] = []
-    requests: ClassVar[list[dict[str, Any]]] = []
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append({"path": self.path, **body})
-        status, answer = type(self).answers.pop(0)
-        raw = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, *_: object) -> None:
-        pass
 
 
 @pytest.fixture

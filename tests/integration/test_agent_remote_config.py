@@ -12,9 +12,9 @@ import pytest
 
 from edge_agent.agent import Agent, config_store_path
 from edge_agent.config import load_config
+from simulators.harness import Mosquitto
+from tests.agent_helpers import spawn
 from tests.agent_server import DeviceServer, until
-from tests.integration.test_agent_mqtt import spawn
-from tests.services import Mosquitto
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
 SCHOOL, DEVICE = "s001", "gw-0101"

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -18,31 +14,10 @@ import pytest
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
 from ingest_server.web.api import auth
-from tests.services import Mosquitto, wait_until
+from simulators.harness import Mosquitto, wait_until
+from tests.api_client import call
 
 pytestmark = pytest.mark.integration
-
-
-def call(
-    url: str, token: str | None = None, method: str = "GET", body: Any = None
-) -> tuple[int, Any]:
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310  # http://127.0.0.1
-            raw = resp.read()
-            status = resp.status
-    except urllib.error.HTTPError as exc:
-        raw, status = exc.read(), exc.code
-    ctype = "json"
-    try:
-        return status, json.loads(raw) if raw else None
-    except ValueError:
-        ctype = raw.decode()
-    return status, ctype
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from importlib import metadata
 from typing import Any
 from urllib.parse import urlencode
@@ -19,19 +19,20 @@ import pytest
 
 from ingest_server.web.api import devices as devices_api
 from ingest_server.web.app import HttpServer
-from tests.integration.api_seed import (
+from simulators.api_seed import (
     DAY0,
     ROLLUP_ROWS,
     T0,
     TRICKY,
     Seeded,
+    _wire,
     api_server,
     get,
     get_json,
     make_tokens,
     seed,
 )
-from tests.services import Postgres
+from simulators.harness import Postgres
 
 pytestmark = pytest.mark.integration
 
@@ -298,15 +299,6 @@ def test_export_larger_than_one_chunk(api: Api) -> None:
     assert status == 200
     seqs = [json.loads(line)["seq"] for line in body.decode().splitlines()]
     assert seqs == list(range(1, n + 1))
-
-
-def _wire(value: Any) -> Any:
-    """A seeded value as the API writes it in JSON."""
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    if isinstance(value, date):
-        return value.isoformat()
-    return value
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,8 @@ from schemathesis.checks import (
     response_schema_conformance,
 )
 
-from tests.integration.api_seed import api_server, make_tokens, seed
-from tests.services import Postgres
+from simulators.api_seed import api_server, make_tokens, seed
+from simulators.harness import Postgres
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ from ingest_server.web.api import auth
 from ingest_server.web.app import HttpServer
 from ingest_server.web.live import LiveHub
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
-from tests.services import Mosquitto, wait_until
+from simulators.harness import Mosquitto, wait_until
 
 pytestmark = pytest.mark.integration
 

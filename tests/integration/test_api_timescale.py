@@ -16,17 +16,17 @@ from urllib.parse import urlencode
 import psycopg
 import pytest
 
-from tests.integration.api_seed import (
+from simulators.api_seed import (
     DAY0,
     ROLLUP_ROWS,
     T0,
+    _wire,
     api_server,
     get,
     get_json,
     make_tokens,
     seed,
 )
-from tests.integration.test_api_data import _wire
 from tests.timescale import TimescaleServer
 
 pytestmark = pytest.mark.integration

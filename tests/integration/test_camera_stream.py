@@ -12,7 +12,7 @@ pytest.importorskip("cv2", reason="the camera extra (OpenCV) is not installed")
 from device_drivers import camera
 from device_drivers.base import DriverState, ProbeResult
 from simulators.camera import MjpegCamera, RtspCamera, make_test_video, read_video
-from tests.integration.test_camera_file import running
+from tests.camera_run import running
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from ingest_server.server import IngestServer
-from tests.integration.test_control import Api, _settings
-from tests.pipeline import Agent
-from tests.services import Mosquitto, shared_tmpdir, wait_until
+from simulators.harness import Mosquitto, shared_tmpdir, wait_until
+from simulators.harness_pipeline import Agent
+from tests.api_client import Api, _settings
 
 pytestmark = pytest.mark.integration
 

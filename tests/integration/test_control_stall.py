@@ -18,9 +18,9 @@ from ingest_server.control.plane import ControlPlane
 from ingest_server.ingest.batch import QUARANTINE_KEEP_BYTES
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
-from tests.integration.test_control import Api, Device, _now
-from tests.integration.test_ingest_server import Publisher, get, tap, up, uplink
-from tests.services import Mosquitto, wait_until
+from simulators.harness import Mosquitto, wait_until
+from tests.api_client import Api, Device, _now
+from tests.ingest_publish import Publisher, get, tap, up, uplink
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

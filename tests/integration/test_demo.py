@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import shared_tmpdir
+from simulators.harness import shared_tmpdir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import free_port, port_open, shared_tmpdir, wait_until
+from simulators.harness import free_port, port_open, shared_tmpdir, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from simulators.em4100 import Em4100Simulator
-from tests.services import Mosquitto, free_port, port_open, shared_tmpdir, wait_until
+from simulators.harness import Mosquitto, free_port, port_open, shared_tmpdir, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

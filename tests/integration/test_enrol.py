@@ -16,8 +16,8 @@ import pytest
 from ingest_server.control import enrolment
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
-from tests.integration.test_api_auth import call
-from tests.services import Mosquitto, wait_until
+from simulators.harness import Mosquitto, wait_until
+from tests.api_client import call
 
 pytestmark = pytest.mark.integration
 

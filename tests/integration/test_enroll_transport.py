@@ -15,7 +15,7 @@ import trustme
 
 from edge_agent.cli import main
 from edge_agent.enroll import EnrollError, check_server
-from tests.integration.test_agent_quota_enroll import KEY_HEX, _Enrolment
+from tests.agent_server import KEY_HEX, _Enrolment
 
 pytestmark = pytest.mark.integration
 ANSWER = {

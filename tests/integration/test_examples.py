@@ -34,18 +34,17 @@ from edge_agent.config import AgentConfig, DriverConfig, load_config
 from schemas.topics import build as topic
 from schemas.uplink import decode_uplink
 from simulators.em4100 import Em4100Simulator
+from simulators.harness import Mosquitto, wait_until
+from simulators.harness_pipeline import HASH_KEY_HEX, IngestServer
 from simulators.modbus_sensor import Field, ModbusSensorSim
 from simulators.panel import SmartPanel
 from simulators.recorder import SmpRecorder
 from simulators.signage import SignageScreen
 from simulators.vpcd_card import VirtualCard
 from simulators.wiegand import WiegandConverter
-from tests.integration.test_agent_mqtt import until
+from tests.agent_helpers import until
 
 # The PC/SC tests' private pcscd (module scope), reached through request.getfixturevalue.
-from tests.integration.test_pcsc_reader import pcscd  # noqa: F401
-from tests.pipeline import HASH_KEY_HEX, IngestServer
-from tests.services import Mosquitto, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -20,13 +20,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.integration.test_api_auth import call
-from tests.integration.test_broker_security import (  # noqa: F401  # fixtures
-    tls_files,
-    tls_mosquitto,
-)
-from tests.pipeline import BIN, IngestServer, Proc
-from tests.services import shared_tmpdir, wait_until
+from simulators.harness import shared_tmpdir, wait_until
+from simulators.harness_pipeline import BIN, IngestServer, Proc
+from tests.api_client import call
 
 pytestmark = pytest.mark.integration
 
@@ -69,8 +65,8 @@ def counts(db_url: str, device_id: str) -> dict[str, int]:
 
 
 def test_enrol_run_configure_command_and_die(
-    tls_mosquitto: dict[str, Any],  # noqa: F811
-    tls_files: dict[str, Path],  # noqa: F811
+    tls_mosquitto: dict[str, Any],
+    tls_files: dict[str, Path],
     db_url: str,
     workdir: Path,
 ) -> None:

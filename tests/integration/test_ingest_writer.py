@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,25 +13,13 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from ingest_server.ingest.batch import Batch, EventRow, Inbound, Rows, rows_of
+from ingest_server.ingest.batch import Batch, EventRow, Inbound, Rows
 from ingest_server.ingest.writer import BatchWriter, missing_total
 from ingest_server.storage.migrate import available, migrate_url
-from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
+from schemas.uplink import UplinkEvent
+from tests.ingest_rows import T0, UID, message, rows, tap
 
 pytestmark = pytest.mark.integration
-
-T0 = datetime(2026, 11, 22, 7, 50, tzinfo=UTC)
-UID = "5f" * 32
-
-
-def tap(seq: int) -> UplinkEvent:
-    data = {"uid_hash": UID, "tech": "iso14443a", "reader": "door-1"}
-    return UplinkEvent(
-        seq=seq,
-        ts=T0 + timedelta(seconds=seq),
-        type="card.tap",
-        data=msgspec.Raw(msgspec.json.encode(data)),
-    )
 
 
 def env(seq: int, temperature: float, humidity: float) -> UplinkEvent:
@@ -42,24 +30,6 @@ def env(seq: int, temperature: float, humidity: float) -> UplinkEvent:
         type="env.reading",
         data=msgspec.Raw(msgspec.json.encode(data)),
     )
-
-
-def message(device: str, events: list[UplinkEvent], *, kind: str = "card_reader") -> Inbound:
-    batch = UplinkBatch(device_id=device, kind=kind, sent_at=T0, events=events)
-    return Inbound(
-        topic=f"campus/v1/sch-1/{device}/up",
-        payload=encode_batch(batch),
-        mid=1,
-        qos=1,
-        received_at=datetime.now(UTC),
-    )
-
-
-def rows(*messages: Inbound) -> Rows:
-    out = Rows()
-    for msg in messages:
-        out.extend(rows_of(msg)[0])
-    return out
 
 
 @pytest.fixture

@@ -26,15 +26,15 @@ from edge_agent.config import load_config
 from schemas.events import LibraryLoan, LibraryReturn
 from simulators.barcode_scanner import BarcodeScannerSim, ean13, wrong_check_digit
 from simulators.em4100 import Em4100Simulator
+from simulators.harness import Mosquitto, wait_until
+from simulators.harness_pipeline import HASH_KEY_HEX, IngestServer, assert_exactly_once
 from simulators.lending_desk import Book, LendingDesk, play
 from simulators.library_tags import BookTag, book_block, iso28560_2_block, memory_of
 from simulators.pcscd import Pcscd
 from tests.driver_harness import HASHER, RunningDriver, ctx_fixture, fast_backoff, until
 
 # The PC/SC tests' private pcscd (module scope) and their reader-state helper.
-from tests.integration.test_pcsc_reader import pcscd, reader_empty  # noqa: F401
-from tests.pipeline import HASH_KEY_HEX, IngestServer, assert_exactly_once
-from tests.services import Mosquitto, wait_until
+from tests.pcsc import reader_empty
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +58,7 @@ def scanner(tmp_path: Path) -> Iterator[BarcodeScannerSim]:
 
 
 @pytest.fixture
-def pad(pcscd: Pcscd) -> Iterator[tuple[BookTag, BookTag]]:  # noqa: F811
+def pad(pcscd: Pcscd) -> Iterator[tuple[BookTag, BookTag]]:
     with BookTag(pcscd.port) as first, BookTag(pcscd.port + 1) as second:
         yield first, second
     for reader in pcscd.readers:
@@ -138,7 +138,7 @@ async def test_books_on_the_pad_and_bad_tags(
     ctx: DriverContext,
     rdm: Em4100Simulator,
     pad: tuple[BookTag, BookTag],
-    pcscd: Pcscd,  # noqa: F811
+    pcscd: Pcscd,
 ) -> None:
     first, second = pad
     terminal = build("lib-0101", options(rdm, pad={"reader": pcscd.label, "poll_ms": 100}), ctx)
@@ -194,7 +194,7 @@ async def test_books_on_the_pad_and_bad_tags(
 class Desk:
     """The lending desk's hardware: the card reader and scanner ptys, the pad's two slots."""
 
-    def __init__(self, rdm: Em4100Simulator, scanner: BarcodeScannerSim, pcscd: Pcscd) -> None:  # noqa: F811
+    def __init__(self, rdm: Em4100Simulator, scanner: BarcodeScannerSim, pcscd: Pcscd) -> None:
         self.rdm, self.scanner, self.readers = rdm, scanner, pcscd.readers
         self.slots = (BookTag(pcscd.port), BookTag(pcscd.port + 1))
 
@@ -233,7 +233,7 @@ async def test_a_morning_of_lending_is_stored_exactly_once(
     db_url: str,
     rdm: Em4100Simulator,
     scanner: BarcodeScannerSim,
-    pcscd: Pcscd,  # noqa: F811
+    pcscd: Pcscd,
 ) -> None:
     morning = LendingDesk(seed=2026).morning(transactions=200, rfid_share=0.08)
     (tmp_path / "district.key").write_text(HASH_KEY_HEX)

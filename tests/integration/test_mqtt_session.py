@@ -16,7 +16,7 @@ import pytest
 
 from ingest_server.ingest.mqtt_codec import MQTT5, MQTT311, Publish
 from ingest_server.ingest.mqtt_session import MqttSubscriber, SessionConfig
-from tests.services import Mosquitto, free_port, port_open, shared_tmpdir, wait_until
+from simulators.harness import Mosquitto, free_port, port_open, shared_tmpdir, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -10,57 +10,26 @@ Each insert/remove cycle costs ~0.5-0.8 s of pcscd polling: keep them few.
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from smartcard import scard
 
 from device_drivers.base import DriverContext, DriverState, UidHasher
 from device_drivers.pcsc import PcscCardReader, ReaderWatcher, build, probe
 from schemas.events import CardTap
-from simulators.pcscd import Pcscd, PcscdUnavailable, find_pcscd
+from simulators.harness import wait_until
+from simulators.pcscd import Pcscd
 from simulators.vpcd_card import DESFIRE_ATR, MIFARE_1K_ATR, TYPE_B_ATR, VirtualCard
 from tests.driver_harness import HASHER, KEY, RunningDriver, ctx_fixture, fast_backoff
 from tests.driver_harness import until as poll
-from tests.services import wait_until
+from tests.pcsc import reader_empty
 
 pytestmark = pytest.mark.integration
 
 
-SOCKET_LINK = Path(tempfile.gettempdir()) / f"campus-pcscd-{os.getpid()}.comm"
 UID_A = bytes.fromhex("04A1B2C3D4E5F6")
 UID_B = bytes.fromhex("DEADBEEF")
-
-
-@pytest.fixture(scope="module")
-def pcscd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pcscd]:
-    try:
-        find_pcscd()
-    except PcscdUnavailable as exc:
-        pytest.skip(str(exc))
-    os.environ["PCSCLITE_CSOCK_NAME"] = str(SOCKET_LINK)
-    daemon = Pcscd(tmp_path_factory.mktemp("pcscd"), SOCKET_LINK)
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-
-
-def reader_empty(reader: str) -> bool:
-    code, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
-    if code != scard.SCARD_S_SUCCESS:
-        return False
-    try:
-        query = [(reader, scard.SCARD_STATE_UNAWARE)]
-        code, result = scard.SCardGetStatusChange(context, 0, query)
-        return code == scard.SCARD_S_SUCCESS and bool(result[0][1] & scard.SCARD_STATE_EMPTY)
-    finally:
-        scard.SCardReleaseContext(context)
 
 
 @pytest.fixture

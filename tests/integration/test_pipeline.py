@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline import Agent, IngestServer, assert_exactly_once, count_stored
-from tests.services import Mosquitto, Postgres, free_port, shared_tmpdir, wait_until
+from simulators.harness import Mosquitto, Postgres, free_port, shared_tmpdir, wait_until
+from simulators.harness_pipeline import Agent, IngestServer, assert_exactly_once, count_stored
 
 pytestmark = pytest.mark.integration
 

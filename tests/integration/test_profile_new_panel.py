@@ -21,8 +21,8 @@ import pytest
 
 from device_drivers.panel import probe
 from device_drivers.profile import checksum
-from tests.integration.test_agent_mqtt import Collector
-from tests.services import Mosquitto, wait_until
+from simulators.harness import Mosquitto, wait_until
+from tests.agent_helpers import Collector
 
 pytestmark = pytest.mark.integration
 

@@ -262,7 +262,7 @@ def test_partitions_made_ahead_and_dropped_after_retention(db_url: str) -> None:
 
 def test_writer_keeps_device_seq_identity(db_url: str) -> None:
     from ingest_server.ingest.writer import BatchWriter
-    from tests.integration.test_ingest_writer import message, rows, tap
+    from tests.ingest_rows import message, rows, tap
 
     with psycopg.connect(db_url, autocommit=True) as conn:
         migrate(conn)

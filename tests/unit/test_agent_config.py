@@ -13,16 +13,9 @@ from edge_agent.cli import main
 from edge_agent.config import ConfigError, apply_remote, load_config
 from edge_agent.outbox import Outbox
 from schemas.events import BoardPower, DeviceKind
+from tests.agent_helpers import MINIMAL
 
 ROOT = Path(__file__).resolve().parents[2]
-MINIMAL = """
-[device]
-id = "cr-0101"
-school_id = "s001"
-kind = "card_reader"
-[mqtt]
-url = "mqtt://127.0.0.1:1883"
-"""
 KEY_HEX = "00112233445566778899aabbccddeeff"
 
 

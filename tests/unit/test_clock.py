@@ -26,7 +26,7 @@ from edge_agent.clock import (
     to_ntp,
 )
 from edge_agent.config import ConfigError, load_config
-from tests.unit.test_agent_config import MINIMAL
+from tests.agent_helpers import MINIMAL
 
 NOW = 1_790_000_000.0  # 2026-09
 unix = st.floats(min_value=0, max_value=4_000_000_000, allow_nan=False)  # 1970 to 2096

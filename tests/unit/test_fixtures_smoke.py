@@ -6,7 +6,7 @@ import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 
-from tests.services import Mosquitto, Postgres, wait_until
+from simulators.harness import Mosquitto, Postgres, wait_until
 
 
 @pytest.mark.integration

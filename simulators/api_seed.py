@@ -1,4 +1,4 @@
-"""Known rows for the API tests, and a running API over them; everything takes a db URL.
+"""Known rows for the API tests and benchmarks, and a running API over them; all take a db URL.
 
 The rollups are the real ones: ``seed`` stores events, readings and presence rows, then has the
 database refresh the rollups for their days; :data:`ROLLUP_ROWS` are the numbers worked out by
@@ -252,3 +252,12 @@ def get(url: str, token: str | None, timeout: float = 10) -> tuple[int, dict[str
 def get_json(url: str, token: str | None) -> tuple[int, Any]:
     status, _, body = get(url, token)
     return status, json.loads(body) if body else None
+
+
+def _wire(value: Any) -> Any:
+    """A seeded value as the API writes it in JSON."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
