@@ -50,12 +50,12 @@ from device_drivers.base import (
     DriverStatus,
     Emit,
     ProbeResult,
-    Reading,
     convert_options,
     register_driver,
 )
 from device_drivers.transport import READ_TIMEOUT_S, Link, LinkLost, describe, open_in_thread
 from schemas.events import BoardApp, BoardTouch, Count, Name
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 

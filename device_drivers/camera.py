@@ -51,11 +51,11 @@ from device_drivers.base import (
     DriverState,
     Emit,
     ProbeResult,
-    Reading,
     convert_options,
     register_driver,
 )
 from schemas.events import CameraActivity, CameraHealth
+from schemas.reading import Reading
 
 try:  # the `camera` extra is optional: without it this module loads and explains what is missing
     import cv2

@@ -39,14 +39,7 @@ import serial
 from msgspec import Meta
 from serial.tools import list_ports
 
-from device_drivers.base import (
-    DriverContext,
-    DriverError,
-    Emit,
-    ProbeResult,
-    Reading,
-    register_driver,
-)
+from device_drivers.base import DriverContext, DriverError, Emit, ProbeResult, register_driver
 from device_drivers.serial_reader import (
     ByteStream,
     PortLost,
@@ -54,6 +47,7 @@ from device_drivers.serial_reader import (
     SerialStreamDriver,
     listen,
 )
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from device_drivers.base import (
     DriverState,
     Emit,
     ProbeResult,
-    Reading,
     register_driver,
 )
 from device_drivers.modbus_env import (
@@ -49,6 +48,7 @@ from device_drivers.modbus_env import (
 )
 from device_drivers.signage import CardSources, CompositeDriver, DriverPart
 from schemas.events import AccessPass, CardTap
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 

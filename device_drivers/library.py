@@ -52,7 +52,6 @@ from device_drivers.base import (
     DriverState,
     Emit,
     ProbeResult,
-    Reading,
     convert_options,
     register_driver,
 )
@@ -72,6 +71,7 @@ from device_drivers.pcsc import (
 )
 from device_drivers.signage import CardSources, CompositeDriver, DriverPart
 from schemas.events import CardTap, LibraryLoan, LibraryReturn
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 

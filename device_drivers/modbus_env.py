@@ -40,13 +40,13 @@ from device_drivers.base import (
     DriverState,
     Emit,
     ProbeResult,
-    Reading,
     UidHasher,
     convert_options,
     register_driver,
 )
 from device_drivers.transport import UsbId, resolve_usb
 from schemas.events import EnvReading
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 

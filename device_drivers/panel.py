@@ -62,7 +62,6 @@ from device_drivers.base import (
     DriverError,
     Emit,
     ProbeResult,
-    Reading,
     convert_options,
     register_driver,
 )
@@ -80,6 +79,7 @@ from device_drivers.profile import Refused as ProfileRefused
 from device_drivers.profile import Rejected as ProfileRejected
 from device_drivers.transport import Link, LinkedDriver, exchange, open_transport
 from schemas.events import BoardInput, BoardPower
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 

@@ -38,12 +38,12 @@ from device_drivers.base import (
     DriverStatus,
     Emit,
     ProbeResult,
-    Reading,
     convert_options,
     register_driver,
 )
 from device_drivers.handoff import DropOldestQueue
 from schemas.events import CardTech
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 

@@ -44,13 +44,13 @@ from device_drivers.base import (
     DriverState,
     Emit,
     ProbeResult,
-    Reading,
     convert_options,
     register_driver,
 )
 from device_drivers.lines import LineSplitter, Overlong
 from device_drivers.transport import Link, LinkedDriver, exchange, open_transport
 from schemas.events import RecorderStatus
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 

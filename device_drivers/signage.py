@@ -42,12 +42,12 @@ from device_drivers.base import (
     DriverState,
     Emit,
     ProbeResult,
-    Reading,
     build_driver,
     convert_options,
     register_driver,
 )
 from schemas.events import AttendanceCheckin, CardTap, SignageNoticeShown
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 

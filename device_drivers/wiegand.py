@@ -43,7 +43,6 @@ from device_drivers.base import (
     DriverError,
     Emit,
     ProbeResult,
-    Reading,
     convert_options,
     register_driver,
 )
@@ -56,6 +55,7 @@ from device_drivers.serial_reader import (
 )
 from device_drivers.transport import pyserial_url
 from schemas.events import CardTap
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ import aiomqtt
 import paho.mqtt.client as mqtt
 import pytest
 
-from device_drivers.base import Reading
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.outbox import Outbox
 from schemas.events import EnvReading
+from schemas.reading import Reading
 from schemas.state import DeviceState, state_decoder
 from schemas.uplink import DecodedUplink, decode_uplink
 from tests.services import Mosquitto, wait_until

@@ -19,8 +19,9 @@ pytest.importorskip("cv2", reason="the camera extra (OpenCV) is not installed")
 import cv2
 
 from device_drivers import camera
-from device_drivers.base import DriverContext, DriverState, Reading, UidHasher
+from device_drivers.base import DriverContext, DriverState, UidHasher
 from schemas.events import CameraActivity, CameraHealth
+from schemas.reading import Reading
 from simulators.camera import PEOPLE_IN_SEGMENT, make_test_video
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_drivers.base import DriverContext, DriverState, Reading, UidHasher
+from device_drivers.base import DriverContext, DriverState, UidHasher
 from device_drivers.board_os import (
     Activity,
     AppChange,
@@ -20,6 +20,7 @@ from device_drivers.board_os import (
     TouchCount,
 )
 from schemas.events import BoardApp, BoardTouch
+from schemas.reading import Reading
 
 CST = timezone(timedelta(hours=8))
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from device_drivers.base import DriverContext, DriverState, Reading, UidHasher
+from device_drivers.base import DriverContext, DriverState, UidHasher
 from device_drivers.transport import (
     Link,
     LinkedDriver,
@@ -24,6 +24,7 @@ from device_drivers.transport import (
     pyserial_url,
     resolve_usb,
 )
+from schemas.reading import Reading
 
 
 @dataclass
