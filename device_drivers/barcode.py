@@ -27,7 +27,8 @@ import msgspec
 from msgspec import Meta
 
 from device_drivers.base import DriverContext, Emit
-from device_drivers.transport import Link, LinkedDriver, open_transport
+from device_drivers.plumbing.link import Link, LinkedDriver
+from device_drivers.plumbing.transport import open_transport
 
 log = logging.getLogger(__name__)
 

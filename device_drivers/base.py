@@ -29,6 +29,14 @@ class DriverError(Exception):
     """A driver cannot be built or cannot run; the message is meant for a technician."""
 
 
+class DeviceLost(DriverError):
+    """The device (its port, feed or video source) went away while in use.
+
+    Raised inside a driver's session and caught by its own reopen loop, which reports
+    DISCONNECTED with the message and tries again; it never reaches the agent.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
     """A module's ``probe(options)`` verdict: how bad it is, and plain words for a technician."""

@@ -44,6 +44,7 @@ import msgspec
 from msgspec import Meta
 
 from device_drivers.base import (
+    DeviceLost,
     DriverContext,
     DriverError,
     DriverState,
@@ -53,7 +54,8 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
-from device_drivers.transport import READ_TIMEOUT_S, Link, LinkLost, describe, open_in_thread
+from device_drivers.plumbing.link import Link
+from device_drivers.plumbing.transport import READ_TIMEOUT_S, describe, open_in_thread
 from schemas.events import BoardApp, BoardTouch, Count, Name
 from schemas.reading import Reading
 
@@ -87,10 +89,6 @@ class BadRecord:
 Activity = AppChange | TouchCount | BadRecord
 
 
-class SourceLost(Exception):
-    """The activity source went away while being read."""
-
-
 class BoardActivitySource(ABC):
     """Where a board's OS-side activity comes from: app changes and touch counts per window."""
 
@@ -103,7 +101,7 @@ class BoardActivitySource(ABC):
 
     @abstractmethod
     async def next(self, within: float) -> list[Activity]:
-        """What arrived within ``within`` s (maybe nothing); :class:`SourceLost` if it went away."""
+        """What arrived within ``within`` s (maybe nothing); :class:`DeviceLost` if it went away."""
 
     @abstractmethod
     async def aclose(self) -> None:
@@ -168,10 +166,6 @@ class FeedCodec:
         return TouchCount(rec.touches, rec.window_s, _aware(rec.ts))
 
 
-class FeedGone(OSError):
-    """The feed's path no longer exists."""
-
-
 class FeedFile:
     """A feed file or FIFO as a read-only transport; reads wait up to ``READ_TIMEOUT_S``."""
 
@@ -218,11 +212,11 @@ class FeedFile:
         return b""
 
     def _check_path(self) -> None:
-        """Follow a replaced or truncated feed; raise :class:`FeedGone` if it was removed."""
+        """Follow a replaced or truncated feed; raise :class:`DeviceLost` if it was removed."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            raise FeedGone(f"{self.path} was removed") from None
+            raise DeviceLost(f"{self.path} was removed") from None
         if st.st_ino != self.ino:
             log.info("feed %s was replaced: reading the new one from its start", self.path)
             os.close(self.fd)
@@ -270,11 +264,8 @@ class JsonFeedSource(BoardActivitySource):
 
     async def next(self, within: float) -> list[Activity]:
         if self._link is None:
-            raise SourceLost("the feed is not open")
-        try:
-            chunk = await self._link.read(within)
-        except LinkLost as exc:
-            raise SourceLost(str(exc)) from exc
+            raise DeviceLost("the feed is not open")
+        chunk = await self._link.read(within)
         return self._codec.feed(chunk) if chunk else []
 
     async def aclose(self) -> None:
@@ -319,7 +310,7 @@ class BoardOsDriver(DriverStatus):
                         while True:
                             for item in await self.source.next(self.WAIT_S):
                                 await self._handle(item, emit)
-                    except SourceLost as exc:
+                    except DeviceLost as exc:
                         self.down(f"lost the {self.source.description} ({exc})")
                     finally:
                         await self.source.aclose()
@@ -389,7 +380,7 @@ async def probe(options: Mapping[str, Any], listen_s: float = 2.0) -> ProbeResul
             deadline = time.monotonic() + listen_s
             while (left := deadline - time.monotonic()) > 0:
                 items += await source.next(left)
-        except (OSError, SourceLost) as exc:
+        except (OSError, DeviceLost) as exc:
             return ProbeResult.fail(f"feed {opts.path} is a FIFO but reading it failed: {exc}")
         finally:
             await source.aclose()

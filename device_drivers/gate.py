@@ -46,7 +46,7 @@ from device_drivers.modbus_env import (
     Table,
     parse_options,
 )
-from device_drivers.signage import CardSources, CompositeDriver, DriverPart
+from device_drivers.plumbing.composite import CardSources, CompositeDriver, DriverPart
 from schemas.events import AccessPass, CardTap
 from schemas.reading import Reading
 

@@ -55,8 +55,7 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
-from device_drivers.handoff import DropOldestQueue
-from device_drivers.iso28560 import LibraryItemTag, TagProblem, decode_basic_block
+from device_drivers.codecs.iso28560 import LibraryItemTag, TagProblem, decode_basic_block
 from device_drivers.pcsc import (
     _SERVICE_GONE,
     Observation,
@@ -69,7 +68,8 @@ from device_drivers.pcsc import (
     describe,
     read_uid,
 )
-from device_drivers.signage import CardSources, CompositeDriver, DriverPart
+from device_drivers.plumbing.composite import CardSources, CompositeDriver, DriverPart
+from device_drivers.plumbing.handoff import DropOldestQueue
 from schemas.events import CardTap, LibraryLoan, LibraryReturn
 from schemas.reading import Reading
 

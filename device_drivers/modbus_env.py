@@ -44,7 +44,7 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
-from device_drivers.transport import UsbId, resolve_usb
+from device_drivers.plumbing.transport import UsbId, resolve_usb
 from schemas.events import EnvReading
 from schemas.reading import Reading
 

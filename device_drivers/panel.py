@@ -65,9 +65,9 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
-from device_drivers.lines import LineSplitter, Overlong
-from device_drivers.profile import Item as ProfileItem
-from device_drivers.profile import (
+from device_drivers.codecs.lines import LineSplitter, Overlong
+from device_drivers.codecs.profile import Item as ProfileItem
+from device_drivers.codecs.profile import (
     Observed,
     Poll,
     Profile,
@@ -75,9 +75,10 @@ from device_drivers.profile import (
     ProfileError,
     load_profile,
 )
-from device_drivers.profile import Refused as ProfileRefused
-from device_drivers.profile import Rejected as ProfileRejected
-from device_drivers.transport import Link, LinkedDriver, exchange, open_transport
+from device_drivers.codecs.profile import Refused as ProfileRefused
+from device_drivers.codecs.profile import Rejected as ProfileRejected
+from device_drivers.plumbing.link import Link, LinkedDriver, exchange
+from device_drivers.plumbing.transport import open_transport
 from schemas.events import BoardInput, BoardPower
 from schemas.reading import Reading
 

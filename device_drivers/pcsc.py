@@ -41,7 +41,7 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
-from device_drivers.handoff import DropOldestQueue
+from device_drivers.plumbing.handoff import DropOldestQueue
 from schemas.events import CardTech
 from schemas.reading import Reading
 

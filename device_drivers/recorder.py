@@ -47,8 +47,9 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
-from device_drivers.lines import LineSplitter, Overlong
-from device_drivers.transport import Link, LinkedDriver, exchange, open_transport
+from device_drivers.codecs.lines import LineSplitter, Overlong
+from device_drivers.plumbing.link import Link, LinkedDriver, exchange
+from device_drivers.plumbing.transport import open_transport
 from schemas.events import RecorderStatus
 from schemas.reading import Reading
 

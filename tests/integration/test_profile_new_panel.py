@@ -19,8 +19,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from device_drivers.codecs.profile import checksum
 from device_drivers.panel import probe
-from device_drivers.profile import checksum
 from tests.integration.test_agent_mqtt import Collector
 from tests.services import Mosquitto, wait_until
 

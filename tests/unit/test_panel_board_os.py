@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_drivers.base import DriverContext, DriverState, UidHasher
+from device_drivers.base import DeviceLost, DriverContext, DriverState, UidHasher
 from device_drivers.board_os import (
     Activity,
     AppChange,
@@ -16,7 +16,6 @@ from device_drivers.board_os import (
     BoardActivitySource,
     BoardOsDriver,
     FeedCodec,
-    SourceLost,
     TouchCount,
 )
 from schemas.events import BoardApp, BoardTouch
@@ -96,7 +95,7 @@ class ListSource(BoardActivitySource):
 
     async def next(self, within: float) -> list[Activity]:
         if not self.batches:
-            raise SourceLost("script finished")
+            raise DeviceLost("script finished")
         return self.batches.pop(0)
 
     async def aclose(self) -> None:

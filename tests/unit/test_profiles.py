@@ -14,6 +14,16 @@ from pathlib import Path
 import pytest
 
 from device_drivers.base import DriverError
+from device_drivers.codecs.profile import (
+    Observed,
+    ProfileError,
+    Refused,
+    Rejected,
+    checksum,
+    load_profile,
+    parse_profile,
+    shipped,
+)
 from device_drivers.panel import (
     CMD_INPUT,
     CMD_POWER,
@@ -23,16 +33,6 @@ from device_drivers.panel import (
     SmartCodec,
     maxhub_frame,
     parse_options,
-)
-from device_drivers.profile import (
-    Observed,
-    ProfileError,
-    Refused,
-    Rejected,
-    checksum,
-    load_profile,
-    parse_profile,
-    shipped,
 )
 
 
@@ -134,7 +134,13 @@ def test_panel_options_name_a_profile_by_path(tmp_path: Path) -> None:
 
 
 def _shipped(name: str) -> Path:
-    return Path(__file__).resolve().parents[2] / "device_drivers" / "profiles" / f"{name}.toml"
+    return (
+        Path(__file__).resolve().parents[2]
+        / "device_drivers"
+        / "codecs"
+        / "profiles"
+        / f"{name}.toml"
+    )
 
 
 # --- bad profiles: refused with file, line and field ----------------------------------------

@@ -23,13 +23,13 @@ from device_drivers.base import (
     build_driver,
     load_builtin_drivers,
 )
+from device_drivers.plumbing.composite import worst_state
 from device_drivers.signage import (
     PeriodOptions,
     ScreenCodec,
     ScreenReply,
     parse_timetable,
     place_tap,
-    worst_state,
 )
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
