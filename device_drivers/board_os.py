@@ -34,11 +34,10 @@ import stat
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
@@ -54,39 +53,13 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
+from device_drivers.codecs.board_os import Activity, BadRecord, FeedCodec, TouchCount
 from device_drivers.plumbing.link import Link
 from device_drivers.plumbing.transport import READ_TIMEOUT_S, describe, open_in_thread
-from schemas.events import BoardApp, BoardTouch, Count, Name
+from schemas.events import BoardApp, BoardTouch
 from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
-
-MAX_LINE: Final = 4096
-Action = Literal["foreground", "start", "stop"]
-
-
-@dataclass(frozen=True, slots=True)
-class AppChange:
-    app: str
-    action: Action
-    ts: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TouchCount:
-    touches: int
-    window_s: float
-    ts: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BadRecord:
-    reason: Literal["bad_line", "overlong"]
-    raw: bytes
-    detail: str = ""
-
-
-Activity = AppChange | TouchCount | BadRecord
 
 
 class BoardActivitySource(ABC):
@@ -106,64 +79,6 @@ class BoardActivitySource(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Stop reading; safe to call when not open."""
-
-
-# --- the JSON-lines feed -----------------------------------------------------------------------
-
-
-class _AppLine(msgspec.Struct, tag="app", tag_field="type", frozen=True):
-    app: Name
-    action: Action = "foreground"
-    ts: datetime | None = None
-
-
-class _TouchLine(msgspec.Struct, tag="touch", tag_field="type", frozen=True):
-    touches: Count
-    window_s: Annotated[float, Meta(gt=0, le=86400)]
-    ts: datetime | None = None
-
-
-_DECODER: Final = msgspec.json.Decoder(_AppLine | _TouchLine)
-
-
-def _aware(ts: datetime | None) -> datetime | None:
-    return ts if ts is None or ts.tzinfo else ts.astimezone()
-
-
-class FeedCodec:
-    """Sans-I/O: feed bytes in, activity out."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._skipping = False
-
-    def feed(self, data: bytes) -> list[Activity]:
-        out: list[Activity] = []
-        for line in bytes(data).splitlines(keepends=True):
-            ended = line.endswith((b"\n", b"\r"))
-            if not self._skipping:
-                self._buf += line.rstrip(b"\r\n")
-                if len(self._buf) > MAX_LINE:
-                    out.append(BadRecord("overlong", bytes(self._buf[:64])))
-                    self._buf.clear()
-                    self._skipping = not ended
-                    continue
-            if ended:
-                if not self._skipping and self._buf.strip():
-                    out.append(self._decode(bytes(self._buf)))
-                self._buf.clear()
-                self._skipping = False
-        return out
-
-    @staticmethod
-    def _decode(line: bytes) -> Activity:
-        try:
-            rec = _DECODER.decode(line)
-        except msgspec.DecodeError as exc:
-            return BadRecord("bad_line", line[:256], str(exc))
-        if isinstance(rec, _AppLine):
-            return AppChange(rec.app, rec.action, _aware(rec.ts))
-        return TouchCount(rec.touches, rec.window_s, _aware(rec.ts))
 
 
 class FeedFile:
@@ -272,9 +187,6 @@ class JsonFeedSource(BoardActivitySource):
         link, self._link = self._link, None
         if link is not None:
             await link.aclose()
-
-
-# --- the driver --------------------------------------------------------------------------------
 
 
 class BoardOsOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

@@ -38,14 +38,7 @@ import msgspec
 from msgspec import Meta
 from smartcard import scard
 
-from device_drivers.barcode import (
-    BadCode,
-    BarcodeScanner,
-    ItemCode,
-    ScanError,
-    ScannerOptions,
-    compile_pattern,
-)
+from device_drivers.barcode import BarcodeScanner, ScannerOptions, compile_pattern
 from device_drivers.base import (
     DriverContext,
     DriverError,
@@ -55,7 +48,9 @@ from device_drivers.base import (
     convert_options,
     register_driver,
 )
+from device_drivers.codecs.barcode import BadCode, ItemCode, ScanError
 from device_drivers.codecs.iso28560 import LibraryItemTag, TagProblem, decode_basic_block
+from device_drivers.codecs.pcsc import UidFailure, read_uid
 from device_drivers.pcsc import (
     _SERVICE_GONE,
     Observation,
@@ -64,9 +59,7 @@ from device_drivers.pcsc import (
     ReadersDown,
     ReadersUp,
     ReaderWatcher,
-    UidFailure,
     describe,
-    read_uid,
 )
 from device_drivers.plumbing.composite import CardSources, CompositeDriver, DriverPart
 from device_drivers.plumbing.handoff import DropOldestQueue

@@ -9,15 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from device_drivers.base import DeviceLost, DriverContext, DriverState, UidHasher
-from device_drivers.board_os import (
-    Activity,
-    AppChange,
-    BadRecord,
-    BoardActivitySource,
-    BoardOsDriver,
-    FeedCodec,
-    TouchCount,
-)
+from device_drivers.board_os import BoardActivitySource, BoardOsDriver
+from device_drivers.codecs.board_os import Activity, AppChange, BadRecord, FeedCodec, TouchCount
 from schemas.events import BoardApp, BoardTouch
 from schemas.reading import Reading
 

@@ -14,6 +14,15 @@ from pathlib import Path
 import pytest
 
 from device_drivers.base import DriverError
+from device_drivers.codecs.panel import (
+    CMD_INPUT,
+    CMD_POWER,
+    OP_REFUSED,
+    OP_REPLY,
+    MaxhubCodec,
+    SmartCodec,
+    maxhub_frame,
+)
 from device_drivers.codecs.profile import (
     Observed,
     ProfileError,
@@ -24,16 +33,7 @@ from device_drivers.codecs.profile import (
     parse_profile,
     shipped,
 )
-from device_drivers.panel import (
-    CMD_INPUT,
-    CMD_POWER,
-    OP_REFUSED,
-    OP_REPLY,
-    MaxhubCodec,
-    SmartCodec,
-    maxhub_frame,
-    parse_options,
-)
+from device_drivers.panel import parse_options
 
 
 def test_shipped_profiles_load() -> None:
