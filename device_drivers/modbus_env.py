@@ -32,6 +32,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException
 from pymodbus.pdu import ModbusPDU
 
 from device_drivers.base import (
+    DeviceLost,
     DriverContext,
     DriverError,
     DriverState,
@@ -104,7 +105,7 @@ def parse_options(name: str, options: Mapping[str, Any], kind: type[S]) -> S:
     return convert_options(name, options, kind)
 
 
-class LinkDown(Exception):
+class LinkDown(DeviceLost):
     """The device cannot be reached: port gone, connection refused (``disconnected``) or no
     answer (``timeout``)."""
 

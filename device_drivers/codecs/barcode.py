@@ -1,18 +1,5 @@
-"""Barcode scanners in serial mode (USB-CDC or RS-232): each scan is a line of ASCII.
-
-The scanner sends the symbol's text then a suffix, ``cr``, ``lf`` or ``crlf`` (its
-programming sheet sets which). :class:`ScanDecoder` turns bytes into scans; :func:`classify`
-decides what a scan names:
-
-- 13 digits: an EAN-13 (``978``/``979`` prefix: an ISBN-13), check digit verified;
-- 9 digits and a digit or ``X``: an ISBN-10, mod-11 check digit verified;
-- otherwise the library's own item barcode, if it fully matches the configured pattern.
-
-Codes of the first two shapes are always check-digit verified, even if the library's pattern
-would also match them: a misread must never become someone else's book. :class:`BarcodeScanner`
-reads a port (any spec :func:`device_drivers.transport.open_transport` takes) and hands each
-scan, good or bad, to a callback; it reopens the port with backoff when it goes away.
-"""
+"""Barcode scans as a serial-mode scanner sends them, and what a scan names (ISBN-13/EAN-13,
+ISBN-10, a local pattern): sans-I/O, for ``device_drivers.barcode``."""
 
 from __future__ import annotations
 

@@ -1,26 +1,5 @@
-"""A smart board's OS-side activity → ``board.app`` (foreground app changes), ``board.touch``.
-
-The driver reads a :class:`BoardActivitySource`; the one shipped, :class:`JsonFeedSource`, follows
-the line-delimited JSON feed an on-board helper writes to a file or a FIFO.
-
-Driver type ``board_os``. Options: ``path`` (the feed file or FIFO), ``from_start`` (false: a
-file is first read from its end, so an agent restart does not resend old lines).
-
-Feed format, UTF-8 JSON, one object per line (``ts`` optional, RFC 3339, when it happened)::
-
-    {"type": "app", "app": "com.smart.notebook", "action": "foreground", "ts": "…+08:00"}
-    {"type": "touch", "touches": 37, "window_s": 60, "ts": "…+08:00"}
-
-``action`` is ``foreground`` (default), ``start`` or ``stop``. A foreground line naming the app
-already in the foreground is one event, not two (``board_os.repeated``). Lines that are not such
-objects, and lines over 4 KiB, are counted (``board_os.bad_line``, ``board_os.overlong``) and
-skipped.
-
-A FIFO is opened read-write, so the helper restarting is not an end of file. A file is followed
-like ``tail -F``: a replacement (new inode) is read from its start, a truncated file from its new
-start, and reopening the same file resumes where reading stopped, so no line is read twice. A
-feed that disappears makes the driver DISCONNECTED until it is back.
-"""
+"""A smart board's OS activity feed, sans-I/O: JSON lines (app changes, touch counts) in,
+typed records out; for ``device_drivers.board_os``."""
 
 from __future__ import annotations
 

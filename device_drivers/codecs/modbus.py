@@ -1,20 +1,6 @@
-"""Modbus environment sensors (RTU on a serial port, or Modbus TCP) → ``env.reading`` per poll.
-
-Driver type ``modbus_env``. Options: ``host`` (Modbus TCP; ``port`` is then the TCP port,
-default 502) or, without ``host``, ``port`` as the serial device or ``usb:VID:PID[:SERIAL]``
-(RTU) with ``baudrate`` (9600), ``parity`` (N/E/O), ``bytesize`` (8), ``stopbits`` (1);
-``unit`` (1), ``timeout_s`` (1.0), ``retries`` (1), ``poll_s`` (30), and ``registers``: a table
-``metric → {address, table (holding|input), type (int16|uint16|int32|uint32|float32),
-word_order (big|little), scale}``.
-Without ``registers`` the map of a typical all-in-one classroom sensor is used
-(:data:`DEFAULT_REGISTERS`); with it, exactly the metrics listed are read.
-
-Contiguous registers are read in one request. A Modbus exception reply (e.g. illegal data
-address) makes the driver read that block's metrics one by one, so one bad register costs one
-metric, not the reading. A timeout or a lost port/connection closes the client; the driver
-reconnects with jittered backoff. Counters: ``modbus_env.timeout``, ``.disconnected``,
-``.exception``, ``.bad_value``.
-"""
+"""Modbus register maps: where each metric lives, how registers decode to engineering units,
+and reads grouped into as few requests as the protocol allows; for ``device_drivers.modbus_env``
+and ``device_drivers.gate``."""
 
 from __future__ import annotations
 

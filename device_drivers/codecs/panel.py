@@ -1,48 +1,5 @@
-"""Smart-board panels polled on their RS-232 / TCP control port → ``board.power``, ``board.input``.
-
-Driver type ``panel``. Options: ``port`` (device path, ``/dev/serial/by-id/…``,
-``usb:VID:PID[:SERIAL]`` or ``tcp://host:port``), ``profile`` (a shipped device profile's name:
-``smart``, ``maxhub`` (our own framing, the simulator's), ``maxhub-v6``; or the path of a
-profile file — see docs/profiles.md), and overrides of the profile's ``baudrate``, ``poll_s``,
-``timeout_s`` and ``machine_id`` (the profile's ``{id}`` variable). The profile's queries,
-reply patterns and value maps are run by :mod:`device_drivers.profile`; its first ``[[poll]]``
-is the power query. Events are emitted on change only, and for the first observation
-(``previous`` is then ``"unknown"`` / absent).
-
-The two codecs below (:class:`SmartCodec`, :class:`MaxhubCodec`) are the hand-written parsers
-the ``smart`` and ``maxhub`` profiles replace; they stay as a reference the profiles are
-tested against.
-
-Profile ``smart``: the ASCII control protocol of SMART Board 6000/7000/MX displays (19200 8N1).
-Commands are ``get powerstate`` and ``get input``, ended by CR; replies are ``key=value`` lines
-(``powerstate=on``, ``input=HDMI1``; case and spaces around ``=`` vary), each followed by a ``>``
-prompt; an unknown command gets ``invalid cmd…``. Power values map as ``on``/``updateon`` → on,
-``ready``/``updateready`` (screen off, still answering) → off, ``standby``/``powersave`` →
-standby. Only ``powerstate`` is answered when the screen is not on, so the input is asked only
-while it is on. In its low-power states the panel is **silent**: polls without a single byte in
-reply, from a panel that has answered before, become ``board.power`` standby (after
-``STANDBY_AFTER`` of them, so one lost reply is not a state change) and are not an error; a
-panel that never answered is DISCONNECTED after ``UNREACHABLE_AFTER`` such polls.
-
-Profile ``maxhub``: a framed binary protocol modelled on MAXHUB's RS-232 style (fixed start
-byte, machine id, ASCII get/set opcode, command type, CR end), with our own byte values and an
-added length byte and checksum::
-
-    A6 | ID | LEN | OP | CMD | DATA (LEN-2 bytes) | SUM | 0D
-
-    ID   machine id, 0x01..0xFE (default 0x01); replies carry the panel's own id
-    LEN  bytes in OP + CMD + DATA, 2..18
-    OP   'G' 0x47 get, 'S' 0x53 set, 'r' 0x72 reply, 'n' 0x6E refused (DATA = reason byte)
-    CMD  'P' 0x50 power: 00 off, 01 on, 02 standby
-         'I' 0x49 input: 00 android, 01 hdmi1, 02 hdmi2, 03 hdmi3, 04 ops, 05 usbc, 06 vga, 07 dp
-    SUM  (ID + LEN + OP + CMD + sum(DATA)) & 0xFF
-
-Queries are ``G P`` and ``G I`` with no data; replies ``r P <state>`` / ``r I <code>``. A frame
-with a bad length, end byte or checksum, another machine's id, or an unknown opcode, command or
-value is counted (``panel.malformed`` and ``panel.malformed.<reason>``) and the parser resyncs
-on the next start byte; junk between frames is counted once per run. Standby silence is handled
-as for ``smart``.
-"""
+"""Smart-board control replies, sans-I/O: the SMART-style text protocol, the MAXHUB binary
+frames, a profile's items as the panel's, and the change tracker; for ``device_drivers.panel``."""
 
 from __future__ import annotations
 

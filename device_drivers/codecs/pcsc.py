@@ -1,20 +1,6 @@
-"""PC/SC contactless readers through pcscd (pyscard) → ``card.tap``.
-
-Driver type ``pcsc``. Options: ``reader`` (a case-insensitive substring of the PC/SC reader
-name; empty watches every reader), ``reader_name`` (the ``reader`` label on events; default
-the driver's name), ``poll_ms`` (500: how long one wait for reader changes lasts, which bounds
-how soon a new reader is noticed where pcscd has no hot-plug notification).
-
-A thread waits in ``SCardGetStatusChange``. On each card insertion (pcsc-lite's per-reader
-event counter tells a quick remove-and-insert apart from a card left lying there) it connects
-and sends the PC/SC part 3 GET DATA UID command ``FF CA 00 00 00``: ``90 00`` is the UID;
-``6C xx`` is re-issued once with ``Le = xx``; ``63 00`` and ``6A 81`` are read failures
-(``pcsc.read_failed``), any other answer an error (``pcsc.read_error``). Neither emits. The
-card's technology comes from its ATR (:func:`card_tech`). When pcscd goes away or restarts the
-context is re-established with backoff (``pcsc.disconnected``); a card still on the reader
-afterwards is not a new tap (``pcsc.still_present``). A card already on the reader when the
-driver starts, or when its reader is plugged in, is a tap.
-"""
+"""PC/SC card facts without a card reader: the card technology from the ATR (PC/SC part 3
+contactless storage cards, ISO 14443 ATS/ATQB), and GET DATA for the UID; for
+``device_drivers.pcsc``."""
 
 from __future__ import annotations
 

@@ -1,28 +1,5 @@
-"""Lecture-capture recording units (Extron SMP-style SIS control) polled → ``recorder.status``.
-
-Driver type ``recorder``. Options: ``port`` (device path, ``usb:VID:PID[:SERIAL]`` or
-``tcp://host:port``: SIS over Telnet is port 23), ``baudrate`` (9600, 8N1), ``poll_s`` (5),
-``timeout_s`` (1), ``report_s`` (60). An event is emitted at once when the record state changes
-(and for the first poll), otherwise every ``report_s`` seconds so free space is tracked
-(``report_s = 0``: every poll).
-
-SIS commands sent (ESC is 0x1B; replies end with CR LF):
-
-- on every (re)connect ``ESC 0CV CR`` → ``Vrb0``: terse replies, so they carry no prefix;
-- ``ESC YRCDR CR`` → ``0`` stop, ``1`` record, ``2`` pause;
-- ``I`` → ``ChA<n>*ChB<n>*<state>*<destination>*<free KB>*<elapsed hh:mm:ss>*<left hh:mm:ss>``,
-  of which the free space (KBytes, reported as ``free_space_mb`` = KB / 1024) is used;
-- on request (:meth:`RecorderPoller.set_recording`, the agent's ``start_recording`` /
-  ``stop_recording`` commands) ``ESC Y1RCDR CR`` / ``ESC Y0RCDR CR`` → ``RcdrY1`` / ``RcdrY0``,
-  between polls; the new state is reported at once.
-
-``E<nn>`` replies (E10 invalid command, E13 invalid parameter, E14 not valid in this
-configuration …) are counted as ``recorder.refused``. The copyright banner and date lines a unit
-sends after power-up or on a new Telnet connection are skipped. Other lines are counted
-(``recorder.malformed``, ``recorder.malformed.<reason>``) and skipped. A unit that leaves
-``UNREACHABLE_AFTER`` polls in a row without a status reply is DISCONNECTED and the port is
-reopened with backoff.
-"""
+"""Extron-style SIS status replies of a recording unit, sans-I/O: lines in, status / info /
+acknowledgement / error items out; for ``device_drivers.recorder``."""
 
 from __future__ import annotations
 

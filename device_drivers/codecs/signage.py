@@ -1,24 +1,5 @@
-"""Class signage: card check-ins bound to the timetable → ``attendance.checkin``; notices shown on
-the screen → ``signage.notice_shown``.
-
-Driver type ``signage``. Options:
-
-- ``cards``: a list of inner card-reader tables (``type`` = any card driver: ``em4100``,
-  ``wiegand``, ``pcsc`` …, optional ``name``, plus that driver's own options), built with the
-  same context. Their ``card.tap`` events become check-ins and are not forwarded themselves.
-- ``class_id``: the class this screen belongs to; ``timezone`` (``Asia/Shanghai``);
-  ``grace_min`` (5): a tap up to this long after a period starts is ``on_time``, later
-  ``late``; ``early_min`` (10): a tap this long before a period starts counts for it, on time.
-- ``periods``: ``[{name, start = "08:00", end = "08:45", days = ["mon", …], class_id}]``
-  (``days`` defaults to mon to fri, ``class_id`` to the driver's).
-- ``screen``: ``"host:port"`` of the display app; ``ack_timeout_s`` (5).
-
-Screen protocol (our simulator speaks it too): newline-delimited UTF-8 JSON over TCP, one
-object per line. The agent sends ``{"op": "show", "id", "title", "body", "duration_s"}``; the
-screen answers ``{"op": "shown", "id"}`` once the notice is on screen, or ``{"op":
-"rejected", "id", "reason"}``. :meth:`ClassSignage.show_notice` emits ``signage.notice_shown``
-only after ``shown``.
-"""
+"""Class signage without the network: the timetable a tap is placed in, and the screen
+protocol's newline-delimited JSON replies; for ``device_drivers.signage``."""
 
 from __future__ import annotations
 
