@@ -10,8 +10,8 @@ decides what a scan names:
 
 Codes of the first two shapes are always check-digit verified, even if the library's pattern
 would also match them: a misread must never become someone else's book. :class:`BarcodeScanner`
-reads a port (any spec :func:`device_drivers.transport.open_transport` takes) and hands each
-scan, good or bad, to a callback; it reopens the port with backoff when it goes away.
+reads a port (any spec :func:`device_drivers.plumbing.transport.open_transport` takes) and
+hands each scan, good or bad, to a callback; it reopens the port with backoff when it goes away.
 """
 
 from __future__ import annotations

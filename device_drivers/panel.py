@@ -5,8 +5,8 @@ Driver type ``panel``. Options: ``port`` (device path, ``/dev/serial/by-id/…``
 ``smart``, ``maxhub`` (our own framing, the simulator's), ``maxhub-v6``; or the path of a
 profile file — see docs/profiles.md), and overrides of the profile's ``baudrate``, ``poll_s``,
 ``timeout_s`` and ``machine_id`` (the profile's ``{id}`` variable). The profile's queries,
-reply patterns and value maps are run by :mod:`device_drivers.profile`; its first ``[[poll]]``
-is the power query. Events are emitted on change only, and for the first observation
+reply patterns and value maps are run by :mod:`device_drivers.codecs.profile`; its first
+``[[poll]]`` is the power query. Events are emitted on change only, and for the first observation
 (``previous`` is then ``"unknown"`` / absent).
 
 The two codecs below (:class:`SmartCodec`, :class:`MaxhubCodec`) are the hand-written parsers
