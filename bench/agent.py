@@ -35,9 +35,10 @@ import msgspec
 import paho.mqtt.client as mqtt
 import psutil
 
-from device_drivers.base import Reading, UidHasher
+from device_drivers.base import UidHasher
 from device_drivers.synthetic import GENERATORS
 from edge_agent.outbox import Outbox
+from schemas.reading import Reading
 from simulators.harness import Mosquitto, shared_tmpdir, wait_until
 from simulators.harness_pipeline import HASH_KEY_HEX, Agent
 

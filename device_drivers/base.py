@@ -14,20 +14,27 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal, Protocol, Self, TypeVar
 
 import msgspec
 
-from schemas import events as registry
 from schemas.events import CardTap, CardTech
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 
 
 class DriverError(Exception):
     """A driver cannot be built or cannot run; the message is meant for a technician."""
+
+
+class DeviceLost(DriverError):
+    """The device (its port, feed or video source) went away while in use.
+
+    Raised inside a driver's session and caught by its own reopen loop, which reports
+    DISCONNECTED with the message and tries again; it never reaches the agent.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,26 +63,6 @@ class DriverState(StrEnum):
     DISCONNECTED = "disconnected"
     FAILED = "failed"
     STOPPED = "stopped"
-
-
-@dataclass(frozen=True, slots=True)
-class Reading:
-    """One event as a driver produces it, before the outbox gives it a ``seq``."""
-
-    type: str
-    data: msgspec.Struct
-    ts: datetime = field(default_factory=lambda: datetime.now(UTC).astimezone())
-    synced: bool = True
-
-    def __post_init__(self) -> None:
-        etype = registry.get(self.type)
-        if etype is None:
-            raise DriverError(f"driver produced unregistered event type {self.type!r}")
-        if not isinstance(self.data, etype.data):
-            raise DriverError(
-                f"event type {self.type!r} needs data of {etype.data.__name__}, "
-                f"got {type(self.data).__name__}"
-            )
 
 
 Emit = Callable[[Reading], Awaitable[None]]

@@ -34,61 +34,32 @@ import stat
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
 from device_drivers.base import (
+    DeviceLost,
     DriverContext,
     DriverError,
     DriverState,
     DriverStatus,
     Emit,
     ProbeResult,
-    Reading,
     convert_options,
     register_driver,
 )
-from device_drivers.transport import READ_TIMEOUT_S, Link, LinkLost, describe, open_in_thread
-from schemas.events import BoardApp, BoardTouch, Count, Name
+from device_drivers.codecs.board_os import Activity, BadRecord, FeedCodec, TouchCount
+from device_drivers.plumbing.link import Link
+from device_drivers.plumbing.transport import READ_TIMEOUT_S, describe, open_in_thread
+from schemas.events import BoardApp, BoardTouch
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
-
-MAX_LINE: Final = 4096
-Action = Literal["foreground", "start", "stop"]
-
-
-@dataclass(frozen=True, slots=True)
-class AppChange:
-    app: str
-    action: Action
-    ts: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TouchCount:
-    touches: int
-    window_s: float
-    ts: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BadRecord:
-    reason: Literal["bad_line", "overlong"]
-    raw: bytes
-    detail: str = ""
-
-
-Activity = AppChange | TouchCount | BadRecord
-
-
-class SourceLost(Exception):
-    """The activity source went away while being read."""
 
 
 class BoardActivitySource(ABC):
@@ -103,73 +74,11 @@ class BoardActivitySource(ABC):
 
     @abstractmethod
     async def next(self, within: float) -> list[Activity]:
-        """What arrived within ``within`` s (maybe nothing); :class:`SourceLost` if it went away."""
+        """What arrived within ``within`` s (maybe nothing); :class:`DeviceLost` if it went away."""
 
     @abstractmethod
     async def aclose(self) -> None:
         """Stop reading; safe to call when not open."""
-
-
-# --- the JSON-lines feed -----------------------------------------------------------------------
-
-
-class _AppLine(msgspec.Struct, tag="app", tag_field="type", frozen=True):
-    app: Name
-    action: Action = "foreground"
-    ts: datetime | None = None
-
-
-class _TouchLine(msgspec.Struct, tag="touch", tag_field="type", frozen=True):
-    touches: Count
-    window_s: Annotated[float, Meta(gt=0, le=86400)]
-    ts: datetime | None = None
-
-
-_DECODER: Final = msgspec.json.Decoder(_AppLine | _TouchLine)
-
-
-def _aware(ts: datetime | None) -> datetime | None:
-    return ts if ts is None or ts.tzinfo else ts.astimezone()
-
-
-class FeedCodec:
-    """Sans-I/O: feed bytes in, activity out."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._skipping = False
-
-    def feed(self, data: bytes) -> list[Activity]:
-        out: list[Activity] = []
-        for line in bytes(data).splitlines(keepends=True):
-            ended = line.endswith((b"\n", b"\r"))
-            if not self._skipping:
-                self._buf += line.rstrip(b"\r\n")
-                if len(self._buf) > MAX_LINE:
-                    out.append(BadRecord("overlong", bytes(self._buf[:64])))
-                    self._buf.clear()
-                    self._skipping = not ended
-                    continue
-            if ended:
-                if not self._skipping and self._buf.strip():
-                    out.append(self._decode(bytes(self._buf)))
-                self._buf.clear()
-                self._skipping = False
-        return out
-
-    @staticmethod
-    def _decode(line: bytes) -> Activity:
-        try:
-            rec = _DECODER.decode(line)
-        except msgspec.DecodeError as exc:
-            return BadRecord("bad_line", line[:256], str(exc))
-        if isinstance(rec, _AppLine):
-            return AppChange(rec.app, rec.action, _aware(rec.ts))
-        return TouchCount(rec.touches, rec.window_s, _aware(rec.ts))
-
-
-class FeedGone(OSError):
-    """The feed's path no longer exists."""
 
 
 class FeedFile:
@@ -218,11 +127,11 @@ class FeedFile:
         return b""
 
     def _check_path(self) -> None:
-        """Follow a replaced or truncated feed; raise :class:`FeedGone` if it was removed."""
+        """Follow a replaced or truncated feed; raise :class:`DeviceLost` if it was removed."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            raise FeedGone(f"{self.path} was removed") from None
+            raise DeviceLost(f"{self.path} was removed") from None
         if st.st_ino != self.ino:
             log.info("feed %s was replaced: reading the new one from its start", self.path)
             os.close(self.fd)
@@ -270,20 +179,14 @@ class JsonFeedSource(BoardActivitySource):
 
     async def next(self, within: float) -> list[Activity]:
         if self._link is None:
-            raise SourceLost("the feed is not open")
-        try:
-            chunk = await self._link.read(within)
-        except LinkLost as exc:
-            raise SourceLost(str(exc)) from exc
+            raise DeviceLost("the feed is not open")
+        chunk = await self._link.read(within)
         return self._codec.feed(chunk) if chunk else []
 
     async def aclose(self) -> None:
         link, self._link = self._link, None
         if link is not None:
             await link.aclose()
-
-
-# --- the driver --------------------------------------------------------------------------------
 
 
 class BoardOsOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -319,7 +222,7 @@ class BoardOsDriver(DriverStatus):
                         while True:
                             for item in await self.source.next(self.WAIT_S):
                                 await self._handle(item, emit)
-                    except SourceLost as exc:
+                    except DeviceLost as exc:
                         self.down(f"lost the {self.source.description} ({exc})")
                     finally:
                         await self.source.aclose()
@@ -389,7 +292,7 @@ async def probe(options: Mapping[str, Any], listen_s: float = 2.0) -> ProbeResul
             deadline = time.monotonic() + listen_s
             while (left := deadline - time.monotonic()) > 0:
                 items += await source.next(left)
-        except (OSError, SourceLost) as exc:
+        except (OSError, DeviceLost) as exc:
             return ProbeResult.fail(f"feed {opts.path} is a FIFO but reading it failed: {exc}")
         finally:
             await source.aclose()

@@ -11,7 +11,7 @@ Driver type ``camera``. Options:
   ``people_every_s`` (5), counting detections whose SVM score reaches ``people_min_score``
   (1.0; OpenCV's own default of 0 sees people in chair backs and door frames).
 - ``black_threshold`` (20), ``frozen_threshold`` (0.5), ``frozen_s`` (20), ``motion_delta``
-  (25): see :mod:`device_drivers.camera_analysis` for what each figure means.
+  (25): see :mod:`device_drivers.codecs.camera_analysis` for what each figure means.
 - ``loop`` (false): replay a file at its end (demos). ``open_timeout_s`` (10) and
   ``read_timeout_s`` (5) bound every blocking OpenCV call.
 
@@ -46,29 +46,30 @@ import msgspec
 from msgspec import Meta
 
 from device_drivers.base import (
+    DeviceLost,
     DriverContext,
     DriverError,
     DriverState,
     Emit,
     ProbeResult,
-    Reading,
     convert_options,
     register_driver,
 )
 from schemas.events import CameraActivity, CameraHealth
+from schemas.reading import Reading
 
 try:  # the `camera` extra is optional: without it this module loads and explains what is missing
     import cv2
     import numpy as np
 
-    from device_drivers.camera_analysis import (
+    from device_drivers.codecs.camera_analysis import (
         AnalysisSettings,
         Grey,
         WindowAnalyzer,
         WindowFigures,
         is_black,
     )
-    from device_drivers.camera_analysis import brightness as grey_brightness
+    from device_drivers.codecs.camera_analysis import brightness as grey_brightness
 
     OPENCV_MISSING: str | None = None
 except ImportError as exc:
@@ -154,18 +155,14 @@ def hog_type() -> Any:
     return vars(cv2).get("HOGDescriptor")
 
 
-class SourceLost(Exception):
-    """The source cannot be opened or stopped giving frames; the message is for a technician."""
-
-
 def open_capture(opts: CameraOptions) -> cv2.VideoCapture:
-    """A new ``VideoCapture`` with open/read timeouts, or :class:`SourceLost`."""
+    """A new ``VideoCapture`` with open/read timeouts, or :class:`DeviceLost`."""
     if opts.kind == "device":
         cap = cv2.VideoCapture(int(opts.source))
         cap.set(cv2.CAP_PROP_READ_TIMEOUT_MSEC, opts.read_timeout_s * 1000)
     else:
         if opts.kind == "file" and not os.path.isfile(str(opts.source)):
-            raise SourceLost(f"{opts.describe()} does not exist")
+            raise DeviceLost(f"{opts.describe()} does not exist")
         params = [
             cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, round(opts.open_timeout_s * 1000),
             cv2.CAP_PROP_READ_TIMEOUT_MSEC, round(opts.read_timeout_s * 1000),
@@ -173,7 +170,7 @@ def open_capture(opts: CameraOptions) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(str(opts.source), cv2.CAP_FFMPEG, params)
     if not cap.isOpened():
         cap.release()
-        raise SourceLost(f"cannot open {opts.describe()}")
+        raise DeviceLost(f"cannot open {opts.describe()}")
     return cap
 
 
@@ -329,7 +326,7 @@ class CaptureWorker:
         try:
             source = VideoSource(self.opts, self._stop)
             self._read(source)
-        except SourceLost as exc:
+        except DeviceLost as exc:
             self._post(Lost(str(exc), ended=False))
         except Exception as exc:  # noqa: BLE001 - any other OpenCV failure also means the source is lost
             self._post(Lost(f"reading {self.opts.describe()} failed: {exc}", ended=False))
@@ -340,7 +337,7 @@ class CaptureWorker:
     def _read(self, source: VideoSource) -> None:
         opts = self.opts
         if not source.grab():
-            raise SourceLost(f"{opts.describe()} opened but gave no picture")
+            raise DeviceLost(f"{opts.describe()} opened but gave no picture")
         self._post(Opened(*source.size))
         detector = PeopleDetector(opts.people_min_score) if opts.people else None
         now = source.frame_time
@@ -370,7 +367,7 @@ class CaptureWorker:
                 if opts.kind == "file":
                     self._post(Lost(f"{opts.describe()} ended", ended=True))
                     return
-                raise SourceLost(f"{opts.describe()} stopped sending pictures")
+                raise DeviceLost(f"{opts.describe()} stopped sending pictures")
 
     def _sample(
         self,
@@ -533,7 +530,7 @@ def build(name: str, options: Mapping[str, Any], ctx: DriverContext) -> Camera:
 def _probe(opts: CameraOptions) -> ProbeResult:
     try:
         cap = open_capture(opts)
-    except SourceLost as exc:
+    except DeviceLost as exc:
         return ProbeResult.fail(str(exc))
     try:
         ok, frame = cap.read()

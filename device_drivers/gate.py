@@ -34,21 +34,13 @@ from device_drivers.base import (
     DriverState,
     Emit,
     ProbeResult,
-    Reading,
     register_driver,
 )
-from device_drivers.modbus_env import (
-    DataType,
-    DeviceRefused,
-    Endpoint,
-    LinkDown,
-    ModbusLink,
-    RegisterSpec,
-    Table,
-    parse_options,
-)
-from device_drivers.signage import CardSources, CompositeDriver, DriverPart
+from device_drivers.codecs.modbus import DataType, RegisterSpec, Table
+from device_drivers.modbus_env import DeviceRefused, Endpoint, LinkDown, ModbusLink, parse_options
+from device_drivers.plumbing.composite import CardSources, CompositeDriver, DriverPart
 from schemas.events import AccessPass, CardTap
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Driver type ``library_terminal`` (device kind ``library_terminal``). Options:
 - ``pad``: the HF RFID pad, through pcscd: ``reader`` (a substring of the PC/SC reader names
   of its slots; each slot holds one book), ``poll_ms`` (250), ``block_size`` (4), ``blocks``
   (8), ``blocks_per_read`` (8). Tags are read with GET DATA UID then READ BINARY, and decoded
-  as ISO 28560-3 (:mod:`device_drivers.iso28560`).
+  as ISO 28560-3 (:mod:`device_drivers.codecs.iso28560`).
 - ``terminal``: the terminal's label in events (default the driver's name); ``session_s``
   (60): a session ends this long after its last tap or book, or when the same card taps
   again (a "finish" tap); ``max_items`` (64) per session.
@@ -38,26 +38,19 @@ import msgspec
 from msgspec import Meta
 from smartcard import scard
 
-from device_drivers.barcode import (
-    BadCode,
-    BarcodeScanner,
-    ItemCode,
-    ScanError,
-    ScannerOptions,
-    compile_pattern,
-)
+from device_drivers.barcode import BarcodeScanner, ScannerOptions, compile_pattern
 from device_drivers.base import (
     DriverContext,
     DriverError,
     DriverState,
     Emit,
     ProbeResult,
-    Reading,
     convert_options,
     register_driver,
 )
-from device_drivers.handoff import DropOldestQueue
-from device_drivers.iso28560 import LibraryItemTag, TagProblem, decode_basic_block
+from device_drivers.codecs.barcode import BadCode, ItemCode, ScanError
+from device_drivers.codecs.iso28560 import LibraryItemTag, TagProblem, decode_basic_block
+from device_drivers.codecs.pcsc import UidFailure, read_uid
 from device_drivers.pcsc import (
     _SERVICE_GONE,
     Observation,
@@ -66,12 +59,12 @@ from device_drivers.pcsc import (
     ReadersDown,
     ReadersUp,
     ReaderWatcher,
-    UidFailure,
     describe,
-    read_uid,
 )
-from device_drivers.signage import CardSources, CompositeDriver, DriverPart
+from device_drivers.plumbing.composite import CardSources, CompositeDriver, DriverPart
+from device_drivers.plumbing.handoff import DropOldestQueue
 from schemas.events import CardTap, LibraryLoan, LibraryReturn
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 

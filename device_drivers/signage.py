@@ -26,311 +26,40 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, time, timedelta
-from typing import Annotated, Any, Final, Literal, Protocol, TypeVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from msgspec import Meta
 
 from device_drivers.base import (
-    Driver,
     DriverContext,
     DriverError,
     DriverState,
     Emit,
     ProbeResult,
-    Reading,
-    build_driver,
     convert_options,
     register_driver,
 )
+from device_drivers.codecs.signage import (
+    PeriodOptions,
+    ScreenCodec,
+    ScreenReply,
+    parse_timetable,
+    place_tap,
+)
+from device_drivers.plumbing.composite import CardSources, CompositeDriver, DriverPart
 from schemas.events import AttendanceCheckin, CardTap, SignageNoticeShown
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
-
-WEEKDAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-Status = Literal["on_time", "late", "outside_period"]
 S = TypeVar("S", bound=msgspec.Struct)
 
 
 def parse_options(name: str, options: Mapping[str, Any], kind: type[S]) -> S:
     """Config table → typed options, or a :class:`DriverError` naming the bad field."""
     return convert_options(name, options, kind)
-
-
-# -- inner card readers (shared with the gate) ---------------------------------------------------
-
-_SEVERITY: Final = (
-    DriverState.FAILED,
-    DriverState.DISCONNECTED,
-    DriverState.STARTING,
-    DriverState.OK,
-    DriverState.STOPPED,
-)
-
-
-def worst_state(states: Iterable[DriverState]) -> DriverState:
-    """The state to show for a device made of parts: the most severe one."""
-    return min(states, key=_SEVERITY.index, default=DriverState.STOPPED)
-
-
-OnTap = Callable[[Reading, CardTap, Mapping[str, Any]], Awaitable[None]]
-
-
-class CardSources:
-    """The card readers inside a composite device, each built from its own config table.
-
-    Keys named in ``consume`` (e.g. the gate's ``direction``) are taken out of each table before
-    the inner driver sees it and handed to ``on_tap`` with every tap of that reader.
-    """
-
-    def __init__(
-        self,
-        owner: str,
-        entries: Sequence[Mapping[str, Any]],
-        ctx: DriverContext,
-        *,
-        consume: Sequence[str] = (),
-    ) -> None:
-        self.parts: list[tuple[Driver, dict[str, Any]]] = []
-        for i, entry in enumerate(entries):
-            kind = entry.get("type")
-            if not isinstance(kind, str):
-                raise DriverError(f"driver {owner!r}: cards[{i}] needs a `type`")
-            extra = {k: entry[k] for k in consume if k in entry}
-            inner = {k: v for k, v in entry.items() if k not in (*consume, "type", "name")}
-            default = owner if len(entries) == 1 else f"{owner}-{i + 1}"
-            name = str(entry.get("name", default))
-            self.parts.append((build_driver(kind, name, inner, ctx), extra))
-
-    @property
-    def drivers(self) -> list[Driver]:
-        return [d for d, _ in self.parts]
-
-    async def run(self, on_tap: OnTap, emit: Emit) -> None:
-        """Run every reader until cancelled; taps go to ``on_tap``, anything else to ``emit``."""
-
-        def route(extra: Mapping[str, Any]) -> Emit:
-            async def inner_emit(reading: Reading) -> None:
-                if isinstance(reading.data, CardTap):
-                    await on_tap(reading, reading.data, extra)
-                else:
-                    await emit(reading)
-
-            return inner_emit
-
-        async with asyncio.TaskGroup() as tg:
-            for driver, extra in self.parts:
-                tg.create_task(driver.run(route(extra)), name=f"card:{driver.name}")
-
-
-# -- timetable -----------------------------------------------------------------------------------
-
-
-class DriverPart(Protocol):
-    state: DriverState
-    last_error: str | None
-
-
-class CompositeDriver:
-    """A driver made of card sources and other parts: its state is the worst of theirs while
-    it runs, and its last error the first one any of them has."""
-
-    cards: CardSources
-
-    def __init__(self) -> None:
-        self._state = DriverState.STARTING
-        self._error: str | None = None
-
-    def _other_parts(self) -> list[DriverPart]:
-        """Parts besides the card readers (a screen, a thermometer)."""
-        return []
-
-    @property
-    def state(self) -> DriverState:
-        parts = [d.state for d in self.cards.drivers] + [p.state for p in self._other_parts()]
-        return self._state if self._state != DriverState.OK else worst_state(parts)
-
-    @state.setter
-    def state(self, value: DriverState) -> None:
-        self._state = value
-
-    @property
-    def last_error(self) -> str | None:
-        parts = [self._error, *(d.last_error for d in self.cards.drivers)]
-        parts += [p.last_error for p in self._other_parts()]
-        return next((e for e in parts if e), None)
-
-    @last_error.setter
-    def last_error(self, value: str | None) -> None:
-        self._error = value
-
-
-class PeriodOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
-    name: Annotated[str, Meta(min_length=1, max_length=128)]
-    start: Annotated[str, Meta(pattern=r"^\d{1,2}:\d{2}$")]
-    end: Annotated[str, Meta(pattern=r"^\d{1,2}:\d{2}$")]
-    days: list[Weekday] = msgspec.field(default_factory=lambda: list(WEEKDAYS[:5]))
-    class_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Period:
-    name: str
-    days: frozenset[int]
-    start: time
-    end: time
-    class_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Timetable:
-    periods: tuple[Period, ...]
-    tz: ZoneInfo
-    grace: timedelta = timedelta(minutes=5)
-    early: timedelta = timedelta(minutes=10)
-    class_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where a tap falls in the timetable."""
-
-    period: str | None
-    class_id: str | None
-    status: Status
-
-
-def place_tap(when: datetime, timetable: Timetable) -> Placement:
-    """Bind a tap (an aware datetime) to a period of the timetable, in the timetable's zone.
-
-    Inside a period: ``on_time`` up to and including ``start + grace``, then ``late``. In the
-    ``early`` window before a period starts (and not inside another): that period, ``on_time``.
-    Otherwise ``outside_period`` with no period and the timetable's own class.
-    """
-    local = when.astimezone(timetable.tz)
-    wall = local.replace(tzinfo=None)
-    today = [p for p in timetable.periods if local.weekday() in p.days]
-
-    def at(t: time) -> datetime:
-        return datetime.combine(local.date(), t)
-
-    for p in today:
-        if at(p.start) <= wall < at(p.end):
-            status: Status = "on_time" if wall <= at(p.start) + timetable.grace else "late"
-            return Placement(p.name, p.class_id or timetable.class_id, status)
-    for p in today:
-        if at(p.start) - timetable.early <= wall < at(p.start):
-            return Placement(p.name, p.class_id or timetable.class_id, "on_time")
-    return Placement(None, timetable.class_id, "outside_period")
-
-
-def _clock(text: str) -> time:
-    hour, minute = (int(x) for x in text.split(":"))
-    if hour > 23 or minute > 59:
-        raise ValueError(f"{text!r} is not a time of day")
-    return time(hour, minute)
-
-
-def parse_timetable(
-    periods: Sequence[PeriodOptions],
-    *,
-    timezone: str = "Asia/Shanghai",
-    grace_min: float = 5,
-    early_min: float = 10,
-    class_id: str | None = None,
-) -> Timetable:
-    """Validate the configured periods (times, no overlaps on a day) into a :class:`Timetable`."""
-    try:
-        tz = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ValueError(f"unknown time zone {timezone!r}") from exc
-    parsed = []
-    for p in periods:
-        start, end = _clock(p.start), _clock(p.end)
-        if start >= end:
-            raise ValueError(f"period {p.name!r} ends before it starts")
-        days = frozenset(WEEKDAYS.index(d) for d in p.days)
-        parsed.append(Period(p.name, days, start, end, p.class_id))
-    for i, a in enumerate(parsed):
-        for b in parsed[i + 1 :]:
-            if a.days & b.days and a.start < b.end and b.start < a.end:
-                raise ValueError(f"periods {a.name!r} and {b.name!r} overlap")
-    return Timetable(
-        tuple(parsed),
-        tz,
-        timedelta(minutes=grace_min),
-        timedelta(minutes=early_min),
-        class_id,
-    )
-
-
-# -- the screen ----------------------------------------------------------------------------------
-
-
-class _ScreenReply(msgspec.Struct, frozen=True):
-    op: str
-    id: str
-    reason: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ScreenReply:
-    notice_id: str
-    shown: bool
-    reason: str | None = None
-
-
-class ScreenCodec:
-    """Sans-I/O: the screen's reply lines in, :class:`ScreenReply` out; bad lines counted."""
-
-    MAX_LINE = 64 * 1024
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self.bad_lines = 0
-        self._decoder = msgspec.json.Decoder(_ScreenReply)
-
-    def feed(self, data: bytes) -> list[ScreenReply]:
-        self._buf += data
-        out: list[ScreenReply] = []
-        while (nl := self._buf.find(b"\n")) >= 0:
-            line = bytes(self._buf[:nl]).strip()
-            del self._buf[: nl + 1]
-            if line:
-                out.extend(self._decode(line))
-        if len(self._buf) > self.MAX_LINE:
-            self._buf.clear()
-            self.bad_lines += 1
-        return out
-
-    def _decode(self, line: bytes) -> list[ScreenReply]:
-        try:
-            msg = self._decoder.decode(line)
-        except msgspec.DecodeError:
-            self.bad_lines += 1
-            return []
-        if msg.op not in ("shown", "rejected"):
-            self.bad_lines += 1
-            return []
-        return [ScreenReply(msg.id, msg.op == "shown", msg.reason)]
-
-    @staticmethod
-    def show(
-        notice_id: str, title: str | None, body: str | None, duration_s: float | None
-    ) -> bytes:
-        msg = {
-            "op": "show",
-            "id": notice_id,
-            "title": title,
-            "body": body,
-            "duration_s": duration_s,
-        }
-        return msgspec.json.encode(msg) + b"\n"
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -440,9 +169,6 @@ class ScreenLink:
             log.warning("%s: %s", self._owner, message)
         self.state = DriverState.DISCONNECTED
         self.last_error = message
-
-
-# -- the driver ----------------------------------------------------------------------------------
 
 
 class SignageOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

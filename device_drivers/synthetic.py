@@ -24,7 +24,6 @@ from device_drivers.base import (
     DriverError,
     DriverState,
     Emit,
-    Reading,
     UidHasher,
     register_driver,
 )
@@ -38,6 +37,7 @@ from schemas.events import (
     EnvReading,
     RecorderStatus,
 )
+from schemas.reading import Reading
 
 #: Readings emitted back to back before yielding to the event loop when unpaced.
 _YIELD_EVERY: Final = 64

@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
-import serial
 from msgspec import Meta
 
 from device_drivers.base import (
@@ -43,131 +41,23 @@ from device_drivers.base import (
     DriverError,
     Emit,
     ProbeResult,
-    Reading,
     convert_options,
     register_driver,
 )
-from device_drivers.lines import LineSplitter, Overlong
-from device_drivers.serial_reader import (
-    ByteStream,
-    SerialReader,
-    SerialStreamDriver,
-    listen,
-)
-from device_drivers.transport import pyserial_url
+from device_drivers.codecs.wiegand import Format, Rejected, WiegandFrame, WiegandParser
+from device_drivers.plumbing.link import Link, LinkedDriver
+from device_drivers.plumbing.transport import listen, open_transport
 from schemas.events import CardTap
+from schemas.reading import Reading
 
 log = logging.getLogger(__name__)
 
-MAX_LINE: Final = 64
-_FRAME = re.compile(rb"W(26|34):([0-9A-Fa-f]+)")
-_DIGITS: Final = {26: 7, 34: 9}
+
 _SKIPPED: Final = {
     "garbage": "skipped a line that is not a Wiegand frame",
     "bad_parity": "skipped a frame with bad parity",
     "overlong": "skipped an overlong line",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class WiegandFrame:
-    """A parity-checked Wiegand read."""
-
-    bits: Literal[26, 34]
-    #: The payload between the parity bits: facility+card (W26) or card (W34).
-    payload: int
-
-    @property
-    def facility(self) -> int | None:
-        return self.payload >> 16 if self.bits == 26 else None
-
-    @property
-    def card(self) -> int:
-        return self.payload & 0xFFFF if self.bits == 26 else self.payload
-
-    @property
-    def uid(self) -> bytes:
-        return self.payload.to_bytes((self.bits - 2) // 8, "big")
-
-    @property
-    def tech(self) -> Literal["wiegand26", "wiegand34"]:
-        return "wiegand26" if self.bits == 26 else "wiegand34"
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A line the parser threw away, and why."""
-
-    reason: Literal["garbage", "bad_parity", "overlong"]
-    line: bytes
-
-
-def check_parity(bits: int, raw: int) -> int | None:
-    """The payload of a raw ``bits``-long frame if both parity bits are right, else None."""
-    half = (bits - 2) // 2
-    payload = (raw >> 1) & ((1 << (bits - 2)) - 1)
-    first, second = payload >> half, payload & ((1 << half) - 1)
-    leading, trailing = raw >> (bits - 1), raw & 1
-    even_ok = (leading + first.bit_count()) % 2 == 0
-    odd_ok = (trailing + second.bit_count()) % 2 == 1
-    return payload if even_ok and odd_ok else None
-
-
-Format = Literal["hex", "decimal", "facility-card"]
-_DECIMAL = re.compile(rb"\d{1,10}")
-_FACILITY_CARD = re.compile(rb"(\d{1,3})[,:/ ](\d{1,5})")
-
-
-class WiegandParser:
-    """Sans-I/O: converter bytes in, frames and rejects out.
-
-    ``format``: ``hex`` (ours: ``W26:`` + raw bits, parity checked here), ``decimal`` (the
-    card number as up to 10 decimal digits, the common "10-digit" output of Wiegand-to-USB /
-    RS-232 converters; ``bits`` says whether it is a W26 24-bit or W34 32-bit payload) or
-    ``facility-card`` (``FFF,CCCCC``: W26 facility code and card number in decimal). In the
-    decimal formats the converter has checked parity already; they carry no parity bits.
-    """
-
-    def __init__(self, format: Format = "hex", bits: Literal[26, 34] = 26) -> None:
-        self._lines = LineSplitter(MAX_LINE)
-        self.format, self.bits = format, bits
-
-    def feed(self, data: bytes) -> list[WiegandFrame | Rejected]:
-        return [
-            Rejected("overlong", line.raw[:MAX_LINE])
-            if isinstance(line, Overlong)
-            else self._parse(line)
-            if self.format == "hex"
-            else self._parse_decimal(line)
-            for line in self._lines.feed(data)
-        ]
-
-    def _parse_decimal(self, line: bytes) -> WiegandFrame | Rejected:
-        text = line.strip(b" \t")
-        if self.format == "decimal" and _DECIMAL.fullmatch(text):
-            payload = int(text)
-            if payload >> (self.bits - 2):
-                return Rejected("garbage", line)
-            return WiegandFrame(self.bits, payload)
-        if self.format == "facility-card" and (m := _FACILITY_CARD.fullmatch(text)):
-            facility, card = int(m[1]), int(m[2])
-            if facility > 0xFF or card > 0xFFFF:
-                return Rejected("garbage", line)
-            return WiegandFrame(26, facility << 16 | card)
-        return Rejected("garbage", line)
-
-    @staticmethod
-    def _parse(line: bytes) -> WiegandFrame | Rejected:
-        m = _FRAME.fullmatch(line.strip(b" \t"))
-        if m is None:
-            return Rejected("garbage", line)
-        bits: Literal[26, 34] = 26 if m[1] == b"26" else 34
-        if len(m[2]) != _DIGITS[bits] or (raw := int(m[2], 16)) >> bits:
-            return Rejected("garbage", line)
-        payload = check_parity(bits, raw)
-        if payload is None:
-            return Rejected("bad_parity", line)
-        return WiegandFrame(bits, payload)
 
 
 class WiegandOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -178,30 +68,22 @@ class WiegandOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, f
     bits: Literal[26, 34] = 26
 
 
-def open_serial(opts: WiegandOptions) -> ByteStream:
-    """Open the port with a short read timeout so the reader thread can stop promptly."""
-    url = pyserial_url(opts.port)  # a usb: id is looked up at every open
-    port: ByteStream = serial.serial_for_url(url, baudrate=opts.baudrate, timeout=0.1)
-    return port
-
-
-class WiegandReader(SerialStreamDriver):
-    """A Wiegand-to-UART converter on a serial port."""
+class WiegandReader(LinkedDriver):
+    """A Wiegand-to-UART converter on a serial port: it only talks, so open means up."""
 
     counters = "wiegand"
 
     def __init__(self, name: str, options: WiegandOptions, ctx: DriverContext) -> None:
-        super().__init__(name, options.port, ctx)
+        opener = partial(open_transport, options.port, baudrate=options.baudrate)
+        super().__init__(name, options.port, opener, ctx)
         self.options = options
         self._last: tuple[bytes, float] | None = None
 
-    async def open_port(self) -> tuple[ByteStream, str]:
-        return await asyncio.to_thread(open_serial, self.options), self.options.port
-
-    async def read(self, reader: SerialReader, path: str, emit: Emit) -> None:
+    async def session(self, link: Link, emit: Emit) -> None:
+        self.up()
         parser = WiegandParser(self.options.format, self.options.bits)
         while True:
-            for item in parser.feed(await reader.next_chunk()):
+            for item in parser.feed(await link.read()):
                 if isinstance(item, Rejected):
                     self._ctx.count(f"wiegand.{item.reason}")
                     self.last_error = _SKIPPED[item.reason]
@@ -238,11 +120,11 @@ async def probe(options: Mapping[str, Any], listen_s: float = 3.0) -> ProbeResul
     """Open the port and listen briefly; say whether the converter sent anything sensible."""
     try:
         opts = parse_options("probe", options)
-        stream = await asyncio.to_thread(open_serial, opts)
+        transport = await asyncio.to_thread(open_transport, opts.port, baudrate=opts.baudrate)
     except (DriverError, OSError, ValueError) as exc:
         return ProbeResult.fail(f"cannot open the converter: {exc}")
     try:
-        items = WiegandParser(opts.format, opts.bits).feed(await listen(stream, listen_s))
+        items = WiegandParser(opts.format, opts.bits).feed(await listen(transport, listen_s))
     except Exception as exc:  # noqa: BLE001 - a probe reports any failure as its verdict
         return ProbeResult.fail(f"{opts.port} opened but reading failed: {exc}")
     frames = [i for i in items if isinstance(i, WiegandFrame)]

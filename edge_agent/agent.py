@@ -32,7 +32,6 @@ from device_drivers.base import (
     DriverContext,
     DriverError,
     DriverState,
-    Reading,
     UidHasher,
     build_driver,
 )
@@ -44,6 +43,7 @@ from edge_agent.outbox import AsyncOutbox, OutboxError, OutboxFull
 from edge_agent.publisher import LinkState, Publisher
 from edge_agent.remote_config import ConfigChannel, ConfigStore, StoredConfig, now
 from schemas.events import AgentOutboxDropped
+from schemas.reading import Reading
 from schemas.state import ConfigAck, ConfigDocument
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from device_drivers.base import Driver, Emit, Reading
+from device_drivers.base import Driver, Emit
 from edge_agent.clock import ClockWatch
 from edge_agent.outbox import AsyncOutbox
 from schemas.events import AgentHealth
+from schemas.reading import Reading
 
 _STATM: Final = Path("/proc/self/statm")
 _MIB: Final = 1024 * 1024

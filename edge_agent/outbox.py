@@ -41,7 +41,7 @@ from typing import Final, Literal, Self, TypeVar
 
 import msgspec
 
-from device_drivers.base import Reading
+from schemas.reading import Reading
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final, TypeAlias
 
-from device_drivers import profile
-from device_drivers.transport import UsbId
+from device_drivers.codecs import profile
+from device_drivers.plumbing.transport import UsbId
 
 
 class RemoteRefused(ValueError):

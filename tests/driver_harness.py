@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from device_drivers.base import Driver, DriverContext, DriverState, Reading, UidHasher
+from device_drivers.base import Driver, DriverContext, DriverState, UidHasher
 from schemas.events import CardTap
+from schemas.reading import Reading
 
 KEY = b"district-test-key-0123456789abcdef"
 HASHER = UidHasher(KEY)

@@ -16,11 +16,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
-from device_drivers.base import Reading
 from edge_agent.config import Broker, DeviceConfig, PublishConfig
 from edge_agent.outbox import AsyncOutbox, OutboxError, OutboxRow
 from edge_agent.publisher import Publisher
 from schemas.events import DeviceKind
+from schemas.reading import Reading
 from simulators.fleet.events import MAKERS, Hasher
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from device_drivers.barcode import (
+from device_drivers.codecs.barcode import (
     BadCode,
     ItemCode,
     classify,

@@ -14,7 +14,7 @@ Sources:
 
 from __future__ import annotations
 
-from device_drivers.em4100 import Em4100Frame, Em4100Parser, FrameError
+from device_drivers.codecs.em4100 import Em4100Frame, Em4100Parser, FrameError
 from simulators.em4100 import frame
 
 # [HC] the published frame.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from device_drivers.recorder import (
+from device_drivers.codecs.recorder import (
     ERRORS,
     START_RECORDING,
     STATUS_QUERY,

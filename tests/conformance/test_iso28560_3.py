@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from device_drivers.iso28560 import (
+from device_drivers.codecs.iso28560 import (
     LibraryItemTag,
     TagProblem,
     block_crc,

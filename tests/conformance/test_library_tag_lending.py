@@ -21,7 +21,7 @@ from device_drivers.base import DriverContext, DriverState
 from device_drivers.em4100 import Em4100Reader
 from device_drivers.library import build
 from device_drivers.pcsc import ReaderWatcher
-from device_drivers.transport import LinkedDriver
+from device_drivers.plumbing.link import LinkedDriver
 from schemas.events import LibraryLoan
 from simulators.em4100 import Em4100Simulator
 from simulators.harness import wait_until

@@ -9,7 +9,7 @@ Systems, Part 3. Supplemental Document" (rev. 2.02.xx), 3.2.2.1.3 "Get Data": co
 
 from __future__ import annotations
 
-from device_drivers.pcsc import (
+from device_drivers.codecs.pcsc import (
     UidFailure,
     UidRead,
     WrongLength,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from device_drivers.panel import InputReply, PowerReply, Refused, SmartCodec
+from device_drivers.codecs.panel import InputReply, PowerReply, Refused, SmartCodec
 from simulators.panel import SmartPanel
 
 

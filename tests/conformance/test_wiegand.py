@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from device_drivers.wiegand import Rejected, WiegandFrame, WiegandParser, check_parity
+from device_drivers.codecs.wiegand import Rejected, WiegandFrame, WiegandParser, check_parity
 from simulators.wiegand import frame_bits, frame_line
 
 

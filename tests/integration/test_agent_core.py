@@ -11,13 +11,14 @@ from typing import Any
 import msgspec
 import pytest
 
-from device_drivers.base import DriverContext, DriverState, Emit, Reading, register_driver
+from device_drivers.base import DriverContext, DriverState, Emit, register_driver
 from device_drivers.synthetic import SyntheticDriver
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, ConfigError, PublishConfig, load_config
 from edge_agent.outbox import AsyncOutbox, Outbox
 from edge_agent.publisher import LinkState, Publisher
 from schemas.events import BoardPower, CardTap
+from schemas.reading import Reading
 from simulators.faults import FaultUnavailable, Tmpfs
 from simulators.harness import free_port
 

@@ -16,11 +16,11 @@ import aiomqtt
 import paho.mqtt.client as mqtt
 import pytest
 
-from device_drivers.base import Reading
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.outbox import Outbox
 from schemas.events import EnvReading
+from schemas.reading import Reading
 from schemas.state import DeviceState
 from schemas.uplink import decode_uplink
 from simulators.harness import Mosquitto, wait_until

@@ -39,8 +39,8 @@ from ingest_server.web.api.enrol import EnrolmentState
 from ingest_server.web.api.limits import SlotLimiter
 from ingest_server.web.app import HttpServer, create_app
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
-from tests.integration.api_seed import _Healthy, get_json
-from tests.services import Postgres
+from simulators.api_seed import _Healthy, get_json
+from simulators.harness import Postgres
 
 pytestmark = pytest.mark.integration
 

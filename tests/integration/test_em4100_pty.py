@@ -9,8 +9,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from serial.tools import list_ports
 
-from device_drivers import em4100
 from device_drivers.base import DriverContext, DriverState, UidHasher
 from device_drivers.em4100 import Em4100Reader, build, probe
 from schemas.events import CardTap
@@ -146,7 +146,7 @@ async def test_usb_ids_found_again_after_replug(
 ) -> None:
     """``usb:VID:PID:SERIAL`` is looked up at every open (ptys are not listed: fake the list)."""
     adapter = SimpleNamespace(device=str(sim.link), vid=0x1A86, pid=0x7523, serial_number="R1")
-    monkeypatch.setattr(em4100.list_ports, "comports", lambda: [adapter])
+    monkeypatch.setattr(list_ports, "comports", lambda: [adapter])
     driver = build("em-1", {"port": "usb:1a86:7523:R1"}, ctx)
     async with running(driver) as out:
         sim.unplug()

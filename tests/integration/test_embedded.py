@@ -23,7 +23,8 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ingest_server.embedded.broker import BrokerThread, EmbeddedBroker, EmbeddedPostgres
+from ingest_server.embedded.broker import BrokerThread, EmbeddedBroker
+from ingest_server.embedded.postgres import EmbeddedPostgres
 from simulators.harness import port_open, shared_tmpdir, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -15,7 +15,7 @@ from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
 from ingest_server.web import api_docs
 from ingest_server.web.headers import API_CSP, DASHBOARD_CSP
-from tests.services import Mosquitto, wait_until
+from simulators.harness import Mosquitto, wait_until
 
 pytestmark = pytest.mark.integration
 

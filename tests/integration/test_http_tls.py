@@ -23,9 +23,8 @@ from ingest_server.metrics import IngestMetrics
 from ingest_server.settings import Settings, SettingsError
 from ingest_server.web.app import HttpServer, create_app
 from ingest_server.web.tls import TlsFiles
-from simulators.harness import wait_until
-from tests.pipeline import IngestServer
-from tests.services import Mosquitto
+from simulators.harness import Mosquitto, wait_until
+from simulators.harness_pipeline import IngestServer
 
 pytestmark = pytest.mark.integration
 

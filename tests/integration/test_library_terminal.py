@@ -20,7 +20,7 @@ from device_drivers.base import DriverContext, DriverState, UidHasher
 from device_drivers.em4100 import Em4100Reader
 from device_drivers.library import LibraryTerminal, build
 from device_drivers.pcsc import ReaderWatcher
-from device_drivers.transport import LinkedDriver
+from device_drivers.plumbing.link import LinkedDriver
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from schemas.events import LibraryLoan, LibraryReturn

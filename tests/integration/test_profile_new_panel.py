@@ -19,8 +19,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from device_drivers.codecs.profile import checksum
 from device_drivers.panel import probe
-from device_drivers.profile import checksum
 from simulators.harness import Mosquitto, wait_until
 from tests.agent_helpers import Collector
 

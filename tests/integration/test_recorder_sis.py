@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from device_drivers.base import DriverContext, DriverState, ProbeResult, Reading
+from device_drivers.base import DriverContext, DriverState, ProbeResult
 from device_drivers.recorder import RecorderPoller, build, probe
 from schemas.events import RecorderStatus
+from schemas.reading import Reading
 from simulators.recorder import SmpRecorder
 from tests.driver_harness import RunningDriver, ctx_fixture, fast_backoff, until
 

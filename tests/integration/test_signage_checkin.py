@@ -11,7 +11,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from device_drivers.base import DriverContext, DriverError, DriverState, UidHasher
-from device_drivers.signage import WEEKDAYS, ClassSignage, ScreenLink, build, probe
+from device_drivers.codecs.signage import WEEKDAYS
+from device_drivers.signage import ClassSignage, ScreenLink, build, probe
 from device_drivers.wiegand import WiegandReader
 from schemas.events import AttendanceCheckin, SignageNoticeShown
 from simulators.signage import Notice, SignageScreen

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from device_drivers.base import Reading
 from edge_agent.cli import main
 from edge_agent.config import ConfigError, apply_remote, load_config
 from edge_agent.outbox import Outbox
 from schemas.events import BoardPower, DeviceKind
+from schemas.reading import Reading
 from tests.agent_helpers import MINIMAL
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_drivers.barcode import (
+from device_drivers.codecs.barcode import (
     MAX_SCAN,
     BadCode,
     ItemCode,

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from device_drivers.camera_analysis import (
+from device_drivers.codecs.camera_analysis import (
     AnalysisSettings,
     WindowAnalyzer,
     WindowFigures,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from serial.tools import list_ports
 
 from device_drivers import em4100
 from device_drivers.base import DriverContext, DriverError, UidHasher, build_driver
@@ -23,7 +24,7 @@ def adapters(monkeypatch: pytest.MonkeyPatch) -> None:
         ("/dev/ttyUSB1", 0x0403, 0x6001, "A1"),
         ("/dev/ttyUSB2", 0x0403, 0x6001, "B2"),
     )
-    monkeypatch.setattr(em4100.list_ports, "comports", lambda: found)
+    monkeypatch.setattr(list_ports, "comports", lambda: found)
 
 
 def test_registered_with_defaults() -> None:

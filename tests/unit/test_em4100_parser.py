@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_drivers.em4100 import MAX_NOISE, Debouncer, Em4100Frame, Em4100Parser, FrameError
+from device_drivers.codecs.em4100 import MAX_NOISE, Debouncer, Em4100Frame, Em4100Parser, FrameError
 
 # Worked by hand: 62 ^ E3 ^ 08 ^ 6C ^ ED = 08.
 VECTOR = b"\x0262E3086CED08\x03"

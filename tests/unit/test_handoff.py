@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from device_drivers.handoff import DropOldestQueue, pump
+from device_drivers.plumbing.handoff import DropOldestQueue, pump
 
 
 async def test_a_full_queue_drops_the_oldest_and_says_so() -> None:

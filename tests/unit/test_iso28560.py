@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_drivers.iso28560 import (
+from device_drivers.codecs.iso28560 import (
     LibraryItemTag,
     TagProblem,
     block_crc,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from device_drivers.lines import LineSplitter, Overlong
+from device_drivers.codecs.lines import LineSplitter, Overlong
 
 
 def test_lines_split_on_cr_and_lf_and_blank_lines_vanish() -> None:

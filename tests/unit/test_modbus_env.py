@@ -13,14 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from device_drivers.base import DriverContext, DriverError, UidHasher, build_driver
-from device_drivers.gate import TEMPERATURE_RANGE, decide
-from device_drivers.modbus_env import (
+from device_drivers.codecs.modbus import (
     DEFAULT_REGISTERS,
     MAX_READ,
     RegisterSpec,
     checked,
     plan_reads,
 )
+from device_drivers.gate import TEMPERATURE_RANGE, decide
 from simulators.modbus_sensor import CLASSROOM_LAYOUT, Field
 
 EXAMPLES = Path(__file__).parents[2] / "deploy" / "examples"

@@ -16,9 +16,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from device_drivers.base import Reading
 from edge_agent.outbox import AsyncOutbox, Outbox, OutboxError, rfc3339
 from schemas.events import BoardPower, EnvReading
+from schemas.reading import Reading
 
 
 def env(n: int) -> Reading:
@@ -153,7 +153,7 @@ async def test_async_outbox_wakes_a_waiting_consumer(tmp_path: Path) -> None:
 
 CHILD = """
 import sys
-from device_drivers.base import Reading
+from schemas.reading import Reading
 from edge_agent.outbox import Outbox
 from schemas.events import EnvReading
 

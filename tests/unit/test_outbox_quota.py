@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from device_drivers.base import Reading
 from edge_agent.outbox import Outbox, OutboxFull, priority
 from schemas.events import AgentHealth, BoardPower, CardTap, EnvReading
+from schemas.reading import Reading
 
 HASH = "ab" * 32
 

@@ -8,18 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_drivers.base import DriverContext, DriverState, Reading, UidHasher
-from device_drivers.board_os import (
-    Activity,
-    AppChange,
-    BadRecord,
-    BoardActivitySource,
-    BoardOsDriver,
-    FeedCodec,
-    SourceLost,
-    TouchCount,
-)
+from device_drivers.base import DeviceLost, DriverContext, DriverState, UidHasher
+from device_drivers.board_os import BoardActivitySource, BoardOsDriver
+from device_drivers.codecs.board_os import Activity, AppChange, BadRecord, FeedCodec, TouchCount
 from schemas.events import BoardApp, BoardTouch
+from schemas.reading import Reading
 
 CST = timezone(timedelta(hours=8))
 
@@ -95,7 +88,7 @@ class ListSource(BoardActivitySource):
 
     async def next(self, within: float) -> list[Activity]:
         if not self.batches:
-            raise SourceLost("script finished")
+            raise DeviceLost("script finished")
         return self.batches.pop(0)
 
     async def aclose(self) -> None:

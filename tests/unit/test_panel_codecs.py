@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from device_drivers.base import DriverError
-from device_drivers.panel import (
+from device_drivers.codecs.panel import (
     CMD_INPUT,
     CMD_POWER,
     OP_REFUSED,
@@ -21,8 +21,8 @@ from device_drivers.panel import (
     Rejected,
     SmartCodec,
     maxhub_frame,
-    parse_options,
 )
+from device_drivers.panel import parse_options
 from schemas.events import BoardInput, BoardPower
 
 

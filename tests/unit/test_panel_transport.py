@@ -11,19 +11,17 @@ from typing import Any
 
 import pytest
 
-from device_drivers.base import DriverContext, DriverState, Reading, UidHasher
-from device_drivers.transport import (
-    Link,
-    LinkedDriver,
-    LinkLost,
+from device_drivers.base import DeviceLost, DriverContext, DriverState, UidHasher
+from device_drivers.plumbing.link import Link, LinkedDriver, exchange
+from device_drivers.plumbing.transport import (
     PortNotFound,
     UsbId,
-    exchange,
     open_in_thread,
     open_transport,
     pyserial_url,
     resolve_usb,
 )
+from schemas.reading import Reading
 
 
 @dataclass
@@ -129,9 +127,9 @@ async def test_link_read_timeout_then_data_then_loss() -> None:
     await link.write(b"q")
     assert await link.read(1.0) == b"answer"
     fake.fail = OSError("gone")
-    with pytest.raises(LinkLost, match="gone"):
+    with pytest.raises(DeviceLost, match="gone"):
         await link.read(1.0)
-    with pytest.raises(LinkLost):
+    with pytest.raises(DeviceLost):
         await link.write(b"q")
     await link.aclose()
     assert fake.closed

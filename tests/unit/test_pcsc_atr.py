@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_drivers.pcsc import card_tech, contactless_historical
+from device_drivers.codecs.pcsc import card_tech, contactless_historical
 
 TECHS = {"iso14443a", "iso14443b", "felica", "iso15693", "mifare_classic", "unknown"}
 

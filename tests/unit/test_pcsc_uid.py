@@ -11,8 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from device_drivers.base import DriverContext, DriverError, UidHasher, build_driver
-from device_drivers.pcsc import (
-    PcscCardReader,
+from device_drivers.codecs.pcsc import (
     UidFailure,
     UidRead,
     WrongLength,
@@ -20,6 +19,7 @@ from device_drivers.pcsc import (
     parse_uid_response,
     read_uid,
 )
+from device_drivers.pcsc import PcscCardReader
 
 EXAMPLES = Path(__file__).parents[2] / "deploy" / "examples"
 UID7 = bytes.fromhex("04A1B2C3D4E5F6")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from device_drivers.base import DriverError
-from device_drivers.panel import (
+from device_drivers.codecs.panel import (
     CMD_INPUT,
     CMD_POWER,
     OP_REFUSED,
@@ -22,9 +22,8 @@ from device_drivers.panel import (
     MaxhubCodec,
     SmartCodec,
     maxhub_frame,
-    parse_options,
 )
-from device_drivers.profile import (
+from device_drivers.codecs.profile import (
     Observed,
     ProfileError,
     Refused,
@@ -34,6 +33,7 @@ from device_drivers.profile import (
     parse_profile,
     shipped,
 )
+from device_drivers.panel import parse_options
 
 
 def test_shipped_profiles_load() -> None:
@@ -134,7 +134,13 @@ def test_panel_options_name_a_profile_by_path(tmp_path: Path) -> None:
 
 
 def _shipped(name: str) -> Path:
-    return Path(__file__).resolve().parents[2] / "device_drivers" / "profiles" / f"{name}.toml"
+    return (
+        Path(__file__).resolve().parents[2]
+        / "device_drivers"
+        / "codecs"
+        / "profiles"
+        / f"{name}.toml"
+    )
 
 
 # --- bad profiles: refused with file, line and field ----------------------------------------

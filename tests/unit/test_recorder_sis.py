@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from device_drivers.base import DriverError
-from device_drivers.recorder import (
+from device_drivers.codecs.recorder import (
     INFO_QUERY,
     STATUS_QUERY,
     TERSE,
@@ -17,8 +17,8 @@ from device_drivers.recorder import (
     SisCodec,
     StatusReply,
     VerboseAck,
-    parse_options,
 )
+from device_drivers.recorder import parse_options
 
 BANNER = (
     b"(c) Copyright 2024, Extron Electronics SMP 351, V3.02, 60-1324-01\r\n"

@@ -23,14 +23,14 @@ from device_drivers.base import (
     build_driver,
     load_builtin_drivers,
 )
-from device_drivers.signage import (
+from device_drivers.codecs.signage import (
     PeriodOptions,
     ScreenCodec,
     ScreenReply,
     parse_timetable,
     place_tap,
-    worst_state,
 )
+from device_drivers.plumbing.composite import worst_state
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 # 2026-11-23 is a Monday.

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from device_drivers.base import DriverContext, DriverError, UidHasher, build_driver
-from device_drivers.wiegand import Rejected, WiegandFrame, WiegandParser, check_parity
+from device_drivers.codecs.wiegand import Rejected, WiegandFrame, WiegandParser, check_parity
 from simulators.wiegand import card_bytes, frame_line
 
 EXAMPLES = Path(__file__).parents[2] / "deploy" / "examples"

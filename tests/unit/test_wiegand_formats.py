@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from device_drivers.base import DriverError
-from device_drivers.wiegand import Rejected, WiegandFrame, WiegandParser, parse_options
+from device_drivers.codecs.wiegand import Rejected, WiegandFrame, WiegandParser
+from device_drivers.wiegand import parse_options
 from simulators.wiegand import frame_line
 
 

@@ -22,7 +22,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from device_drivers.lines import LineSplitter, Overlong
+from device_drivers.codecs.lines import LineSplitter, Overlong
 from schemas.events import REGISTRY
 
 SHIPPED_DIR: Final = Path(__file__).parent / "profiles"
