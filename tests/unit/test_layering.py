@@ -69,3 +69,36 @@ def test_an_unregistered_command_says_what_is_missing(capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert "ingest-server no-such-command: not installed" in err
     assert cli.COMMANDS_GROUP in err
+
+
+#: The server's parts and what each may import (besides schemas, third-party packages and the
+#: shared top-level modules settings, metrics and logbound): the data's way through the server.
+#: ``docs/design.md`` draws the same arrows.
+SERVER_ARROWS: dict[str, frozenset[str]] = {
+    "storage": frozenset(),
+    "ingest": frozenset({"storage"}),
+    "control": frozenset({"storage", "ingest"}),
+    "alerts": frozenset({"storage", "ingest", "control"}),
+    "embedded": frozenset({"control"}),
+    "web": frozenset({"storage", "ingest", "control", "alerts"}),
+}
+_SHARED = frozenset({"settings", "metrics", "logbound"})
+
+
+def test_the_server_s_parts_import_only_along_their_arrows() -> None:
+    found = []
+    for part, allowed in SERVER_ARROWS.items():
+        folder = ROOT / "ingest_server" / part
+        for path in sorted(folder.rglob("*.py")) if folder.is_dir() else []:
+            for name in imported(path):
+                bits = name.split(".")
+                if bits[0] != "ingest_server" or len(bits) < 2 or bits[1] in (part, *_SHARED):
+                    continue
+                if bits[1] not in allowed:
+                    found.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert found == []
+
+
+def test_every_server_module_sits_in_a_part_or_is_shared() -> None:
+    top = {p.stem for p in (ROOT / "ingest_server").glob("*.py")}
+    assert top - _SHARED - {"__init__", "__main__", "cli", "server"} == set()
