@@ -8,11 +8,13 @@ import threading
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest_server.server import IngestServer
@@ -132,3 +134,18 @@ class Api:
 
 
 SCHOOL = "s001"
+
+
+@pytest.fixture
+def api_server(mosquitto: Mosquitto, db_url: str, tmp_path: Path) -> Iterator[IngestServer]:
+    """An ingest server on a fresh Mosquitto and database, its bootstrap admin token written."""
+    cfg = Settings(
+        broker_url=mosquitto.url,
+        db_url=db_url,
+        http_port=0,
+        client_id=f"ingest-api-{uuid.uuid4().hex[:8]}",
+        admin_token_file=tmp_path / "admin-token",
+    )
+    with IngestServer(cfg) as srv:
+        wait_until(cfg.token_file.exists, 60, "the bootstrap admin token")
+        yield srv

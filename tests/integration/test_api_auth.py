@@ -5,33 +5,22 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from ingest_server.server import IngestServer
-from ingest_server.settings import Settings
 from ingest_server.web.api import auth
-from simulators.harness import Mosquitto, wait_until
+from simulators.harness import wait_until
 from tests.api_client import call
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def server(mosquitto: Mosquitto, db_url: str, tmp_path: Path) -> Iterator[IngestServer]:
-    cfg = Settings(
-        broker_url=mosquitto.url,
-        db_url=db_url,
-        http_port=0,
-        client_id="ingest-auth",
-        admin_token_file=tmp_path / "admin-token",
-    )
-    with IngestServer(cfg) as srv:
-        wait_until(cfg.token_file.exists, 60, "the bootstrap admin token")
-        yield srv
+def server(api_server: IngestServer) -> IngestServer:
+    return api_server
 
 
 def test_tokens_scopes_and_errors(server: IngestServer, db_url: str) -> None:

@@ -5,33 +5,21 @@ from __future__ import annotations
 
 import http.client
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import pytest
 
 from ingest_server.server import IngestServer
-from ingest_server.settings import Settings
 from ingest_server.web import api_docs
 from ingest_server.web.headers import API_CSP, DASHBOARD_CSP
-from simulators.harness import Mosquitto, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def server(mosquitto: Mosquitto, db_url: str, tmp_path: Path) -> Iterator[IngestServer]:
-    cfg = Settings(
-        broker_url=mosquitto.url,
-        db_url=db_url,
-        http_port=0,
-        client_id="ingest-hardening",
-        admin_token_file=tmp_path / "admin-token",
-    )
-    with IngestServer(cfg) as srv:
-        wait_until(cfg.token_file.exists, 60, "the bootstrap admin token")
-        yield srv
+def server(api_server: IngestServer) -> IngestServer:
+    return api_server
 
 
 @pytest.fixture
