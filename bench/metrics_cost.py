@@ -101,7 +101,7 @@ def main(argv: list[str]) -> int:
 
     their_counts = [
         int(s.value)
-        for s in theirs().collect()[0].samples
+        for s in next(iter(theirs().collect())).samples
         if s.name.endswith("_bucket")
     ]  # fmt: skip
     ours_counts = [
