@@ -16,6 +16,9 @@ BENCHES = (
     "api_queries",
     "devices_list",
     "decode_cost",
+    "mqtt_codec",
+    "copy_encode",
+    "metrics_cost",
 )
 
 
