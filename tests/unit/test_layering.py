@@ -102,3 +102,22 @@ def test_the_server_s_parts_import_only_along_their_arrows() -> None:
 def test_every_server_module_sits_in_a_part_or_is_shared() -> None:
     top = {p.stem for p in (ROOT / "ingest_server").glob("*.py")}
     assert top - _SHARED - {"__init__", "__main__", "cli", "server"} == set()
+
+
+def test_the_agent_and_the_server_meet_only_in_schemas() -> None:
+    assert offending("edge_agent", ("ingest_server",)) == []
+    assert offending("ingest_server", ("edge_agent",)) == []
+
+
+#: The simulators are independent implementations of the hardware; only what sits above both
+#: (the demo, and the API seeding the benches and tests share) may start or feed a server.
+SIMULATORS_ABOVE_THE_SERVER = frozenset({"demo.py", "api_seed.py"})
+
+
+def test_the_simulators_import_no_server_but_from_above() -> None:
+    found = [
+        line
+        for line in offending("simulators", ("ingest_server",))
+        if Path(line.split(":")[0]).name not in SIMULATORS_ABOVE_THE_SERVER
+    ]
+    assert found == []
