@@ -176,9 +176,9 @@ def serial_port_problem(port: str, *, windows: bool = sys.platform == "win32") -
         )
     if _COM_PORT.fullmatch(port):
         return "COM ports exist only on Windows"
+    if windows:  # no /dev there: a /dev/… path would be a file on the system drive
+        return "not a serial port: a remote config may name COM1…COM999 or usb:VID:PID[:SERIAL]"
     if not _SERIAL_NODE.fullmatch(port) or "/../" in port or port.endswith("/.."):
-        if windows:
-            return "not a serial port: a remote config may name COM1…COM999 or usb:VID:PID[:SERIAL]"
         return (
             "not a serial device node: a remote config may name /dev/tty…, /dev/serial/by-id/…, "
             "/dev/serial/by-path/…, /dev/rfcomm… or usb:VID:PID[:SERIAL]"
