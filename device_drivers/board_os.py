@@ -31,6 +31,7 @@ import os
 import random
 import select
 import stat
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -97,9 +98,13 @@ class FeedFile:
         self.fifo = stat.S_ISFIFO(st.st_mode)
         if not (self.fifo or stat.S_ISREG(st.st_mode)):
             raise OSError(f"{self.path} is neither a file nor a FIFO")
-        # Read-write on a FIFO: we are a writer too, so the helper closing it is not EOF.
-        flags = os.O_RDWR | os.O_NONBLOCK if self.fifo else os.O_RDONLY
-        self.fd = os.open(self.path, flags | os.O_CLOEXEC)
+        if sys.platform == "win32":
+            # No FIFOs there; O_BINARY, or the C runtime translates CRLF and stops at Ctrl+Z.
+            flags = os.O_RDONLY | os.O_BINARY
+        else:
+            # Read-write on a FIFO: we are a writer too, so the helper closing it is not EOF.
+            flags = (os.O_RDWR | os.O_NONBLOCK if self.fifo else os.O_RDONLY) | os.O_CLOEXEC
+        self.fd = os.open(self.path, flags)
         fst = os.fstat(self.fd)
         self.ino = fst.st_ino
         if self.fifo:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Annotated, Any, Final
@@ -86,12 +87,19 @@ def resolve_port(port: str) -> str:
 
 
 def _device_identity(path: str) -> tuple[int, int] | None:
-    """Which device node ``path`` leads to now (None for URLs and vanished devices)."""
-    try:
-        st = os.stat(path)
-    except OSError:
+    """Which device node ``path`` leads to now (None for URLs and vanished devices).
+
+    None on Windows: a COM port is no file node to watch; an unplugged adapter shows as
+    pyserial's read error instead.
+    """
+    if sys.platform == "win32":
         return None
-    return (st.st_dev, st.st_rdev or st.st_ino)
+    else:  # noqa: RET505 - the else keeps mypy --platform win32 from calling this unreachable
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_rdev or st.st_ino)
 
 
 class Em4100Reader(LinkedDriver):

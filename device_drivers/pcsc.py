@@ -1,4 +1,4 @@
-"""PC/SC contactless readers through pcscd (pyscard) → ``card.tap``.
+"""PC/SC contactless readers through pcscd or Windows' Smart Card service (pyscard) → ``card.tap``.
 
 Driver type ``pcsc``. Options: ``reader`` (a case-insensitive substring of the PC/SC reader
 name; empty watches every reader), ``reader_name`` (the ``reader`` label on events; default
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -80,6 +81,9 @@ class CardStillPresent:
 
 
 Observation = ReadersUp | ReadersDown | CardSeen | CardUnread | CardStillPresent
+#: What serves PC/SC here, for messages (the PC/SC calls are the same on both: pyscard's scard
+#: is WinSCard on Windows and pcsc-lite elsewhere).
+SERVICE: Final = "the Smart Card service (SCardSvr)" if sys.platform == "win32" else "pcscd"
 PNP_READER: Final = "\\\\?PnP?\\Notification"
 _RETRY_LISTING: Final = frozenset(
     {
@@ -209,13 +213,13 @@ class ReaderWatcher:
                     self._watch(context)
                     return
                 except PcscError as exc:
-                    self._report(ReadersDown(f"lost pcscd ({exc})"))
+                    self._report(ReadersDown(f"lost {SERVICE} ({exc})"))
                     self._carry_over()
                 finally:
                     self._context = None
                     scard.SCardReleaseContext(context)
             else:
-                self._report(ReadersDown(f"cannot reach pcscd: {describe(code)}"))
+                self._report(ReadersDown(f"cannot reach {SERVICE}: {describe(code)}"))
             self._stop.wait(backoff * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
             backoff = min(backoff * 2, self.BACKOFF_MAX_S)
 
@@ -336,11 +340,11 @@ register_driver("pcsc")(build)
 def _probe(opts: PcscOptions) -> ProbeResult:
     code, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
     if code != scard.SCARD_S_SUCCESS:
-        return ProbeResult.fail(f"cannot reach pcscd: {describe(code)} (is pcscd running?)")
+        return ProbeResult.fail(f"cannot reach {SERVICE}: {describe(code)} (is {SERVICE} running?)")
     try:
         readers = list_readers(context, opts.reader)
         if not readers:
-            return ProbeResult.fail(f"pcscd is running but there is {no_reader(opts.reader)}")
+            return ProbeResult.fail(f"{SERVICE} is running but there is {no_reader(opts.reader)}")
         query = [(r, scard.SCARD_STATE_UNAWARE) for r in readers]
         code, result = scard.SCardGetStatusChange(context, 0, query)
         _check("reading reader states", code)
@@ -361,7 +365,7 @@ def _probe(opts: PcscOptions) -> ProbeResult:
         verdict = "; ".join(verdicts)
         return ProbeResult.warn(verdict) if unread else ProbeResult.ok(verdict)
     except PcscError as exc:
-        return ProbeResult.fail(f"pcscd failed while probing: {exc}")
+        return ProbeResult.fail(f"{SERVICE} failed while probing: {exc}")
     finally:
         scard.SCardReleaseContext(context)
 

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from edge_agent.config import DEFAULT_OUTBOX, AgentConfig, ConfigError, load_con
 from edge_agent.doctor import run as doctor_run
 from edge_agent.enroll import EnrollError, enroll
 from edge_agent.outbox import Outbox, OutboxError
+from edge_agent.portable import default_config, install_stop_handlers
 
 log = logging.getLogger("edge_agent")
 
@@ -36,12 +36,13 @@ def _setup_logging(verbosity: int) -> None:
 
 async def _run(config: AgentConfig) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with Agent(config):
-        await stop.wait()
-        log.info("stopping")
+    undo = install_stop_handlers(asyncio.get_running_loop(), stop.set)
+    try:
+        async with Agent(config):
+            await stop.wait()
+            log.info("stopping")
+    finally:
+        undo()
 
 
 def cmd_run(config: AgentConfig) -> int:
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     enrol.add_argument(
         "--config",
         type=Path,
-        default=Path("/etc/campus-edge/agent.toml"),
+        default=Path(default_config()),
         help="where to write the config (default: %(default)s)",
     )
     enrol.add_argument("--kind", default="gateway", help="device kind (default: %(default)s)")

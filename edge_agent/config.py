@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Meta
 
 from edge_agent.clock import parse_reference
+from edge_agent.portable import default_outbox
 from edge_agent.remote_policy import RemoteAllowList, RemoteRefused, check_drivers
 from schemas.events import DeviceKind
 from schemas.keyfile import key_from_file
@@ -24,7 +25,8 @@ from schemas.uplink import DEFAULT_MAX_BYTES
 
 Id = Annotated[str, Meta(pattern=ID_PATTERN)]
 Positive = Annotated[float, Meta(gt=0)]
-DEFAULT_OUTBOX: Final = "/var/lib/campus-edge/outbox.db"
+#: This platform's outbox path (edge_agent.portable chooses per platform).
+DEFAULT_OUTBOX: Final = str(default_outbox())
 _PORTS: Final = {"mqtt": 1883, "mqtts": 8883}
 
 

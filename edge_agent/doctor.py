@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import importlib.util
 import json
 import os
@@ -38,6 +37,7 @@ from device_drivers.base import DriverContext, DriverError, ProbeResult, UidHash
 from edge_agent.clock import ClockError, measure
 from edge_agent.config import AgentConfig, Broker, ConfigError, DriverConfig, load_config
 from edge_agent.outbox import Outbox, OutboxError
+from edge_agent.portable import PCSC_SERVICE, PCSC_START_HINT, try_lock, unlock
 
 CONNECT_TIMEOUT_S: Final = 5.0
 MQTT_TIMEOUT_S: Final = 8.0
@@ -354,9 +354,9 @@ def _locked(path: Path) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        if not try_lock(fd, shared=True):
+            return True
+        unlock(fd)
     finally:
         os.close(fd)
     return False
@@ -430,10 +430,12 @@ def check_pcsc(config: AgentConfig) -> Check:
         return _warn("hardware.pcsc", why + fix) if wanted else _ok("hardware.pcsc", why)
     except Exception as exc:  # noqa: BLE001 - pyscard raises its own types for a missing or dead pcscd
         why = f"PC/SC not available: {exc or type(exc).__name__}"
-        fix = " — is pcscd installed and running (pcscd, or systemctl start pcscd)?"
+        fix = f" — is {PCSC_SERVICE} installed and running ({PCSC_START_HINT})?"
         return _warn("hardware.pcsc", why + fix) if wanted else _ok("hardware.pcsc", why)
     if not names and wanted:
-        return _warn("hardware.pcsc", "pcscd is running but sees no reader — plug the reader in")
+        return _warn(
+            "hardware.pcsc", f"{PCSC_SERVICE} is running but sees no reader — plug the reader in"
+        )
     return _ok("hardware.pcsc", f"PC/SC readers: {', '.join(names) or 'none'}")
 
 

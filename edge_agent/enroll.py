@@ -219,8 +219,12 @@ def _refusal(status: int, raw: bytes) -> str:
 
 
 def _write_secret(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
+    # Bytes as given on every platform: UTF-8 (the TOML reader's encoding, not Windows' ANSI code
+    # page) and no CRLF translation. On Windows the mode only sets read-only or not: the
+    # directory's ACL (deploy/windows/install.ps1) keeps the files from other users there.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
         f.write(text)
     path.chmod(0o600)  # also when the file was already there with a looser mode
 
@@ -276,7 +280,7 @@ def enroll(
         _write_secret(base / PASSWORD_FILE, got.mqtt_password)
     _write_secret(base / KEY_FILE, got.hash_key_hex.lower())
     if got.ca_cert_pem:
-        (base / "ca.pem").write_text(got.ca_cert_pem)
+        (base / "ca.pem").write_text(got.ca_cert_pem, encoding="utf-8")
     try:  # the same loader `run` uses: a config we write must be one it accepts
         cfg = load_config(tmp)
         if got.config:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,14 +29,56 @@ MAX_ERROR_CHARS: Final = 200
 
 
 def rss_mb() -> float:
-    """This process's resident memory in MiB."""
-    try:
-        pages = int(_STATM.read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / _MIB
-    except (OSError, ValueError, IndexError):
-        # No /proc: the peak RSS is the best the standard library offers (KiB; bytes on macOS).
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (_MIB if sys.platform == "darwin" else 1024)
+    """This process's resident memory in MiB (its working set on Windows)."""
+    if sys.platform == "win32":
+        return _win_working_set() / _MIB
+    else:  # noqa: RET505 - the else keeps mypy --platform win32 from calling this unreachable
+        import resource  # noqa: PLC0415 - POSIX only: kept off Windows' import path
+
+        try:
+            pages = int(_STATM.read_text().split()[1])
+            return float(pages * os.sysconf("SC_PAGE_SIZE") / _MIB)
+        except (OSError, ValueError, IndexError):
+            # No /proc: the peak RSS is the best the standard library offers (KiB; bytes on
+            # macOS).
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return float(peak / (_MIB if sys.platform == "darwin" else 1024))
+
+
+if sys.platform == "win32":  # defined only there: ctypes.WinDLL exists only there
+
+    def _win_working_set() -> int:
+        """Bytes in this process's working set (psapi's PROCESS_MEMORY_COUNTERS); 0 if unknown."""
+        import ctypes  # noqa: PLC0415 - only Windows needs it
+        from ctypes import wintypes  # noqa: PLC0415
+
+        class Counters(ctypes.Structure):
+            _fields_ = [
+                ("cb", wintypes.DWORD),
+                ("PageFaultCount", wintypes.DWORD),
+                ("PeakWorkingSetSize", ctypes.c_size_t),
+                ("WorkingSetSize", ctypes.c_size_t),
+                ("QuotaPeakPagedPoolUsage", ctypes.c_size_t),
+                ("QuotaPagedPoolUsage", ctypes.c_size_t),
+                ("QuotaPeakNonPagedPoolUsage", ctypes.c_size_t),
+                ("QuotaNonPagedPoolUsage", ctypes.c_size_t),
+                ("PagefileUsage", ctypes.c_size_t),
+                ("PeakPagefileUsage", ctypes.c_size_t),
+            ]
+
+        try:
+            kernel32 = ctypes.WinDLL("kernel32")
+            kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+            query = kernel32.K32GetProcessMemoryInfo  # kernel32 has it since Windows 7
+            query.argtypes = [wintypes.HANDLE, ctypes.c_void_p, wintypes.DWORD]
+            query.restype = wintypes.BOOL
+            counters = Counters()
+            counters.cb = ctypes.sizeof(Counters)
+            if not query(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
+                return 0
+        except (OSError, AttributeError):
+            return 0
+        return int(counters.WorkingSetSize)
 
 
 def driver_summary(drivers: Sequence[Driver]) -> dict[str, str]:

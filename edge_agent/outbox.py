@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import sqlite3
@@ -41,6 +40,7 @@ from typing import Final, Literal, Self, TypeVar
 
 import msgspec
 
+from edge_agent.portable import try_lock
 from schemas.reading import Reading
 
 T = TypeVar("T")
@@ -192,11 +192,9 @@ class Outbox:
 
     def _take_lock(self) -> None:
         fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(fd):
             os.close(fd)
-            raise OutboxError(f"another edge-agent is using the outbox {self.path}") from None
+            raise OutboxError(f"another edge-agent is using the outbox {self.path}")
         self._lock_fd = fd
 
     def _release_lock(self) -> None:

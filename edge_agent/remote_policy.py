@@ -7,9 +7,9 @@ of their choosing. So every option of every built-in driver type is classified i
 
 - plain values (numbers, flags, names, timetables): the driver validates them;
 - a serial port: only a device node (``/dev/tty…``, ``/dev/serial/by-id/…``,
-  ``/dev/serial/by-path/…``, ``/dev/rfcomm…``; ``COMn`` on Windows) or ``usb:VID:PID[:SERIAL]``,
-  never a pyserial URL handler (``spy://``, ``socket://``, ``loop://``, ``rfc2217://``,
-  ``hwgrep://``), ``tcp://`` or any other path;
+  ``/dev/serial/by-path/…``, ``/dev/rfcomm…``; ``COMn`` or ``\\\\.\\COMn`` on Windows) or
+  ``usb:VID:PID[:SERIAL]``, never a pyserial URL handler (``spy://``, ``socket://``,
+  ``loop://``, ``rfc2217://``, ``hwgrep://``), ``tcp://`` or any other path;
 - a camera source, a Modbus TCP host, a signage screen address: only a value on the local
   config's ``[remote]`` allow-list or one the local config itself uses for that kind;
 - local only (file paths, regular expressions): never changed remotely.
@@ -21,8 +21,8 @@ identical to the local one always passes. The local config file itself may use a
 
 from __future__ import annotations
 
-import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -138,7 +138,9 @@ MAX_DEPTH: Final = 3
 _SERIAL_NODE: Final = re.compile(
     r"/dev/(tty[A-Za-z0-9_.-]*|serial/by-(id|path)/[^/]+|rfcomm[0-9]+)"
 )
-_COM_PORT: Final = re.compile(r"COM[1-9][0-9]{0,2}", re.IGNORECASE)
+#: A Windows COM port: ``COM3``, or the device-namespace form ``\\.\COM10`` (pyserial adds
+#: that prefix itself above COM8, so both forms name the same port).
+_COM_PORT: Final = re.compile(r"(\\\\\.\\)?COM[1-9][0-9]{0,2}", re.IGNORECASE)
 _MISSING: Final = object()
 
 
@@ -156,7 +158,7 @@ def _show(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def serial_port_problem(port: str, *, windows: bool = os.name == "nt") -> str | None:
+def serial_port_problem(port: str, *, windows: bool = sys.platform == "win32") -> str | None:
     """Why ``port`` may not be set remotely, or None when it is a device node or a USB id."""
     if port.startswith("usb:"):
         try:
@@ -174,6 +176,8 @@ def serial_port_problem(port: str, *, windows: bool = os.name == "nt") -> str | 
         )
     if _COM_PORT.fullmatch(port):
         return "COM ports exist only on Windows"
+    if windows:  # no /dev there: a /dev/… path would be a file on the system drive
+        return "not a serial port: a remote config may name COM1…COM999 or usb:VID:PID[:SERIAL]"
     if not _SERIAL_NODE.fullmatch(port) or "/../" in port or port.endswith("/.."):
         return (
             "not a serial device node: a remote config may name /dev/tty…, /dev/serial/by-id/…, "
