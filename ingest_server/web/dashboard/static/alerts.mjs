@@ -4,50 +4,7 @@
 // Text only: nothing from the server is parsed as HTML.
 
 import { ApiError, call } from "./api.mjs";
-import { STRINGS, ago, lang, t } from "./i18n.mjs";
-
-Object.assign(STRINGS.en, {
-  "nav.alerts": "Alerts",
-  "alerts.title": "Alerts",
-  "alerts.none": "No open alerts.",
-  "alerts.open": "Open",
-  "alerts.acknowledged": "Acknowledged",
-  "alerts.resolved": "Recently resolved",
-  "alerts.ack": "Acknowledge",
-  "alerts.resolve": "Resolve",
-  "alerts.working": "Sending…",
-  "alerts.where": "School {school} · room {room} · device {device}",
-  "alerts.opened": "Opened {ago}",
-  "alerts.acked_by": "Acknowledged by {who}",
-  "alerts.resolved_by": "Resolved by {who}",
-  "alerts.summary": "{total} open alerts: {critical} critical, {warning} warning, {info} info",
-  "alerts.summary_none": "No open alerts",
-  "alerts.unavailable": "The alerts API is not available on this server.",
-  "severity.critical": "Critical",
-  "severity.warning": "Warning",
-  "severity.info": "Info",
-});
-Object.assign(STRINGS.zh, {
-  "nav.alerts": "告警",
-  "alerts.title": "告警",
-  "alerts.none": "没有未处理的告警。",
-  "alerts.open": "未处理",
-  "alerts.acknowledged": "已确认",
-  "alerts.resolved": "最近已解决",
-  "alerts.ack": "确认",
-  "alerts.resolve": "解决",
-  "alerts.working": "正在提交…",
-  "alerts.where": "学校 {school} · 教室 {room} · 设备 {device}",
-  "alerts.opened": "{ago}发生",
-  "alerts.acked_by": "由 {who} 确认",
-  "alerts.resolved_by": "由 {who} 解决",
-  "alerts.summary": "{total} 条未处理告警：严重 {critical}，警告 {warning}，提示 {info}",
-  "alerts.summary_none": "没有未处理的告警",
-  "alerts.unavailable": "此服务器未提供告警接口。",
-  "severity.critical": "严重",
-  "severity.warning": "警告",
-  "severity.info": "提示",
-});
+import { ago, lang, t } from "./i18n.mjs";
 
 const SEVERITY_RANK = { critical: 0, warning: 1, info: 2 };
 const STATE_RANK = { open: 0, acknowledged: 1, resolved: 2 };
