@@ -19,6 +19,8 @@ BROKER_ENV = "CAMPUS_BROKER_URL"
 DB_ENV = "CAMPUS_DB_URL"
 TLS_CERT_ENV = "CAMPUS_TLS_CERT"
 TLS_KEY_ENV = "CAMPUS_TLS_KEY"
+WEBHOOK_ENV = "CAMPUS_ALERT_WEBHOOK"
+SMTP_ENV = "CAMPUS_ALERT_SMTP"
 _DEFAULTS = Settings()
 
 
@@ -87,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     _enrolment_args(run)
+    _alert_args(run)
 
     demo = sub.add_parser(
         "demo",
@@ -173,6 +176,39 @@ def _enrolment_args(run: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the default: the embedded broker admits only enrolled devices (and this server)",
     )
+
+
+def _alert_args(run: argparse.ArgumentParser) -> None:
+    g = run.add_argument_group("alert notifications (docs/alerts.md)")
+    g.add_argument(
+        "--alert-webhook",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="send alert notifications here (repeatable): https://… (JSON), "
+        "wecom+https://qyapi.weixin.qq.com/…?key=K, "
+        "dingtalk+https://oapi.dingtalk.com/robot/send?access_token=T[&secret=SEC…] "
+        f"(default ${WEBHOOK_ENV}, comma- or space-separated)",
+    )
+    g.add_argument(
+        "--smtp",
+        metavar="URL",
+        help="e-mail alert notifications: smtp[s]://user:pass@host:port?from=A&to=B[,C] "
+        f"(STARTTLS required on smtp://; default ${SMTP_ENV}, which keeps the password out of ps)",
+    )
+    g.add_argument(
+        "--alert-routes",
+        metavar="FILE",
+        type=Path,
+        help="TOML: receivers by name, routes per school and severity, quiet hours "
+        "(without it every receiver gets every notification)",
+    )
+
+
+def _webhooks(given: list[str]) -> tuple[str, ...]:
+    if given:
+        return tuple(given)
+    return tuple(os.environ.get(WEBHOOK_ENV, "").replace(",", " ").split())
 
 
 #: Subcommands provided by packages above the server (the demo lives with the simulators, which
@@ -262,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             stuck_after_s=args.stuck_after,
             tls_cert=_path_or_env(args.tls_cert, TLS_CERT_ENV),
             tls_key=_path_or_env(args.tls_key, TLS_KEY_ENV),
+            alert_webhooks=_webhooks(args.alert_webhook),
+            alert_smtp=args.smtp or os.environ.get(SMTP_ENV) or None,
+            alert_routes=args.alert_routes,
         )
     except SettingsError as exc:
         parser.error(str(exc))

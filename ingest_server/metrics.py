@@ -221,6 +221,25 @@ class IngestMetrics:
             "Storage maintenance steps that gave up waiting for a lock (tried again later).",
             ["step"],
         )
+        a = "campus_alert"
+        self.alert_notifications = Counter(
+            f"{a}_notifications_total",
+            "Alert notifications by receiver and outcome: sent, failed (gave up, reason in "
+            "alert_notifications.last_error), dropped (info in quiet hours), stale (an event "
+            "older than the retry window when first routed; receiver -).",
+            ["receiver", "outcome"],
+        )
+        self.alert_notify_retries = Counter(
+            f"{a}_notify_retries_total",
+            "Failed delivery attempts of alert notifications that will be tried again.",
+            ["receiver"],
+        )
+        self.alert_notify_pending = Gauge(
+            f"{a}_notify_pending", "Alert notifications waiting to be delivered (leader only)."
+        )
+        self.alert_notify_leader = Gauge(
+            f"{a}_notify_leader", "1 on the server that sends alert notifications."
+        )
         self.all: tuple[_Metric, ...] = tuple(
             m for m in vars(self).values() if isinstance(m, _Metric)
         )

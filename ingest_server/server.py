@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import psycopg
 
@@ -32,6 +32,9 @@ from ingest_server.web.api import auth
 from ingest_server.web.api.enrol import EnrolmentState
 from ingest_server.web.app import HttpServer, create_app
 from schemas.keyfile import key_from_file
+
+if TYPE_CHECKING:
+    from ingest_server.alerts.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class IngestServer:
         #: The embedded broker's credentials and topic rules, kept current from the registry.
         self.broker_rules: broker_auth.RulesHolder | None = None
         self.broker_auth: broker_auth.BrokerAuthRefresher | None = None
+        self.notifier: Notifier | None = None
 
     @property
     def consumer(self) -> Consumer:
@@ -98,6 +102,7 @@ class IngestServer:
             self.storage = StorageMaintenance(db_url, metrics=self.metrics)
             self.storage.start()
             self._stack.callback(self.storage.stop)
+            self._start_notifier(db_url)
             http.start()
             self._stack.callback(http.stop)
             self._stack.callback(app.state.live.close)  # live streams end first, or stop waits
@@ -118,6 +123,16 @@ class IngestServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _start_notifier(self, db_url: str) -> None:
+        """Alert notifications, when a receiver is configured (leader only, own thread)."""
+        config = self.settings.notify_config()
+        if config is None:
+            return
+        from ingest_server.alerts.notify import Notifier  # noqa: PLC0415
+
+        self.notifier = Notifier(config, db_url, self.metrics).start()
+        self._stack.callback(self.notifier.stop)
 
     def _start_bootstrap(self, db_url: str) -> None:
         """Once the database answers: migrate, and make sure an admin API token exists."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import psycopg
@@ -13,6 +13,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ingest_server.web.tls import TlsError, TlsFiles
 from schemas.uplink import DEFAULT_MAX_BYTES
+
+if TYPE_CHECKING:
+    from ingest_server.alerts.notify import NotifyConfig
 
 _PROTOCOLS: Final = {"5": 5, "3.1.1": 4, "311": 4}
 _DEFAULT_PORTS: Final = {"mqtt": 1883, "mqtts": 8883}
@@ -147,6 +150,11 @@ class Settings:
     #: PEM certificate chain and key: the HTTP API is served over TLS (both or neither).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: Alert notifications: webhook URLs (plain, wecom+https://, dingtalk+https://), an SMTP
+    #: URL and a routes file (see docs/alerts.md); no notifier without a receiver.
+    alert_webhooks: tuple[str, ...] = ()
+    alert_smtp: str | None = None
+    alert_routes: Path | None = None
 
     def __post_init__(self) -> None:
         if self.batch_events < 1 or self.batch_ms < 0:
@@ -191,6 +199,16 @@ class Settings:
                 tls.check()
             except TlsError as exc:
                 raise SettingsError(str(exc)) from None
+        self.notify_config()
+
+    def notify_config(self) -> NotifyConfig | None:
+        """The alert receivers and routes, or None when no receiver is configured."""
+        from ingest_server.alerts.notify import NotifyConfig, NotifyConfigError  # noqa: PLC0415
+
+        try:
+            return NotifyConfig.build(self.alert_webhooks, self.alert_smtp, self.alert_routes)
+        except NotifyConfigError as exc:
+            raise SettingsError(str(exc)) from None
 
     def tls(self) -> TlsFiles | None:
         """The HTTP API's certificate and key, when it is served over TLS."""

@@ -201,12 +201,36 @@ await step("rollups-en", page, async () => {
   await shot(page, "08-rollups-en");
 });
 
+// alerts (seeded by the test): open first by severity; acknowledge one by its button
+out.alerts = { available: false };
+await step("alerts", page, async () => {
+  await page.click('nav a[data-page="fleet"]');
+  await ready(page, "fleet");
+  out.alerts.summary = await page.getAttribute("#alert-summary", "data-open", { timeout: 1000 }).catch(() => null);
+  await page.click('nav a[data-page="alerts"]');
+  await ready(page, "alerts");
+  out.alerts.available = (await page.$("article[data-alert], #alerts-none")) !== null;
+  await shot(page, "16-alerts-en");
+  if (out.alerts.available) await acknowledgeOne(page);
+  await page.click('nav a[data-page="rollups"]'); // where the next step starts
+  await ready(page, "rollups");
+});
+
+async function acknowledgeOne(page) {
+  out.alerts.cards = await rows(page, "article[data-alert]", ["alert", "state", "severity"]);
+  const first = out.alerts.cards.find((c) => c.state === "open");
+  await page.click(`article[data-alert="${first.alert}"] button[data-action="acknowledge"]`);
+  await page.waitForSelector(`article[data-alert="${first.alert}"][data-state="acknowledged"]`, { timeout: STEP_MS });
+  out.alerts.acknowledged = first.alert;
+  out.alerts.after = await rows(page, "article[data-alert]", ["alert", "state", "severity"]);
+}
+
 await step("chinese", page, async () => {
   await page.click("#lang");
   await ready(page, "rollups");
   out.zh = { rollupsTitle: await page.textContent("h1"), nav: await page.$$eval("nav a", (as) => as.map((a) => a.textContent)) };
   await shot(page, "09-rollups-zh");
-  for (const [name, file] of [["fleet", "10-fleet-zh"], ["quality", "11-quality-zh"], ["live", "12-live-zh"]]) {
+  for (const [name, file] of [["fleet", "10-fleet-zh"], ["quality", "11-quality-zh"], ["live", "12-live-zh"], ["alerts", "17-alerts-zh"]]) {
     await page.click(`nav a[data-page="${name}"]`);
     if (name === "live") {
       await page.waitForFunction(() => document.querySelectorAll("#feed tr").length >= 1, null, { timeout: STEP_MS });
@@ -249,6 +273,12 @@ await step("tablet", tab, async () => {
   await ready(tab, "rollups");
   out.tablet.rollupsFits = await noHorizontalScroll(tab);
   await shot(tab, "15-rollups-tablet-zh");
+  await tab.tap('nav a[data-page="alerts"]');
+  await ready(tab, "alerts");
+  out.tablet.alertsFits = await noHorizontalScroll(tab);
+  out.tablet.alertButtons = await tab.$$eval(".alert-actions button", (els) =>
+    els.map((e) => e.getBoundingClientRect().height));
+  await shot(tab, "18-alerts-tablet-zh");
 });
 await tablet.close();
 

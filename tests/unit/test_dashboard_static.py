@@ -84,7 +84,7 @@ def test_both_languages_have_every_key_the_code_uses() -> None:
     assert len(en) > 50
     code = "".join(
         (STATIC_DIR / name).read_text(encoding="utf-8")
-        for name in ("app.mjs", "charts.mjs", "index.html")
+        for name in ("app.mjs", "alerts.mjs", "charts.mjs", "index.html")
     )
     used = set(re.findall(r'(?:\bt\(|data-i18n=)"([a-z0-9_]+\.[a-z0-9_.]+)"', code))
     assert used

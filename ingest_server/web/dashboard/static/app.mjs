@@ -3,6 +3,7 @@
 import { ApiError, call, clearToken, liveUrl, meta, pages, scopeOf, setToken, token, whenUnauthorized } from "./api.mjs";
 import { disposeCharts, drawChart } from "./charts.mjs";
 import { ago, lang, setLang, t } from "./i18n.mjs";
+import { openAlertSummary, renderAlerts } from "./alerts.mjs";
 
 const SCOPE_KEY = "campus.scope";
 const LIVE_MAX = 200; // rows kept in the live feed
@@ -146,6 +147,7 @@ async function renderFleet(query) {
   const health = new Map(devices.map((d) => [d.device_id, d.health]));
   const schools = [...new Set(devices.map((d) => d.school_id))].sort();
   const online = devices.filter((d) => stateOf(d) === "online").length;
+  const alertSummary = await openAlertSummary();
 
   const picker = h(
     "select",
@@ -155,7 +157,7 @@ async function renderFleet(query) {
   );
   const body = [
     h("h1", {}, t("fleet.title")),
-    h("div", { class: "row" }, picker, h("span", { id: "fleet-summary", class: "muted" }, t("fleet.summary", { online, offline: devices.length - online, total: devices.length }))),
+    h("div", { class: "row" }, picker, h("span", { id: "fleet-summary", class: "muted" }, t("fleet.summary", { online, offline: devices.length - online, total: devices.length })), alertSummary),
   ];
   if (devices.length === 0) body.push(h("p", { class: "notice" }, t("fleet.empty")));
   const columns = [
@@ -525,6 +527,7 @@ async function route() {
     else if (page === "live") leave = renderLive();
     else if (page === "quality") await renderQuality();
     else if (page === "rollups") await renderRollups();
+    else if (page === "alerts") await renderAlerts(view);
     else if (page === "login") { location.hash = "#/fleet"; return; }
     else await renderFleet(new URLSearchParams(qs || ""));
   } catch (error) {

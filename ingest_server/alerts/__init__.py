@@ -1,0 +1,1 @@
+"""Alerts: the rule engine, the alerts API and the notifications of issue 19."""
