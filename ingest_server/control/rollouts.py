@@ -386,6 +386,8 @@ class RolloutRunner:
         self._conn: psycopg.Connection[Any] | None = None
         self._leader = False
         self._last_pass = time.monotonic()
+        #: Passes of the loop so far (tests wait for some to see that nothing more happens).
+        self.passes = 0
         self._thread = threading.Thread(target=self._run, name="rollout-runner", daemon=True)
 
     def start(self) -> RolloutRunner:
@@ -418,6 +420,7 @@ class RolloutRunner:
                 self.tick(conn)
                 delay = self.tick_s
                 self._last_pass = time.monotonic()
+                self.passes += 1
                 self._wake.wait(self.tick_s)
                 self._wake.clear()
             except psycopg.Error as exc:
