@@ -18,7 +18,7 @@ import psycopg
 #: A tag: lower-case, digits and ``_ . : -``, like the ids elsewhere; at most this many per device.
 TAG_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,63}$")
 MAX_TAGS: Final = 32
-#: Values one target field may list.
+#: Values one target field may list (``devices``: up to :data:`MAX_TARGET_DEVICES`).
 MAX_FIELD_VALUES: Final = 1000
 #: Devices one rollout may reach; a target resolving to more is refused, not cut.
 MAX_TARGET_DEVICES: Final = 50_000
@@ -51,8 +51,9 @@ class Target:
                 raise TargetError(f"target.{name}: expected a list of strings")
             if not got:
                 raise TargetError(f"target.{name}: an empty list matches nothing; leave it out")
-            if len(got) > MAX_FIELD_VALUES:
-                raise TargetError(f"target.{name}: at most {MAX_FIELD_VALUES} values")
+            most = MAX_TARGET_DEVICES if name == "devices" else MAX_FIELD_VALUES
+            if len(got) > most:
+                raise TargetError(f"target.{name}: at most {most} values")
             if any(not 0 < len(v) <= 64 for v in got):
                 raise TargetError(f"target.{name}: each value must have 1-64 characters")
             values[name] = tuple(dict.fromkeys(got))

@@ -101,9 +101,13 @@ def test_targets_and_tags_are_checked() -> None:
         ({"rooms": []}, "target.rooms: an empty list"),
         ({"floors": ["1"]}, r"unknown field\(s\) floors"),
         ({"kinds": [3]}, "target.kinds: expected a list of strings"),
+        ({"rooms": [str(i) for i in range(1001)]}, "target.rooms: at most 1000 values"),
     ):
         with pytest.raises(TargetError, match=why):
             Target.from_dict(bad)
+    many = Target.from_dict({"devices": [f"d{i}" for i in range(5000)]})
+    assert many.devices is not None
+    assert len(many.devices) == 5000
     assert check_tags(["b", "a", "b"]) == ["a", "b"]
     with pytest.raises(TargetError, match="'Bad Tag' must match"):
         check_tags(["Bad Tag"])
