@@ -23,6 +23,7 @@ from ingest_server import logbound
 from ingest_server.control import broker_auth
 from ingest_server.control.enrolment import Offer
 from ingest_server.control.plane import ControlPlane
+from ingest_server.control.rollouts import RolloutRunner
 from ingest_server.ingest.consumer import Consumer
 from ingest_server.metrics import IngestMetrics
 from ingest_server.settings import BrokerUrl, Settings, SettingsError, mask
@@ -48,6 +49,7 @@ class IngestServer:
         self._consumer: Consumer | None = None
         self._http: HttpServer | None = None
         self._control: ControlPlane | None = None
+        self.rollouts: RolloutRunner | None = None
         self.storage: StorageMaintenance | None = None
         self._stack = contextlib.ExitStack()
         #: The embedded broker's credentials and topic rules, kept current from the registry.
@@ -98,6 +100,17 @@ class IngestServer:
             control.start()
             self._stack.callback(control.stop)
             self._control = control
+            # Staged rollouts: issue batches into commands/device_config, read their acks back.
+            runner = RolloutRunner(
+                db_url,
+                wake_control=control.wake,
+                tick_s=s.rollout_tick_s,
+                stuck_after_s=s.stuck_after_s,
+            )
+            app.state.rollouts = runner
+            runner.start()
+            self._stack.callback(runner.stop)
+            self.rollouts = runner
             # Partitions ahead, retention, rollups; skips a pass until the consumer has migrated.
             self.storage = StorageMaintenance(db_url, metrics=self.metrics)
             self.storage.start()

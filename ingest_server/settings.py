@@ -147,6 +147,8 @@ class Settings:
     embedded_allow_anonymous: bool = False
     #: /healthz answers 503 once queued work, a batch or an ack has not moved for this long.
     stuck_after_s: float = 30.0
+    #: How often the rollout runner steps the open rollouts (it is also woken by the API).
+    rollout_tick_s: float = 1.0
     #: PEM certificate chain and key: the HTTP API is served over TLS (both or neither).
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -192,6 +194,8 @@ class Settings:
             raise SettingsError("--broker-auth-interval must be between 0.1 and 3600 seconds")
         if not 0.1 <= self.stuck_after_s <= 86400:
             raise SettingsError("--stuck-after must be between 0.1 and 86400 seconds")
+        if not 0.05 <= self.rollout_tick_s <= 60:
+            raise SettingsError("rollout_tick_s must be between 0.05 and 60 seconds")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingsError("--tls-cert and --tls-key go together (give both or neither)")
         if (tls := self.tls()) is not None:

@@ -26,6 +26,7 @@ from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from ingest_server.control.broker_auth import hash_password
+from ingest_server.control.targets import TargetError, check_tags
 from schemas.events import DeviceKind
 
 ALPHABET: Final = "23456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -91,6 +92,7 @@ class CodeInfo:
     expires_at: datetime
     used_at: datetime | None
     device_id: str | None
+    tags: list[str]
 
 
 def create_code(
@@ -101,14 +103,20 @@ def create_code(
     kind: str | None = None,
     replaces: str | None = None,
     ttl_s: int = DEFAULT_TTL_S,
+    tags: list[str] | None = None,
 ) -> tuple[str, datetime]:
-    """Store a new code's digest; return the code (the only time it is seen) and its expiry."""
+    """Store a new code's digest; return the code (the only time it is seen) and its expiry.
+    The device enrolled with it gets ``tags`` (a replacement: those, else its own)."""
     if not ID_RE.match(school_id):
         raise EnrolmentError(400, f"school_id {school_id!r} must match {ID_RE.pattern}")
     if kind is not None and kind not in KINDS:
         raise EnrolmentError(400, f"kind {kind!r} is not one of {', '.join(sorted(KINDS))}")
     if not 0 < ttl_s <= MAX_TTL_S:
         raise EnrolmentError(400, f"ttl_s must be more than 0 and at most {MAX_TTL_S}")
+    try:
+        tags = check_tags(tags or [])
+    except TargetError as exc:
+        raise EnrolmentError(400, str(exc)) from None
     if replaces is not None:
         row = conn.execute(
             "SELECT school_id, kind FROM devices WHERE device_id = %s", (replaces,)
@@ -123,9 +131,10 @@ def create_code(
         kind = kind or row[1]
     code = new_code()
     row = conn.execute(
-        "INSERT INTO enrolment_codes (code_sha256, school_id, room, kind, replaces, expires_at)"
-        " VALUES (%s, %s, %s, %s, %s, now() + make_interval(secs => %s)) RETURNING expires_at",
-        (code_digest(code), school_id, room, kind, replaces, ttl_s),
+        "INSERT INTO enrolment_codes (code_sha256, school_id, room, kind, replaces, tags,"
+        " expires_at) VALUES (%s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s))"
+        " RETURNING expires_at",
+        (code_digest(code), school_id, room, kind, replaces, tags, ttl_s),
     ).fetchone()
     assert row is not None
     return code, row[0]
@@ -134,8 +143,8 @@ def create_code(
 def list_codes(conn: psycopg.Connection[Any]) -> list[CodeInfo]:
     cur = conn.cursor(row_factory=tuple_row)
     rows = cur.execute(
-        "SELECT id, school_id, room, kind, replaces, created_at, expires_at, used_at, device_id"
-        " FROM enrolment_codes ORDER BY id"
+        "SELECT id, school_id, room, kind, replaces, created_at, expires_at, used_at, device_id,"
+        " tags FROM enrolment_codes ORDER BY id"
     ).fetchall()
     return [CodeInfo(*r) for r in rows]
 
@@ -212,12 +221,12 @@ def enrol(conn: psycopg.Connection[Any], req: EnrolRequest, offer: Offer) -> Enr
     with conn.transaction():
         row = conn.execute(
             "SELECT id, school_id, room, kind, replaces, used_at IS NOT NULL,"
-            " expires_at <= now() FROM enrolment_codes WHERE code_sha256 = %s FOR UPDATE",
+            " expires_at <= now(), tags FROM enrolment_codes WHERE code_sha256 = %s FOR UPDATE",
             (code_digest(req.code),),
         ).fetchone()
         if row is None:
             raise EnrolmentError(404, "this enrolment code is not known: check it for typos")
-        code_id, school_id, room, kind, replaces, used, expired = row
+        code_id, school_id, room, kind, replaces, used, expired, tags = row
         if used:
             raise EnrolmentError(410, "this enrolment code was used already: ask for a new one")
         if expired:
@@ -240,10 +249,13 @@ def enrol(conn: psycopg.Connection[Any], req: EnrolRequest, offer: Offer) -> Enr
         else:
             device_id = _new_device_id(conn, school_id, req.kind)
         conn.execute(
-            "INSERT INTO devices (device_id, school_id, kind, room) VALUES (%s, %s, %s, %s)"
+            "INSERT INTO devices (device_id, school_id, kind, room, tags)"
+            " VALUES (%s, %s, %s, %s, %s)"
             " ON CONFLICT (device_id) DO UPDATE SET kind = EXCLUDED.kind,"
-            " room = coalesce(EXCLUDED.room, devices.room)",
-            (device_id, school_id, req.kind, room),
+            " room = coalesce(EXCLUDED.room, devices.room),"
+            " tags = CASE WHEN cardinality(EXCLUDED.tags) > 0 THEN EXCLUDED.tags"
+            " ELSE devices.tags END",
+            (device_id, school_id, req.kind, room, list(tags)),
         )
         password = secrets.token_urlsafe(24)
         conn.execute(

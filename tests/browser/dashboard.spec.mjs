@@ -225,6 +225,28 @@ async function acknowledgeOne(page) {
   out.alerts.after = await rows(page, "article[data-alert]", ["alert", "state", "severity"]);
 }
 
+await step("rollouts", page, async () => {
+  await page.click('nav a[data-page="rollouts"]');
+  await ready(page, "rollouts");
+  out.rollouts = await rows(page, "#rollouts tr[data-rollout]", ["rollout", "state"]);
+  await page.click("#rollouts tr[data-rollout] a");
+  await ready(page, "rollout");
+  out.rollout = {
+    before: await page.getAttribute("#rollout-head", "data-state"),
+    devices: await rows(page, "#rollout-devices tr[data-device]", ["device", "outcome"]),
+    after: [],
+  };
+  for (const action of ["pause", "resume", "abort"]) {
+    await page.click(`#rollout-${action}`);
+    const want = { pause: "paused", resume: "running", abort: "aborted" }[action];
+    await page.waitForSelector(`#rollout-head[data-state="${want}"]`, { timeout: STEP_MS });
+    await ready(page, "rollout");
+    out.rollout.after.push(await page.getAttribute("#rollout-head", "data-state"));
+  }
+  await page.click('nav a[data-page="rollups"]'); // the next step starts from there
+  await ready(page, "rollups");
+});
+
 await step("chinese", page, async () => {
   await page.click("#lang");
   await ready(page, "rollups");

@@ -32,6 +32,7 @@ from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
 from simulators.api_seed import prepare
 from simulators.harness import Mosquitto, wait_until
 from simulators.harness_pipeline import Agent, IngestServer
+from tests.api_client import call
 
 pytestmark = pytest.mark.integration
 
@@ -187,11 +188,28 @@ def stack(mosquitto: Mosquitto, db_url: str, tmp_path: Path) -> Iterator[dict[st
             assert maintain(conn).days_refreshed >= 1
             read_token = auth.create_token(conn, "dashboard-test", ["read"])[1]
             _seed_alerts(conn)
-        yield {
-            "url": f"http://127.0.0.1:{server.http_port}",
-            "admin": server.token_file.read_text().strip(),
-            "read": read_token,
-        }
+        admin = server.token_file.read_text().strip()
+        url = f"http://127.0.0.1:{server.http_port}"
+        # a rollout that stays open: its canary, cr-0102, has no agent (offline, so pending
+        # without holding up the next batch); sg-0101's agent answers the ping
+        status, made = call(
+            f"{url}/api/v1/rollouts",
+            admin,
+            "POST",
+            {
+                "target": {"devices": ["cr-0102", "sg-0101"]},
+                "command": {"name": "ping"},
+                "strategy": {"canary": 1, "batch_size": 1},
+            },
+        )
+        assert status == 201, made
+
+        def answered() -> bool:
+            got = call(f"{url}/api/v1/rollouts/{made['id']}", admin)[1]
+            return bool(got["counts"]["ok"] == 1)
+
+        wait_until(answered, WAIT_S, "sg-0101's ping answered in the rollout")
+        yield {"url": url, "admin": admin, "read": read_token, "rollout": made["id"]}
     finally:
         for agent in agents:
             agent.terminate()
@@ -308,9 +326,24 @@ def test_dashboard_in_chromium(stack: dict[str, Any], db_url: str, tmp_path: Pat
         assert co2 == {"s001 / 101": round(latest, 1)}
         assert seen["rollupCharts"] >= 3
 
+    # rollouts: the list and one rollout's progress; pause, resume and abort by its buttons
+    listed = seen["rollouts"]
+    assert [(r["rollout"], r["state"]) for r in listed] == [(str(stack["rollout"]), "running")]
+    ro = seen["rollout"]
+    assert ro["before"] == "running"
+    assert ro["devices"] == [
+        {"device": "cr-0102", "outcome": "pending"},
+        {"device": "sg-0101", "outcome": "ok"},
+    ]
+    assert ro["after"] == ["paused", "running", "aborted"]
+    with psycopg.connect(db_url) as conn:
+        assert _rows(conn, "SELECT state FROM rollouts WHERE id = %s", stack["rollout"]) == [
+            ("aborted",)
+        ]
+
     # Chinese throughout, and a tablet that fits
     zh = seen["zh"]
-    assert zh["nav"] == ["设备总览", "实时事件", "数据质量", "今日统计", "告警"]
+    assert zh["nav"] == ["设备总览", "实时事件", "数据质量", "今日统计", "告警", "批量下发"]
     assert zh["fleet"] == "设备总览"
     assert zh["quality"] == "数据质量"
     assert zh["live"] == "实时事件"

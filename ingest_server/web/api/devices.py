@@ -55,6 +55,7 @@ class Device(BaseModel):
     room: str | None
     class_id: str | None
     grade: str | None
+    tags: list[str] = Field(default_factory=list, description="groups a rollout can target")
     state: str | None = Field(description="online or offline, from the device's state topic")
     state_since: datetime | None
     first_seen: datetime
@@ -81,7 +82,7 @@ HEALTH_WINDOW: Final = "1 day"
 # index, only the partitions (chunks) of the day before last_seen. One query for the page.
 _SELECT: Final = """
 SELECT d.device_id, d.school_id, d.kind, d.name, d.room, d.class_id, d.grade::text AS grade,
-       d.state, d.state_at AS state_since, d.first_seen, d.last_seen, d.agent_version,
+       d.tags, d.state, d.state_at AS state_since, d.first_seen, d.last_seen, d.agent_version,
        d.event_count, d.missing, d.boot, d.min_seq, d.max_seq,
        h.time AS health_time, h.data AS health_data
 FROM devices d

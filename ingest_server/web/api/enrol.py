@@ -49,6 +49,9 @@ class CodeRequest(BaseModel):
         default=None, pattern=_ID, description="device_id a new device takes over"
     )
     ttl_s: int = Field(default=enrolment.DEFAULT_TTL_S, gt=0, le=enrolment.MAX_TTL_S)
+    tags: list[str] = Field(
+        default_factory=list, max_length=64, description="tags the enrolled device gets"
+    )
 
 
 class CreatedCode(BaseModel):
@@ -70,6 +73,7 @@ def create_code(body: CodeRequest, conn: Conn) -> CreatedCode:
             kind=body.kind,
             replaces=body.replaces,
             ttl_s=body.ttl_s,
+            tags=body.tags,
         )
     except enrolment.EnrolmentError as exc:
         raise HTTPException(exc.status, exc.detail) from None

@@ -44,6 +44,8 @@ BODY_CAPS: Final[dict[str, int]] = {
     "/api/v1/enrolment-codes": 4 * 1024,
     "/api/v1/tokens": 4 * 1024,
     "/api/v1/devices": 1024 * 1024,  # config documents (256 KiB as compact JSON), commands
+    "/api/v1/rollouts": 1024 * 1024,  # a config document and a target's explicit device ids
+    "/api/v1/targets": 1024 * 1024,  # a target's explicit device ids
 }
 #: Routes under ``/api/`` that take a body without a token (the body authenticates).
 OPEN_ROUTES: Final = frozenset({"/api/v1/enrol"})

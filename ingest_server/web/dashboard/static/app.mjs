@@ -505,6 +505,63 @@ async function renderRollups() {
   }
 }
 
+// ---- fleet rollouts ----
+
+const OUTCOMES = ["ok", "failed", "pending", "sent", "skipped"];
+const progressText = (r) => OUTCOMES.map((o) => r.counts[o]).join(" / ");
+const whatText = (r) => (r.what === "config" ? "config" : `${r.command_name}`);
+
+async function renderRollouts() {
+  const rollouts = await call("/rollouts?limit=100");
+  view.replaceChildren(
+    h("h1", {}, t("rollouts.title")),
+    h("section", { class: "card" }, rollouts.length ? table("rollouts", [
+      ["col.id", (r) => h("a", { href: `#/rollout/${r.id}` }, String(r.id))],
+      ["col.what", whatText],
+      ["col.rollout_state", (r) => h("span", { class: `badge ${r.state}`, "data-state": r.state }, r.state)],
+      ["col.progress", progressText, "num"],
+      ["col.reason", (r) => r.reason || t("none")],
+    ], rollouts, (r) => ({ "data-rollout": r.id, "data-state": r.state })) : h("p", { class: "muted" }, t("rollouts.none"))),
+  );
+}
+
+async function renderRollout(id) {
+  const r = await call(`/rollouts/${encodeURIComponent(id)}?limit=1000`);
+  const status = h("p", { class: "muted", id: "rollout-status" });
+  const act = (action) => h("button", {
+    type: "button",
+    id: `rollout-${action}`,
+    onclick: async () => {
+      try {
+        await call(`/rollouts/${r.id}/${action}`, { method: "POST" });
+        go(`#/rollout/${r.id}`);
+      } catch (error) {
+        status.replaceChildren();
+        showError(status, error);
+      }
+    },
+  }, t(`rollout.${action}`));
+  const buttons = [];
+  if (r.state === "running") buttons.push(act("pause"));
+  if (r.state === "paused" || r.state === "halted") buttons.push(act("resume"));
+  if (["running", "paused", "halted"].includes(r.state)) buttons.push(act("abort"));
+  view.replaceChildren(
+    h("h1", {}, t("rollout.title", { id: r.id })),
+    h("section", { class: "card", id: "rollout-head", "data-state": r.state },
+      h("p", {}, `${whatText(r)} · `, h("span", { class: `badge ${r.state}` }, r.state), ` · ${t("col.progress")}: `, h("span", { id: "rollout-counts" }, progressText(r))),
+      r.reason ? h("p", { class: "muted" }, r.reason) : null,
+      h("div", { class: "actions" }, buttons),
+      status),
+    h("h2", {}, t("rollout.devices")),
+    h("section", { class: "card" }, table("rollout-devices", [
+      ["col.device", (d) => h("a", { href: `#/device/${d.device_id}` }, d.device_id)],
+      ["col.batch", (d) => (d.batch === null ? t("none") : String(d.batch)), "num"],
+      ["col.outcome", (d) => h("span", { class: `badge ${d.outcome}` }, d.outcome)],
+      ["col.detail", (d) => d.detail || t("none")],
+    ], r.devices, (d) => ({ "data-device": d.device_id, "data-outcome": d.outcome }))),
+  );
+}
+
 // ---- router ----
 
 async function route() {
@@ -528,6 +585,8 @@ async function route() {
     else if (page === "quality") await renderQuality();
     else if (page === "rollups") await renderRollups();
     else if (page === "alerts") await renderAlerts(view);
+    else if (page === "rollouts") await renderRollouts();
+    else if (page === "rollout" && arg) await renderRollout(decodeURIComponent(arg));
     else if (page === "login") { location.hash = "#/fleet"; return; }
     else await renderFleet(new URLSearchParams(qs || ""));
   } catch (error) {
