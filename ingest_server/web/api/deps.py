@@ -8,9 +8,11 @@ from typing import Any, Final
 
 import psycopg
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,23 @@ def db(request: Request) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+def validation_detail(where: str, message: str) -> list[dict[str, Any]]:
+    """A 422's ``detail`` in FastAPI's own shape, so clients and the published OpenAPI schema
+    (``HTTPValidationError``) read every refused request the same way."""
+    return [{"type": "value_error", "loc": [where], "msg": message, "input": None}]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """The database being down or not yet migrated is a 503 with a reason, never a 500."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # a 422 raised with a sentence becomes FastAPI's own 422 shape (HTTPValidationError),
+        # the one the published schema promises for every endpoint
+        if exc.status_code == 422 and isinstance(exc.detail, str):
+            body = {"detail": validation_detail("request", exc.detail)}
+            return JSONResponse(body, 422, headers=exc.headers)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(PoolTimeout)
     async def pool_timeout(_request: Request, exc: PoolTimeout) -> JSONResponse:
@@ -91,7 +108,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # the last line of defence: a value the database cannot store is the client's fault
         why = exc.diag.message_primary or "a value the database cannot store"
         detail = f"the request holds a value the database refuses: {why}"
-        return JSONResponse({"detail": detail}, 422)
+        return JSONResponse({"detail": validation_detail("body", detail)}, 422)
 
     @app.exception_handler(psycopg.OperationalError)
     async def db_down(_request: Request, exc: psycopg.Error) -> JSONResponse:

@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest_server.web.api import auth
+from ingest_server.web.api.deps import validation_detail
 from schemas.limits import JsonLimits, check_json
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,10 @@ class _Refused(Exception):
 
 
 async def _reply(send: Send, refusal: _Refused, *, close: bool) -> None:
-    body = json.dumps({"detail": refusal.detail}).encode()
+    detail: Any = refusal.detail
+    if refusal.code == 422:
+        detail = validation_detail("body", refusal.detail)
+    body = json.dumps({"detail": detail}).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
