@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
         "pending commands have not moved for S seconds (default %(default)s)",
     )
     run.add_argument(
+        "--rules",
+        metavar="FILE",
+        type=Path,
+        help="alert rules (TOML, see docs/alerts.md); the built-in defaults without it",
+    )
+    run.add_argument(
         "--embedded-broker-port",
         metavar="PORT",
         type=int,
@@ -262,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stuck_after_s=args.stuck_after,
             tls_cert=_path_or_env(args.tls_cert, TLS_CERT_ENV),
             tls_key=_path_or_env(args.tls_key, TLS_KEY_ENV),
+            rules_file=args.rules,
         )
     except SettingsError as exc:
         parser.error(str(exc))

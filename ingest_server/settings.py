@@ -11,6 +11,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from ingest_server.alerts.config import RulesConfig, RulesError
+from ingest_server.alerts.config import load as load_rules
 from ingest_server.web.tls import TlsError, TlsFiles
 from schemas.uplink import DEFAULT_MAX_BYTES
 
@@ -147,6 +149,8 @@ class Settings:
     #: PEM certificate chain and key: the HTTP API is served over TLS (both or neither).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: The alert rules (TOML, docs/alerts.md); the built-in defaults without it.
+    rules_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.batch_events < 1 or self.batch_ms < 0:
@@ -186,11 +190,22 @@ class Settings:
             raise SettingsError("--stuck-after must be between 0.1 and 86400 seconds")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingsError("--tls-cert and --tls-key go together (give both or neither)")
+        if self.rules_file is not None:
+            self.rules()
         if (tls := self.tls()) is not None:
             try:
                 tls.check()
             except TlsError as exc:
                 raise SettingsError(str(exc)) from None
+
+    def rules(self) -> RulesConfig:
+        """The alert rules: the file's, checked (SettingsError naming file, line and field)."""
+        if self.rules_file is None:
+            return RulesConfig()
+        try:
+            return load_rules(self.rules_file)
+        except RulesError as exc:
+            raise SettingsError(f"--rules: {exc}") from None
 
     def tls(self) -> TlsFiles | None:
         """The HTTP API's certificate and key, when it is served over TLS."""
