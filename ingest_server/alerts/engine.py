@@ -168,6 +168,8 @@ class AlertEngine:
                 self._tick(conn, now)
             for action in self.evaluator.decide(now, everything=tick):
                 self._apply(conn, action)
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+            log.debug("alert engine: the schema is not migrated yet")  # the consumer migrates
         except psycopg.Error:
             self._fault("database")
             self._disconnect()
