@@ -77,6 +77,9 @@ class Evaluator:
         self.refused = 0
         self._dirty: set[tuple[str, str]] = set()
         self._quarantine: dict[str, list[float]] = {}  # device → [window start, count]
+        self._env: dict[str, tuple[float, float, float, float, float]] = {}
+        #: devices with a device_offline track (any event of theirs clears it)
+        self._offline: set[str] = set()
         self._handlers: dict[str, Callable[[EventRow, float], None]] = {
             "access.pass": self._access_pass,
             "env.reading": self._env_reading,
@@ -112,6 +115,8 @@ class Evaluator:
                 self.refused += 1
                 return
             t = self.tracks[key] = Track(rule, school, device, since=at)
+            if rule == "device_offline":
+                self._offline.add(device)
         if cond:
             t.sources.add(source)
             t.last_true = at
@@ -147,12 +152,12 @@ class Evaluator:
     def events(self, rows: Sequence[EventRow], at: float) -> None:
         """Committed events (``at``: when they were committed)."""
         handlers = self._handlers
-        tracks = self.tracks
+        offline = self._offline
         for row in rows:
             handler = handlers.get(row.event.type)
             if handler is not None:
                 handler(row, at)
-            if ("device_offline", row.device_id) in tracks:  # any event is a sign of life
+            if offline and row.device_id in offline:  # any event is a sign of life
                 self.observe("device_offline", row.school_id, row.device_id, False, at)
 
     def states(self, rows: Iterable[StateRow], at: float) -> None:
@@ -241,15 +246,23 @@ class Evaluator:
     def _fresh(self, row: EventRow, at: float) -> bool:
         return at - row.event.ts.timestamp() <= self.max_event_age_s
 
+    def _wanted(self, rule: str, row: EventRow, cond: bool | None, at: float) -> bool:
+        """Whether a reading matters: its condition is true or the rule holds a track for the
+        device (a clear reading of an untracked device, the usual case, costs nothing more),
+        and it is fresh."""
+        return bool(cond or (rule, row.device_id) in self.tracks) and self._fresh(row, at)
+
     def _access_pass(self, row: EventRow, at: float) -> None:
         data: Any = row.event.data
         temp = data.temperature_c
         if temp is None:
             return
         p = self.config.params("fever", row.school_id)
-        if not p.enabled or not self._fresh(row, at):
+        if not p.enabled:
             return
         fever = temp >= p["threshold_c"]
+        if not self._wanted("fever", row, fever, at):
+            return
         self.observe(
             "fever",
             row.school_id,
@@ -261,41 +274,65 @@ class Evaluator:
             detail={"gate": data.gate, "temperature_c": temp, "uid_hash": data.uid_hash},
         )
 
+    def _env_limits(self, school: str) -> tuple[float, float, float, float, float]:
+        """A school's CO2 and room temperature limits as plain numbers, cached (env.reading is
+        the commonest reading; a disabled rule gets limits nothing can cross)."""
+        got = self._env.get(school)
+        if got is None:
+            c = self.config.params("co2_high", school)
+            t = self.config.params("temperature_out_of_range", school)
+            inf = float("inf")
+            got = (
+                c["threshold_ppm"] if c.enabled else inf,
+                c["clear_ppm"] if c.enabled else -inf,
+                t["min_c"] if t.enabled else -inf,
+                t["max_c"] if t.enabled else inf,
+                t["margin_c"] if t.enabled else -inf,
+            )
+            if len(self._env) > MAX_TRACKS:
+                self._env.clear()
+            self._env[school] = got
+        return got
+
     def _env_reading(self, row: EventRow, at: float) -> None:
         data: Any = row.event.data
         co2, temp = data.co2_ppm, data.temperature_c
-        school, device = row.school_id, row.device_id
-        source = data.sensor or ""
+        co2_up, co2_down, lo, hi, margin = self._env.get(row.school_id) or self._env_limits(
+            row.school_id
+        )
+        # inline checks: the clear reading of an untracked device, the usual case, ends here
+        tracks = self.tracks
         if co2 is not None:
-            p = self.config.params("co2_high", school)
-            if p.enabled and self._fresh(row, at):
-                cond = True if co2 > p["threshold_ppm"] else False if co2 < p["clear_ppm"] else None
+            cond = True if co2 > co2_up else False if co2 < co2_down else None
+            if (cond or ("co2_high", row.device_id) in tracks) and self._fresh(row, at):
+                source = data.sensor or ""
                 self.observe(
                     "co2_high",
-                    school,
-                    device,
+                    row.school_id,
+                    row.device_id,
                     cond,
                     at,
                     source=source,
-                    message=f"CO2 {_fmt(co2)} ppm at {source or device}, above "
-                    f"{_fmt(p['threshold_ppm'])} ppm",
+                    message=f"CO2 {_fmt(co2)} ppm at {source or row.device_id}, above "
+                    f"{_fmt(co2_up)} ppm",
                     detail={"sensor": data.sensor, "co2_ppm": co2},
                 )
         if temp is not None:
-            p = self.config.params("temperature_out_of_range", school)
-            if p.enabled and self._fresh(row, at):
-                lo, hi, margin = p["min_c"], p["max_c"], p["margin_c"]
-                out = temp < lo or temp > hi
-                inside = lo + margin <= temp <= hi - margin
+            out = temp < lo or temp > hi
+            cond = True if out else False if lo + margin <= temp <= hi - margin else None
+            if (cond or ("temperature_out_of_range", row.device_id) in tracks) and self._fresh(
+                row, at
+            ):
+                source = data.sensor or ""
                 self.observe(
                     "temperature_out_of_range",
-                    school,
-                    device,
-                    True if out else False if inside else None,
+                    row.school_id,
+                    row.device_id,
+                    cond,
                     at,
                     source=source,
-                    message=f"room temperature {_fmt(temp)} °C at {source or device}, outside "
-                    f"{_fmt(lo)}-{_fmt(hi)} °C",
+                    message=f"room temperature {_fmt(temp)} °C at {source or row.device_id}, "
+                    f"outside {_fmt(lo)}-{_fmt(hi)} °C",
                     detail={"sensor": data.sensor, "temperature_c": temp},
                 )
 
@@ -423,6 +460,8 @@ class Evaluator:
                 and (t.resolved_id is None or now - t.resolved_at > p.reopen_window_s)
             ):
                 del self.tracks[key]  # nothing left to remember
+                if t.rule == "device_offline":
+                    self._offline.discard(t.device_id)
         return out
 
     def applied(self, action: Action, alert_id: int | None) -> None:
@@ -449,6 +488,8 @@ class Evaluator:
         t = self.tracks.setdefault(
             (rule, device), Track(rule, school, device, cond=True, since=last_seen)
         )
+        if rule == "device_offline":
+            self._offline.add(device)
         t.sources.add("")
         t.cond, t.last_true, t.alert_id = True, last_seen, alert_id
 
