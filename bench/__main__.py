@@ -16,6 +16,7 @@ BENCHES = (
     "api_queries",
     "devices_list",
     "decode_cost",
+    "alerts_cost",
 )
 
 
