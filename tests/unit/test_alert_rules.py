@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,12 @@ import msgspec
 import pytest
 
 from ingest_server.alerts.config import RulesConfig, RulesError, load, parse
+from ingest_server.alerts.engine import AlertEngine
 from ingest_server.alerts.rules import Action, Evaluator
 from ingest_server.ingest.batch import EventRow, Inbound, QuarantineRow, StateRow, rows_of
+from ingest_server.ingest.writer import WriteResult
+from ingest_server.metrics import IngestMetrics
+from ingest_server.settings import Settings, SettingsError
 from schemas.state import DeviceState
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
 
@@ -264,3 +269,31 @@ def test_a_bad_rules_file_names_file_line_and_field(tmp_path: Path, text: str, w
         load(path)
     assert str(err.value).startswith(str(path))
     assert where in str(err.value)
+
+
+def test_a_bad_rules_file_stops_the_start_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text("[rules.co2_high]\nfor_s = -1\n")
+    with pytest.raises(SettingsError, match=r"--rules: .*rules.toml:2: rules.co2_high.for_s"):
+        Settings(rules_file=path)
+
+
+def test_the_engine_queue_drops_the_oldest_commit_and_counts_it() -> None:
+    metrics = IngestMetrics()
+    engine = AlertEngine(RulesConfig(), "postgresql:///unused", metrics)
+    engine.QUEUE_COMMITS = 2
+    results = [WriteResult([gate(36.0, T0)], 0, [], 0, 0) for _ in range(3)]
+    for r in results:
+        engine.submit(r, T0)
+    engine.submit(WriteResult([], 0, [], 0, 0), T0)  # nothing in it: not queued
+    assert metrics.alerts_dropped.value() == 1
+    assert [r for r, _ in engine._take(0)] == results[1:]
+
+
+def test_a_dead_engine_thread_is_reported_stuck() -> None:
+    engine = AlertEngine(RulesConfig(), "postgresql:///unused", IngestMetrics())
+    assert engine.stuck() == []
+    engine._thread = threading.Thread(target=lambda: None)
+    engine._thread.start()
+    engine._thread.join()
+    assert engine.stuck() == ["alerts: thread alert-engine has died"]
