@@ -19,6 +19,7 @@ BENCHES = (
     "mqtt_codec",
     "copy_encode",
     "metrics_cost",
+    "alerts_cost",
 )
 
 

@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
         "pending commands have not moved for S seconds (default %(default)s)",
     )
     run.add_argument(
+        "--rules",
+        metavar="FILE",
+        type=Path,
+        help="alert rules (TOML, see docs/alerts.md); the built-in defaults without it",
+    )
+    run.add_argument(
         "--embedded-broker-port",
         metavar="PORT",
         type=int,
@@ -301,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             alert_webhooks=_webhooks(args.alert_webhook),
             alert_smtp=args.smtp or os.environ.get(SMTP_ENV) or None,
             alert_routes=args.alert_routes,
+            rules_file=args.rules,
         )
     except SettingsError as exc:
         parser.error(str(exc))

@@ -240,6 +240,20 @@ class IngestMetrics:
         self.alert_notify_leader = Gauge(
             f"{a}_notify_leader", "1 on the server that sends alert notifications."
         )
+        a = "campus_alerts"
+        self.alerts_open = Gauge(f"{a}_open", "Alerts open or acknowledged, by rule.", ["rule"])
+        self.alert_transitions = Counter(
+            f"{a}_transitions_total",
+            "Alert transitions written (opened, acknowledged, resolved, reopened), by rule.",
+            ["rule", "transition"],
+        )
+        self.alerts_dropped = Counter(
+            f"{a}_dropped_total", "Commits the alert engine dropped unread (its queue was full)."
+        )
+        self.alerts_errors = Counter(
+            f"{a}_errors_total", "Faults in the alert engine (database, a rule); retried."
+        )
+        self.alerts_queue = Gauge(f"{a}_queue_commits", "Commits waiting for the alert engine.")
         self.all: tuple[_Metric, ...] = tuple(
             m for m in vars(self).values() if isinstance(m, _Metric)
         )

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Self
 import psycopg
 
 from ingest_server import logbound
+from ingest_server.alerts.engine import AlertEngine
 from ingest_server.control import broker_auth
 from ingest_server.control.enrolment import Offer
 from ingest_server.control.plane import ControlPlane
@@ -50,6 +51,7 @@ class IngestServer:
         self._http: HttpServer | None = None
         self._control: ControlPlane | None = None
         self.rollouts: RolloutRunner | None = None
+        self.alerts: AlertEngine | None = None
         self.storage: StorageMaintenance | None = None
         self._stack = contextlib.ExitStack()
         #: The embedded broker's credentials and topic rules, kept current from the registry.
@@ -91,10 +93,16 @@ class IngestServer:
                 offer, missing, on_enrolled=refresher.kick if refresher else None
             )
             consumer.on_commit = app.state.live.publish
+            engine = AlertEngine(s.rules(), db_url, self.metrics, app.state.live.publish_alert)
+            consumer.listeners.append(engine.submit)
+            app.state.alerts = engine
             http = HttpServer(app, s.http_host, s.http_port, s.tls())
             consumer.start()
             self._stack.callback(consumer.stop)
             self._consumer = consumer
+            engine.start()
+            self._stack.callback(engine.stop)
+            self.alerts = engine
             control = ControlPlane(s, BrokerUrl.parse(broker_url), db_url, self.metrics)
             app.state.control = control
             control.start()

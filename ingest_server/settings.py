@@ -11,6 +11,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from ingest_server.alerts.config import RulesConfig, RulesError
+from ingest_server.alerts.config import load as load_rules
 from ingest_server.web.tls import TlsError, TlsFiles
 from schemas.uplink import DEFAULT_MAX_BYTES
 
@@ -157,6 +159,8 @@ class Settings:
     alert_webhooks: tuple[str, ...] = ()
     alert_smtp: str | None = None
     alert_routes: Path | None = None
+    #: The alert rules (TOML, docs/alerts.md); the built-in defaults without it.
+    rules_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.batch_events < 1 or self.batch_ms < 0:
@@ -198,6 +202,8 @@ class Settings:
             raise SettingsError("rollout_tick_s must be between 0.05 and 60 seconds")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingsError("--tls-cert and --tls-key go together (give both or neither)")
+        if self.rules_file is not None:
+            self.rules()
         if (tls := self.tls()) is not None:
             try:
                 tls.check()
@@ -213,6 +219,15 @@ class Settings:
             return NotifyConfig.build(self.alert_webhooks, self.alert_smtp, self.alert_routes)
         except NotifyConfigError as exc:
             raise SettingsError(str(exc)) from None
+
+    def rules(self) -> RulesConfig:
+        """The alert rules: the file's, checked (SettingsError naming file, line and field)."""
+        if self.rules_file is None:
+            return RulesConfig()
+        try:
+            return load_rules(self.rules_file)
+        except RulesError as exc:
+            raise SettingsError(f"--rules: {exc}") from None
 
     def tls(self) -> TlsFiles | None:
         """The HTTP API's certificate and key, when it is served over TLS."""

@@ -1,1 +1,3 @@
-"""Alerts: the rule engine, the alerts API and the notifications of issue 19."""
+"""Alerts (issue 19): rules on the committed stream and device state (``rules``, ``config``),
+their lifecycle in ``alerts`` / ``alert_events`` (``store``), the engine thread that runs them
+(``engine``), and the notifier that tells people (``notify``, ``channels``); see docs/alerts.md."""

@@ -232,6 +232,10 @@ class Consumer:
         #: Called with the rows of each commit, in commit order, on the thread that acknowledges
         #: them; must not block (live.py).
         self.on_commit: Callable[[Sequence[EventRow]], None] | None = None
+        #: Called after ``on_commit`` with every commit's whole result (events, states,
+        #: quarantine, new gaps) and its Unix time, in commit order, each on its own (one
+        #: failing does not keep the next from running); must not block (the alert engine).
+        self.listeners: list[Callable[[WriteResult, float], None]] = []
         self._topics: dict[bytes, str] = {}
         self._session = MqttSubscriber(self._session_config(), self._deliver, self._on_ready)
         # One decoded batch waits while the writer commits the previous one: decoding (CPU,
@@ -540,6 +544,11 @@ class Consumer:
                 self.on_commit(result.stored)
             except Exception:  # a listener's fault must never stop ingest
                 log.exception("the on_commit hook failed")
+        for listener in self.listeners:
+            try:
+                listener(result, now)
+            except Exception:  # a listener's fault must never stop ingest
+                log.exception("a commit listener failed")
 
     def _ack(self, batch: Batch) -> None:
         stale = self._session.ack(batch.messages)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, LiteralString
 
 import psycopg
@@ -80,7 +80,10 @@ WITH batch AS (
     RETURNING d.device_id, d.missing, d.max_seq
 )
 SELECT coalesce(sum(greatest(up.missing - coalesce(old.missing, 0), 0)), 0)::bigint,
-       array_agg(up.device_id), array_agg(up.max_seq)
+       array_agg(up.device_id), array_agg(up.max_seq),
+       array_agg(up.device_id) FILTER (WHERE up.missing > coalesce(old.missing, 0)),
+       array_agg(up.missing - coalesce(old.missing, 0))
+           FILTER (WHERE up.missing > coalesce(old.missing, 0))
 FROM up LEFT JOIN old USING (device_id)
 """
 
@@ -120,6 +123,10 @@ class WriteResult:
     #: How many more seqs are now known missing across the batch's devices.
     new_missing: int
     states: int
+    #: The state messages written (the alert engine reads presence from them).
+    state_rows: list[StateRow] = field(default_factory=list)
+    #: Devices whose count of missing seqs grew: (school, device, by how much).
+    gap_devices: list[tuple[str, str, int]] = field(default_factory=list)
 
     @property
     def inserted(self) -> int:
@@ -136,6 +143,8 @@ class WriteResult:
             quarantine=self.quarantine + other.quarantine,
             new_missing=self.new_missing + other.new_missing,
             states=self.states + other.states,
+            state_rows=self.state_rows + other.state_rows,
+            gap_devices=self.gap_devices + other.gap_devices,
         )
 
 
@@ -216,7 +225,7 @@ class BatchWriter:
                         for q in rows.quarantine
                     ),
                 )
-            new_missing = self._upsert_devices(encoded, stored)
+            new_missing, gaps = self._upsert_devices(encoded, stored)
             self._upsert_states(rows.states)
         return WriteResult(
             stored=stored,
@@ -224,6 +233,8 @@ class BatchWriter:
             quarantine=rows.quarantine,
             new_missing=new_missing,
             states=len(rows.states),
+            state_rows=rows.states,
+            gap_devices=gaps,
         )
 
     def _send(self, target: LiteralString, payload: bytes) -> None:
@@ -270,11 +281,14 @@ class BatchWriter:
                 return False
         return True
 
-    def _upsert_devices(self, encoded: EncodedEvents, stored: list[EventRow]) -> int:
-        """Register every device of the batch; count only what was inserted. Returns new gaps."""
+    def _upsert_devices(
+        self, encoded: EncodedEvents, stored: list[EventRow]
+    ) -> tuple[int, list[tuple[str, str, int]]]:
+        """Register every device of the batch; count only what was inserted. Returns the new
+        gaps, in all and per device (school, device, how many more)."""
         spans = encoded.spans
         if not spans:
-            return 0
+            return 0, []
         # device_id (sorted: concurrent writers then lock the rows in one order) → school,
         # kind, seen, and the min seq, max seq and count of what was inserted
         ids = sorted(spans)
@@ -293,11 +307,14 @@ class BatchWriter:
             counts.append(got.count if got else 0)
         row = self._cur.execute(_UPSERT_DEVICES, columns).fetchone()
         if row is None:
-            return 0
+            return 0, []
         # Refreshed only after commit would be exact; a rollback merely sends the next batch of
         # these devices the slow way, which is still correct.
         self._max_seq.update(zip(row[1] or (), row[2] or (), strict=True))
-        return int(row[0])
+        gaps = [
+            (spans[d].school_id, d, int(n)) for d, n in zip(row[3] or (), row[4] or (), strict=True)
+        ]
+        return int(row[0]), gaps
 
     def _upsert_states(self, states: list[StateRow]) -> None:
         if not states:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ingest_server.ingest.consumer import Health
 from ingest_server.metrics import CONTENT_TYPE, IngestMetrics
 from ingest_server.web import api_docs
+from ingest_server.web.api import alerts as alerts_api
 from ingest_server.web.api import (
     auth,
     data,
@@ -63,6 +64,7 @@ def create_app(
         redoc_url=None,
     )
     app.add_middleware(SecurityHeaders)
+    app.state.metrics = metrics
     api_docs.mount(app)
     if db_url is not None:
         app.add_middleware(RequestLimits)
@@ -79,6 +81,7 @@ def create_app(
         app.include_router(export.router)
         app.include_router(rollups.router)
         app.include_router(quarantine.router)
+        app.include_router(alerts_api.router)
         app.include_router(live.router)
         app.include_router(commands_api.router)
         app.include_router(config_api.router)
@@ -113,6 +116,9 @@ def create_app(
                 "pending_commands": c.pending_commands,
                 "pending_configs": c.pending_configs,
             }
+        alerts = getattr(app.state, "alerts", None)  # the alert engine, set by IngestServer
+        if alerts is not None:
+            stuck += alerts.stuck()
         body["stuck"] = stuck
         metrics.stuck.set(1 if stuck else 0)
         if stuck:  # connected, but work is not moving: as down as a lost connection

@@ -26,8 +26,8 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC
-from typing import Final
+from datetime import UTC, datetime
+from typing import Any, Final
 
 from ingest_server.ingest.batch import EventRow
 
@@ -53,6 +53,28 @@ class LiveFilter:
             and (self.devices is None or row.device_id in self.devices)
             and (self.types is None or row.event.type in self.types)
         )
+
+    def wants_alert(self, school_id: str, device_id: str) -> bool:
+        """Alerts go to subscribers of their school and device whose types (if any) name
+        ``alert``."""
+        return (
+            (self.schools is None or school_id in self.schools)
+            and (self.devices is None or device_id in self.devices)
+            and (self.types is None or "alert" in self.types)
+        )
+
+
+def encode_alert(transition: str, alert: dict[str, Any]) -> bytes:
+    """An alert transition as an SSE message of type ``alert``."""
+    body = {"transition": transition, **alert}
+    text = json.dumps(body, separators=(",", ":"), default=_json_default, ensure_ascii=False)
+    return b"event: alert\ndata: " + text.encode() + b"\n\n"
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    raise TypeError(f"not JSON: {type(value).__name__}")
 
 
 def encode(row: EventRow) -> bytes:
@@ -164,6 +186,28 @@ class LiveHub:
                 loop.call_soon_threadsafe(self._dispatch, list(rows))
         except RuntimeError:  # the loop closed meanwhile: nobody is listening
             pass
+
+    def publish_alert(self, transition: str, alert: dict[str, Any]) -> None:
+        """From any thread (the alert engine, the API): one alert transition, never blocks."""
+        loop = self._loop
+        if loop is None or not self._subs or loop.is_closed():
+            return
+        message = encode_alert(transition, alert)
+        with self._lock:
+            if self._pending >= MAX_PENDING_BATCHES:
+                self.batches_lost += 1
+                return  # the loop is far behind; the alert stays in the API for clients to read
+            self._pending += 1
+        school, device = str(alert["school_id"]), str(alert["device_id"])
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._dispatch_alert, school, device, message)
+
+    def _dispatch_alert(self, school: str, device: str, message: bytes) -> None:
+        with self._lock:
+            self._pending -= 1
+        for sub in list(self._subs):
+            if sub.filter.wants_alert(school, device):
+                sub.offer([message])
 
     def close(self) -> None:
         """From any thread: end every stream (``event: dropped``), so the HTTP server can stop."""
