@@ -28,7 +28,7 @@ from ingest_server.alerts.config import RULES, RulesConfig
 from ingest_server.alerts.rules import Action, Evaluator
 from ingest_server.ingest.writer import WriteResult
 from ingest_server.metrics import IngestMetrics
-from ingest_server.web.api.deps import session_options
+from ingest_server.storage.db import session_options
 
 log = logging.getLogger(__name__)
 

@@ -4,35 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Any
 
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
-from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-log = logging.getLogger(__name__)
+from ingest_server.storage.db import session_options
 
 #: Seconds a request waits for a pooled connection before answering 503.
 POOL_TIMEOUT_S = 5.0
-#: Server-side limits of every API session, so no request (or client gone quiet) can hold a
-#: database resource that ingest or maintenance waits on. An export page (``CHUNK_ROWS`` rows
-#: on the time index) takes milliseconds; the slowest listing or rollup well under a second.
-SESSION_LIMITS: Final[dict[str, str]] = {
-    "statement_timeout": "30s",
-    "lock_timeout": "5s",
-    "idle_in_transaction_session_timeout": "15s",
-}
 
-
-def session_options(db_url: str, limits: dict[str, str] = SESSION_LIMITS) -> str:
-    """The libpq ``options`` for ``db_url`` with ``limits`` appended (the URL's own kept)."""
-    own = conninfo_to_dict(db_url).get("options") or ""
-    ours = " ".join(f"-c {name}={value}" for name, value in limits.items())
-    return f"{own} {ours}".strip()
+log = logging.getLogger(__name__)
 
 
 def make_pool(db_url: str, max_size: int = 4) -> ConnectionPool[Any]:
