@@ -44,6 +44,7 @@ BODY_CAPS: Final[dict[str, int]] = {
     "/api/v1/enrolment-codes": 4 * 1024,
     "/api/v1/tokens": 4 * 1024,
     "/api/v1/devices": 1024 * 1024,  # config documents (256 KiB as compact JSON), commands
+    "/api/v1/releases": 1024,  # read-only: releases are added offline-signed with the CLI
 }
 #: Routes under ``/api/`` that take a body without a token (the body authenticates).
 OPEN_ROUTES: Final = frozenset({"/api/v1/enrol"})
