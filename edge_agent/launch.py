@@ -52,12 +52,14 @@ class Launcher:
     def start(self, version: str | None) -> subprocess.Popen[bytes]:
         env = {**os.environ, LAUNCHER_ENV: str(self.layout.base), ENV_VERSION_ENV: version or ""}
         if version is None:
-            python = sys.executable
+            argv = [sys.executable, "-m", "edge_agent"]
         else:
-            python = str(self.layout.python(version))
-            env.pop("PYTHONPATH", None)  # an installed env is whole: nothing may shadow it
+            # isolated (-I): an installed env is whole; neither PYTHONPATH nor the working
+            # directory may shadow its packages
+            argv = [str(self.layout.python(version)), "-I", "-m", "edge_agent"]
+            env.pop("PYTHONPATH", None)
         log.info("starting the agent of %s", f"env {version}" if version else "the factory env")
-        return subprocess.Popen([python, "-m", "edge_agent", *self.agent_args], env=env)
+        return subprocess.Popen([*argv, *self.agent_args], env=env, cwd=self.layout.base)
 
     def run(self) -> int:
         self.layout.base.mkdir(parents=True, exist_ok=True)
