@@ -135,14 +135,17 @@ def _presence(api: Api, device_id: str) -> dict[str, Any]:
 
 
 def _wait_done(api: Api, cmd_id: str, timeout: float) -> dict[str, Any]:
+    last: list[dict[str, Any]] = []
+
     def done() -> bool:
         try:
-            return api.command(cmd_id)["status"] in ("ok", "error", "rejected")
+            last[:] = [api.command(cmd_id)]
         except TimeoutError:  # the API is slow while five agents install at once: ask again
             return False
+        return last[0]["status"] in ("ok", "error", "rejected")
 
     wait_until(done, timeout, f"command {cmd_id} acked")
-    return api.command(cmd_id)
+    return last[0]
 
 
 def _start(agents: list[Launched], api: Api) -> None:
