@@ -42,6 +42,7 @@ from edge_agent.health import HealthReporter
 from edge_agent.outbox import AsyncOutbox, OutboxError, OutboxFull
 from edge_agent.publisher import LinkState, Publisher
 from edge_agent.remote_config import ConfigChannel, ConfigStore, StoredConfig, now
+from edge_agent.update import Updater
 from schemas.events import AgentOutboxDropped
 from schemas.reading import Reading
 from schemas.state import ConfigAck, ConfigDocument
@@ -163,6 +164,7 @@ class Agent:
         self._publisher: Publisher | None = None
         self._acks = AckLog(config.outbox_path)
         self.commands: CommandHandler | None = None
+        self.updater: Updater | None = None
         self.remote = ConfigChannel(self.apply_config)
         self.remote.version = self.config_version
         self._command_tasks: list[asyncio.Task[None]] = []
@@ -211,9 +213,17 @@ class Agent:
         ]
         for slot in self._slots:
             self._start(slot)
+        self.updater = Updater(
+            self.config.update,
+            self.commands,
+            lambda: self._publisher is not None and self._publisher.state is LinkState.ONLINE,
+        )
+        self.commands.handlers["update_agent"] = self.updater.handle
+        self.commands.timeouts["update_agent"] = self.updater.TIMEOUT_S
         self._command_tasks = [
             self._tg.create_task(self.commands.run(), name="commands"),
             self._tg.create_task(self.remote.run(), name="config"),
+            self._tg.create_task(self.updater.run(), name="update"),
         ]
         self._start_health()
         log.info(

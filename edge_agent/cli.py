@@ -18,6 +18,7 @@ from edge_agent.doctor import run as doctor_run
 from edge_agent.enroll import EnrollError, enroll
 from edge_agent.outbox import Outbox, OutboxError
 from edge_agent.portable import default_config, install_stop_handlers
+from edge_agent.update import RESTART_EXIT
 
 log = logging.getLogger("edge_agent")
 
@@ -34,20 +35,28 @@ def _setup_logging(verbosity: int) -> None:
         logging.getLogger("edge_agent.mqtt").setLevel(logging.WARNING)
 
 
-async def _run(config: AgentConfig) -> None:
+async def _run(config: AgentConfig) -> int:
+    """Run until SIGTERM/SIGINT (0) or until an update asks for a restart (RESTART_EXIT)."""
     stop = asyncio.Event()
     undo = install_stop_handlers(asyncio.get_running_loop(), stop.set)
     try:
-        async with Agent(config):
-            await stop.wait()
-            log.info("stopping")
+        async with Agent(config) as agent:
+            assert agent.updater is not None
+            waits = [asyncio.ensure_future(e.wait()) for e in (stop, agent.updater.restart)]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            restart = agent.updater.restart.is_set() and not stop.is_set()
+            log.info("stopping%s", " to restart into the update" if restart else "")
     finally:
         undo()
+    return RESTART_EXIT if restart else 0
 
 
 def cmd_run(config: AgentConfig) -> int:
-    asyncio.run(_run(config))
-    return 0
+    return asyncio.run(_run(config))
 
 
 def cmd_status(config: AgentConfig, *, as_json: bool) -> int:

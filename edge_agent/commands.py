@@ -133,6 +133,14 @@ class _Rejected(Exception):
     """A command that cannot run as given; the message is the ack's detail."""
 
 
+#: For handlers in other modules (e.g. :mod:`edge_agent.update`).
+Rejected = _Rejected
+
+
+class Deferred(Exception):
+    """Raised by a handler whose ack comes later (after a restart): nothing is acked or logged."""
+
+
 def _args(cmd: Command, kind: type[A]) -> A:
     try:
         return msgspec.convert(cmd.args, kind)
@@ -252,6 +260,8 @@ class CommandHandler:
             "stop_recording": self._stop_recording,
             "set_sample_rate": self._set_sample_rate,
         }
+        #: Per-command limits instead of :attr:`COMMAND_TIMEOUT_S` (e.g. ``update_agent``).
+        self.timeouts: dict[str, float] = {}
 
     @property
     def pending_acks(self) -> int:
@@ -297,7 +307,11 @@ class CommandHandler:
                 done.status,
             )
             return done
-        ack = await self._execute(cmd)
+        try:
+            ack = await self._execute(cmd)
+        except Deferred:
+            log.info("command %s (%s): the ack follows later", cmd.id, cmd.name)
+            return None
         await self._log.put(ack)
         log.info("command %s (%s): %s %s", cmd.id, cmd.name, ack.status, ack.detail or "")
         return ack
@@ -312,17 +326,26 @@ class CommandHandler:
             known = ", ".join(sorted(self.handlers))
             detail = f"unknown command {cmd.name!r}; known: {known}"
             return CommandAck(id=cmd.id, status="rejected", detail=detail)
+        limit = self.timeouts.get(cmd.name, self.COMMAND_TIMEOUT_S)
         try:
-            async with asyncio.timeout(self.COMMAND_TIMEOUT_S):
+            async with asyncio.timeout(limit):
                 return await handler(cmd)
         except _Rejected as exc:
             return CommandAck(id=cmd.id, status="rejected", detail=str(exc))
         except TimeoutError:
-            detail = f"did not finish in {self.COMMAND_TIMEOUT_S:g} s"
+            detail = f"did not finish in {limit:g} s"
+        except Deferred:
+            raise
         except Exception as exc:  # a driver's bug must not stop the command loop
             log.exception("command %s (%s) failed", cmd.id, cmd.name)
             detail = f"{type(exc).__name__}: {exc}"
         return CommandAck(id=cmd.id, status="error", detail=detail)
+
+    async def report(self, ack: CommandAck) -> None:
+        """Record and send an ack that was deferred (see :class:`Deferred`)."""
+        await self._log.put(ack)
+        log.info("command %s: %s %s", ack.id, ack.status, ack.detail or "")
+        self._ack(ack)
 
     def _ack(self, ack: CommandAck) -> None:
         if len(self._acks) >= self.PENDING_ACKS:

@@ -20,6 +20,7 @@ from edge_agent.portable import default_outbox
 from edge_agent.remote_policy import RemoteAllowList, RemoteRefused, check_drivers
 from schemas.events import DeviceKind
 from schemas.keyfile import key_from_file
+from schemas.release import MAX_WHEEL_BYTES, ReleaseError, load_public_key
 from schemas.topics import ID_PATTERN
 from schemas.uplink import DEFAULT_MAX_BYTES
 
@@ -123,6 +124,29 @@ class RemoteSection(_Section, frozen=True):
     screens: list[str] = []
 
 
+class UpdateSection(_Section, frozen=True):
+    """Self-updates (``update_agent``); local only: a remote config can never set it."""
+
+    #: PEM Ed25519 public key of the district's release key; unset: every update is refused.
+    public_key_file: str = ""
+    #: Allow ``http://`` downloads from hosts other than loopback (tests, labs): the signature
+    #: still protects the wheel, but the download is then visible on the network.
+    insecure_http: bool = False
+    #: Seconds a new version has to connect to the broker before it is rolled back.
+    healthy_within_s: Annotated[float, Meta(ge=5, le=3600)] = 120.0
+    #: The largest wheel downloaded.
+    max_wheel_bytes: Annotated[int, Meta(ge=1024, le=MAX_WHEEL_BYTES)] = MAX_WHEEL_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateSettings:
+    #: The raw Ed25519 release public key; None when the config names none.
+    public_key: bytes | None = None
+    insecure_http: bool = False
+    healthy_within_s: float = 120.0
+    max_wheel_bytes: int = MAX_WHEEL_BYTES
+
+
 class _File(_Section, frozen=True):
     device: DeviceConfig
     mqtt: MqttConfig
@@ -132,6 +156,7 @@ class _File(_Section, frozen=True):
     health: HealthConfig = HealthConfig()
     clock: ClockConfig = ClockConfig()
     remote: RemoteSection = RemoteSection()
+    update: UpdateSection = UpdateSection()
     drivers: list[dict[str, Any]] = []
 
 
@@ -177,6 +202,7 @@ class AgentConfig:
     outbox_quota: OutboxQuota = field(default_factory=OutboxQuota)
     clock: ClockConfig = field(default_factory=ClockConfig)
     remote: RemoteAllowList = field(default_factory=RemoteAllowList)
+    update: UpdateSettings = field(default_factory=UpdateSettings)
 
 
 class ManagedConfig(_Section, frozen=True):
@@ -202,6 +228,7 @@ _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "health": HealthConfig,
     "clock": ClockConfig,
     "remote": RemoteSection,
+    "update": UpdateSection,
 }
 _MANAGED: Final[dict[str, type[msgspec.Struct]]] = {
     "": ManagedConfig,
@@ -288,7 +315,18 @@ def _resolve(source: Path, f: _File) -> AgentConfig:
             modbus_hosts=frozenset(h.lower() for h in f.remote.modbus_hosts),
             screens=frozenset(f.remote.screens),
         ),
+        update=_update(base, f.update),
     )
+
+
+def _update(base: Path, u: UpdateSection) -> UpdateSettings:
+    key = None
+    if u.public_key_file:
+        try:
+            key = load_public_key(base / Path(u.public_key_file).expanduser())
+        except ReleaseError as exc:
+            raise _Invalid(f"update.public_key_file: {exc}") from None
+    return UpdateSettings(key, u.insecure_http, u.healthy_within_s, u.max_wheel_bytes)
 
 
 def apply_remote(base: AgentConfig, managed: Mapping[str, Any]) -> AgentConfig:

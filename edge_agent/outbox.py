@@ -58,6 +58,12 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS dropped (type TEXT PRIMARY KEY, count INTEGER NOT NULL);
 """
+#: The outbox file's schema version (``PRAGMA user_version``; a file from before versioning
+#: reads 0). The file outlives agent versions (``update_agent``), so each version migrates it
+#: forward at open, one step at a time, and refuses a file from a newer agent.
+SCHEMA_VERSION: Final = 1
+#: Version → the script that takes the file from the version before to it.
+_MIGRATIONS: Final[dict[int, str]] = {1: _SCHEMA}
 #: Bytes an event adds to an ``up`` batch besides its ts, type and data (keys, a 19-digit seq,
 #: ``"synced":false``, a comma).
 EVENT_OVERHEAD: Final = 72
@@ -171,15 +177,50 @@ class Outbox:
             if not readonly:
                 self._db.execute("PRAGMA journal_mode = WAL")
                 self._db.execute("PRAGMA synchronous = FULL")
-                self._db.executescript(_SCHEMA)
+                self._migrate()
+            else:
+                self._check_version(self._version())
                 for etype, n, size in self._db.execute(
                     f"SELECT type, count(*), sum({_SIZE}) FROM events GROUP BY type"  # noqa: S608 - constant
                 ):
                     self._by_type[etype] = [int(n), int(size)]
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OutboxError) as exc:
+            if (db := getattr(self, "_db", None)) is not None:
+                db.close()
             self._release_lock()
+            if isinstance(exc, OutboxError):
+                raise
             raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
         self._last_created = self._newest_created()
+
+    def _version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise OutboxError(
+                f"the outbox {self.path} has schema version {version}, newer than this agent's "
+                f"({SCHEMA_VERSION}): a newer edge-agent wrote it; run that version (or move the "
+                "file aside to start a new outbox, losing its unsent events)"
+            )
+
+    def _migrate(self) -> None:
+        """Bring the file to :data:`SCHEMA_VERSION`, each step in one transaction."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._version()
+            self._check_version(version)
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                # executescript would COMMIT first: run the statements one by one instead
+                for statement in _MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {step}")
+                log.info("outbox %s: schema migrated to version %d", self.path.name, step)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def _newest_created(self) -> float:
         try:

@@ -31,6 +31,11 @@ from typing import Any, Final, TypeAlias
 from device_drivers.codecs import profile
 from device_drivers.plumbing.transport import UsbId
 
+#: Sections of the agent's config file that only the local file sets: a remote ``config``
+#: document naming one is refused whole (``ManagedConfig`` has no field for them). ``update``
+#: holds the release public key: whoever could set it remotely could sign their own agent.
+LOCAL_ONLY_SECTIONS: Final = frozenset({"device", "mqtt", "privacy", "clock", "remote", "update"})
+
 
 class RemoteRefused(ValueError):
     """A remote document sets something only the local config may; the message names the key."""

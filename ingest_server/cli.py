@@ -119,6 +119,28 @@ def _parser() -> argparse.ArgumentParser:
     mig = sub.add_parser("migrate", help="apply pending database migrations and exit")
     mig.add_argument("--db", metavar="URL", help=f"libpq URL (default ${DB_ENV})")
 
+    rel = sub.add_parser("release", help="add or list signed agent releases (update_agent)")
+    rel.add_argument("--db", metavar="URL", help=f"libpq URL (default ${DB_ENV})")
+    rel_sub = rel.add_subparsers(dest="action", required=True)
+    rel_add = rel_sub.add_parser(
+        "add",
+        help="store a wheel signed offline with `campus-release sign` (checked before storing)",
+    )
+    rel_add.add_argument("--wheel", type=Path, required=True, metavar="FILE")
+    rel_add.add_argument(
+        "--signature", type=Path, metavar="FILE", help="the detached signature (default FILE.sig)"
+    )
+    rel_add.add_argument(
+        "--release-pubkey",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the district's release public key (PEM); the private key stays offline",
+    )
+    rel_add.add_argument("--db", metavar="URL", dest="db_sub", help=argparse.SUPPRESS)
+    rel_list = rel_sub.add_parser("list", help="list stored releases")
+    rel_list.add_argument("--db", metavar="URL", dest="db_sub", help=argparse.SUPPRESS)
+
     codes = sub.add_parser("enrol-code", help="create or list device enrolment codes")
     codes.add_argument("--db", metavar="URL", help=f"libpq URL (default ${DB_ENV})")
     codes_sub = codes.add_subparsers(dest="action", required=True)
@@ -265,6 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"token needs --db URL or ${DB_ENV}")
         return _token(args, db_url)
 
+    if args.command == "release":
+        db_url = getattr(args, "db_sub", None) or db_url
+        if db_url is None:
+            parser.error(f"release needs --db URL or ${DB_ENV}")
+        return _release(args, db_url)
+
     if args.command in ("enrol-code", "broker-auth"):
         db_url = getattr(args, "db_sub", None) or db_url
         if db_url is None:
@@ -318,6 +346,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _path_or_env(given: Path | None, env: str) -> Path | None:
     value = os.environ.get(env)
     return given if given is not None else Path(value) if value else None
+
+
+def _release(args: argparse.Namespace, db_url: str) -> int:
+    from ingest_server.control import releases  # noqa: PLC0415
+    from ingest_server.storage.migrate import migrate  # noqa: PLC0415
+    from schemas.release import ReleaseError  # noqa: PLC0415
+
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            migrate(conn)
+            if args.action == "list":
+                for r in releases.list_releases(conn):
+                    print(f"{r.version}\t{r.size}\t{r.sha256}\t{r.created_at.isoformat()}")
+                return 0
+            sig_file = args.signature or args.wheel.with_name(args.wheel.name + ".sig")
+            try:
+                signature = sig_file.read_text()[:1024]
+            except OSError as exc:
+                print(f"ingest-server release: {sig_file}: {exc.strerror}", file=sys.stderr)
+                return 1
+            r = releases.add_release(conn, args.wheel, signature, args.release_pubkey, "cli")
+    except ReleaseError as exc:
+        print(f"ingest-server release: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.Error as exc:
+        print(f"ingest-server: database {mask(db_url)}: {exc}", file=sys.stderr)
+        return 1
+    print(f"release {r.version} added: {r.size} bytes, sha256 {r.sha256}, signature good")
+    return 0
 
 
 def _token(args: argparse.Namespace, db_url: str) -> int:

@@ -34,6 +34,7 @@ from ingest_server.web.api import (
 from ingest_server.web.api import commands as commands_api
 from ingest_server.web.api import config as config_api
 from ingest_server.web.api import rollouts as rollouts_api
+from ingest_server.web.api import releases as releases_api
 from ingest_server.web.api.deps import install_error_handlers, make_pool
 from ingest_server.web.api.limits import RequestLimits
 from ingest_server.web.dashboard import mount as mount_dashboard
@@ -87,6 +88,7 @@ def create_app(
         app.include_router(config_api.router)
         app.include_router(enrol.router)
         app.include_router(rollouts_api.router)
+        app.include_router(releases_api.router)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

@@ -231,7 +231,7 @@ async def test_bad_commands_are_rejected_and_the_agent_carries_on(
         id="c-x",
         status="rejected",
         detail="unknown command 'reboot_now'; known: flush_outbox, ping, restart_driver, "
-        "set_sample_rate, show_notice, start_recording, stop_recording",
+        "set_sample_rate, show_notice, start_recording, stop_recording, update_agent",
     )
     assert bad.status == "rejected"
     assert "malformed command" in bad.detail
