@@ -33,8 +33,8 @@ from ingest_server.web.api import (
 )
 from ingest_server.web.api import commands as commands_api
 from ingest_server.web.api import config as config_api
-from ingest_server.web.api import rollouts as rollouts_api
 from ingest_server.web.api import releases as releases_api
+from ingest_server.web.api import rollouts as rollouts_api
 from ingest_server.web.api.deps import install_error_handlers, make_pool
 from ingest_server.web.api.limits import RequestLimits
 from ingest_server.web.dashboard import mount as mount_dashboard

@@ -99,7 +99,10 @@ def test_three_agents_through_embedded_broker_stored_exactly_once(
     workdir: Path, db_url: str
 ) -> None:
     port = free_port()
-    server = IngestServer(workdir, None, db_url, "--embedded-broker-port", str(port))
+    # the agents here are not enrolled: the embedded broker's demo mode admits them
+    server = IngestServer(
+        workdir, None, db_url, "--embedded-broker-port", str(port), "--embedded-anonymous"
+    )
     server.start()
     try:
         server.wait_healthy()
