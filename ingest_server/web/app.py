@@ -169,6 +169,7 @@ class HttpServer:
         self.host = host
         self.port: int = self._sock.getsockname()[1]
         self.tls = tls
+        self.app = app
         config = uvicorn.Config(
             app,
             log_level="warning",

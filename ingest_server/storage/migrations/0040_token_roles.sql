@@ -30,7 +30,7 @@ ALTER TABLE api_tokens DROP CONSTRAINT IF EXISTS api_tokens_role_check;
 ALTER TABLE api_tokens ADD CONSTRAINT api_tokens_role_check CHECK (
     role IN ('district_admin', 'school_admin', 'reader', 'service')
     AND CASE role
-        WHEN 'school_admin' THEN cardinality(schools) > 0
+        WHEN 'school_admin' THEN schools IS NOT NULL AND cardinality(schools) > 0
         WHEN 'reader' THEN schools IS NULL OR cardinality(schools) > 0
         ELSE schools IS NULL
     END
