@@ -109,8 +109,25 @@ def _parser() -> argparse.ArgumentParser:
     tok_sub = tok.add_subparsers(dest="action", required=True)
     create = tok_sub.add_parser("create", help="create a token and print it (shown only once)")
     create.add_argument("--name", required=True, help="who or what uses it")
+    who = create.add_mutually_exclusive_group(required=True)
+    who.add_argument(
+        "--role",
+        choices=["district_admin", "school_admin", "reader", "service"],
+        help="what the token may do (docs/api.md, Roles)",
+    )
+    who.add_argument(
+        "--scope",
+        action="append",
+        choices=["read", "admin"],
+        dest="scopes",
+        help="deprecated alias: read = --role reader, admin = --role district_admin",
+    )
     create.add_argument(
-        "--scope", action="append", choices=["read", "admin"], required=True, dest="scopes"
+        "--school",
+        action="append",
+        dest="schools",
+        metavar="S",
+        help="limit the token to school S (repeatable; required for school_admin)",
     )
     tok_sub.add_parser("list", help="list tokens (never the tokens themselves)")
     revoke = tok_sub.add_parser("revoke", help="revoke a token by id")
@@ -385,15 +402,18 @@ def _token(args: argparse.Namespace, db_url: str) -> int:
         with psycopg.connect(db_url, autocommit=True) as conn:
             migrate(conn)
             if args.action == "create":
-                token_id, token = auth.create_token(conn, args.name, args.scopes)
-                print(f"token {token_id} ({args.name}, {', '.join(sorted(set(args.scopes)))}):")
+                role = args.role or auth.role_of_scopes(args.scopes)
+                token_id, token = auth.create_token(conn, args.name, role, args.schools)
+                where = ", ".join(sorted(set(args.schools))) if args.schools else "all schools"
+                print(f"token {token_id} ({args.name}, {role}, {where}):")
                 print(token)
             elif args.action == "list":
                 for t in auth.list_tokens(conn):
                     state = f"revoked {t.revoked_at:%Y-%m-%d}" if t.revoked_at else "active"
                     used = f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never"
+                    where = ",".join(t.schools) if t.schools else "all schools"
                     print(
-                        f"{t.id:>5}  {t.name:<30} {','.join(t.scopes):<11} {state:<18} used {used}"
+                        f"{t.id:>5}  {t.name:<30} {t.role:<14} {state:<18} used {used:<16}  {where}"
                     )
             elif not auth.revoke_token(conn, args.id):
                 print(f"ingest-server: no active token with id {args.id}", file=sys.stderr)

@@ -140,11 +140,16 @@ def create_code(
     return code, row[0]
 
 
-def list_codes(conn: psycopg.Connection[Any]) -> list[CodeInfo]:
+def list_codes(
+    conn: psycopg.Connection[Any], schools: frozenset[str] | None = None
+) -> list[CodeInfo]:
+    """Every code's record (never the code), or only those of ``schools``."""
     cur = conn.cursor(row_factory=tuple_row)
     rows = cur.execute(
         "SELECT id, school_id, room, kind, replaces, created_at, expires_at, used_at, device_id,"
-        " tags FROM enrolment_codes ORDER BY id"
+        " tags FROM enrolment_codes WHERE %s::text[] IS NULL OR school_id = ANY(%s::text[])"
+        " ORDER BY id",
+        (None if schools is None else sorted(schools),) * 2,
     ).fetchall()
     return [CodeInfo(*r) for r in rows]
 

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import uvicorn
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ingest_server.ingest.consumer import Health
 from ingest_server.metrics import CONTENT_TYPE, IngestMetrics
 from ingest_server.web import api_docs
-from ingest_server.web.api import alerts as alerts_api
 from ingest_server.web.api import (
+    access,
     auth,
     data,
     devices,
@@ -31,6 +31,7 @@ from ingest_server.web.api import (
     rollups,
     tokens,
 )
+from ingest_server.web.api import alerts as alerts_api
 from ingest_server.web.api import commands as commands_api
 from ingest_server.web.api import config as config_api
 from ingest_server.web.api import releases as releases_api
@@ -59,7 +60,8 @@ def create_app(
     app = FastAPI(
         title="campus-edge ingest server",
         description="Device data of the district's classrooms. Every endpoint but /healthz "
-        "needs an API token (Authorization: Bearer <token>) with the scope it names.",
+        "needs an API token (Authorization: Bearer <token>) whose role allows it; a token "
+        "limited to schools sees only their rows and devices (docs/api.md, Roles).",
         version="1",
         docs_url=None,  # api_docs serves /docs from a package, not a CDN
         redoc_url=None,
@@ -86,6 +88,7 @@ def create_app(
         app.include_router(live.router)
         app.include_router(commands_api.router)
         app.include_router(config_api.router)
+        app.include_router(enrol.codes)
         app.include_router(enrol.router)
         app.include_router(rollouts_api.router)
         app.include_router(releases_api.router)
@@ -127,7 +130,8 @@ def create_app(
             body["status"] = "down"
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
-    guard = [Depends(auth.require("read"))] if db_url is not None else []
+    # /metrics counts the whole district: district_admin and service only (access.ROUTES)
+    guard = [access.GUARD] if db_url is not None else []
     mount_dashboard(app)
 
     @app.get("/metrics", dependencies=guard, response_class=PlainTextResponse)
@@ -175,6 +179,7 @@ class HttpServer:
         self.host = host
         self.port: int = self._sock.getsockname()[1]
         self.tls = tls
+        self.app = app
         config = uvicorn.Config(
             app,
             log_level="warning",

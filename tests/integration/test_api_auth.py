@@ -46,8 +46,21 @@ def test_tokens_scopes_and_errors(server: IngestServer, db_url: str) -> None:
     reader = created["token"]
     status, body = call(base + "/api/v1/tokens", reader)
     assert status == 403
-    assert "needs 'admin'" in body["detail"]
-    status, text = call(base + "/metrics", reader)
+    assert "role 'reader'" in body["detail"]
+    assert "needs 'tokens'" in body["detail"]
+    # /metrics counts the whole district: a reader is refused, the data platform is not
+    status, body = call(base + "/metrics", reader)
+    assert status == 403
+    assert "needs 'metrics'" in body["detail"]
+    status, made = call(base + "/api/v1/tokens", admin, "POST", {"name": "bi", "role": "service"})
+    assert (status, made["role"], made["schools"], made["scopes"]) == (
+        201,
+        "service",
+        None,
+        ["read"],
+    )
+    service = made["token"]
+    status, text = call(base + "/metrics", service)
     assert status == 200
     assert "campus_ingest" in text
 
@@ -58,17 +71,18 @@ def test_tokens_scopes_and_errors(server: IngestServer, db_url: str) -> None:
     # at rest only digests: neither token appears in the table
     with psycopg.connect(db_url) as conn:
         stored = {bytes(r[0]) for r in conn.execute("SELECT token_sha256 FROM api_tokens")}
-    assert stored == {hashlib.sha256(t.encode()).digest() for t in (admin, reader)}
+    assert stored == {hashlib.sha256(t.encode()).digest() for t in (admin, reader, service)}
 
     status, listed = call(base + "/api/v1/tokens", admin)
     assert status == 200
-    assert {t["name"] for t in listed} == {"bootstrap (admin-token)", "platform"}
+    assert {t["name"] for t in listed} == {"bootstrap (admin-token)", "platform", "bi"}
+    assert {t["name"]: t["role"] for t in listed}["platform"] == "reader"
     assert all("token" not in t for t in listed)
     assert call(base + f"/api/v1/tokens/{created['id']}", admin, "DELETE")[0] == 204
     assert call(base + f"/api/v1/tokens/{created['id']}", admin, "DELETE")[0] == 404
     # revocation takes effect once the short cache entry ages out
     wait_until(
-        lambda: call(base + "/metrics", reader)[0] == 401,
+        lambda: call(base + "/api/v1/meta", reader)[0] == 401,
         auth.CACHE_S + 5,
         "the revoked token refused",
     )
@@ -83,8 +97,8 @@ def test_bootstrap_registers_a_provisioned_token(db_url: str, tmp_path: Path) ->
         migrate(conn)
         assert "registered" in (auth.bootstrap(conn, path) or "")
         assert auth.bootstrap(conn, path) is None  # idempotent
-        (row,) = conn.execute("SELECT scopes FROM api_tokens").fetchall()
-    assert row[0] == ["admin"]
+        (row,) = conn.execute("SELECT scopes, role, schools FROM api_tokens").fetchall()
+    assert row == (["admin"], "district_admin", None)
 
 
 def test_token_cli(db_url: str) -> None:
@@ -108,3 +122,71 @@ def test_token_cli(db_url: str) -> None:
     again = cli("revoke", "1")
     assert again.returncode == 1
     assert "no active token" in again.stderr
+
+
+def test_token_cli_roles_and_schools(db_url: str) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ingest_server", "token", "--db", db_url, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    made = cli("create", "--name", "tech-s001", "--role", "school_admin", "--school", "s001")
+    assert made.returncode == 0, made.stderr
+    assert "school_admin, s001" in made.stdout
+    bad = cli("create", "--name", "x", "--role", "school_admin")
+    assert bad.returncode == 1
+    assert "needs its schools" in bad.stderr
+    bad = cli("create", "--name", "x", "--role", "service", "--school", "s001")
+    assert bad.returncode == 1
+    assert "covers every school" in bad.stderr
+    both = cli("create", "--name", "x", "--role", "reader", "--scope", "read")
+    assert both.returncode == 2  # argparse: one of --role / --scope
+    assert cli("create", "--name", "old", "--scope", "admin").returncode == 0
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute("SELECT name, role, schools FROM api_tokens ORDER BY id").fetchall()
+    assert rows == [("tech-s001", "school_admin", ["s001"]), ("old", "district_admin", None)]
+    listed = cli("list").stdout
+    assert "school_admin" in listed
+    assert "s001" in listed
+    assert "all schools" in listed
+
+
+def test_migration_0040_gives_old_tokens_their_roles(db_url: str) -> None:
+    """Tokens made before 0040 (scopes only) become district_admin / reader of all schools;
+    a row still inserted the old way gets its role from its scopes."""
+    from ingest_server.storage.migrate import migrate
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        migrate(conn)
+        # back to the state before 0040, with two old tokens in it
+        conn.execute("DROP TRIGGER api_tokens_role ON api_tokens")
+        conn.execute("ALTER TABLE api_tokens DROP CONSTRAINT api_tokens_role_check")
+        conn.execute("ALTER TABLE api_tokens DROP COLUMN role, DROP COLUMN schools")
+        conn.execute("DELETE FROM schema_migrations WHERE version = 40")
+        conn.execute(
+            "INSERT INTO api_tokens (name, token_sha256, scopes) VALUES"
+            " ('old-admin', '\\x01', '{admin}'), ('old-read', '\\x02', '{read}'),"
+            " ('old-both', '\\x03', '{read,admin}')"
+        )
+        assert 40 in migrate(conn)
+        rows = conn.execute("SELECT name, role, schools FROM api_tokens ORDER BY id").fetchall()
+        assert rows == [
+            ("old-admin", "district_admin", None),
+            ("old-read", "reader", None),
+            ("old-both", "district_admin", None),
+        ]
+        conn.execute(
+            "INSERT INTO api_tokens (name, token_sha256, scopes)"
+            " VALUES ('legacy', '\\x04', '{read}')"
+        )
+        row = conn.execute("SELECT role FROM api_tokens WHERE name = 'legacy'").fetchone()
+        assert row == ("reader",)
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                "INSERT INTO api_tokens (name, token_sha256, role) VALUES ('x', '\\x05',"
+                " 'school_admin')"
+            )

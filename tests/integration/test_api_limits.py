@@ -446,7 +446,8 @@ def test_export_pages_render_what_one_query_renders(srv: Server, what: str, fmt:
             ' \'{"a": "b,\\"c"}\' FROM generate_series(1, 17) g ON CONFLICT DO NOTHING',
             (t,),
         )
-    cond, params = where(t, t + timedelta(minutes=1), {"school_id": "s7"})
+    everyone = auth.Principal(0, "test", "district_admin")
+    cond, params = where(t, t + timedelta(minutes=1), {"school_id": "s7"}, everyone)
     q = export.export_query(what, fmt, cond, params)
     render = export._csv if fmt == "csv" else export._ndjson
     pool = srv.app.state.pool

@@ -116,7 +116,7 @@ def test_command_roundtrip_idempotency_and_errors(api: Api, device: Device) -> N
     assert api("GET", path, token=reader)[0] == 200
     status, body = api("POST", path, {"name": "ping"}, token=reader)
     assert status == 403
-    assert "needs 'admin'" in body["detail"]
+    assert "needs 'command'" in body["detail"]
 
 
 def test_expiry(api: Api, device: Device, db_url: str) -> None:

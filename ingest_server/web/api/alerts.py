@@ -1,6 +1,7 @@
 """``/api/v1/alerts``: alerts newest first, one with its transitions, and acknowledging or
-resolving one by hand (admin for now). Each change writes its ``alert_events`` row in the same
-transaction and goes to the live stream as an ``alert`` event."""
+resolving one by hand (district and school admins, within their schools). Each change writes
+its ``alert_events`` row in the same transaction and goes to the live stream as an ``alert``
+event."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel
 
 from ingest_server.alerts import store
 from ingest_server.alerts.config import RULES
 from ingest_server.web.api import auth
+from ingest_server.web.api.access import GUARD, Caller
 from ingest_server.web.api.common import (
     NAME_PATTERN,
     Conn,
@@ -31,7 +33,7 @@ from ingest_server.web.api.common import (
 router = APIRouter(
     prefix="/api/v1/alerts",
     tags=["alerts"],
-    dependencies=[Depends(auth.require("admin"))],
+    dependencies=[GUARD],
 )
 
 StateQ = Annotated[
@@ -79,16 +81,17 @@ class AlertPage(BaseModel):
     cursor: str | None
 
 
-def visible_schools(_token: auth.Token) -> Collection[str] | None:
-    """The schools a token may see alerts of; None: all (every token here is admin). The
-    school-scoped roles plug in here, and every query takes it through ``store.scope``."""
-    return None
+def visible_schools(principal: auth.Principal) -> Collection[str] | None:
+    """The schools a token may see alerts of (None: all); every query takes it through
+    ``store.scope``, so another school's alert is not found."""
+    return principal.schools
 
 
 @router.get("", summary="Alerts, newest first, keyset paged", response_model=AlertPage)
 def list_alerts(
     request: Request,
     conn: Conn,
+    principal: Caller,
     *,
     state: StateQ = None,
     school: SchoolQ = None,
@@ -104,7 +107,7 @@ def list_alerts(
         (before,) = decode_cursor(cursor, "alerts", (int,))
     rows = store.listing(
         conn,
-        schools=visible_schools(request.state.token),
+        schools=visible_schools(principal),
         state=state,
         school=school,
         rule=rule,
@@ -118,15 +121,16 @@ def list_alerts(
 
 
 @router.get("/{alert_id}", summary="One alert with its transitions")
-def get_alert(request: Request, conn: Conn, alert_id: AlertId) -> AlertWithEvents:
-    row = store.get(conn, alert_id, visible_schools(request.state.token))
+def get_alert(conn: Conn, principal: Caller, alert_id: AlertId) -> AlertWithEvents:
+    row = store.get(conn, alert_id, visible_schools(principal))
     if row is None:
         raise HTTPException(404, f"no alert {alert_id}")
     return AlertWithEvents.model_validate(row)
 
 
-def _change(request: Request, conn: Any, alert_id: int, what: str) -> AlertWithEvents:
-    token: auth.Token = request.state.token
+def _change(
+    request: Request, conn: Any, token: auth.Principal, alert_id: int, what: str
+) -> AlertWithEvents:
     schools = visible_schools(token)
     if what == "acknowledged":
         done = store.acknowledge(conn, alert_id, token.name, schools)
@@ -149,8 +153,10 @@ def _change(request: Request, conn: Any, alert_id: int, what: str) -> AlertWithE
     summary="Acknowledge an open alert (by this token's name)",
     responses={404: {"description": "no such alert"}, 409: {"description": "not open"}},
 )
-def acknowledge(request: Request, conn: Conn, alert_id: AlertId) -> AlertWithEvents:
-    return _change(request, conn, alert_id, "acknowledged")
+def acknowledge(
+    request: Request, conn: Conn, principal: Caller, alert_id: AlertId
+) -> AlertWithEvents:
+    return _change(request, conn, principal, alert_id, "acknowledged")
 
 
 @router.post(
@@ -158,5 +164,5 @@ def acknowledge(request: Request, conn: Conn, alert_id: AlertId) -> AlertWithEve
     summary="Resolve an alert by hand (by this token's name)",
     responses={404: {"description": "no such alert"}, 409: {"description": "resolved already"}},
 )
-def resolve(request: Request, conn: Conn, alert_id: AlertId) -> AlertWithEvents:
-    return _change(request, conn, alert_id, "resolved")
+def resolve(request: Request, conn: Conn, principal: Caller, alert_id: AlertId) -> AlertWithEvents:
+    return _change(request, conn, principal, alert_id, "resolved")

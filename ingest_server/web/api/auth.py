@@ -1,27 +1,52 @@
-"""API tokens with scopes, kept as SHA-256 digests; the ``require(scope)`` dependency.
+"""API tokens with a role and optional schools, kept as SHA-256 digests; the :class:`Principal`.
 
 A token is ``cet_`` + 43 URL-safe characters (256 random bits), shown once when created. Being
 random and long, a plain SHA-256 is a sound digest for it (no password stretching needed), and
-lookups stay one index probe. ``admin`` includes ``read``. A token in a URL ends up in access
-logs, proxies and browser history, so ``?access_token=`` is accepted only where a browser cannot
-send ``Authorization: Bearer`` (the live stream's EventSource); anywhere else it is refused.
+lookups stay one index probe. A token in a URL ends up in access logs, proxies and browser
+history, so ``?access_token=`` is accepted only where a browser cannot send
+``Authorization: Bearer`` (the live stream's EventSource); anywhere else it is refused.
+
+Roles and scoping: one mechanism
+--------------------------------
+Each token has a role (:data:`ROLE_PERMISSIONS`: ``district_admin`` everything; ``school_admin``
+data, commands, config, enrolment codes, quarantine and tokens of its schools; ``reader`` data,
+export and live stream; ``service`` the data platform: data, export, live stream and /metrics of
+every school) and ``schools`` (None: every school). A request's token is its :class:`Principal`.
+
+How an endpoint is guarded (see :mod:`ingest_server.web.api.access`):
+
+1. Its ``APIRouter`` has ``dependencies=[access.GUARD]``; the guard looks the route up in
+   :data:`access.ROUTES` (method, path) -> ``Rule(permission, scoping)`` and lets the token in
+   only if its role has the permission. A route missing from the table is refused (403) and
+   ``tests/unit/test_route_permissions.py`` fails, so a new endpoint cannot forget its rule.
+2. The endpoint takes ``principal: access.Caller`` (the same, cached) and scopes what it touches:
+   ``principal.check_device(conn, device_id)`` for a device in the path (404, the same body as an
+   unknown device, for one of another school); ``principal.sql_school_filter("school_id")`` ANDed
+   into every listing, export and rollup query; ``principal.check_school(s)`` for a school named
+   in a body; ``principal.visible_schools(...)`` for the live stream's filter.
+
+``require("read")`` / ``require("admin")`` remain for routers not yet classified: "read" is any
+role that may read data, "admin" is ``district_admin`` only (an unscoped endpoint must not be
+opened to a school's administrator).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast, get_args
 
 import psycopg
 from fastapi import HTTPException, Request, WebSocket, status
+from psycopg import sql
 from psycopg.rows import tuple_row
 from psycopg_pool import PoolTimeout
 
@@ -29,6 +54,38 @@ from ingest_server.control.enrolment import FailureLimiter
 
 Scope = Literal["read", "admin"]
 SCOPES: Final[tuple[Scope, ...]] = ("read", "admin")
+Role = Literal["district_admin", "school_admin", "reader", "service"]
+ROLES: Final[tuple[Role, ...]] = get_args(Role)
+#: What a role may do; a school-scoped token does it only for its schools.
+Permission = Literal[
+    "read",
+    "export",
+    "live",
+    "quarantine",
+    "command",
+    "config",
+    "enrol",
+    "tokens",
+    "metrics",
+    "alerts",
+]
+PERMISSIONS: Final[tuple[Permission, ...]] = get_args(Permission)
+ROLE_PERMISSIONS: Final[dict[Role, frozenset[Permission]]] = {
+    "district_admin": frozenset(PERMISSIONS),
+    "school_admin": frozenset(
+        {"read", "export", "live", "quarantine", "command", "config", "enrol", "tokens", "alerts"}
+    ),
+    "reader": frozenset({"read", "export", "live"}),
+    "service": frozenset({"read", "export", "live", "metrics"}),
+}
+#: The old ``--scope`` / ``scopes`` values and the role each stands for.
+SCOPE_ROLES: Final[dict[str, Role]] = {"admin": "district_admin", "read": "reader"}
+#: Roles a token may be limited to schools with (school_admin must be, reader may be).
+SCHOOL_ROLES: Final = frozenset({"school_admin", "reader"})
+MAX_SCHOOLS: Final = 1000
+SCHOOL_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+#: One body for "unknown" and "another school's": a scoped token learns nothing of the other.
+NO_DEVICE: Final = "no device {!r} is known"
 PREFIX: Final = "cet_"
 #: How long a checked token is trusted without asking the database again (revocation delay).
 CACHE_S: Final = 5.0
@@ -47,20 +104,128 @@ MAX_FAILED: Final = 60
 FAILED_WINDOW_S: Final = 60.0
 
 
+def legacy_scopes(role: str) -> list[str]:
+    """The old ``scopes`` a role is shown as: ``admin`` only for district_admin (it meant all)."""
+    return ["admin"] if role == "district_admin" else ["read"]
+
+
+def role_of_scopes(scopes: Iterable[str]) -> Role:
+    """The role the old scopes stand for (``admin`` wins); ValueError for anything else."""
+    given = set(scopes)
+    bad = sorted(given - set(SCOPES))
+    if bad or not given:
+        raise ValueError(f"scopes must be some of {list(SCOPES)}, got {sorted(given)}")
+    return SCOPE_ROLES["admin"] if "admin" in given else SCOPE_ROLES["read"]
+
+
+def check_grant(role: str, schools: Iterable[str] | None) -> frozenset[str] | None:
+    """``schools`` as stored for ``role`` (None: every school); ValueError naming the fault."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {list(ROLES)}, got {role!r}")
+    wanted = None if schools is None else frozenset(schools)
+    if wanted is not None:
+        if role not in SCHOOL_ROLES:
+            raise ValueError(f"a {role} token covers every school: give no schools")
+        if not wanted:
+            raise ValueError("schools: give at least one school, or none for every school")
+        if len(wanted) > MAX_SCHOOLS:
+            raise ValueError(f"schools: at most {MAX_SCHOOLS}, got {len(wanted)}")
+        bad = sorted(s for s in wanted if not SCHOOL_RE.match(s))
+        if bad:
+            raise ValueError(f"schools: {bad[0]!r} does not match {SCHOOL_RE.pattern}")
+    elif role == "school_admin":
+        raise ValueError("a school_admin token needs its schools (--school S, or schools: [...])")
+    return wanted
+
+
 @dataclass(frozen=True, slots=True)
-class Token:
+class Principal:
+    """Who a request acts as: its token's role and schools (None: every school)."""
+
     id: int
     name: str
-    scopes: frozenset[str]
+    role: Role
+    schools: frozenset[str] | None = None
+
+    @property
+    def scopes(self) -> frozenset[str]:
+        """The old scopes (``admin``: district-wide administration), for older clients."""
+        return frozenset(legacy_scopes(self.role))
+
+    @property
+    def district_wide(self) -> bool:
+        return self.schools is None
+
+    def may(self, permission: Permission) -> bool:
+        return permission in ROLE_PERMISSIONS[self.role]
 
     def allows(self, scope: Scope) -> bool:
-        return scope in self.scopes or "admin" in self.scopes
+        """The old check: ``read`` is reading data, ``admin`` district administration."""
+        return self.may("read") if scope == "read" else self.role == "district_admin"
+
+    def sees(self, school: str) -> bool:
+        return self.schools is None or school in self.schools
+
+    def visible_schools(self, wanted: frozenset[str] | None) -> frozenset[str] | None:
+        """The schools a filter may cover: ``wanted`` cut to this token's (None: every one).
+        Asking for schools outside them gives an empty set: nothing, not an error."""
+        if self.schools is None:
+            return wanted
+        return self.schools if wanted is None else wanted & self.schools
+
+    def sql_school_filter(self, column: str) -> tuple[sql.Composable, list[Any]]:
+        """A condition limiting ``column`` (a school id, may be ``alias.col``) to this token's
+        schools, and its one parameter (none for a district-wide token): AND it in."""
+        if self.schools is None:
+            return sql.SQL("true"), []
+        ident = sql.Identifier(*column.split("."))
+        return sql.SQL("{} = ANY(%s)").format(ident), [sorted(self.schools)]
+
+    def check_school(self, school: str) -> None:
+        """403 unless this token may act for ``school`` (a school named in a request body)."""
+        if not self.sees(school):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"token {self.name!r} may act only for schools {sorted(self.schools or ())}; "
+                f"not for {school!r}",
+            )
+
+    def check_device(self, conn: psycopg.Connection[Any], device_id: str) -> str:
+        """The device's school; 404 if it is unknown or of a school this token does not cover
+        (the same body: its existence is not revealed)."""
+        row = conn.execute(
+            "SELECT school_id FROM devices WHERE device_id = %s", (device_id,)
+        ).fetchone()
+        if row is None or not self.sees(str(row[0])):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, NO_DEVICE.format(device_id))
+        return str(row[0])
+
+    def may_grant(self, role: Role, schools: frozenset[str] | None) -> str | None:
+        """Why this token may not create a ``role`` token for ``schools``; None if it may."""
+        if self.role == "district_admin":
+            return None
+        if not self.may("tokens"):
+            return f"a {self.role} token may not create tokens"
+        if role not in SCHOOL_ROLES:
+            return f"a {self.role} token may not create a {role} token"
+        if schools is None or self.schools is None or not schools <= self.schools:
+            return (
+                f"a {self.role} token may create tokens only for its schools "
+                f"{sorted(self.schools or ())}"
+            )
+        return None
+
+
+#: The name the rest of the server knew the principal by.
+Token = Principal
 
 
 @dataclass(frozen=True, slots=True)
 class TokenInfo:
     id: int
     name: str
+    role: str
+    schools: list[str] | None
     scopes: list[str]
     created_at: datetime
     last_used_at: datetime | None
@@ -71,36 +236,70 @@ def digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def create_token(conn: psycopg.Connection[Any], name: str, scopes: list[str]) -> tuple[int, str]:
-    """Store a new token's digest; return its id and the token (the only time it is seen)."""
-    bad = sorted(set(scopes) - set(SCOPES))
-    if bad or not scopes:
-        raise ValueError(f"scopes must be some of {list(SCOPES)}, got {scopes}")
+def create_token(
+    conn: psycopg.Connection[Any],
+    name: str,
+    role: Role | list[str],
+    schools: Iterable[str] | None = None,
+) -> tuple[int, str]:
+    """Store a new token's digest; return its id and the token (the only time it is seen).
+
+    ``role`` may also be a list of the old scopes (``["read"]``: reader, ``["admin"]``:
+    district_admin). ValueError names what is wrong.
+    """
+    role = role_of_scopes(role) if isinstance(role, list) else role
+    wanted = check_grant(role, schools)
     if not name.strip():
         raise ValueError("a token needs a name saying who or what uses it")
     token = PREFIX + secrets.token_urlsafe(32)
     row = conn.execute(
-        "INSERT INTO api_tokens (name, token_sha256, scopes) VALUES (%s, %s, %s) RETURNING id",
-        (name, digest(token), sorted(set(scopes))),
+        "INSERT INTO api_tokens (name, token_sha256, role, schools, scopes)"
+        " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+        (
+            name,
+            digest(token),
+            role,
+            None if wanted is None else sorted(wanted),
+            legacy_scopes(role),
+        ),
     ).fetchone()
     assert row is not None
     return int(row[0]), token
 
 
-def list_tokens(conn: psycopg.Connection[Any]) -> list[TokenInfo]:
-    cur = conn.cursor(row_factory=tuple_row)
-    rows = cur.execute(
-        "SELECT id, name, scopes, created_at, last_used_at, revoked_at FROM api_tokens ORDER BY id"
-    ).fetchall()
+def _visible_tokens(by: Principal | None) -> tuple[sql.Composable, list[Any]]:
+    """Tokens ``by`` may see and revoke: all for a district-wide admin (or the CLI, None);
+    for a school-scoped one, those limited to a subset of its schools."""
+    if by is None or by.role == "district_admin":
+        return sql.SQL("true"), []
+    if by.schools is None:
+        return sql.SQL("false"), []
+    return sql.SQL("schools IS NOT NULL AND schools <@ %s::text[]"), [sorted(by.schools)]
+
+
+def list_tokens(conn: psycopg.Connection[Any], by: Principal | None = None) -> list[TokenInfo]:
+    cond, params = _visible_tokens(by)
+    query = sql.SQL(
+        "SELECT id, name, role, schools, scopes, created_at, last_used_at, revoked_at"
+        " FROM api_tokens WHERE {} ORDER BY id"
+    ).format(cond)
+    rows = conn.cursor(row_factory=tuple_row).execute(query, params).fetchall()
     return [TokenInfo(*row) for row in rows]
 
 
-def revoke_token(conn: psycopg.Connection[Any], token_id: int) -> bool:
-    cur = conn.execute(
-        "UPDATE api_tokens SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL",
-        (token_id,),
-    )
+def revoke_token(conn: psycopg.Connection[Any], token_id: int, by: Principal | None = None) -> bool:
+    cond, params = _visible_tokens(by)
+    query = sql.SQL(
+        "UPDATE api_tokens SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL AND {}"
+    ).format(cond)
+    cur = conn.execute(query, [token_id, *params])
     return cur.rowcount == 1
+
+
+def _principal(row: Any) -> Principal:
+    """A token row (id, name, role, schools) as the principal it makes."""
+    schools = None if row[3] is None else frozenset(row[3])
+    return Principal(int(row[0]), row[1], cast(Role, row[2]), schools)
 
 
 class TooManyFailures(Exception):
@@ -147,7 +346,7 @@ class TokenChecker:
                 with self._connect() as conn:
                     row = conn.execute(
                         "UPDATE api_tokens SET last_used_at = now() WHERE token_sha256 = %s"
-                        " AND revoked_at IS NULL RETURNING id, name, scopes",
+                        " AND revoked_at IS NULL RETURNING id, name, role, schools",
                         (key,),
                     ).fetchone()
             finally:
@@ -158,9 +357,9 @@ class TokenChecker:
             if hit is not None and now - hit[0] < STALE_S:
                 return hit[1]
             if self._is_bootstrap(key):
-                return Token(0, "bootstrap", frozenset({"admin"}))
+                return Principal(0, "bootstrap", "district_admin")
             raise
-        found = None if row is None else Token(int(row[0]), row[1], frozenset(row[2]))
+        found = None if row is None else _principal(row)
         with self._lock:
             if len(self._cache) > 10_000:  # bounded: a flood of wrong tokens cannot grow it
                 self._cache.clear()
@@ -198,8 +397,10 @@ def _presented(conn: Request | WebSocket, query_token: bool) -> str | None:
     return conn.query_params.get("access_token")
 
 
-def authenticate(conn: Request | WebSocket, scope: Scope, query_token: bool = False) -> Token:
-    """The caller's token if it grants ``scope``; 401 (none or unknown) or 403 (too narrow).
+def authenticate(
+    conn: Request | WebSocket, permission: Permission, query_token: bool = False
+) -> Principal:
+    """The caller's principal if its role has ``permission``; 401 (none or unknown) or 403.
 
     ``query_token``: also take ``?access_token=`` (for clients that cannot set headers).
     """
@@ -208,7 +409,7 @@ def authenticate(conn: Request | WebSocket, scope: Scope, query_token: bool = Fa
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "an API token is required: send 'Authorization: Bearer <token>' "
-            "(create one with: ingest-server token create --name NAME --scope read)",
+            "(create one with: ingest-server token create --name NAME --role reader)",
             headers={"WWW-Authenticate": "Bearer"},
         )
     checker: TokenChecker = conn.app.state.tokens
@@ -228,21 +429,34 @@ def authenticate(conn: Request | WebSocket, scope: Scope, query_token: bool = Fa
             "this API token is not valid: unknown or revoked",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
-    if not token.allows(scope):
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            f"token {token.name!r} has scopes {sorted(token.scopes)}; this needs {scope!r}",
-        )
+    if not token.may(permission):
+        raise forbidden(token, permission)
     conn.state.token = token  # for per-token limits (live streams, exports)
     return token
 
 
-def require(scope: Scope, query_token: bool = False) -> Callable[[Request], Token]:
-    """FastAPI dependency: the request's token, which must grant ``scope`` (``query_token``:
-    ``?access_token=`` is taken too; only for the live stream's EventSource)."""
+def forbidden(token: Principal, permission: Permission) -> HTTPException:
+    """403 naming the token's role and the roles that would do."""
+    roles = [r for r in ROLES if permission in ROLE_PERMISSIONS[r]]
+    return HTTPException(
+        status.HTTP_403_FORBIDDEN,
+        f"token {token.name!r} has role {token.role!r}, which may not do this "
+        f"(needs {permission!r}: roles {', '.join(roles)})",
+    )
 
-    def dependency(request: Request) -> Token:
-        return authenticate(request, scope, query_token)
+
+def require(scope: Scope, query_token: bool = False) -> Callable[[Request], Principal]:
+    """FastAPI dependency of routers not yet in ``access.ROUTES``: ``read`` lets in any role
+    that reads data; ``admin`` only ``district_admin`` (see the module's docstring)."""
+
+    def dependency(request: Request) -> Principal:
+        token = authenticate(request, "read", query_token)
+        if scope == "admin" and token.role != "district_admin":
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"token {token.name!r} has role {token.role!r}; this needs 'district_admin'",
+            )
+        return token
 
     return dependency
 
@@ -250,9 +464,9 @@ def require(scope: Scope, query_token: bool = False) -> Callable[[Request], Toke
 def bootstrap(conn: psycopg.Connection[Any], path: Path) -> str | None:
     """Make sure an administrator can get in; return what was done, for the log.
 
-    A token already in ``path`` is registered (admin) if the database does not know it yet, so
-    a deployment can provision it; with no file and no active admin token, a new one is
-    created and written to ``path`` (mode 0600). A revoked token is never brought back.
+    A token already in ``path`` is registered (district_admin) if the database does not know
+    it yet, so a deployment can provision it; with no file and no active district_admin token,
+    a new one is created and written to ``path`` (mode 0600). A revoked token is never brought back.
     """
     if path.exists():
         token = path.read_text(encoding="utf-8").strip()
@@ -264,17 +478,18 @@ def bootstrap(conn: psycopg.Connection[Any], path: Path) -> str | None:
         ).fetchone()
         if row is None:
             conn.execute(
-                "INSERT INTO api_tokens (name, token_sha256, scopes) VALUES (%s, %s, %s)",
+                "INSERT INTO api_tokens (name, token_sha256, role, scopes)"
+                " VALUES (%s, %s, 'district_admin', %s)",
                 (f"bootstrap ({path.name})", digest(token), ["admin"]),
             )
             return f"registered the admin token in {path}"
         return f"the token in {path} is revoked" if row[0] else None
     active = conn.execute(
-        "SELECT 1 FROM api_tokens WHERE 'admin' = ANY(scopes) AND revoked_at IS NULL LIMIT 1"
+        "SELECT 1 FROM api_tokens WHERE role = 'district_admin' AND revoked_at IS NULL LIMIT 1"
     ).fetchone()
     if active is not None:
         return None
-    _, token = create_token(conn, f"bootstrap ({path.name})", ["admin"])
+    _, token = create_token(conn, f"bootstrap ({path.name})", "district_admin")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -1,4 +1,5 @@
-"""Commands to a device: admins send them, readers follow their status.
+"""Commands to a device: administrators send them, readers follow their status (a school-scoped
+token only for its schools' devices: another school's device or command is a 404).
 
 ``POST /api/v1/devices/{device_id}/commands`` stores a ``pending`` command; the control plane
 (:mod:`ingest_server.control.plane`) publishes it and records the device's ack. A client-chosen
@@ -19,13 +20,12 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ingest_server.web.api import auth
+from ingest_server.web.api import access
 from ingest_server.web.api.deps import db
 from schemas.topics import ID_PATTERN
 
-router = APIRouter(prefix="/api/v1", tags=["commands"])
+router = APIRouter(prefix="/api/v1", tags=["commands"], dependencies=[access.GUARD])
 Conn = Annotated[psycopg.Connection[Any], Depends(db)]
-Admin = Annotated[auth.Token, Depends(auth.require("admin"))]
 DeviceId = Annotated[str, PathParam(pattern=ID_PATTERN, description="the device's id")]
 CommandStatus = Literal["pending", "sent", "ok", "error", "rejected", "expired"]
 
@@ -91,16 +91,6 @@ class CommandInfo(BaseModel):
     created_by: str | None
 
 
-def device_school(conn: psycopg.Connection[Any], device_id: str) -> str:
-    """The school of a registered device; 404 if the server has never heard of it."""
-    row = conn.execute(
-        "SELECT school_id FROM devices WHERE device_id = %s", (device_id,)
-    ).fetchone()
-    if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r} is known")
-    return str(row[0])
-
-
 def _wake_control(request: Request) -> None:
     control = getattr(request.app.state, "control", None)
     if control is not None:
@@ -117,11 +107,11 @@ def send_command(
     body: CommandRequest,
     *,
     conn: Conn,
-    token: Admin,
+    token: access.Caller,
     request: Request,
     response: Response,
 ) -> CommandInfo:
-    school_id = device_school(conn, device_id)
+    school_id = token.check_device(conn, device_id)
     cmd_id = body.id or uuid.uuid4().hex
     cur = conn.cursor(row_factory=dict_row)
     row = cur.execute(
@@ -143,15 +133,16 @@ def send_command(
     return CommandInfo(**first)
 
 
-@router.get("/devices/{device_id}/commands", dependencies=[Depends(auth.require("read"))])
+@router.get("/devices/{device_id}/commands")
 def list_commands(
     device_id: DeviceId,
     conn: Conn,
+    principal: access.Caller,
     status_: Annotated[CommandStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> list[CommandInfo]:
     """A device's commands, most recent first."""
-    device_school(conn, device_id)
+    principal.check_device(conn, device_id)
     cur = conn.cursor(row_factory=dict_row)
     rows = cur.execute(
         _BY_DEVICE,
@@ -160,10 +151,13 @@ def list_commands(
     return [CommandInfo(**r) for r in rows]
 
 
-@router.get("/commands/{command_id}", dependencies=[Depends(auth.require("read"))])
-def get_command(command_id: str, conn: Conn) -> CommandInfo:
+@router.get("/commands/{command_id}")
+def get_command(
+    command_id: Annotated[str, PathParam(max_length=128)], conn: Conn, principal: access.Caller
+) -> CommandInfo:
     cur = conn.cursor(row_factory=dict_row)
     row = cur.execute(_BY_ID, (command_id,)).fetchone()
-    if row is None:
+    # another school's command answers as an unknown one
+    if row is None or not principal.sees(row["school_id"]):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no command with id {command_id!r}")
     return CommandInfo(**row)

@@ -1,5 +1,5 @@
 """A device's desired configuration (admins set it, readers see what the device reported) and
-its presence.
+its presence; a school-scoped token only for its schools' devices (another's is a 404).
 
 ``PUT /api/v1/devices/{device_id}/config`` stores version = previous + 1 as the document
 ``{"version", "issued_at", "config"}``; the control plane publishes it retained on the device's
@@ -19,12 +19,13 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ingest_server.web.api import auth
-from ingest_server.web.api.commands import device_school
+from ingest_server.web.api import access
 from ingest_server.web.api.deps import db
 from schemas.topics import ID_PATTERN
 
-router = APIRouter(prefix="/api/v1/devices/{device_id}", tags=["devices"])
+router = APIRouter(
+    prefix="/api/v1/devices/{device_id}", tags=["devices"], dependencies=[access.GUARD]
+)
 Conn = Annotated[psycopg.Connection[Any], Depends(db)]
 DeviceId = Annotated[str, PathParam(pattern=ID_PATTERN, description="the device's id")]
 
@@ -116,15 +117,15 @@ class Presence(BaseModel):
     )
 
 
-@router.put(
-    "/config",
-    status_code=status.HTTP_202_ACCEPTED,
-    dependencies=[Depends(auth.require("admin"))],
-)
+@router.put("/config", status_code=status.HTTP_202_ACCEPTED)
 def put_config(
-    device_id: DeviceId, body: ConfigRequest, conn: Conn, request: Request
+    device_id: DeviceId,
+    body: ConfigRequest,
+    conn: Conn,
+    principal: access.Caller,
+    request: Request,
 ) -> ConfigAccepted:
-    school_id = device_school(conn, device_id)
+    school_id = principal.check_device(conn, device_id)
     row = conn.execute(
         _UPSERT,
         {
@@ -141,8 +142,9 @@ def put_config(
     return ConfigAccepted(device_id=device_id, version=int(row[0]))
 
 
-@router.get("/config", dependencies=[Depends(auth.require("read"))])
-def get_config(device_id: DeviceId, conn: Conn) -> ConfigInfo:
+@router.get("/config")
+def get_config(device_id: DeviceId, conn: Conn, principal: access.Caller) -> ConfigInfo:
+    principal.check_device(conn, device_id)
     cur = conn.cursor(row_factory=dict_row)
     row = cur.execute(
         "SELECT device_id, school_id, version, document, status, detail, updated_at, acked_at,"
@@ -150,17 +152,17 @@ def get_config(device_id: DeviceId, conn: Conn) -> ConfigInfo:
         (device_id,),
     ).fetchone()
     if row is None:
-        device_school(conn, device_id)
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"no configuration was ever set for {device_id!r}"
         )
     return ConfigInfo(**row)
 
 
-@router.get("/presence", dependencies=[Depends(auth.require("read"))])
+@router.get("/presence")
 def get_presence(
     device_id: DeviceId,
     conn: Conn,
+    principal: access.Caller,
     from_: Annotated[datetime | None, Query(alias="from")] = None,
     to: Annotated[datetime | None, Query()] = None,
 ) -> Presence:
@@ -171,6 +173,7 @@ def get_presence(
             raise HTTPException(422, f"{name} must be RFC 3339 with an offset, e.g. ...Z")
     if from_ is not None and to is not None and from_ > to:
         raise HTTPException(422, "from must not be after to")
+    principal.check_device(conn, device_id)
     cur = conn.cursor(row_factory=dict_row)
     row = cur.execute(
         "SELECT device_id, school_id, state, state_at AS since, boot, agent_version"

@@ -11,12 +11,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Final, LiteralString
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
-from ingest_server.web.api import auth
+from ingest_server.web.api import access, auth
 from ingest_server.web.api.common import (
     NAME_PATTERN,
     Conn,
@@ -33,7 +33,7 @@ from ingest_server.web.api.common import (
     time_range,
 )
 
-router = APIRouter(prefix="/api/v1", tags=["data"], dependencies=[Depends(auth.require("read"))])
+router = APIRouter(prefix="/api/v1", tags=["data"], dependencies=[access.GUARD])
 
 TypeQ = Annotated[str | None, Query(pattern=NAME_PATTERN, description="event type, e.g. card.tap")]
 MetricQ = Annotated[
@@ -80,11 +80,16 @@ READING_COLUMNS: Final = "time, school_id, device_id, metric, value"
 
 
 def where(
-    start: datetime, end: datetime, filters: dict[str, str | None]
+    start: datetime,
+    end: datetime,
+    filters: dict[str, str | None],
+    principal: auth.Principal,
 ) -> tuple[sql.Composed, list[Any]]:
-    """``time`` in ``[start, end)`` and each given column equal to its value."""
-    parts: list[sql.Composable] = [sql.SQL("time >= %s AND time < %s")]
-    params: list[Any] = [start, end]
+    """``time`` in ``[start, end)``, ``school_id`` within the principal's schools and each given
+    column equal to its value."""
+    scoped, scope_params = principal.sql_school_filter("school_id")
+    parts: list[sql.Composable] = [sql.SQL("time >= %s AND time < %s"), scoped]
+    params: list[Any] = [start, end, *scope_params]
     for column, value in filters.items():
         if value is not None:
             parts.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
@@ -124,6 +129,7 @@ def _page(
 def list_events(
     request: Request,
     conn: Conn,
+    principal: access.Caller,
     *,
     start: FromQ = None,
     end: ToQ = None,
@@ -135,7 +141,8 @@ def list_events(
 ) -> Response:
     r = time_range(start, end)
     after = None if cursor is None else decode_cursor(cursor, "events", (datetime, str, int))
-    cond, params = where(r.start, r.end, {"school_id": school, "device_id": device, "type": type})
+    filters = {"school_id": school, "device_id": device, "type": type}
+    cond, params = where(r.start, r.end, filters, principal)
     rows, last = _page(
         conn,
         table="events",
@@ -158,6 +165,7 @@ def list_events(
 def list_readings(
     request: Request,
     conn: Conn,
+    principal: access.Caller,
     *,
     start: FromQ = None,
     end: ToQ = None,
@@ -170,7 +178,7 @@ def list_readings(
     r = time_range(start, end)
     after = None if cursor is None else decode_cursor(cursor, "readings", (datetime, str, str))
     filters = {"school_id": school, "device_id": device, "metric": metric}
-    cond, params = where(r.start, r.end, filters)
+    cond, params = where(r.start, r.end, filters, principal)
     rows, last = _page(
         conn,
         table="readings",

@@ -5,17 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, status
 from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
-from ingest_server.web.api import auth
+from ingest_server.web.api import access, auth
 from ingest_server.web.api.common import ID_PATTERN, Conn, SchoolQ
 
-router = APIRouter(
-    prefix="/api/v1/devices", tags=["devices"], dependencies=[Depends(auth.require("read"))]
-)
+router = APIRouter(prefix="/api/v1/devices", tags=["devices"], dependencies=[access.GUARD])
 
 KINDS: Final = (
     "smart_board",
@@ -107,14 +105,15 @@ def _query(where: sql.Composable, limit: int) -> sql.Composed:
 @router.get("", summary="Devices, filtered, each with its agent's latest health")
 def list_devices(
     conn: Conn,
+    principal: access.Caller,
     *,
     school: SchoolQ = None,
     room: Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^[^\x00]+$")] = None,
     kind: Kind | None = None,
     state: Literal["online", "offline"] | None = None,
 ) -> list[Device]:
-    parts: list[sql.Composable] = [sql.SQL("true")]
-    params: list[Any] = []
+    scoped, params = principal.sql_school_filter("d.school_id")
+    parts: list[sql.Composable] = [scoped]
     for column, value in (("school_id", school), ("room", room), ("kind", kind)):
         if value is not None:
             parts.append(sql.SQL("d.{} = %s").format(sql.Identifier(column)))
@@ -133,11 +132,14 @@ def list_devices(
     summary="One device: registry, state, seq gaps and its agent's latest health",
     responses={404: {"description": "no such device"}},
 )
-def device_detail(conn: Conn, device_id: Annotated[str, Path(pattern=ID_PATTERN)]) -> DeviceDetail:
+def device_detail(
+    conn: Conn, principal: access.Caller, device_id: Annotated[str, Path(pattern=ID_PATTERN)]
+) -> DeviceDetail:
+    principal.check_device(conn, device_id)
     query = _query(sql.SQL("d.device_id = %s"), 1)
     row = conn.cursor(row_factory=dict_row).execute(query, (device_id,)).fetchone()
-    if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+    if row is None:  # deleted meanwhile
+        raise HTTPException(status.HTTP_404_NOT_FOUND, auth.NO_DEVICE.format(device_id))
     return DeviceDetail.model_validate(_with_health(row))
 
 

@@ -1,4 +1,5 @@
-"""Enrolment: admins issue codes (``/api/v1/enrolment-codes``); a device spends one at
+"""Enrolment: admins issue codes (``/api/v1/enrolment-codes``; a school admin for its schools
+only, and sees only their codes); a device spends one at
 ``POST /api/v1/enrol`` (no token: the code authenticates) for its MQTT credentials.
 
 The enrolment settings live on ``app.state.enrolment`` (:class:`EnrolmentState`); without them
@@ -21,10 +22,12 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from ingest_server.control import enrolment
-from ingest_server.web.api import auth
+from ingest_server.web.api import access
 from ingest_server.web.api.deps import db
 
+#: ``/enrol`` is public (the code authenticates); the guard lets it through by its rule.
 router = APIRouter(tags=["enrolment"])
+codes = APIRouter(tags=["enrolment"], dependencies=[access.GUARD])
 Conn = Annotated[psycopg.Connection[Any], Depends(db)]
 _ID = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 #: A request body larger than this is refused before it is parsed.
@@ -59,12 +62,13 @@ class CreatedCode(BaseModel):
     expires_at: datetime
 
 
-@router.post(
-    "/api/v1/enrolment-codes",
-    status_code=status.HTTP_201_CREATED,
-    dependencies=[Depends(auth.require("admin"))],
-)
-def create_code(body: CodeRequest, conn: Conn) -> CreatedCode:
+@codes.post("/api/v1/enrolment-codes", status_code=status.HTTP_201_CREATED)
+def create_code(body: CodeRequest, conn: Conn, principal: access.Caller) -> CreatedCode:
+    principal.check_school(body.school_id)
+    if body.replaces is not None and not principal.district_wide:
+        # a scoped token learns nothing of another school's device (enrolment's own 400s,
+        # naming the device's school, are for district-wide tokens)
+        principal.check_device(conn, body.replaces)
     try:
         code, expires = enrolment.create_code(
             conn,
@@ -80,9 +84,9 @@ def create_code(body: CodeRequest, conn: Conn) -> CreatedCode:
     return CreatedCode(code=code, expires_at=expires)
 
 
-@router.get("/api/v1/enrolment-codes", dependencies=[Depends(auth.require("admin"))])
-def list_codes(conn: Conn) -> list[dict[str, Any]]:
-    return [msgspec.to_builtins(c) for c in enrolment.list_codes(conn)]
+@codes.get("/api/v1/enrolment-codes")
+def list_codes(conn: Conn, principal: access.Caller) -> list[dict[str, Any]]:
+    return [msgspec.to_builtins(c) for c in enrolment.list_codes(conn, principal.schools)]
 
 
 @router.post("/api/v1/enrol", status_code=status.HTTP_201_CREATED)

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
 
-from ingest_server.web.api import auth
+from ingest_server.web.api import access, auth
 from ingest_server.web.api.common import (
     MAX_EXPORT_SPAN,
     DeviceQ,
@@ -39,9 +39,7 @@ from ingest_server.web.api.common import (
 from ingest_server.web.api.data import MetricQ, TypeQ, where
 from ingest_server.web.api.limits import HeldResponse, SlotLimiter, SlotsFull
 
-router = APIRouter(
-    prefix="/api/v1/export", tags=["export"], dependencies=[Depends(auth.require("read"))]
-)
+router = APIRouter(prefix="/api/v1/export", tags=["export"], dependencies=[access.GUARD])
 
 CHUNK_ROWS: Final = 5000
 EXPORT_SLOTS: Final = 4
@@ -206,6 +204,7 @@ _RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
 def export_events(
     request: Request,
     fmt: Format,
+    principal: access.Caller,
     *,
     start: FromQ = None,
     end: ToQ = None,
@@ -214,7 +213,8 @@ def export_events(
     type: TypeQ = None,
 ) -> StreamingResponse:
     r = time_range(start, end, MAX_EXPORT_SPAN)
-    cond, params = where(r.start, r.end, {"school_id": school, "device_id": device, "type": type})
+    filters = {"school_id": school, "device_id": device, "type": type}
+    cond, params = where(r.start, r.end, filters, principal)
     query = export_query("events", fmt, cond, params)
     span = (r.start.astimezone(UTC), r.end.astimezone(UTC))
     return _respond(
@@ -236,6 +236,7 @@ def export_events(
 def export_readings(
     request: Request,
     fmt: Format,
+    principal: access.Caller,
     *,
     start: FromQ = None,
     end: ToQ = None,
@@ -244,9 +245,8 @@ def export_readings(
     metric: MetricQ = None,
 ) -> StreamingResponse:
     r = time_range(start, end, MAX_EXPORT_SPAN)
-    cond, params = where(
-        r.start, r.end, {"school_id": school, "device_id": device, "metric": metric}
-    )
+    filters = {"school_id": school, "device_id": device, "metric": metric}
+    cond, params = where(r.start, r.end, filters, principal)
     query = export_query("readings", fmt, cond, params)
     span = (r.start.astimezone(UTC), r.end.astimezone(UTC))
     return _respond(

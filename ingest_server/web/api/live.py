@@ -12,20 +12,16 @@ import re
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Final
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from ingest_server.web.api import auth
+from ingest_server.web.api import access, auth
 from ingest_server.web.api.common import ID_PATTERN, NAME_PATTERN, bad_param
 from ingest_server.web.api.limits import HeldResponse, SlotLimiter, SlotsFull
 from ingest_server.web.live import MAX_SUBSCRIBERS, LiveFilter, LiveHub, Subscription
 
-# EventSource cannot send headers: the one endpoint that takes ?access_token= (auth.py).
-router = APIRouter(
-    prefix="/api/v1",
-    tags=["live"],
-    dependencies=[Depends(auth.require("read", query_token=True))],
-)
+# EventSource cannot send headers: the one endpoint that takes ?access_token= (access.ROUTES).
+router = APIRouter(prefix="/api/v1", tags=["live"], dependencies=[access.GUARD])
 
 HEARTBEAT_S: Final = 15.0
 _MAX_VALUES: Final = 100
@@ -76,6 +72,7 @@ def _ender(
 )
 async def live(
     request: Request,
+    principal: access.Caller,
     school: Annotated[
         list[str] | None, Query(max_length=_MAX_VALUES, description="school ids (repeatable)")
     ] = None,
@@ -98,7 +95,9 @@ async def live(
     except SlotsFull as exc:
         raise exc.http() from None
     try:
-        sub = hub.subscribe(LiveFilter(_set(school), _set(device), _set(type)))
+        # a school-scoped token's events are cut server-side: other schools' never reach it
+        schools = principal.visible_schools(_set(school))
+        sub = hub.subscribe(LiveFilter(schools, _set(device), _set(type)))
     except OverflowError as exc:
         slots.release(token)
         raise SlotsFull(str(exc), slots.retry_after_s).http() from None

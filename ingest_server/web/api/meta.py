@@ -1,22 +1,22 @@
 """``/api/v1/meta``: what a client needs before it asks anything else.
 
 The district's time zone and today's date in it (rollup days are district-local, so "today"
-is that day, not the UTC one), the server's version, and what the caller's token may do.
+is that day, not the UTC one), the server's version, and what the caller's token may do (its
+role, schools and permissions: the dashboard shows and offers only what they allow).
 """
 
 from __future__ import annotations
 
 from datetime import date, datetime
 from importlib import metadata
-from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from ingest_server.web.api import auth
+from ingest_server.web.api import access, auth
 from ingest_server.web.api.common import Conn
 
-router = APIRouter(prefix="/api/v1", tags=["meta"])
+router = APIRouter(prefix="/api/v1", tags=["meta"], dependencies=[access.GUARD])
 
 
 class Meta(BaseModel):
@@ -25,7 +25,12 @@ class Meta(BaseModel):
     today_start: datetime = Field(description="local midnight that began today")
     server_version: str
     token_name: str
-    scopes: list[str] = Field(description="the caller's token scopes ('admin' implies 'read')")
+    role: auth.Role = Field(description="the caller's token's role")
+    schools: list[str] | None = Field(description="the schools it is limited to; null: all")
+    permissions: list[auth.Permission] = Field(description="what its role may do")
+    scopes: list[str] = Field(
+        description="deprecated: 'admin' for district_admin, 'read' for any other role"
+    )
 
 
 def _version() -> str:
@@ -36,7 +41,7 @@ def _version() -> str:
 
 
 @router.get("/meta", summary="District time zone and today, server version, caller's scopes")
-def meta(conn: Conn, token: Annotated[auth.Token, Depends(auth.require("read"))]) -> Meta:
+def meta(conn: Conn, token: access.Caller) -> Meta:
     row = conn.execute(
         "SELECT district_tz, (now() AT TIME ZONE district_tz)::date,"
         " date_trunc('day', now() AT TIME ZONE district_tz) AT TIME ZONE district_tz"
@@ -49,5 +54,8 @@ def meta(conn: Conn, token: Annotated[auth.Token, Depends(auth.require("read"))]
         today_start=row[2],
         server_version=_version(),
         token_name=token.name,
+        role=token.role,
+        schools=None if token.schools is None else sorted(token.schools),
+        permissions=[p for p in auth.PERMISSIONS if token.may(p)],
         scopes=sorted(token.scopes),
     )

@@ -1,17 +1,19 @@
-"""``/api/v1/quarantine``: what ingest refused, newest first; admin only (raw payloads may
-hold personal data)."""
+"""``/api/v1/quarantine``: what ingest refused, newest first; administrators only (raw payloads
+may hold personal data). A school admin sees a row if its school is one of the token's: the
+registry's school of the row's device, or, for a device the registry does not know, the school
+in the row's topic (``campus/v1/<school>/<device>/...``); a row with neither is district-only."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
-from ingest_server.web.api import auth
+from ingest_server.web.api import access, auth
 from ingest_server.web.api.common import (
     Conn,
     CursorQ,
@@ -26,10 +28,11 @@ from ingest_server.web.api.common import (
     time_range,
 )
 
-router = APIRouter(
-    prefix="/api/v1/quarantine",
-    tags=["quarantine"],
-    dependencies=[Depends(auth.require("admin"))],
+router = APIRouter(prefix="/api/v1/quarantine", tags=["quarantine"], dependencies=[access.GUARD])
+#: A quarantined row's school: its device's in the registry, else the one in its topic.
+ROW_SCHOOL: Final = (
+    "coalesce((SELECT d.school_id FROM devices d WHERE d.device_id = quarantine.device_id),"
+    " CASE WHEN topic LIKE 'campus/v1/%%' THEN split_part(topic, '/', 3) END)"
 )
 
 #: Payload text beyond this many characters is cut (the full bytes stay in the table).
@@ -69,11 +72,18 @@ class ReasonCount(BaseModel):
 
 
 def _filters(
-    start: datetime | None, end: datetime | None, reason: str | None, device: str | None
+    principal: auth.Principal,
+    start: datetime | None,
+    end: datetime | None,
+    reason: str | None,
+    device: str | None,
 ) -> tuple[sql.Composed, list[Any]]:
     r = time_range(start, end)
     parts = [sql.SQL("received_at >= %s AND received_at < %s")]
     params: list[Any] = [r.start, r.end]
+    if principal.schools is not None:
+        parts.append(sql.SQL(ROW_SCHOOL + " = ANY(%s)"))
+        params.append(sorted(principal.schools))
     if reason is not None:
         # starts_with, not LIKE: a reason's own % or _ must not act as wildcards
         parts.append(sql.SQL("starts_with(reason, %s)"))
@@ -90,6 +100,7 @@ def _filters(
 def list_quarantine(
     request: Request,
     conn: Conn,
+    principal: access.Caller,
     *,
     start: FromQ = None,
     end: ToQ = None,
@@ -98,7 +109,7 @@ def list_quarantine(
     limit: LimitQ = 100,
     cursor: CursorQ = None,
 ) -> Response:
-    cond, params = _filters(start, end, reason, device)
+    cond, params = _filters(principal, start, end, reason, device)
     if cursor is not None:
         (before,) = decode_cursor(cursor, "quarantine", (int,))
         cond = sql.SQL("{} AND id < %s").format(cond)
@@ -117,13 +128,14 @@ def list_quarantine(
 @router.get("/reasons", summary="Quarantined messages counted by reason")
 def count_reasons(
     conn: Conn,
+    principal: access.Caller,
     *,
     start: FromQ = None,
     end: ToQ = None,
     reason: ReasonQ = None,
     device: DeviceQ = None,
 ) -> list[ReasonCount]:
-    cond, params = _filters(start, end, reason, device)
+    cond, params = _filters(principal, start, end, reason, device)
     query = sql.SQL(
         "SELECT reason, count(*) AS count, max(received_at) AS last FROM quarantine WHERE {}"
         " GROUP BY reason ORDER BY count(*) DESC, reason LIMIT 1000"

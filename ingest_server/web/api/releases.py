@@ -18,13 +18,12 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel
 
 from ingest_server.control import releases
-from ingest_server.web.api import auth
+from ingest_server.web.api.access import Caller
 from ingest_server.web.api.deps import db
 from schemas.release import VERSION_PATTERN
 
 router = APIRouter(prefix="/api/v1/releases", tags=["releases"])
 Conn = Annotated[psycopg.Connection[Any], Depends(db)]
-Reader = Annotated[auth.Token, Depends(auth.require("read"))]
 Version = Annotated[str, PathParam(pattern=VERSION_PATTERN, description="the release version")]
 
 
@@ -45,7 +44,7 @@ class ReleaseInfo(BaseModel):
 
 
 @router.get("")
-def list_releases(conn: Conn, _token: Reader) -> list[ReleaseInfo]:
+def list_releases(conn: Conn, _principal: Caller) -> list[ReleaseInfo]:
     return [
         ReleaseInfo(
             version=r.version,

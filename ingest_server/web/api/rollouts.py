@@ -2,9 +2,10 @@
 
 ``PUT /api/v1/devices/{id}/tags`` sets a device's tags; ``POST /api/v1/targets/resolve`` shows
 which devices a target names; ``/api/v1/rollouts`` creates, lists, shows, pauses, resumes and
-aborts rollouts. Writes need ``admin``, reads ``read``. Every target goes through
-:func:`~ingest_server.control.targets.resolve_target` (one place to limit it to a caller's
-schools).
+aborts rollouts. Access by :mod:`~ingest_server.web.api.access` (writes need the ``config``
+permission, and ``command`` too for a command rollout; reads ``read``). Every target goes through
+:func:`~ingest_server.control.targets.resolve_target` with the caller's schools, and a
+school-scoped token sees (and steers) only rollouts whose devices are all within its schools.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -21,13 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ingest_server.control import rollouts as ro
 from ingest_server.control.targets import Target, TargetError, check_tags, resolve_target
 from ingest_server.web.api import auth
-from ingest_server.web.api.commands import MAX_ARGS_BYTES, MAX_TTL_S, device_school
+from ingest_server.web.api.access import GUARD, Caller
+from ingest_server.web.api.commands import MAX_ARGS_BYTES, MAX_TTL_S
 from ingest_server.web.api.common import ID_PATTERN, Conn
 from ingest_server.web.api.config import MAX_CONFIG_BYTES
 
-router = APIRouter(prefix="/api/v1", tags=["rollouts"])
-Admin = Annotated[auth.Token, Depends(auth.require("admin"))]
-Reader = Depends(auth.require("read"))
+router = APIRouter(prefix="/api/v1", tags=["rollouts"], dependencies=[GUARD])
 DeviceId = Annotated[str, PathParam(pattern=ID_PATTERN, description="the device's id")]
 RolloutId = Annotated[int, PathParam(ge=1, le=2**62)]
 
@@ -208,40 +208,43 @@ def _wake(request: Request) -> None:
 
 
 @router.put("/devices/{device_id}/tags")
-def put_tags(device_id: DeviceId, body: TagsBody, conn: Conn, _token: Admin) -> Tags:
+def put_tags(device_id: DeviceId, body: TagsBody, conn: Conn, principal: Caller) -> Tags:
     """Replace the device's tags (the groups a rollout's target can name)."""
     try:
         tags = check_tags(body.tags)
     except TargetError as exc:
         raise HTTPException(422, str(exc)) from None
-    device_school(conn, device_id)
+    principal.check_device(conn, device_id)
     conn.execute("UPDATE devices SET tags = %s WHERE device_id = %s", (tags, device_id))
     return Tags(device_id=device_id, tags=tags)
 
 
-@router.get("/devices/{device_id}/tags", dependencies=[Reader])
-def get_tags(device_id: DeviceId, conn: Conn) -> Tags:
+@router.get("/devices/{device_id}/tags")
+def get_tags(device_id: DeviceId, conn: Conn, principal: Caller) -> Tags:
+    principal.check_device(conn, device_id)
     row = conn.execute("SELECT tags FROM devices WHERE device_id = %s", (device_id,)).fetchone()
-    if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r} is known")
-    return Tags(device_id=device_id, tags=list(row[0]))
+    return Tags(device_id=device_id, tags=list(row[0]) if row else [])
 
 
-@router.post("/targets/resolve", dependencies=[Reader])
-def resolve(body: TargetBody, conn: Conn) -> Resolved:
+@router.post("/targets/resolve")
+def resolve(body: TargetBody, conn: Conn, principal: Caller) -> Resolved:
     """The devices a target names now (what a rollout created now would reach)."""
     try:
-        found = resolve_target(conn, body.target())
+        found = resolve_target(conn, body.target(), principal.schools)
     except TargetError as exc:
         raise HTTPException(422, str(exc)) from None
     return Resolved(count=len(found), devices=[d for d, _ in found[:1000]])
 
 
 @router.post("/rollouts", status_code=status.HTTP_201_CREATED)
-def create(body: RolloutRequest, conn: Conn, token: Admin, request: Request) -> Rollout:
+def create(body: RolloutRequest, conn: Conn, principal: Caller, request: Request) -> Rollout:
+    if body.command is not None and not principal.may("command"):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, f"a {principal.role} token may not send commands"
+        )
     target = body.target.target()
     try:
-        devices = resolve_target(conn, target)
+        devices = resolve_target(conn, target, principal.schools)
     except TargetError as exc:
         raise HTTPException(422, str(exc)) from None
     if not devices:
@@ -262,16 +265,32 @@ def create(body: RolloutRequest, conn: Conn, token: Admin, request: Request) -> 
         strategy=strategy,
         config=body.config,
         command=None if cmd is None else (cmd.name, cmd.args, cmd.ttl_s),
-        created_by=token.name,
+        created_by=principal.name,
     )
     _wake(request)
-    return _get(conn, rollout_id)
+    return _get(conn, rollout_id, principal)
 
 
-def _get(conn: Conn, rollout_id: int) -> Rollout:
+def _within(principal: auth.Principal) -> tuple[str, list[Any]]:
+    """SQL: rollout ``r`` has no device outside the caller's schools (true when district-wide)."""
+    if principal.schools is None:
+        return "true", []
+    return (
+        "NOT EXISTS (SELECT 1 FROM rollout_devices x WHERE x.rollout_id = r.id"
+        " AND NOT x.school_id = ANY(%s))",
+        [sorted(principal.schools)],
+    )
+
+
+def _get(conn: Conn, rollout_id: int, principal: auth.Principal) -> Rollout:
+    """The rollout; 404 as unknown when it reaches a school the caller does not cover."""
+    cond, params = _within(principal)
     row = (
         conn.cursor(row_factory=dict_row)
-        .execute(f"SELECT {_COLUMNS} FROM rollouts r WHERE r.id = %s", (rollout_id,))  # noqa: S608
+        .execute(
+            f"SELECT {_COLUMNS} FROM rollouts r WHERE r.id = %s AND {cond}",  # noqa: S608
+            (rollout_id, *params),
+        )
         .fetchone()
     )
     if row is None:
@@ -279,37 +298,41 @@ def _get(conn: Conn, rollout_id: int) -> Rollout:
     return Rollout(**_rollout(row))
 
 
-@router.get("/rollouts", dependencies=[Reader])
+@router.get("/rollouts")
 def list_rollouts(
     conn: Conn,
+    principal: Caller,
     state: Annotated[StateName | None, Query()] = None,
     before: Annotated[int | None, Query(ge=1, description="ids below this (paging)")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> list[Rollout]:
     """Rollouts, newest first, with their counts per outcome."""
+    cond, params = _within(principal)
     rows = (
         conn.cursor(row_factory=dict_row)
         .execute(
             f"SELECT {_COLUMNS} FROM rollouts r"  # noqa: S608 - constant columns
             " WHERE (%s::text IS NULL OR r.state = %s) AND (%s::bigint IS NULL OR r.id < %s)"
-            " ORDER BY r.id DESC LIMIT %s",
-            (state, state, before, before, limit),
+            f" AND {cond} ORDER BY r.id DESC LIMIT %s",
+            (state, state, before, before, *params, limit),
         )
         .fetchall()
     )
     return [Rollout(**_rollout(r)) for r in rows]
 
 
-@router.get("/rollouts/{rollout_id}", dependencies=[Reader])
+@router.get("/rollouts/{rollout_id}")
 def get_rollout(
     rollout_id: RolloutId,
     conn: Conn,
+    principal: Caller,
+    *,
     outcome: Annotated[Outcome | None, Query()] = None,
     after: Annotated[int, Query(ge=-1, description="positions after this (paging)")] = -1,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> RolloutDetail:
     """The rollout, its counts per outcome, and one page of its devices in issue order."""
-    head = _get(conn, rollout_id)
+    head = _get(conn, rollout_id, principal)
     rows = (
         conn.cursor(row_factory=dict_row)
         .execute(
@@ -329,29 +352,30 @@ def get_rollout(
 
 
 def _transition(
-    action: str, rollout_id: int, conn: Conn, token: auth.Token, request: Request
+    action: str, rollout_id: int, conn: Conn, principal: auth.Principal, request: Request
 ) -> Rollout:
+    _get(conn, rollout_id, principal)  # 404 for a rollout beyond the caller's schools
     try:
-        ro.transition(conn, rollout_id, action, token.name)
+        ro.transition(conn, rollout_id, action, principal.name)
     except ro.TransitionError as exc:
         raise HTTPException(exc.status, str(exc)) from None
     _wake(request)
-    return _get(conn, rollout_id)
+    return _get(conn, rollout_id, principal)
 
 
 @router.post("/rollouts/{rollout_id}/pause")
-def pause(rollout_id: RolloutId, conn: Conn, token: Admin, request: Request) -> Rollout:
+def pause(rollout_id: RolloutId, conn: Conn, principal: Caller, request: Request) -> Rollout:
     """Issue no further batch (what is issued still settles)."""
-    return _transition("pause", rollout_id, conn, token, request)
+    return _transition("pause", rollout_id, conn, principal, request)
 
 
 @router.post("/rollouts/{rollout_id}/resume")
-def resume(rollout_id: RolloutId, conn: Conn, token: Admin, request: Request) -> Rollout:
+def resume(rollout_id: RolloutId, conn: Conn, principal: Caller, request: Request) -> Rollout:
     """Go on from paused, or from halted (an operator's decision to accept the failures)."""
-    return _transition("resume", rollout_id, conn, token, request)
+    return _transition("resume", rollout_id, conn, principal, request)
 
 
 @router.post("/rollouts/{rollout_id}/abort")
-def abort(rollout_id: RolloutId, conn: Conn, token: Admin, request: Request) -> Rollout:
+def abort(rollout_id: RolloutId, conn: Conn, principal: Caller, request: Request) -> Rollout:
     """Stop for good: devices not yet issued are skipped, unpublished commands withdrawn."""
-    return _transition("abort", rollout_id, conn, token, request)
+    return _transition("abort", rollout_id, conn, principal, request)

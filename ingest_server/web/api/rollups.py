@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Any, Final, Generic, Literal, LiteralString, TypeVar
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Query, Response
 from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
-from ingest_server.web.api import auth
+from ingest_server.web.api import access, auth
 from ingest_server.web.api.common import (
     ID_PATTERN,
     NAME_PATTERN,
@@ -36,9 +36,7 @@ from ingest_server.web.api.common import (
     time_range,
 )
 
-router = APIRouter(
-    prefix="/api/v1/rollups", tags=["rollups"], dependencies=[Depends(auth.require("read"))]
-)
+router = APIRouter(prefix="/api/v1/rollups", tags=["rollups"], dependencies=[access.GUARD])
 
 #: A rollup answer holds at most this many rows; ``truncated`` says when there were more.
 MAX_ROWS: Final = 10_000
@@ -192,9 +190,11 @@ def _fetch(
     conn: Conn,
     spec: RollupSpec,
     conds: list[tuple[LiteralString, Any]],
+    principal: auth.Principal,
 ) -> tuple[list[dict[str, Any]], bool]:
-    where = [sql.SQL(c) for c, v in conds if v is not None] or [sql.SQL("true")]
-    params = [v for _, v in conds if v is not None]
+    scoped, params = principal.sql_school_filter("school_id")
+    where = [scoped, *(sql.SQL(c) for c, v in conds if v is not None)]
+    params += [v for _, v in conds if v is not None]
     query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT %s").format(
         sql.SQL(spec.columns),
         sql.Identifier(spec.relation),
@@ -219,11 +219,18 @@ def _route(spec: RollupSpec) -> Callable[..., Response]:
     model = Rollup[spec.model]  # type: ignore[name-defined]  # a runtime parametrisation
 
     def endpoint(
-        conn: Conn, now: Now, school: str | None, start: Any, end: Any, **keys: Any
+        conn: Conn,
+        *,
+        principal: auth.Principal,
+        now: Now,
+        school: str | None,
+        start: Any,
+        end: Any,
+        **keys: Any,
     ) -> Response:
         conds = [("school_id = %s", school), *_range(spec, conn, now, start, end)]
         conds += [(f.condition, keys[f.param]) for f in spec.filters]
-        rows, more = _fetch(conn, spec, conds)
+        rows, more = _fetch(conn, spec, conds, principal)
         return reply(model, {"items": rows, "truncated": more})
 
     day = spec.range == "day"
@@ -238,6 +245,7 @@ def _route(spec: RollupSpec) -> Callable[..., Response]:
     endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [
             inspect.Parameter("conn", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Conn),
+            inspect.Parameter("principal", kw, annotation=access.Caller),
             inspect.Parameter("now", kw, annotation=Now),
             *(inspect.Parameter(n, kw, annotation=a, default=None) for n, a in query),
         ],
@@ -264,14 +272,16 @@ for _spec in ROLLUPS:
 )
 def library_top_items(
     conn: Conn,
+    principal: access.Caller,
     *,
     school: SchoolQ = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> Response:
+    scoped, params = principal.sql_school_filter("school_id")
     query = sql.SQL(
         "SELECT school_id, item_id, loans, last_loan FROM library_top_items"
-        " WHERE {} ORDER BY loans DESC, school_id, item_id LIMIT %s"
-    ).format(sql.SQL("school_id = %s" if school is not None else "true"))
-    params: list[Any] = [school] if school is not None else []
+        " WHERE {} AND {} ORDER BY loans DESC, school_id, item_id LIMIT %s"
+    ).format(scoped, sql.SQL("school_id = %s" if school is not None else "true"))
+    params += [school] if school is not None else []
     rows = conn.cursor(row_factory=dict_row).execute(query, [*params, limit + 1]).fetchall()
     return reply(Rollup[LibraryItem], {"items": rows[:limit], "truncated": len(rows) > limit})

@@ -67,13 +67,19 @@ export async function pages(path, maxPages = 5) {
   return items;
 }
 
-/** The server's /meta: district time zone and today, version, and the token's scopes. */
+/** The server's /meta: district time zone and today, version, and the token's role and schools. */
 export const meta = (candidate) => call("/meta", candidate ? { tokenOverride: candidate, quiet401: true } : {});
 
-/** What the token may do, as the server says: "admin" or "read". */
+/** Roles that send commands and read quarantine (a school admin: for its schools only). */
+export const ADMIN_ROLES = new Set(["district_admin", "school_admin"]);
+
+/** What the token may do, as the server says: its role and schools (null: every school). The
+ * server already cuts every answer to those schools; the dashboard only says so. An older
+ * server without roles: its scopes ("admin" was district-wide). */
 export async function scopeOf(candidate) {
-  const { scopes } = await meta(candidate);
-  return scopes.includes("admin") ? "admin" : "read";
+  const m = await meta(candidate);
+  const role = m.role || (m.scopes.includes("admin") ? "district_admin" : "reader");
+  return { role, schools: Array.isArray(m.schools) ? m.schools : null };
 }
 
 /** The live stream URL (EventSource cannot send headers, so the token rides in the query). */

@@ -1,11 +1,12 @@
 // The dashboard: a hash router over five pages, each drawn from /api/v1 calls.
 
-import { ApiError, call, clearToken, liveUrl, meta, pages, scopeOf, setToken, token, whenUnauthorized } from "./api.mjs";
+import { ADMIN_ROLES, ApiError, call, clearToken, liveUrl, meta, pages, scopeOf, setToken, token, whenUnauthorized } from "./api.mjs";
 import { disposeCharts, drawChart } from "./charts.mjs";
 import { ago, lang, setLang, t } from "./i18n.mjs";
 import { openAlertSummary, renderAlerts } from "./alerts.mjs";
 
-const SCOPE_KEY = "campus.scope";
+const SCOPE_KEY = "campus.scope"; // the token's role
+const SCHOOLS_KEY = "campus.schools"; // JSON: its schools, or null for every school
 const LIVE_MAX = 200; // rows kept in the live feed
 const PING_POLL_MS = 1000;
 const PING_POLLS = 60;
@@ -86,9 +87,10 @@ function renderLogin() {
         }
         status.append(h("div", { class: "muted" }, t("login.checking")));
         try {
-          const scope = await scopeOf(candidate);
+          const { role, schools } = await scopeOf(candidate);
           setToken(candidate);
-          sessionStorage.setItem(SCOPE_KEY, scope);
+          sessionStorage.setItem(SCOPE_KEY, role);
+          sessionStorage.setItem(SCHOOLS_KEY, JSON.stringify(schools));
           loginMessage = "";
           go("#/fleet");
         } catch (error) {
@@ -113,19 +115,33 @@ function renderHeader(page) {
   document.getElementById("logout").hidden = !signedIn;
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === page);
   const scope = document.getElementById("scope");
-  const granted = sessionStorage.getItem(SCOPE_KEY);
+  const role = sessionStorage.getItem(SCOPE_KEY);
+  const granted = role ? (ADMIN_ROLES.has(role) ? "admin" : "read") : "";
+  const schools = signedIn ? tokenSchools() : null;
   scope.hidden = !signedIn;
-  scope.className = `scope ${granted || ""}`;
-  scope.dataset.scope = granted || "";
-  scope.textContent = granted ? t(`scope.${granted}`) : "";
+  scope.className = `scope ${granted}`;
+  scope.dataset.scope = granted;
+  scope.dataset.role = role || "";
+  scope.textContent = role ? t(`role.${role}`) + (schools ? ` · ${t("scope.schools", { schools: schools.join(", ") })}` : "") : "";
   document.getElementById("lang").textContent = t("lang.switch");
 }
 
-const isAdmin = () => sessionStorage.getItem(SCOPE_KEY) === "admin";
+const isAdmin = () => ADMIN_ROLES.has(sessionStorage.getItem(SCOPE_KEY));
+
+/** The schools the token is limited to (null: every school). */
+function tokenSchools() {
+  try {
+    const schools = JSON.parse(sessionStorage.getItem(SCHOOLS_KEY) || "null");
+    return Array.isArray(schools) ? schools.map(String) : null;
+  } catch {
+    return null;
+  }
+}
 
 function signOut(message = "") {
   clearToken();
   sessionStorage.removeItem(SCOPE_KEY);
+  sessionStorage.removeItem(SCHOOLS_KEY);
   loginMessage = message;
   go("#/login");
 }
