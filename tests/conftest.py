@@ -16,6 +16,7 @@ from simulators.harness import Mosquitto, Postgres
 pytest_plugins = [
     "tests.agent_helpers",
     "tests.agent_server",
+    "tests.alert_receivers",
     "tests.api_client",
     "tests.broker_tls",
     "tests.driver_harness",

@@ -1,7 +1,8 @@
 """Alert notifications against real receivers on 127.0.0.1 and a real PostgreSQL.
 
 Alerts and their ``alert_events`` are inserted through SQL as the rule engine would; the
-receivers are a plain http.server (answering like a webhook, WeCom or DingTalk) and aiosmtpd.
+receivers are a plain http.server (answering like a webhook, WeCom or DingTalk) and aiosmtpd
+(``tests/alert_receivers.py``).
 """
 
 from __future__ import annotations
@@ -9,17 +10,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.policy import default as default_policy
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import pytest
@@ -30,75 +26,11 @@ from ingest_server.metrics import IngestMetrics
 from ingest_server.storage.migrate import migrate
 from simulators.harness import Mosquitto, free_port, wait_until
 from simulators.harness_pipeline import IngestServer
+from tests.alert_receivers import Hook, SmtpSink
 
 pytestmark = pytest.mark.integration
 
 WAIT_S = 30
-
-
-@dataclass
-class Hook:
-    """A receiver on 127.0.0.1: records each request; answers ``status`` with ``answer``."""
-
-    port: int = field(default_factory=free_port)
-    status: int = 200
-    answer: dict[str, Any] | None = None
-    #: answer these (status, body) first, one per request
-    script: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    _server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    def bodies(self) -> list[dict[str, Any]]:
-        return [r["body"] for r in self.requests if r["status"] == 200]
-
-    def start(self) -> Hook:
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers["Content-Length"]))
-                status, answer = hook.script.pop(0) if hook.script else (hook.status, hook.answer)
-                hook.requests.append(
-                    {
-                        "path": self.path,
-                        "query": parse_qs(urlsplit(self.path).query),
-                        "headers": dict(self.headers),
-                        "body": json.loads(raw),
-                        "status": status if not answer or answer.get("errcode", 0) == 0 else 0,
-                    }
-                )
-                out = json.dumps(answer or {}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-
-@pytest.fixture
-def hooks() -> Iterator[list[Hook]]:
-    made: list[Hook] = []
-    yield made
-    for h in made:
-        h.stop()
 
 
 @pytest.fixture
@@ -292,41 +224,16 @@ def test_wecom_and_dingtalk_bodies_and_errcodes(
 
 
 def test_email_over_smtp_in_chinese(
-    conn: psycopg.Connection[Any], db_url: str, tmp_path: Path
+    conn: psycopg.Connection[Any], db_url: str, smtp_sink: SmtpSink
 ) -> None:
-    controller_mod = pytest.importorskip("aiosmtpd.controller")
-    trustme = pytest.importorskip("trustme")
-    import ssl
-
-    received: list[tuple[str, list[str], bytes]] = []
-
-    class Handler:
-        async def handle_DATA(self, _server: object, _session: object, envelope: Any) -> str:
-            received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
-            return "250 OK"
-
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    port = free_port()
-    controller = controller_mod.Controller(
-        Handler(), hostname="127.0.0.1", port=port, tls_context=server_ctx, require_starttls=True
-    )
-    controller.start()
-    url = (
-        f"smtp://127.0.0.1:{port}?from=alerts@campus.example"
-        f"&to=head@s001.example,it@s001.example&ca={ca_file}"
-    )
+    url = smtp_sink.url("alerts@campus.example", "head@s001.example", "it@s001.example")
     notifier = FastNotifier(config({"mail": url}), db_url, IngestMetrics()).start()
     try:
         open_alert(conn, "gate-01", "critical", message="闸机离线，请检查网络")
-        wait_until(lambda: received, WAIT_S, "an e-mail")
+        wait_until(lambda: smtp_sink.received, WAIT_S, "an e-mail")
     finally:
         notifier.stop()
-        controller.stop()
-    sender, rcpts, raw = received[0]
+    sender, rcpts, raw = smtp_sink.received[0]
     assert sender == "alerts@campus.example"
     assert rcpts == ["head@s001.example", "it@s001.example"]
     msg = message_from_bytes(raw, policy=default_policy)
