@@ -1,7 +1,9 @@
 """Alerts end to end: real edge-agent processes reading simulators through their real protocols,
 real Mosquitto, the ingest server and PostgreSQL. A fever at a gate, CO2 above the threshold for
 the window, and a SIGKILLed agent (its will: offline) each open an alert, visible in the API and
-on the live stream, and each resolves by itself when its condition clears."""
+on the live stream, and each resolves by itself when its condition clears. The server notifies a
+webhook receiver and an SMTP server (aiosmtpd, STARTTLS) on 127.0.0.1 of every transition; a
+webhook receiver that is down when an alert opens gets it once when it is back."""
 
 from __future__ import annotations
 
@@ -13,18 +15,21 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from ingest_server.alerts.notify import Notifier
 from ingest_server.server import IngestServer
 from ingest_server.settings import Settings
 from simulators.harness import Mosquitto, shared_tmpdir, wait_until
 from simulators.harness_pipeline import HASH_KEY_HEX, Proc
 from simulators.modbus_sensor import Field, ModbusSensorSim
 from simulators.wiegand import WiegandConverter
+from tests.alert_receivers import Hook, SmtpSink
 from tests.api_client import Api
 
 pytestmark = pytest.mark.integration
@@ -97,11 +102,21 @@ class AlertStream:
         self._thread.join(10)
 
 
+#: The fields every webhook notification carries, non-empty (docs/alerts.md, "Receivers").
+NOTIFIED_FIELDS = ("rule", "severity", "state", "device_id", "school_id", "opened_at", "message")
+#: The alert's state after each transition.
+STATE_AFTER = {"opened": "open", "acknowledged": "acknowledged", "resolved": "resolved"}
+
+
 class Running:
-    def __init__(self, srv: IngestServer, workdir: Path, broker: Mosquitto) -> None:
+    def __init__(
+        self, srv: IngestServer, workdir: Path, broker: Mosquitto, hook: Hook, smtp: SmtpSink
+    ) -> None:
         self.srv = srv
         self.workdir = workdir
         self.broker = broker
+        self.hook = hook
+        self.smtp = smtp
         self.api = Api(srv)
         self.stream = AlertStream(srv.http.url, self.api.token)
 
@@ -144,11 +159,74 @@ class Running:
         assert found is not None
         return found
 
+    def notified(self, alert: dict[str, Any], transition: str) -> dict[str, Any]:
+        """The webhook's notification of this transition of the alert (waited for), checked."""
+
+        def find() -> dict[str, Any] | None:
+            return next(
+                (
+                    b
+                    for b in self.hook.bodies()
+                    if b["alert_id"] == alert["id"] and b["transition"] == transition
+                ),
+                None,
+            )
+
+        wait_until(find, WAIT_S, f"the webhook told of {alert['rule']} {transition}")
+        body = find()
+        assert body is not None
+        for key in NOTIFIED_FIELDS:
+            assert body[key], key
+        assert body["rule"] == alert["rule"]
+        assert body["severity"] == alert["severity"]
+        assert body["device_id"] == alert["device_id"]
+        assert body["school_id"] == "s001"
+        assert body["state"] == STATE_AFTER[transition]
+        assert alert["device_id"] in body["message"]
+        return body
+
+    def mailed(self, alert: dict[str, Any], transition: str) -> EmailMessage:
+        """The e-mail of this transition of the alert (waited for): its Message-ID names the
+        alert, its subject the transition and rule, its body the device."""
+
+        def find() -> EmailMessage | None:
+            return next(
+                (
+                    m
+                    for m in self.smtp.messages()
+                    if f".alert{alert['id']}.n" in str(m["Message-ID"])
+                    and f" {transition}: {alert['rule']}" in str(m["Subject"])
+                ),
+                None,
+            )
+
+        wait_until(find, WAIT_S, f"an e-mail of {alert['rule']} {transition}")
+        msg = find()
+        assert msg is not None
+        assert msg["To"] == "it@s001.example"
+        assert "告警" in str(msg["Subject"])
+        body = msg.get_body()
+        assert body is not None
+        assert alert["device_id"] in body.get_content()
+        return msg
+
+    def told(self, alert: dict[str, Any], *transitions: str) -> None:
+        """Each transition reached the webhook and the mailbox, the webhook's in this order."""
+        for t in transitions:
+            self.notified(alert, t)
+            self.mailed(alert, t)
+        seen = [b["transition"] for b in self.hook.bodies() if b["alert_id"] == alert["id"]]
+        assert seen == list(transitions)
+
 
 @pytest.fixture
-def running(mosquitto: Mosquitto, db_url: str, tmp_path: Path) -> Iterator[Running]:
+def running(
+    mosquitto: Mosquitto, db_url: str, tmp_path: Path, hooks: list[Hook], smtp_sink: SmtpSink
+) -> Iterator[Running]:
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES)
+    hook = Hook().start()
+    hooks.append(hook)
     settings = Settings(
         broker_url=mosquitto.url,
         db_url=db_url,
@@ -156,12 +234,14 @@ def running(mosquitto: Mosquitto, db_url: str, tmp_path: Path) -> Iterator[Runni
         client_id=f"ingest-alerts-{uuid.uuid4().hex[:8]}",
         admin_token_file=tmp_path / "admin-token",
         rules_file=rules,
+        alert_webhooks=(hook.url,),
+        alert_smtp=smtp_sink.url("alerts@campus.example", "it@s001.example"),
     )
     # a directory of its own: pytest may prune old basetemps while other sessions run
     workdir = shared_tmpdir("campus-alerts-")
     with IngestServer(settings) as srv:
         wait_until(settings.token_file.exists, WAIT_S, "the bootstrap admin token")
-        r = Running(srv, workdir, mosquitto)
+        r = Running(srv, workdir, mosquitto, hook, smtp_sink)
         try:
             yield r
         finally:
@@ -218,6 +298,7 @@ def test_a_fever_at_a_real_gate_opens_an_alert_and_a_normal_reading_resolves_it(
             assert done["resolved_by"] == "auto"
             assert _transitions(running.api, fever["id"]) == ["opened", "resolved"]
             wait_until(lambda: running.stream.seen("fever", "resolved"), WAIT_S, "the live resolve")
+            running.told(fever, "opened", "resolved")
         finally:
             agent.terminate()
 
@@ -249,6 +330,7 @@ def test_co2_above_the_threshold_for_the_window_opens_then_resolves_after_the_ho
             assert done["resolved_by"] == "auto"
             assert _transitions(running.api, opened["id"]) == ["opened", "resolved"]
             wait_until(lambda: running.stream.seen("co2_high", "resolved"), WAIT_S, "live resolve")
+            running.told(opened, "opened", "resolved")
         finally:
             agent.terminate()
 
@@ -287,9 +369,70 @@ def test_a_killed_agent_goes_offline_by_its_will_and_resolves_when_restarted(
         assert done["resolved_by"] == "auto"
         assert _transitions(running.api, opened["id"]) == ["opened", "acknowledged", "resolved"]
         wait_until(lambda: running.stream.seen("device_offline", "resolved"), WAIT_S, "resolve")
+        running.told(opened, "opened", "acknowledged", "resolved")
+        told_ack = running.notified(opened, "acknowledged")
+        assert told_ack["acknowledged_by"] == acked["acknowledged_by"]
         _, metrics = running.api("GET", "/metrics")
         assert 'campus_alerts_transitions_total{rule="device_offline",transition="opened"} 1' in (
             metrics
         )
     finally:
         agent.terminate()
+
+
+def test_a_webhook_receiver_down_when_an_alert_opens_gets_it_once_when_back(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the server's own notifier, retrying sooner than its 2 s, 4 s, 8 s ... so the test is short
+    monkeypatch.setattr(Notifier, "BACKOFF_BASE_S", 0.2)
+    monkeypatch.setattr(Notifier, "BACKOFF_MAX_S", 1.0)
+    drivers = (
+        '[[drivers]]\ntype = "synthetic"\nname = "gen"\nevent_type = "env.reading"\nrate = 2\n'
+    )
+    agent = running.agent("env-0303", "env_sensor", drivers)
+    metrics = running.srv.metrics
+    try:
+
+        def online() -> bool:
+            status, body = running.api("GET", "/api/v1/devices/env-0303/presence")
+            return status == 200 and body["state"] == "online"
+
+        wait_until(online, WAIT_S, "the agent online")
+        running.hook.stop()  # connections to it are refused from now on
+        agent.kill()
+        opened = running.wait_alert("device_offline", "env-0303", "open", agent)
+        running.mailed(opened, "opened")  # the other receiver is not held up by the one down
+        wait_until(
+            lambda: metrics.alert_notify_retries.value(receiver="webhook-1") >= 2,
+            WAIT_S,
+            "failed attempts while the webhook receiver is down",
+        )
+        assert running.hook.requests == []
+
+        running.hook.start()  # back, on the same port
+        running.notified(opened, "opened")
+        agent.start()
+        running.wait_alert("device_offline", "env-0303", "resolved", agent)
+        running.told(opened, "opened", "resolved")
+
+        def all_sent() -> bool:
+            with psycopg.connect(running.srv.settings.db_url or "") as conn:
+                rows = conn.execute(
+                    "SELECT status FROM alert_notifications WHERE alert_id = %s", (opened["id"],)
+                ).fetchall()
+            return len(rows) == 4 and {r[0] for r in rows} == {"sent"}  # 2 transitions x 2
+
+        wait_until(all_sent, WAIT_S, "every notification of the alert marked sent")
+    finally:
+        agent.terminate()
+    bodies = [b for b in running.hook.bodies() if b["alert_id"] == opened["id"]]
+    assert [b["transition"] for b in bodies] == ["opened", "resolved"]  # exactly once each
+    assert len({b["notification_id"] for b in bodies}) == 2
+    assert len(running.hook.requests) == len(running.hook.bodies())  # no failed answer either
+    with psycopg.connect(running.srv.settings.db_url or "") as conn:
+        attempts = conn.execute(
+            "SELECT attempts FROM alert_notifications"
+            " WHERE alert_id = %s AND receiver = 'webhook-1' ORDER BY id",
+            (opened["id"],),
+        ).fetchall()
+    assert attempts[0][0] >= 3  # refused at least twice, then delivered
