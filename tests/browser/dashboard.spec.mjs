@@ -217,12 +217,22 @@ await step("alerts", page, async () => {
 });
 
 async function acknowledgeOne(page) {
-  out.alerts.cards = await rows(page, "article[data-alert]", ["alert", "state", "severity"]);
+  const card = ["alert", "rule", "state", "severity"];
+  out.alerts.cards = await rows(page, "article[data-alert]", card);
+  out.alerts.text = await page.textContent("#view");
   const first = out.alerts.cards.find((c) => c.state === "open");
   await page.click(`article[data-alert="${first.alert}"] button[data-action="acknowledge"]`);
   await page.waitForSelector(`article[data-alert="${first.alert}"][data-state="acknowledged"]`, { timeout: STEP_MS });
+  await ready(page, "alerts");
   out.alerts.acknowledged = first.alert;
-  out.alerts.after = await rows(page, "article[data-alert]", ["alert", "state", "severity"]);
+  out.alerts.after = await rows(page, "article[data-alert]", card);
+  await shot(page, "16b-alerts-acknowledged-en");
+  // the listing through the API's cursor, one alert a page, against one page of 200
+  out.alerts.paging = await page.evaluate(async () => {
+    const m = await import(new URL("alerts.mjs", location.href).href); // the page's own module
+    const ids = (items) => items.map((a) => a.id);
+    return { onePerPage: ids(await m.listAlerts("open", 5, 1)), onePage: ids(await m.listAlerts("open", 1, 200)) };
+  });
 }
 
 await step("rollouts", page, async () => {
@@ -260,6 +270,7 @@ await step("chinese", page, async () => {
       await ready(page, name);
     }
     out.zh[name] = await page.textContent("h1");
+    if (name === "alerts") out.zh.alertsText = await page.textContent("#view");
     await shot(page, file);
   }
   out.zh.scope = await page.textContent("#scope");

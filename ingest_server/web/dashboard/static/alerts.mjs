@@ -1,9 +1,9 @@
 // The alerts view and the fleet's open-alert counts, against the alerts API:
-//   GET  /api/v1/alerts?state=open|acknowledged|resolved  → {"items": [...], "next": cursor}
+//   GET  /api/v1/alerts?state=open|acknowledged|resolved  → {"items": [...], "cursor": c, "next": url}
 //   POST /api/v1/alerts/{id}/acknowledge, POST /api/v1/alerts/{id}/resolve
 // Text only: nothing from the server is parsed as HTML.
 
-import { ApiError, call } from "./api.mjs";
+import { ApiError, call, pages } from "./api.mjs";
 import { ago, lang, t } from "./i18n.mjs";
 
 const SEVERITY_RANK = { critical: 0, warning: 1, info: 2 };
@@ -26,19 +26,10 @@ function h(tag, attrs = {}, ...children) {
   return el;
 }
 
-/** Up to `maxPages` pages of `GET /alerts?state=…`, following `next`. */
-async function listAlerts(state, maxPages = MAX_PAGES, limit = 200) {
-  const items = [];
-  let cursor = null;
-  for (let i = 0; i < maxPages; i++) {
-    const q = new URLSearchParams({ state, limit: String(limit) });
-    if (cursor) q.set("cursor", cursor);
-    const page = await call(`/alerts?${q}`);
-    items.push(...(page.items || []));
-    cursor = page.next ?? page.cursor ?? null;
-    if (!cursor) break;
-  }
-  return items;
+/** Up to `maxPages` pages of `GET /alerts?state=…`: the API's `cursor` goes back as
+ * `?cursor=` (its `next` is the whole URL of the next page, not a cursor). */
+export function listAlerts(state, maxPages = MAX_PAGES, limit = 200) {
+  return pages(`/alerts?${new URLSearchParams({ state, limit: String(limit) })}`, maxPages);
 }
 
 /** Open first, then acknowledged, then resolved; within each critical first, newest first. */
@@ -110,7 +101,7 @@ function alertCard(a, redraw) {
   if (a.resolved_by) who.push(t("alerts.resolved_by", { who: a.resolved_by }));
   return h(
     "article",
-    { class: `card alert ${a.severity} ${a.state}`, "data-alert": a.id, "data-state": a.state, "data-severity": a.severity },
+    { class: `card alert ${a.severity} ${a.state}`, "data-alert": a.id, "data-rule": a.rule, "data-state": a.state, "data-severity": a.severity },
     h(
       "div",
       { class: "alert-head" },
@@ -155,9 +146,11 @@ export async function renderAlerts(view) {
     items.length
       ? [h("h2", {}, `${t(key)} (${items.length})`), h("div", { class: "alert-list", id: `alerts-${key.split(".")[1]}` }, items.sort(alertOrder).map((a) => alertCard(a, redraw)))]
       : [];
+  // replaceChildren writes a null as the text "null": leave the notice out instead
+  const none = open.length ? [] : [h("p", { class: "muted", id: "alerts-none" }, t("alerts.none"))];
   view.replaceChildren(
     h("h1", {}, t("alerts.title")),
-    open.length ? null : h("p", { class: "muted", id: "alerts-none" }, t("alerts.none")),
+    ...none,
     ...section("alerts.open", open),
     ...section("alerts.acknowledged", acknowledged),
     ...section("alerts.resolved", resolved.slice(0, RESOLVED_SHOWN)),
