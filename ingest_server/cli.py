@@ -87,6 +87,15 @@ def _parser() -> argparse.ArgumentParser:
         help="alert rules (TOML, see docs/alerts.md); the built-in defaults without it",
     )
     run.add_argument(
+        "--webhook-mapping",
+        metavar="FILE",
+        type=Path,
+        action="append",
+        default=[],
+        help="a vendor webhook's mapping file, or a directory of them (*.toml); repeatable. "
+        "Enables POST /api/v1/ingest/webhooks/{source} (docs/webhooks.md)",
+    )
+    run.add_argument(
         "--embedded-broker-port",
         metavar="PORT",
         type=int,
@@ -353,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             alert_smtp=args.smtp or os.environ.get(SMTP_ENV) or None,
             alert_routes=args.alert_routes,
             rules_file=args.rules,
+            webhook_mappings=tuple(args.webhook_mapping),
         )
     except SettingsError as exc:
         parser.error(str(exc))

@@ -26,12 +26,14 @@ from ingest_server.control.enrolment import Offer
 from ingest_server.control.plane import ControlPlane
 from ingest_server.control.rollouts import RolloutRunner
 from ingest_server.ingest.consumer import Consumer
+from ingest_server.ingest.http import HttpIngest
 from ingest_server.metrics import IngestMetrics
 from ingest_server.settings import BrokerUrl, Settings, SettingsError, mask
 from ingest_server.storage.maintenance import StorageMaintenance
 from ingest_server.storage.migrate import migrate
 from ingest_server.web.api import auth
 from ingest_server.web.api.enrol import EnrolmentState
+from ingest_server.web.api.ingest import IngestState
 from ingest_server.web.app import HttpServer, create_app
 from schemas.keyfile import key_from_file
 
@@ -96,12 +98,19 @@ class IngestServer:
             engine = AlertEngine(s.rules(), db_url, self.metrics, app.state.live.publish_alert)
             consumer.listeners.append(engine.submit)
             app.state.alerts = engine
+            # HTTP ingest: its own writer thread and connection, beside the MQTT consumer's
+            http_ingest = HttpIngest(db_url, self.metrics)
+            http_ingest.on_commit = app.state.live.publish
+            http_ingest.listeners.append(engine.submit)
+            app.state.http_ingest = IngestState(http_ingest, s.webhook_sources())
             http = HttpServer(app, s.http_host, s.http_port, s.tls())
             consumer.start()
             self._stack.callback(consumer.stop)
             self._consumer = consumer
             engine.start()
             self._stack.callback(engine.stop)
+            http_ingest.start()
+            self._stack.callback(http_ingest.stop)
             self.alerts = engine
             control = ControlPlane(s, BrokerUrl.parse(broker_url), db_url, self.metrics)
             app.state.control = control

@@ -18,6 +18,7 @@ from schemas.uplink import DEFAULT_MAX_BYTES
 
 if TYPE_CHECKING:
     from ingest_server.alerts.notify import NotifyConfig
+    from ingest_server.ingest.webhook import Mapping
 
 _PROTOCOLS: Final = {"5": 5, "3.1.1": 4, "311": 4}
 _DEFAULT_PORTS: Final = {"mqtt": 1883, "mqtts": 8883}
@@ -161,6 +162,8 @@ class Settings:
     alert_routes: Path | None = None
     #: The alert rules (TOML, docs/alerts.md); the built-in defaults without it.
     rules_file: Path | None = None
+    #: Vendor webhook mapping files, or directories of them (``*.toml``, docs/webhooks.md).
+    webhook_mappings: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if self.batch_events < 1 or self.batch_ms < 0:
@@ -210,6 +213,17 @@ class Settings:
             except TlsError as exc:
                 raise SettingsError(str(exc)) from None
         self.notify_config()
+        self.webhook_sources()
+
+    def webhook_sources(self) -> dict[str, Mapping]:
+        """The webhook sources by name, their files checked and secrets read (SettingsError
+        naming file, line and field)."""
+        from ingest_server.ingest.webhook import MappingFileError, load_mappings  # noqa: PLC0415
+
+        try:
+            return load_mappings(list(self.webhook_mappings))
+        except MappingFileError as exc:
+            raise SettingsError(f"--webhook-mapping: {exc}") from None
 
     def notify_config(self) -> NotifyConfig | None:
         """The alert receivers and routes, or None when no receiver is configured."""

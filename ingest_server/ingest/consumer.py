@@ -62,6 +62,31 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def write_batch(writer: BatchWriter, batch: Batch) -> WriteResult:
+    """Write a sealed ``batch`` in one transaction; when the database refuses a value, each
+    message on its own, the refused one to quarantine. Any other database error propagates
+    (the caller reconnects and writes the same batch again). MQTT and HTTP ingest share it."""
+    try:
+        return writer.write(batch.rows, batch.encoded)
+    except psycopg.Error as exc:
+        if not refused_by_data(exc):
+            raise
+        log.warning("the database refused a batch (%s); trying each message", _one_line(exc))
+    total: WriteResult | None = None
+    for msg, rows in batch.parts():
+        try:
+            result = writer.write(rows)
+        except psycopg.Error as exc:
+            if not refused_by_data(exc):
+                raise
+            why = exc.diag.message_primary or _one_line(exc)
+            reason = f"the database refused this message: {why}"
+            result = writer.write(refused(msg, reason))
+        total = result if total is None else total + result
+    assert total is not None
+    return total
+
+
 class Inbox:
     """A FIFO bounded by message count and total payload bytes; ``put`` waits while full."""
 
@@ -501,25 +526,7 @@ class Consumer:
             return _Committed(batch, result, elapsed, time.time())
 
     def _write(self, writer: BatchWriter, batch: Batch) -> WriteResult:
-        try:
-            return writer.write(batch.rows, batch.encoded)
-        except psycopg.Error as exc:
-            if not refused_by_data(exc):
-                raise
-            log.warning("the database refused a batch (%s); trying each message", _one_line(exc))
-        total: WriteResult | None = None
-        for msg, rows in batch.parts():
-            try:
-                result = writer.write(rows)
-            except psycopg.Error as exc:
-                if not refused_by_data(exc):
-                    raise
-                why = exc.diag.message_primary or _one_line(exc)
-                reason = f"the database refused this message: {why}"
-                result = writer.write(refused(msg, reason))
-            total = result if total is None else total + result
-        assert total is not None
-        return total
+        return write_batch(writer, batch)
 
     def _record(self, committed: _Committed) -> None:
         batch, result, now = committed.batch, committed.result, committed.at
@@ -558,4 +565,4 @@ class Consumer:
             )
 
 
-__all__ = ["Consumer", "Health", "Inbox", "collect"]
+__all__ = ["Consumer", "Health", "Inbox", "collect", "write_batch"]

@@ -25,6 +25,7 @@ from ingest_server.web.api import (
     devices,
     enrol,
     export,
+    ingest,
     live,
     meta,
     quarantine,
@@ -92,6 +93,7 @@ def create_app(
         app.include_router(enrol.router)
         app.include_router(rollouts_api.router)
         app.include_router(releases_api.router)
+        app.include_router(ingest.router)
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

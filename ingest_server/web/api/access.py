@@ -16,7 +16,13 @@ the endpoint keeps a school-scoped token to its schools (``scoping``):
 - ``global``: nothing school-specific is returned (``/meta``; ``/metrics`` is district-wide
   counters, hence only district_admin and service);
 - ``public``: no token (``/healthz``, ``/api/v1/enrol``: the code authenticates, the docs,
-  the dashboard's static files).
+  the dashboard's static files);
+- ``device_credentials``: no API token (public at the token level); the endpoint authenticates
+  the device itself with its own MQTT credentials (HTTP Basic, username = ``{device_id}``,
+  checked against ``device_credentials``), and it writes only as that device, to its school
+  (``POST /api/v1/devices/{device_id}/up``); an API token is never accepted there;
+- ``webhook``: no API token; the endpoint authenticates the vendor source by its shared secret
+  or HMAC signature from its mapping file (``POST /api/v1/ingest/webhooks/{source}``).
 
 A new endpoint: add its router with ``dependencies=[GUARD]``, its rule here, and take
 ``principal: Caller`` to scope what it reads or changes. ``tests/unit/test_route_permissions.py``
@@ -35,7 +41,19 @@ from ingest_server.web.api import auth
 
 log = logging.getLogger(__name__)
 
-Scoping = Literal["rows", "device", "command", "body", "tokens", "global", "public"]
+Scoping = Literal[
+    "rows",
+    "device",
+    "command",
+    "body",
+    "tokens",
+    "global",
+    "public",
+    "device_credentials",
+    "webhook",
+]
+#: The scopings of routes without an API token (the guard is not on them).
+TOKENLESS: Final[frozenset[Scoping]] = frozenset({"public", "device_credentials", "webhook"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +129,9 @@ ROUTES: Final[dict[tuple[str, str], Rule]] = {
     # what an agent trusts, and agents hold no API token)
     ("GET", "/api/v1/releases"): Rule("read", "global"),
     ("GET", "/api/v1/releases/{version}/wheel"): Rule(None, "public"),
+    # HTTP ingest: a device with its own credentials, a vendor platform with its secret
+    ("POST", "/api/v1/devices/{device_id}/up"): Rule(None, "device_credentials"),
+    ("POST", "/api/v1/ingest/webhooks/{source}"): Rule(None, "webhook"),
 }
 
 

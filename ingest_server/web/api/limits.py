@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import Counter
 from collections.abc import AsyncIterable, Callable
@@ -32,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ingest_server.web.api import auth
 from ingest_server.web.api.deps import validation_detail
 from schemas.limits import JsonLimits, check_json
+from schemas.uplink import DEFAULT_MAX_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,25 @@ BODY_CAPS: Final[dict[str, int]] = {
     "/api/v1/targets": 1024 * 1024,  # a target's explicit device ids
     "/api/v1/alerts": 1024,  # acknowledge / resolve take no body
     "/api/v1/releases": 1024,  # read-only: releases are added offline-signed with the CLI
+    "/api/v1/ingest/webhooks": 1024 * 1024,  # a vendor platform's JSON, mapped to events
 }
+#: A device's HTTP uplink (``POST /api/v1/devices/{device_id}/up``): a path no prefix of
+#: ``BODY_CAPS`` can tell from the config routes beside it.
+DEVICE_UPLINK: Final = re.compile(r"/api/v1/devices/[^/]+/up")
+#: Its cap: the uplink batch's own limit, as on MQTT (a larger body gets 413, not quarantine).
+DEVICE_UPLINK_CAP: Final = DEFAULT_MAX_BYTES
 #: Routes under ``/api/`` that take a body without a token (the body authenticates).
 OPEN_ROUTES: Final = frozenset({"/api/v1/enrol"})
+#: Open routes by pattern: the device's uplink (its MQTT credentials authenticate) and the
+#: webhooks (the source's secret or signature authenticates), checked in the endpoint.
+OPEN_PATTERNS: Final = (DEVICE_UPLINK, re.compile(r"/api/v1/ingest/webhooks/[^/]+"))
+
+
+def is_open(path: str) -> bool:
+    """Whether ``path`` takes no API token (its endpoint authenticates the caller)."""
+    return path in OPEN_ROUTES or any(p.fullmatch(path) for p in OPEN_PATTERNS)
+
+
 #: Nesting and string bounds of a JSON request body (its size is the route's cap); a body
 #: that breaks one, or holds a ``\u0000`` the database cannot store, gets 422 before the route.
 BODY_DEPTH: Final = 32
@@ -60,6 +78,8 @@ _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
 
 def body_cap(path: str, caps: dict[str, int] = BODY_CAPS) -> int:
+    if caps is BODY_CAPS and DEVICE_UPLINK.fullmatch(path):
+        return DEVICE_UPLINK_CAP
     best = ""
     for prefix in caps:
         if (path == prefix or path.startswith(prefix + "/")) and len(prefix) > len(best):
@@ -127,7 +147,7 @@ class RequestLimits:
                     raise _Refused(400, "the Content-Length header must be a whole number")
                 if int(declared) > cap:
                     raise _Refused(413, _too_large(path, cap, f"declares {int(declared)} bytes"))
-            if path.startswith("/api/") and path not in OPEN_ROUTES:
+            if path.startswith("/api/") and not is_open(path):
                 await _check_token(scope)
             body = await self._read(receive, path, cap)
         except _Refused as refusal:
@@ -135,7 +155,11 @@ class RequestLimits:
             return
         if body is None:  # the client went away
             return
-        if body and (problem := check_json(body, JsonLimits(cap, BODY_DEPTH, BODY_STRING))):
+        # an uplink batch is judged by the uplink decoder, as on MQTT: what it refuses is
+        # quarantined with its reason rather than answered 422 here
+        uplink = DEVICE_UPLINK.fullmatch(path) is not None
+        limits = JsonLimits(cap, BODY_DEPTH, BODY_STRING)
+        if body and not uplink and (problem := check_json(body, limits)):
             bad = _Refused(422, f"the request body is refused: {problem.reason}")
             await _reply(send, bad, close=False)
             return
