@@ -123,6 +123,11 @@ class CameraHealth(_Data):
     black_frame: bool
     frozen: bool
     connected: bool = True
+    #: From an ONVIF camera's device management (``onvif`` driver); absent from OpenCV ones.
+    model: Name | None = None
+    firmware: Name | None = None
+    #: Seconds the camera's clock is ahead (+) or behind (-) the agent's.
+    clock_offset_s: float | None = None
 
 
 class CameraActivity(_Data):
