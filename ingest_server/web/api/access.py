@@ -57,6 +57,8 @@ _ROLLUPS: Final = (
     "device-online",
     "library",
     "library-top-items",
+    "card-purchases",
+    "health-checks",
 )
 
 ROUTES: Final[dict[tuple[str, str], Rule]] = {
