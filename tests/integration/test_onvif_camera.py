@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from device_drivers.base import DriverContext, DriverState
-from device_drivers.onvif import OnvifCameraDriver, build
+from device_drivers.onvif import OnvifCameraDriver, build, probe
 from schemas.events import CameraActivity, CameraEvent, CameraHealth
 from simulators.harness import Mosquitto, wait_until
 from simulators.harness_pipeline import HASH_KEY_HEX, IngestServer, Proc, _bin
@@ -103,6 +103,16 @@ async def test_a_camera_that_goes_away_is_reported_once(ctx: DriverContext) -> N
         assert [h.connected for h in out.of_type(CameraHealth)] == [True, False]
     finally:
         cam.close()
+
+
+async def test_probe_names_the_camera_or_the_failure(camera: OnvifCamera) -> None:
+    opts = {"host": "127.0.0.1", "port": camera.port, "username": "campus", "timeout_s": 5}
+    ok = await probe({**opts, "password": PASSWORD})
+    assert ok.status == "ok", ok
+    assert "CampusCam CC-2040 firmware 5.7.3" in ok.message
+    refused = await probe({**opts, "password": "wrong-pw"})
+    assert refused.status == "fail", refused
+    assert "wrong-pw" not in refused.message
 
 
 def stored_camera_events(db_url: str) -> list[tuple[str, bool]]:
