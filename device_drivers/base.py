@@ -184,6 +184,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "device_drivers.recorder",
     "device_drivers.board_os",
     "device_drivers.library",
+    "device_drivers.onvif",
 )
 #: Modules that could not be imported, with the reason (usually a missing optional extra).
 UNAVAILABLE: dict[str, str] = {}
@@ -215,6 +216,7 @@ BUILTIN_TYPES: dict[str, str] = {
     "recorder": "device_drivers.recorder",
     "board_os": "device_drivers.board_os",
     "library_terminal": "device_drivers.library",
+    "onvif": "device_drivers.onvif",
 }
 
 

@@ -108,6 +108,23 @@ POLICY: Final[Mapping[str, Spec]] = {
         ),
     },
     "modbus_env": {**_ENDPOINT, "poll_s": _P, "registers": _P},
+    # an ONVIF camera: where it is and its account only from the local file (a remote document
+    # could otherwise point the agent, with the camera's password, at an address of its own)
+    "onvif": {
+        **dict.fromkeys(("host", "port", "username", "password"), Field.LOCAL_ONLY),
+        **dict.fromkeys(
+            (
+                "camera",
+                "report_s",
+                "pull_timeout_s",
+                "message_limit",
+                "subscription_s",
+                "timeout_s",
+                "retry_max_s",
+            ),
+            _P,
+        ),
+    },
     "gate": {
         "cards": Field.CARDS,
         "thermometer": {

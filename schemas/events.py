@@ -123,6 +123,11 @@ class CameraHealth(_Data):
     black_frame: bool
     frozen: bool
     connected: bool = True
+    #: From an ONVIF camera's device management (``onvif`` driver); absent from OpenCV ones.
+    model: Name | None = None
+    firmware: Name | None = None
+    #: Seconds the camera's clock is ahead (+) or behind (-) the agent's.
+    clock_offset_s: float | None = None
 
 
 class CameraActivity(_Data):
@@ -130,6 +135,85 @@ class CameraActivity(_Data):
     motion: Fraction
     #: Null when people counting is switched off on this camera.
     people: Count | None = None
+
+
+#: What an ONVIF camera reports of itself (its event topics, in our words).
+CameraEventKind = Literal["motion", "tamper", "video_loss", "other"]
+
+
+class CameraEvent(_Data):
+    """An event a camera raised itself (ONVIF event service), never a frame."""
+
+    camera: Name
+    kind: CameraEventKind
+    #: True when the condition starts, False when it ends (ONVIF's property state).
+    active: bool
+    #: The camera's own topic, e.g. ``tns1:VideoSource/MotionAlarm`` (bounded, for diagnosis).
+    topic: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    #: The video source (or analytics rule) the camera named, when it did.
+    source: Name | None = None
+
+
+#: Money in fen (0.01 yuan), an integer: no float rounding in sums.
+Fen = Annotated[int, Meta(ge=0, le=10**11)]
+
+
+class CardPurchase(_Data):
+    """A payment with the campus card at a POS terminal (canteen window, shop, e-wallet)."""
+
+    #: HMAC-SHA256 of the card number with the district key (never the number itself).
+    card_hash: UidHash
+    amount_fen: Fen
+    terminal: Name
+    #: Where the money went, e.g. ``canteen-1/window-3`` or ``shop``.
+    merchant: Name
+    #: The card's balance after the payment, when the terminal reports it.
+    balance_after_fen: Annotated[int, Meta(ge=-(10**11), le=10**11)] | None = None
+
+
+#: The fixed list of symptoms a morning-check station records (晨午检).
+HealthSymptom = Literal[
+    "fever",
+    "cough",
+    "sore_throat",
+    "runny_nose",
+    "headache",
+    "vomiting",
+    "diarrhea",
+    "rash",
+    "conjunctivitis",
+    "fatigue",
+    "other",
+]
+
+
+class HealthCheck(_Data):
+    """One student's morning (or noon) check at a check station."""
+
+    student_hash: UidHash
+    class_id: Name
+    temperature_c: Annotated[float, Meta(ge=30.0, le=45.0)] | None = None
+    symptoms: Annotated[list[HealthSymptom], Meta(max_length=11)] = msgspec.field(
+        default_factory=list
+    )
+    station: Name | None = None
+
+
+#: Visual acuity in the five-grade (logMAR-based) notation of GB 11533: 5.0 is normal (decimal
+#: 1.0), each 0.1 below one chart line worse (4.0 = decimal 0.1); under 4.0 when measured nearer.
+Acuity = Annotated[float, Meta(ge=3.0, le=5.3)]
+
+
+class HealthVision(_Data):
+    """One student's vision screening result (视力筛查)."""
+
+    student_hash: UidHash
+    class_id: Name
+    left_acuity: Acuity
+    right_acuity: Acuity
+    #: True when the screening was done with the student's glasses on.
+    corrected: bool = False
+    station: Name | None = None
 
 
 class EnvReading(_Data):
@@ -392,6 +476,29 @@ for _t in (
         CameraActivity,
         "Motion level and a people estimate.",
         {"motion": "camera_motion", "people": "camera_people"},
+    ),
+    EventType(
+        "camera.event",
+        CameraEvent,
+        "A camera's own event (ONVIF motion, tamper, video loss): its start or end.",
+    ),
+    EventType(
+        "card.purchase",
+        CardPurchase,
+        "A campus-card payment at a POS terminal (amount in fen; the card only as its hash).",
+        {"amount_fen": "purchase_amount_fen"},
+    ),
+    EventType(
+        "health.check",
+        HealthCheck,
+        "A student's morning check: temperature and symptoms from a fixed list.",
+        {"temperature_c": "health_temperature_c"},
+    ),
+    EventType(
+        "health.vision",
+        HealthVision,
+        "A student's vision screening (acuity in the 5-grade notation, 5.0 normal).",
+        {"left_acuity": "vision_left_acuity", "right_acuity": "vision_right_acuity"},
     ),
     EventType(
         "env.reading",

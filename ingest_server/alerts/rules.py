@@ -82,6 +82,7 @@ class Evaluator:
         self._offline: set[str] = set()
         self._handlers: dict[str, Callable[[EventRow, float], None]] = {
             "access.pass": self._access_pass,
+            "health.check": self._health_check,
             "env.reading": self._env_reading,
             "agent.health": self._agent_health,
             "recorder.status": self._recorder_status,
@@ -272,6 +273,31 @@ class Evaluator:
             message=f"fever at gate {data.gate}: {_fmt(temp)} °C "
             f"(threshold {_fmt(p['threshold_c'])} °C)",
             detail={"gate": data.gate, "temperature_c": temp, "uid_hash": data.uid_hash},
+        )
+
+    def _health_check(self, row: EventRow, at: float) -> None:
+        """A morning-check station: the fever rule per station. The alert names the class and
+        the temperature, never the student (an alert is read with a school-scoped token)."""
+        data: Any = row.event.data
+        temp = data.temperature_c
+        if temp is None and "fever" not in data.symptoms:
+            return
+        p = self.config.params("fever", row.school_id)
+        if not p.enabled:
+            return
+        fever = "fever" in data.symptoms or (temp is not None and temp >= p["threshold_c"])
+        if not self._wanted("fever", row, fever, at):
+            return
+        shown = "reported" if temp is None else f"{_fmt(temp)} °C"
+        self.observe(
+            "fever",
+            row.school_id,
+            row.device_id,
+            fever,
+            at,
+            message=f"fever at the morning check of class {data.class_id}: {shown} "
+            f"(threshold {_fmt(p['threshold_c'])} °C)",
+            detail={"class_id": data.class_id, "temperature_c": temp, "station": data.station},
         )
 
     def _env_limits(self, school: str) -> tuple[float, float, float, float, float]:

@@ -62,6 +62,8 @@ LISTS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
             "device-online",
             "library",
             "library-top-items",
+            "card-purchases",
+            "health-checks",
         )
     },
     ("GET", "/api/v1/quarantine"): ("/api/v1/quarantine", TIMES),
@@ -164,6 +166,22 @@ def _seed_school_b(conn: psycopg.Connection[Any]) -> None:
         "INSERT INTO quarantine (received_at, topic, payload, reason, device_id)"
         " VALUES (%s, %s, 'x', %s, %s)",
         [(T0 + timedelta(seconds=10 + i), t, r, d) for i, (t, d, r) in enumerate(rows)],
+    )
+    # payments and morning checks in both schools (five students: the health rollup's minimum)
+    platform = [
+        (device, 1000 + i, kind, json.dumps(data))
+        for device in ("cr-0101", "cr-0201")
+        for i, (kind, data) in enumerate(
+            [("card.purchase", {"card_hash": "ab" * 32, "amount_fen": 500, "terminal": "pos",
+                                "merchant": "canteen"})]
+            + [("health.check", {"student_hash": f"{n:064x}", "class_id": "c7a",
+                                 "temperature_c": 36.6}) for n in range(5)]
+        )
+    ]  # fmt: skip
+    conn.cursor().executemany(
+        "INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data)"
+        " VALUES (%s, %s, %s, 'card_reader', %s, %s, %s::jsonb)",
+        [(T0, REGISTRY[d], d, seq, kind, data) for d, seq, kind, data in platform],
     )
     for school, device in DEVICE.items():
         conn.execute(

@@ -297,3 +297,26 @@ def test_a_dead_engine_thread_is_reported_stuck() -> None:
     engine._thread.start()
     engine._thread.join()
     assert engine.stuck() == ["alerts: thread alert-engine has died"]
+
+
+def morning_check(temp: float | None, at: float, symptoms: tuple[str, ...] = ()) -> EventRow:
+    data = {"student_hash": UID, "class_id": "g7c2", "temperature_c": temp,
+            "symptoms": list(symptoms), "station": "gate-check"}  # fmt: skip
+    return event("health.check", data, at)
+
+
+def test_fever_at_a_morning_check_names_the_class_never_the_student() -> None:
+    e = Engine("[rules.fever]\nclear_hold_s = 0\n")
+    e.feed(morning_check(36.6, T0), at=T0)
+    assert e.run(T0) == []
+    e.feed(morning_check(37.8, T0 + 1), at=T0 + 1)
+    (opened,) = e.run(T0 + 1)
+    assert (opened.kind, opened.track.rule) == ("open", "fever")
+    assert "class g7c2" in opened.track.message
+    assert "37.8" in opened.track.message
+    assert UID not in str(opened.track.detail)
+    assert UID not in opened.track.message
+    # a symptom of fever without a temperature counts too
+    e2 = Engine("[rules.fever]\nclear_hold_s = 0\n")
+    e2.feed(morning_check(None, T0, ("fever",)), at=T0)
+    assert [a.kind for a in e2.run(T0)] == ["open"]

@@ -15,6 +15,7 @@ from device_drivers.em4100 import Em4100Options
 from device_drivers.gate import GateOptions, ThermometerOptions
 from device_drivers.library import LibraryOptions, PadOptions, ScannerOptions
 from device_drivers.modbus_env import ModbusEnvOptions
+from device_drivers.onvif import OnvifOptions
 from device_drivers.panel import PanelOptions
 from device_drivers.pcsc import PcscOptions
 from device_drivers.recorder import RecorderOptions
@@ -252,6 +253,7 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], type[msgspec.Struct]]]] = {
         (("scanner",), ScannerOptions),
         (("pad",), PadOptions),
     ],
+    "onvif": [((), OnvifOptions)],
 }
 
 
@@ -264,3 +266,25 @@ def test_every_option_of_every_builtin_driver_is_classified() -> None:
                 spec = spec[key]
             fields = {f.encode_name for f in msgspec.structs.fields(struct)}
             assert set(spec) == fields, f"{kind} {'.'.join(path)}: classify {fields ^ set(spec)}"
+
+
+def test_an_onvif_cameras_address_and_account_are_local_only(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        LOCAL + '[[drivers]]\ntype = "onvif"\nname = "gate-cam"\nhost = "10.1.2.3"\n'
+        'username = "campus"\npassword = "pw-local"\n'
+    )
+    base = load_config(path)
+    local = {"type": "onvif", "name": "gate-cam", "host": "10.1.2.3", "username": "campus",
+             "password": "pw-local"}  # fmt: skip
+    # plain options change remotely; the local address and account pass unchanged
+    assert (
+        apply_remote(base, {"drivers": [{**local, "report_s": 30}]}).drivers[0].options["report_s"]
+        == 30
+    )
+    for key, value in (("host", "203.0.113.9"), ("port", 8080), ("password", "x"),
+                       ("username", "root")):  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            apply_remote(base, {"drivers": [{**local, key: value}]})
+        assert key in str(err.value)
+        assert "pw-local" not in str(err.value)

@@ -300,3 +300,82 @@ def test_fast_path_checks_patterns_of_every_event_in_a_message() -> None:
     decoded = decode_uplink(TOPIC, batch(good, bad))
     assert [e.seq for e in decoded.events] == [1]
     assert "events[1].data.uid_hash: expected `str` matching regex" in decoded.rejected[0].reason
+
+
+def test_new_platform_types_decode_with_their_metrics() -> None:
+    purchase = {
+        "card_hash": HASH,
+        "amount_fen": 1250,
+        "terminal": "pos-3",
+        "merchant": "canteen-1/w3",
+    }
+    check = {"student_hash": HASH, "class_id": "g7c2", "temperature_c": 37.6, "symptoms": ["cough"]}
+    vision = {"student_hash": HASH, "class_id": "g7c2", "left_acuity": 4.8, "right_acuity": 5.0}
+    cam = {
+        "camera": "gate-cam",
+        "kind": "motion",
+        "active": True,
+        "topic": "tns1:VideoSource/Motion",
+    }
+    decoded = decode_uplink(
+        TOPIC,
+        batch(
+            event(1, "card.purchase", purchase),
+            event(2, "health.check", check),
+            event(3, "health.vision", vision),
+            event(4, "camera.event", cam),
+        ),
+    )
+    assert not decoded.rejected
+    assert [metrics_of(e) for e in decoded.events] == [
+        [("purchase_amount_fen", 1250.0)],
+        [("health_temperature_c", 37.6)],
+        [("vision_left_acuity", 4.8), ("vision_right_acuity", 5.0)],
+        [],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("type_", "data", "reason"),
+    [
+        # a raw card number is not a hash: refused, never stored
+        (
+            "card.purchase",
+            {"card_hash": "6222021234567890", "amount_fen": 1, "terminal": "t", "merchant": "m"},
+            "card_hash",
+        ),
+        (
+            "card.purchase",
+            {"card_hash": HASH, "amount_fen": 12.5, "terminal": "t", "merchant": "m"},
+            "amount_fen",
+        ),
+        (
+            "card.purchase",
+            {"card_hash": HASH, "amount_fen": -1, "terminal": "t", "merchant": "m"},
+            "amount_fen",
+        ),
+        (
+            "health.check",
+            {"student_hash": HASH, "class_id": "c", "symptoms": ["sneezy"]},
+            "symptoms",
+        ),
+        (
+            "health.check",
+            {"student_hash": HASH, "class_id": "c", "temperature_c": 52.0},
+            "temperature_c",
+        ),
+        (
+            "health.vision",
+            {"student_hash": HASH, "class_id": "c", "left_acuity": 1.0, "right_acuity": 5.0},
+            "left_acuity",
+        ),
+        ("camera.event", {"camera": "c", "kind": "explosion", "active": True}, "kind"),
+    ],
+)
+def test_new_platform_types_refuse_bad_fields_by_name(
+    type_: str, data: dict[str, Any], reason: str
+) -> None:
+    decoded = decode_uplink(TOPIC, batch(event(1, type_, data), event(2)))
+    assert [e.seq for e in decoded.events] == [2]
+    (rej,) = decoded.rejected
+    assert reason in rej.reason, rej.reason

@@ -75,6 +75,8 @@ _ROLLUPS: Final = (
     "device-online",
     "library",
     "library-top-items",
+    "card-purchases",
+    "health-checks",
 )
 
 ROUTES: Final[dict[tuple[str, str], Rule]] = {

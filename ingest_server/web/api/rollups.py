@@ -285,3 +285,111 @@ def library_top_items(
     params += [school] if school is not None else []
     rows = conn.cursor(row_factory=dict_row).execute(query, [*params, limit + 1]).fetchall()
     return reply(Rollup[LibraryItem], {"items": rows[:limit], "truncated": len(rows) > limit})
+
+
+class CardPurchases(BaseModel):
+    day: date
+    school_id: str
+    merchant: str | None
+    purchases: int
+    amount_fen: int = Field(description="the payments' sum in fen (0.01 yuan)")
+
+
+@router.get(
+    "/card-purchases",
+    summary="Campus-card payments per school, merchant and day (count and sum in fen)",
+    response_model=Rollup[CardPurchases],
+)
+def card_purchases(
+    conn: Conn,
+    principal: access.Caller,
+    now: Now,
+    *,
+    school: SchoolQ = None,
+    start: FromDayQ = None,
+    end: ToDayQ = None,
+    merchant: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+) -> Response:
+    first, last = day_range(start, end, lambda: district_today(conn, now))
+    scoped, params = principal.sql_school_filter("school_id")
+    query = sql.SQL(
+        "SELECT day, school_id, merchant, purchases, amount_fen"
+        " FROM campus_card_purchases_daily(%s, %s) WHERE {} AND {} AND {}"
+        " ORDER BY day, school_id, merchant LIMIT %s"
+    ).format(
+        scoped,
+        sql.SQL("school_id = %s" if school is not None else "true"),
+        sql.SQL("merchant = %s" if merchant is not None else "true"),
+    )
+    args = [first, last, *params, *(v for v in (school, merchant) if v is not None)]
+    rows = conn.cursor(row_factory=dict_row).execute(query, [*args, MAX_ROWS + 1]).fetchall()
+    return reply(
+        Rollup[CardPurchases], {"items": rows[:MAX_ROWS], "truncated": len(rows) > MAX_ROWS}
+    )
+
+
+#: A class-day with fewer distinct students than this is withheld from the health rollup, for
+#: every caller: a count over two or three students would all but name them.
+MIN_HEALTH_GROUP: Final = 5
+#: A morning check at or above this temperature counts as a fever (the usual school threshold).
+FEVER_C: Final = 37.3
+
+
+class HealthChecks(BaseModel):
+    day: date
+    school_id: str
+    class_id: str | None
+    students: int = Field(description=f"distinct students checked (at least {MIN_HEALTH_GROUP})")
+    checks: int
+    fevers: int = Field(description=f"checks at or above {FEVER_C} °C or naming fever")
+    symptoms: dict[str, int] = Field(description="symptom → checks that named it")
+
+
+class HealthRollup(Rollup[HealthChecks]):
+    suppressed: int = Field(
+        description=f"class-days withheld: fewer than {MIN_HEALTH_GROUP} students checked"
+    )
+
+
+@router.get(
+    "/health-checks",
+    summary="Morning health checks per class and day (classes under the minimum size withheld)",
+    response_model=HealthRollup,
+)
+def health_checks(
+    conn: Conn,
+    principal: access.Caller,
+    now: Now,
+    *,
+    school: SchoolQ = None,
+    start: FromDayQ = None,
+    end: ToDayQ = None,
+    class_id: ClassQ = None,
+) -> Response:
+    first, last = day_range(start, end, lambda: district_today(conn, now))
+    scoped, params = principal.sql_school_filter("school_id")
+    where = sql.SQL(" AND ").join(
+        [
+            scoped,
+            sql.SQL("school_id = %s" if school is not None else "true"),
+            sql.SQL("class_id = %s" if class_id is not None else "true"),
+        ]
+    )
+    query = sql.SQL(
+        "SELECT day, school_id, class_id, students, checks, fevers, symptoms,"
+        " students >= %s AS shown"
+        " FROM campus_health_checks_daily(%s, %s, %s) WHERE {}"
+        " ORDER BY day, school_id, class_id"
+    ).format(where)
+    args = [MIN_HEALTH_GROUP, first, last, FEVER_C, *params]
+    args += [v for v in (school, class_id) if v is not None]
+    rows = conn.cursor(row_factory=dict_row).execute(query, args).fetchmany(4 * MAX_ROWS)
+    shown = [{k: v for k, v in r.items() if k != "shown"} for r in rows if r["shown"]]
+    return reply(
+        HealthRollup,
+        {
+            "items": shown[:MAX_ROWS],
+            "truncated": len(shown) > MAX_ROWS,
+            "suppressed": sum(not r["shown"] for r in rows),
+        },
+    )
