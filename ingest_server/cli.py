@@ -21,6 +21,7 @@ TLS_CERT_ENV = "CAMPUS_TLS_CERT"
 TLS_KEY_ENV = "CAMPUS_TLS_KEY"
 WEBHOOK_ENV = "CAMPUS_ALERT_WEBHOOK"
 SMTP_ENV = "CAMPUS_ALERT_SMTP"
+PUBLIC_URL_ENV = "CAMPUS_PUBLIC_URL"
 _DEFAULTS = Settings()
 
 
@@ -85,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         type=Path,
         help="alert rules (TOML, see docs/alerts.md); the built-in defaults without it",
+    )
+    run.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="https://HOST[:PORT][/PREFIX] agents and operators reach this server at: "
+        "GET /api/v1/releases gives download URLs under it, so its update_args go into a "
+        f"rollout as they are (default ${PUBLIC_URL_ENV}; without either, the address each "
+        "request came to)",
     )
     run.add_argument(
         "--embedded-broker-port",
@@ -353,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             alert_smtp=args.smtp or os.environ.get(SMTP_ENV) or None,
             alert_routes=args.alert_routes,
             rules_file=args.rules,
+            public_url=args.public_url or os.environ.get(PUBLIC_URL_ENV) or None,
         )
     except SettingsError as exc:
         parser.error(str(exc))

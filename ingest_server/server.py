@@ -96,6 +96,7 @@ class IngestServer:
             engine = AlertEngine(s.rules(), db_url, self.metrics, app.state.live.publish_alert)
             consumer.listeners.append(engine.submit)
             app.state.alerts = engine
+            app.state.public_url = s.public_url
             http = HttpServer(app, s.http_host, s.http_port, s.tls())
             consumer.start()
             self._stack.callback(consumer.stop)

@@ -20,6 +20,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ingest_server.control.releases import UPDATE_COMMAND, UpdateArgsError, check_update_args
 from ingest_server.web.api import access
 from ingest_server.web.api.deps import db
 from schemas.topics import ID_PATTERN
@@ -91,6 +92,17 @@ class CommandInfo(BaseModel):
     created_by: str | None
 
 
+def check_args(conn: psycopg.Connection[Any], name: str, args: dict[str, Any]) -> None:
+    """422 naming the arg when an ``update_agent`` would fail on every device it reaches:
+    args not :class:`~schemas.release.UpdateArgs`, or not a release stored on this server."""
+    if name != UPDATE_COMMAND:
+        return
+    try:
+        check_update_args(conn, args)
+    except UpdateArgsError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"{name} {exc}") from None
+
+
 def _wake_control(request: Request) -> None:
     control = getattr(request.app.state, "control", None)
     if control is not None:
@@ -112,6 +124,7 @@ def send_command(
     response: Response,
 ) -> CommandInfo:
     school_id = token.check_device(conn, device_id)
+    check_args(conn, body.name, body.args)
     cmd_id = body.id or uuid.uuid4().hex
     cur = conn.cursor(row_factory=dict_row)
     row = cur.execute(
