@@ -328,15 +328,20 @@ def test_a_tampered_release_is_refused_before_install(
                 ({**hash_args, "force": True}, "args.force: Object contains unknown field"),
             ]:  # fmt: skip
                 body = {"name": "update_agent", "args": bad}
+                name = field.split(":")[0].split(".")[1]
                 status, refused = api("POST", path, body)
                 assert status == 422, refused
-                assert refused["detail"].startswith(f"update_agent {field}"), refused
+                (err,) = refused["detail"]
+                assert err["loc"] == ["body", "args", name], refused
+                assert err["msg"].startswith(f"update_agent {field}"), refused
                 status, refused = api(
                     "POST", "/api/v1/rollouts",
                     {"target": {"devices": ["upd-0200"]}, "command": body},
                 )  # fmt: skip
                 assert status == 422, refused
-                assert refused["detail"].startswith(f"update_agent {field}"), refused
+                (err,) = refused["detail"]
+                assert err["loc"] == ["body", "command", "args", name], refused
+                assert err["msg"].startswith(f"update_agent {field}"), refused
             status, listed = api("GET", "/api/v1/rollouts")
             assert (status, listed) == (200, [])  # nothing was stored
             status, cmds = api("GET", "/api/v1/devices/upd-0200/commands")

@@ -199,10 +199,10 @@ def test_canary_rollouts_halt_finish_pause_and_reach_offline_devices(
                 "command": {"name": "update_agent", "args": {"version": "9.9.9"}},
             },
         )
-        assert (status, bad_update["detail"]) == (
-            422,
-            "update_agent args.url: Object missing required field `url`",
-        )
+        assert status == 422, bad_update
+        (err,) = bad_update["detail"]
+        assert err["loc"] == ["body", "command", "args", "url"]
+        assert err["msg"] == "update_agent args.url: Object missing required field `url`"
         status, cmd = api(
             "POST",
             "/api/v1/rollouts",

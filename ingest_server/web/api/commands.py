@@ -16,6 +16,7 @@ import msgspec
 import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -92,15 +93,22 @@ class CommandInfo(BaseModel):
     created_by: str | None
 
 
-def check_args(conn: psycopg.Connection[Any], name: str, args: dict[str, Any]) -> None:
-    """422 naming the arg when an ``update_agent`` would fail on every device it reaches:
-    args not :class:`~schemas.release.UpdateArgs`, or not a release stored on this server."""
+def check_args(
+    conn: psycopg.Connection[Any], name: str, args: dict[str, Any], at: tuple[str, ...] = ()
+) -> None:
+    """422 naming the arg (``loc`` ``body, *at, args, FIELD``) when an ``update_agent`` would
+    fail on every device it reaches: args not :class:`~schemas.release.UpdateArgs`, or not a
+    release stored on this server."""
     if name != UPDATE_COMMAND:
         return
     try:
         check_update_args(conn, args)
     except UpdateArgsError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"{name} {exc}") from None
+        loc = ("body", *at, "args", *([exc.field] if exc.field else []))
+        value = args.get(exc.field) if exc.field else None
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": loc, "msg": f"{name} {exc}", "input": value}]
+        ) from None
 
 
 def _wake_control(request: Request) -> None:

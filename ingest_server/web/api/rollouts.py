@@ -243,7 +243,7 @@ def create(body: RolloutRequest, conn: Conn, principal: Caller, request: Request
             status.HTTP_403_FORBIDDEN, f"a {principal.role} token may not send commands"
         )
     if body.command is not None:
-        check_args(conn, body.command.name, body.command.args)
+        check_args(conn, body.command.name, body.command.args, ("command",))
     target = body.target.target()
     try:
         devices = resolve_target(conn, target, principal.schools)
