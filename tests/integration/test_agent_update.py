@@ -149,12 +149,24 @@ def _wait_done(api: Api, cmd_id: str, timeout: float) -> dict[str, Any]:
     return last[0]
 
 
+def _version(api: Api, device_id: str) -> str:
+    """The agent_version in the device's state (asked again while the API is busy)."""
+    seen: list[str] = []
+
+    def got() -> bool:
+        seen[:] = [v] if (v := _presence(api, device_id).get("agent_version")) else []
+        return bool(seen)
+
+    wait_until(got, 60, f"{device_id}'s agent_version")
+    return seen[0]
+
+
 def _start(agents: list[Launched], api: Api) -> None:
     for a in agents:
         a.start()
     for a in agents:
         try:
-            wait_until(lambda a=a: _presence(api, a.device_id).get("state") == "online", 60, "up")
+            wait_until(lambda a=a: _presence(api, a.device_id).get("state") == "online", 120, "up")
         except TimeoutError as exc:
             raise AssertionError(f"{exc}; {a.device_id}'s log:\n{a.tail()}") from None
 
@@ -221,7 +233,7 @@ def test_rollouts_take_five_agents_to_a_signed_version_and_halt_on_one_that_cann
             wait_until(cfg.token_file.exists, 60, "the bootstrap admin token")
             api = Api(srv)
             _start(agents, api)
-            before = {a.device_id: _presence(api, a.device_id)["agent_version"] for a in agents}
+            before = {a.device_id: _version(api, a.device_id) for a in agents}
             assert set(before.values()).isdisjoint({"0.9.1", "0.9.2"})
             for d in ids:
                 status, tags = api("PUT", f"/api/v1/devices/{d}/tags", {"tags": ["upd-pilot"]})
@@ -247,9 +259,9 @@ def test_rollouts_take_five_agents_to_a_signed_version_and_halt_on_one_that_cann
             assert not (agents[0].base / "current").exists()  # back on the factory env
             assert not (agents[0].base / "trial.json").exists()
             assert all(r["batch"] is None and r["command_id"] is None for r in rows.values())
-            wait_until(lambda: _presence(api, "upd-0000").get("state") == "online", 30, "back")
+            wait_until(lambda: _presence(api, "upd-0000").get("state") == "online", 60, "back")
             for a in agents:
-                assert _presence(api, a.device_id)["agent_version"] == before[a.device_id]
+                assert _version(api, a.device_id) == before[a.device_id]
                 assert a.running
             for a in agents[1:]:  # nothing downloaded, nothing installed
                 assert not (a.base / "envs").exists()
