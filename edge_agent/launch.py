@@ -1,8 +1,10 @@
 """``edge-agent-launch``: run the agent of the ``current`` env, restart it into updates, roll back.
 
 ``edge-agent-launch --base /var/lib/campus-edge/agent -- run --config /etc/campus-edge/agent.toml``
-starts ``<base>/current/bin/python -m edge_agent run ...`` (or, without ``current``, the agent
-of the launcher's own environment) and supervises it: exit status
+starts ``<base>/envs/<v>/bin/python -m edge_agent run ...`` for the env ``current`` names
+(``Scripts\\python.exe`` on Windows, where ``current`` may be a pointer file instead of a symlink;
+see :class:`~edge_agent.update.Layout`), or, without ``current``, the agent of the launcher's own
+environment, and supervises it: exit status
 :data:`~edge_agent.update.RESTART_EXIT` starts ``current`` again at once (an update switched
 it); an update on trial (``trial.json``) that exits or does not confirm within its
 ``healthy_within_s`` is rolled back (see :mod:`edge_agent.update`); any other exit ends the

@@ -4,7 +4,9 @@ The agent updates itself only under ``edge-agent-launch`` (:mod:`edge_agent.laun
 tells it the base directory in ``CAMPUS_EDGE_LAUNCHER``. The base holds::
 
     envs/<version>/          one virtual environment per installed release (``.complete`` when done)
-    current -> envs/<v>      the env the launcher starts (absent: the launcher's own, "factory")
+    current -> envs/<v>      the env the launcher starts (absent: the launcher's own, "factory");
+                             a symlink, or where symlinks are unavailable (Windows without
+                             the privilege) a small file holding ``envs/<v>``
     trial.json               an update on trial: {cmd_id, version, previous, healthy_within_s}
     trial.confirmed          ... renamed so by the new agent once it is connected (it won)
     trial.failed             ... renamed so by the launcher when it gives up (it won)
@@ -30,6 +32,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +40,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -47,7 +50,7 @@ from edge_agent import __version__
 from edge_agent.commands import CommandHandler, Deferred, Rejected
 from edge_agent.config import UpdateSettings
 from edge_agent.enroll import is_loopback
-from schemas.release import ReleaseError, UpdateArgs, verify
+from schemas.release import VERSION_PATTERN, ReleaseError, UpdateArgs, verify
 from schemas.state import Command, CommandAck
 
 log = logging.getLogger(__name__)
@@ -61,11 +64,22 @@ ENV_VERSION_ENV: Final = "CAMPUS_EDGE_ENV"
 DEPS_PTH: Final = "_campus_edge_deps.pth"
 
 
+#: The most a ``current`` pointer file is read of (it holds ``envs/<version>``).
+POINTER_MAX_BYTES: Final = 256
+_POINTER_VERSION: Final = re.compile(VERSION_PATTERN)
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     """The launcher's base directory (see the module docstring)."""
 
     base: Path
+    #: ``sys.platform`` by default; a test passes ``"win32"`` to see Windows' choices.
+    platform: str = sys.platform
+
+    @property
+    def windows(self) -> bool:
+        return self.platform == "win32"
 
     @property
     def envs(self) -> Path:
@@ -95,6 +109,9 @@ class Layout:
         return self.envs / version
 
     def python(self, version: str) -> Path:
+        """The env's interpreter: ``Scripts\\python.exe`` in a Windows venv, ``bin/python`` else."""
+        if self.windows:
+            return self.env(version) / "Scripts" / "python.exe"
         return self.env(version) / "bin" / "python"
 
     def complete(self, version: str) -> bool:
@@ -102,14 +119,31 @@ class Layout:
 
     def current_version(self) -> str | None:
         """The version ``current`` points at; None when it points nowhere (the factory env)."""
+        target: str | None
         try:
             target = os.readlink(self.current)
         except OSError:
+            target = self._read_pointer()
+        if target is None:
             return None
-        return Path(target).name
+        name = PureWindowsPath(target).name if self.windows else Path(target).name
+        return name if _POINTER_VERSION.match(name) else None
+
+    def _read_pointer(self) -> str | None:
+        """A pointer file's ``envs/<version>`` (Windows without symlinks), or None."""
+        try:
+            with self.current.open("rb") as f:
+                raw = f.read(POINTER_MAX_BYTES + 1)
+        except OSError:  # absent, or a directory
+            return None
+        if len(raw) > POINTER_MAX_BYTES:
+            return None
+        text = raw.decode("utf-8", "replace").strip()
+        return text or None
 
     def point(self, version: str | None) -> None:
-        """Switch ``current`` atomically (None: back to the factory env)."""
+        """Switch ``current`` atomically (None: back to the factory env): a symlink, or a
+        pointer file where the OS will not make one (Windows; a filesystem without links)."""
         if version is None:
             with contextlib.suppress(FileNotFoundError):
                 self.current.unlink()
@@ -117,17 +151,31 @@ class Layout:
         tmp = self.base / ".current.tmp"
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        os.symlink(Path("envs") / version, tmp)
+        target = f"envs/{version}"
+        linked = False
+        if not self.windows:
+            try:
+                os.symlink(target, tmp)
+                linked = True
+            except (OSError, NotImplementedError):
+                linked = False  # e.g. a FAT or SMB data directory: the pointer file below
+        if not linked:
+            with tmp.open("w", encoding="utf-8") as f:
+                f.write(target + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, self.current)
         _fsync_dir(self.base)
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    # Windows has no directory handles to fsync (os.open of a directory fails there)
+    if sys.platform != "win32":
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ TLS_CERT_ENV = "CAMPUS_TLS_CERT"
 TLS_KEY_ENV = "CAMPUS_TLS_KEY"
 WEBHOOK_ENV = "CAMPUS_ALERT_WEBHOOK"
 SMTP_ENV = "CAMPUS_ALERT_SMTP"
+PUBLIC_URL_ENV = "CAMPUS_PUBLIC_URL"
 _DEFAULTS = Settings()
 
 
@@ -94,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="a vendor webhook's mapping file, or a directory of them (*.toml); repeatable. "
         "Enables POST /api/v1/ingest/webhooks/{source} (docs/webhooks.md)",
+    )
+    run.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="https://HOST[:PORT][/PREFIX] agents and operators reach this server at: "
+        "GET /api/v1/releases gives download URLs under it, so its update_args go into a "
+        f"rollout as they are (default ${PUBLIC_URL_ENV}; without either, the address each "
+        "request came to)",
     )
     run.add_argument(
         "--embedded-broker-port",
@@ -363,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             alert_routes=args.alert_routes,
             rules_file=args.rules,
             webhook_mappings=tuple(args.webhook_mapping),
+            public_url=args.public_url or os.environ.get(PUBLIC_URL_ENV) or None,
         )
     except SettingsError as exc:
         parser.error(str(exc))

@@ -103,6 +103,7 @@ class IngestServer:
             http_ingest.on_commit = app.state.live.publish
             http_ingest.listeners.append(engine.submit)
             app.state.http_ingest = IngestState(http_ingest, s.webhook_sources())
+            app.state.public_url = s.public_url
             http = HttpServer(app, s.http_host, s.http_port, s.tls())
             consumer.start()
             self._stack.callback(consumer.stop)

@@ -101,6 +101,26 @@ def mask(url: str) -> str:
     return make_conninfo("", **params)
 
 
+def check_public_url(value: str) -> str:
+    """``--public-url``: ``http(s)://HOST[:PORT][/PREFIX]``, no credentials, query or fragment;
+    the value without a trailing ``/``. Errors never repeat credentials."""
+    form = "--public-url must be http(s)://HOST[:PORT][/PREFIX]"
+    if len(value) > 512 or any(c.isspace() or not c.isprintable() for c in value):
+        raise SettingsError(f"{form}: at most 512 printable characters, no spaces")
+    parts = urlsplit(value)
+    if parts.username is not None or parts.password is not None:
+        raise SettingsError(f"{form}: without user:password@ (it is handed to every reader)")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"{form}, got {value!r}")
+    if parts.query or parts.fragment:
+        raise SettingsError(f"{form}: no ?query or #fragment, got {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise SettingsError(f"{form}: bad port in {value!r}") from None
+    return value.rstrip("/")
+
+
 def parse_http(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:8080`` for IPv6) → (host, port); port 0 picks a free one."""
     host, sep, port = value.rpartition(":")
@@ -164,6 +184,9 @@ class Settings:
     rules_file: Path | None = None
     #: Vendor webhook mapping files, or directories of them (``*.toml``, docs/webhooks.md).
     webhook_mappings: tuple[Path, ...] = ()
+    #: The address agents and operators reach this server's HTTP side at
+    #: (``https://HOST[:PORT][/PREFIX]``): the release listing's download URLs start with it.
+    public_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_events < 1 or self.batch_ms < 0:
@@ -207,6 +230,8 @@ class Settings:
             raise SettingsError("--tls-cert and --tls-key go together (give both or neither)")
         if self.rules_file is not None:
             self.rules()
+        if self.public_url is not None:
+            check_public_url(self.public_url)
         if (tls := self.tls()) is not None:
             try:
                 tls.check()

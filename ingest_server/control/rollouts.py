@@ -9,13 +9,16 @@ the canary batch first, then ``batch_size`` at a time, each after the previous b
 back from those tables. No new MQTT path.
 
 Per device the outcome is ``pending`` (not issued yet, or issued while the device is offline),
-``sent`` (published, the device online, no answer yet), ``ok``, ``failed`` (rejected, rolled
-back, an error, or no answer within ``device_timeout_s`` of being online with it) or
-``skipped`` (aborted before it was issued, or its config superseded by a newer one).
+``sent`` (published while the device was online, no answer yet; it stays ``sent`` if the
+device then goes offline, as an ``update_agent`` restarting it does), ``ok``, ``failed``
+(rejected, rolled back, an error, or no answer within ``device_timeout_s``) or ``skipped``
+(aborted before it was issued, or its config superseded by a newer one).
 
-A batch is settled when each of its devices is settled or offline: an offline device does not
-hold the rollout up, and gets its config (retained) or command (queued in its persistent
-session; re-issued if it expired) when it comes back. When ``failed / (ok + failed)`` exceeds
+A batch is settled when each of its devices is settled or offline without having got it: such
+a device does not hold the rollout up, and gets its config (retained) or command (queued in its
+persistent session; re-issued if it expired) when it comes back. A device that went offline
+after getting it does hold the batch (until it answers or times out), so a canary whose update
+restarts it is judged before the next batch goes out. When ``failed / (ok + failed)`` exceeds
 ``max_failure_share`` the rollout halts: nothing more is issued (the rest stays ``pending``;
 resume continues, abort skips them). It is ``done`` when no device is left pending or sent.
 """
@@ -85,9 +88,9 @@ class Progress:
     unissued: int
     ok: int
     failed: int
-    #: Issued, not settled, the device online (the batch in flight).
+    #: Issued, not settled, the device online or offline since it got it (the batch in flight).
     open_online: int
-    #: Issued, not settled, the device offline: waits, holds nothing up.
+    #: Issued, not settled, the device offline without having got it: waits, holds nothing up.
     open_offline: int
     batches: int
     settled_at: datetime | None
@@ -297,14 +300,19 @@ JOIN rollouts ro ON ro.id = r.rollout_id
 WHERE r.batch IS NOT NULL AND r.outcome IN ('pending', 'sent') AND k.status = 'expired'
 LIMIT %(limit)s
 """
-#: ``sent`` while published to an online device, ``pending`` while it is offline (or unpublished).
+#: ``sent`` while published to an online device, and kept ``sent`` when the device goes offline
+#: after that (it got it: an ``update_agent`` restarts the agent, a bad one may never come back);
+#: ``pending`` while it is offline and has not had it (or it is unpublished).
 _PRESENCE: Final = """
 WITH cur AS (
     SELECT r.rollout_id, r.device_id, r.outcome, r.detail,
-           CASE WHEN coalesce(d.state, 'offline') = 'online'
+           CASE WHEN (coalesce(d.state, 'offline') = 'online' OR r.outcome = 'sent')
                      AND (c.status = 'sent' OR dc.published_version >= r.config_version)
                 THEN 'sent' ELSE 'pending' END AS want,
            CASE WHEN coalesce(d.state, 'offline') = 'online' THEN NULL
+                WHEN r.outcome = 'sent'
+                     AND (c.status = 'sent' OR dc.published_version >= r.config_version)
+                THEN 'offline since it got it: waiting for its answer'
                 ELSE 'waiting for the device to come online' END AS why
     FROM rollout_devices r
     LEFT JOIN devices d ON d.device_id = r.device_id
@@ -317,8 +325,9 @@ FROM (SELECT * FROM cur WHERE (want, why) IS DISTINCT FROM (outcome, detail)
       LIMIT %(limit)s) AS ch
 WHERE rd.rollout_id = ch.rollout_id AND rd.device_id = ch.device_id
 """
-#: Sent to an online device that has not answered within the rollout's timeout (counted from
-#: when it was issued or, if later, when the device came online).
+#: Sent to a device that has not answered within the rollout's timeout: counted, while it is
+#: online, from when it was issued or, if later, when it came online; once it went offline after
+#: getting it, from when it was issued (a device an update took down for good fails here).
 _TIMEOUTS: Final = """
 UPDATE rollout_devices rd SET outcome = 'failed', settled_at = now(),
     detail = 'no answer within ' || ro.device_timeout_s || ' s'
@@ -327,17 +336,18 @@ WHERE ro.id = rd.rollout_id AND d.device_id = rd.device_id
   AND (rd.rollout_id, rd.device_id) IN (
     SELECT r.rollout_id, r.device_id FROM rollout_devices r
     JOIN rollouts o ON o.id = r.rollout_id JOIN devices v ON v.device_id = r.device_id
-    WHERE r.batch IS NOT NULL AND r.outcome = 'sent' AND v.state = 'online'
-      AND now() - greatest(r.issued_at, v.state_at) > make_interval(secs => o.device_timeout_s)
+    WHERE r.batch IS NOT NULL AND r.outcome = 'sent'
+      AND now() - CASE WHEN v.state = 'online' THEN greatest(r.issued_at, v.state_at)
+                       ELSE r.issued_at END > make_interval(secs => o.device_timeout_s)
     LIMIT %(limit)s)
 """
 _PROGRESS: Final = """
 SELECT count(*) FILTER (WHERE r.batch IS NULL AND r.outcome = 'pending'),
        count(*) FILTER (WHERE r.outcome = 'ok'),
        count(*) FILTER (WHERE r.outcome = 'failed'),
-       count(*) FILTER (WHERE r.batch IS NOT NULL AND r.outcome IN ('pending', 'sent')
-                        AND coalesce(d.state, 'offline') = 'online'),
-       count(*) FILTER (WHERE r.batch IS NOT NULL AND r.outcome IN ('pending', 'sent')
+       count(*) FILTER (WHERE r.batch IS NOT NULL AND (r.outcome = 'sent'
+                        OR (r.outcome = 'pending' AND coalesce(d.state, 'offline') = 'online'))),
+       count(*) FILTER (WHERE r.batch IS NOT NULL AND r.outcome = 'pending'
                         AND coalesce(d.state, 'offline') <> 'online')
 FROM rollout_devices r LEFT JOIN devices d ON d.device_id = r.device_id
 WHERE r.rollout_id = %s

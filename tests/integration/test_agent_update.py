@@ -10,6 +10,7 @@ agents download them from the server, verify, install each into a new venv, swit
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import shutil
 import subprocess
@@ -122,7 +123,7 @@ def _update_args(api: Api, version: str) -> dict[str, Any]:
     assert status == 200, listing
     (entry,) = [r for r in listing if r["version"] == version]
     args: dict[str, Any] = dict(entry["update_args"])
-    args["url"] = api.server.http.url + args["url"]
+    assert args["url"].startswith(api.server.http.url + "/api/v1/releases/"), args
     return args
 
 
@@ -148,53 +149,145 @@ def _wait_done(api: Api, cmd_id: str, timeout: float) -> dict[str, Any]:
     return last[0]
 
 
+def _version(api: Api, device_id: str) -> str:
+    """The agent_version in the device's state (asked again while the API is busy)."""
+    seen: list[str] = []
+
+    def got() -> bool:
+        seen[:] = [v] if (v := _presence(api, device_id).get("agent_version")) else []
+        return bool(seen)
+
+    wait_until(got, 60, f"{device_id}'s agent_version")
+    return seen[0]
+
+
 def _start(agents: list[Launched], api: Api) -> None:
     for a in agents:
         a.start()
     for a in agents:
         try:
-            wait_until(lambda a=a: _presence(api, a.device_id).get("state") == "online", 60, "up")
+            wait_until(lambda a=a: _presence(api, a.device_id).get("state") == "online", 120, "up")
         except TimeoutError as exc:
             raise AssertionError(f"{exc}; {a.device_id}'s log:\n{a.tail()}") from None
 
 
-def test_signed_update_takes_five_agents_to_the_new_version(
+def _rollout(api: Api, rollout_id: int) -> dict[str, Any]:
+    try:
+        status, body = api("GET", f"/api/v1/rollouts/{rollout_id}?limit=1000")
+    except TimeoutError:  # the API is slow while agents install: ask again
+        return {}
+    assert status == 200, body
+    result: dict[str, Any] = body
+    return result
+
+
+def _wait_rollout(
+    api: Api, rollout_id: int, state: str, timeout: float, agents: list[Launched]
+) -> dict[str, Any]:
+    last: list[dict[str, Any]] = [{}]
+
+    def reached() -> bool:
+        last[0] = _rollout(api, rollout_id) or last[0]
+        return last[0].get("state") == state
+
+    try:
+        wait_until(reached, timeout, f"rollout {rollout_id} {state}")
+    except TimeoutError as exc:
+        logs = "\n".join(f"--- {a.device_id}:\n{a.tail()}" for a in agents)
+        raise AssertionError(f"{exc}; last seen {last[0]}\n{logs}") from None
+    return last[0]
+
+
+def _create_rollout(api: Api, target: dict[str, Any], args: dict[str, Any]) -> int:
+    status, created = api(
+        "POST",
+        "/api/v1/rollouts",
+        {
+            "target": target,
+            "command": {"name": "update_agent", "args": args, "ttl_s": 600},
+            # the canary alone first, then two at a time; one failure of one settled halts it
+            "strategy": {
+                "canary": 1, "batch_size": 2, "max_failure_share": 0.5, "device_timeout_s": 300,
+            },
+        },
+    )  # fmt: skip
+    assert status == 201, created
+    assert (created["what"], created["command_name"], created["total"]) == (
+        "command", "update_agent", 5,
+    )  # fmt: skip
+    return int(created["id"])
+
+
+def test_rollouts_take_five_agents_to_a_signed_version_and_halt_on_one_that_cannot_start(
     mosquitto: Mosquitto, db_url: str, tmp_path: Path, workdir: Path, keys: tuple[Path, Path]
 ) -> None:
     key, pub = keys
     _release(db_url, tmp_path, "0.9.1", key, pub)
+    (tmp_path / "broken").mkdir()
+    _release(db_url, tmp_path / "broken", "0.9.2", key, pub, broken=True)
     agents = [Launched(workdir, f"upd-{i:04d}", mosquitto.url, pub) for i in range(5)]
+    ids = [a.device_id for a in agents]
     cfg = _settings(mosquitto, db_url, tmp_path)
     try:
         with IngestServer(cfg) as srv:
             wait_until(cfg.token_file.exists, 60, "the bootstrap admin token")
             api = Api(srv)
             _start(agents, api)
-            before = {a.device_id: _presence(api, a.device_id)["agent_version"] for a in agents}
-            assert set(before.values()) != {"0.9.1"}
+            before = {a.device_id: _version(api, a.device_id) for a in agents}
+            assert set(before.values()).isdisjoint({"0.9.1", "0.9.2"})
+            for d in ids:
+                status, tags = api("PUT", f"/api/v1/devices/{d}/tags", {"tags": ["upd-pilot"]})
+                assert status == 200, tags
+
+            # 1. a release whose agent cannot start: the canary rolls itself back, acks error,
+            #    and the rollout halts before any other agent gets it
+            broken = _update_args(api, "0.9.2")
+            halted_id = _create_rollout(api, {"devices": ids}, broken)
+            halted = _wait_rollout(api, halted_id, "halted", 300, agents)
+            assert halted["counts"] == {"pending": 4, "sent": 0, "ok": 0, "failed": 1, "skipped": 0}
+            assert halted["batches"] == 1
+            assert "1 of 1 settled devices failed" in halted["reason"]
+            rows = {r["device_id"]: r for r in halted["devices"]}
+            canary = rows.pop("upd-0000")
+            assert (canary["batch"], canary["outcome"]) == (1, "failed")
+            acked = api.command(canary["command_id"])
+            assert acked["status"] == "error", acked
+            assert "update to 0.9.2 rolled back" in acked["detail"]
+            assert "exited with status 1" in acked["detail"]
+            assert "update to 0.9.2 rolled back" in canary["detail"]
+            assert "this build cannot start" in agents[0].tail(20000)  # it did run, and failed
+            assert not (agents[0].base / "current").exists()  # back on the factory env
+            assert not (agents[0].base / "trial.json").exists()
+            assert all(r["batch"] is None and r["command_id"] is None for r in rows.values())
+            wait_until(lambda: _presence(api, "upd-0000").get("state") == "online", 60, "back")
+            for a in agents:
+                assert _version(api, a.device_id) == before[a.device_id]
+                assert a.running
+            for a in agents[1:]:  # nothing downloaded, nothing installed
+                assert not (a.base / "envs").exists()
+            status, aborted = api("POST", f"/api/v1/rollouts/{halted_id}/abort")
+            assert (status, aborted["state"], aborted["counts"]["skipped"]) == (200, "aborted", 4)
+
+            # 2. the good release to the group, as the listing gives its args (absolute url)
             args = _update_args(api, "0.9.1")
             # the download needs no token: the signature is the trust
             with urllib.request.urlopen(args["url"], timeout=10) as resp:  # noqa: S310 - loopback
                 assert hashlib.sha256(resp.read()).hexdigest() == args["sha256"]
-            for a in agents:
-                status, cmd = api(
-                    "POST",
-                    f"/api/v1/devices/{a.device_id}/commands",
-                    {"name": "update_agent", "args": args, "id": f"up-{a.device_id}", "ttl_s": 600},
-                )
-                assert status == 201, cmd
-            for a in agents:
-                try:
-                    acked = _wait_done(api, f"up-{a.device_id}", 240)
-                except TimeoutError as exc:
-                    raise AssertionError(f"{exc}; log:\n{a.tail()}") from None
-                assert acked["status"] == "ok", (acked, a.tail())
+            done_id = _create_rollout(api, {"tags": ["upd-pilot"]}, args)
+            done = _wait_rollout(api, done_id, "done", 900, agents)
+            assert done["counts"] == {"pending": 0, "sent": 0, "ok": 5, "failed": 0, "skipped": 0}
+            assert done["batches"] == 3  # the canary, then 2 and 2
+            assert sorted(r["batch"] for r in done["devices"]) == [1, 2, 2, 3, 3]
+            for r in done["devices"]:
+                acked = api.command(r["command_id"])
+                assert acked["status"] == "ok", acked
                 assert acked["detail"]["version"] == "0.9.1"
-                assert acked["detail"]["previous"] == before[a.device_id]
+                assert acked["detail"]["previous"] == before[r["device_id"]]
+            for a in agents:
                 wait_until(
                     lambda a=a: _presence(api, a.device_id).get("agent_version") == "0.9.1",
                     30,
-                    "state shows 0.9.1",
+                    f"{a.device_id}'s state shows 0.9.1",
                 )
                 assert (a.base / "current").resolve() == (a.base / "envs" / "0.9.1").resolve()
                 assert not (a.base / "trial.json").exists()
@@ -205,43 +298,6 @@ def test_signed_update_takes_five_agents_to_the_new_version(
     finally:
         for a in agents:
             a.terminate()
-
-
-def test_a_build_that_cannot_start_is_rolled_back(
-    mosquitto: Mosquitto, db_url: str, tmp_path: Path, workdir: Path, keys: tuple[Path, Path]
-) -> None:
-    key, pub = keys
-    _release(db_url, tmp_path, "0.9.2", key, pub, broken=True)
-    agent = Launched(workdir, "upd-0100", mosquitto.url, pub)
-    cfg = _settings(mosquitto, db_url, tmp_path)
-    try:
-        with IngestServer(cfg) as srv:
-            wait_until(cfg.token_file.exists, 60, "the bootstrap admin token")
-            api = Api(srv)
-            _start([agent], api)
-            before = _presence(api, "upd-0100")["agent_version"]
-            args = _update_args(api, "0.9.2")
-            status, _ = api(
-                "POST",
-                "/api/v1/devices/upd-0100/commands",
-                {"name": "update_agent", "args": args, "id": "broken-1", "ttl_s": 600},
-            )
-            assert status == 201
-            try:
-                acked = _wait_done(api, "broken-1", 240)
-            except TimeoutError as exc:
-                raise AssertionError(f"{exc}; log:\n{agent.tail()}") from None
-            assert acked["status"] == "error", (acked["detail"], agent.tail())
-            assert "update to 0.9.2 rolled back" in acked["detail"]
-            assert "exited with status 1" in acked["detail"]
-            assert "this build cannot start" in agent.tail(20000)  # it did run, and failed
-            assert not (agent.base / "current").exists()  # back on the factory env
-            assert not (agent.base / "trial.json").exists()
-            wait_until(lambda: _presence(api, "upd-0100").get("state") == "online", 30, "online")
-            assert _presence(api, "upd-0100")["agent_version"] == before
-            assert agent.running
-    finally:
-        agent.terminate()
 
 
 def test_a_tampered_release_is_refused_before_install(
@@ -273,6 +329,35 @@ def test_a_tampered_release_is_refused_before_install(
             _start([agent], api)
             path = "/api/v1/devices/upd-0200/commands"
             hash_args = _update_args(api, "0.9.3")  # the signed hash, a changed wheel
+            # the API checks update_agent args against the stored releases first: 422, named
+            for bad, field in [
+                ({**hash_args, "sha256": "0" * 64}, "args.sha256: is not release 0.9.3's"),
+                ({**hash_args, "version": "7.7.7"}, "args.version: no release 7.7.7"),
+                ({**hash_args, "signature": _update_args(api, "0.9.4")["signature"]},
+                 "args.signature: is not release 0.9.3's stored signature"),
+                ({**hash_args, "sha256": "X"}, "args.sha256: Expected `str` matching regex"),
+                ({k: v for k, v in hash_args.items() if k != "url"}, "args.url: Object missing"),
+                ({**hash_args, "force": True}, "args.force: Object contains unknown field"),
+            ]:  # fmt: skip
+                body = {"name": "update_agent", "args": bad}
+                name = field.split(":")[0].split(".")[1]
+                status, refused = api("POST", path, body)
+                assert status == 422, refused
+                (err,) = refused["detail"]
+                assert err["loc"] == ["body", "args", name], refused
+                assert err["msg"].startswith(f"update_agent {field}"), refused
+                status, refused = api(
+                    "POST", "/api/v1/rollouts",
+                    {"target": {"devices": ["upd-0200"]}, "command": body},
+                )  # fmt: skip
+                assert status == 422, refused
+                (err,) = refused["detail"]
+                assert err["loc"] == ["body", "command", "args", name], refused
+                assert err["msg"].startswith(f"update_agent {field}"), refused
+            status, listed = api("GET", "/api/v1/rollouts")
+            assert (status, listed) == (200, [])  # nothing was stored
+            status, cmds = api("GET", "/api/v1/devices/upd-0200/commands")
+            assert (status, cmds) == (200, [])
             api("POST", path, {"name": "update_agent", "args": hash_args, "id": "t-hash"})
             acked = _wait_done(api, "t-hash", 60)
             assert acked["status"] == "error", acked
@@ -289,3 +374,23 @@ def test_a_tampered_release_is_refused_before_install(
             assert agent.running
     finally:
         agent.terminate()
+
+
+def test_the_release_listing_gives_urls_under_public_url(
+    mosquitto: Mosquitto, db_url: str, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    key, pub = keys
+    _release(db_url, tmp_path, "0.9.5", key, pub)
+    base = "https://edge.district.example:8443/campus"
+    cfg = dataclasses.replace(_settings(mosquitto, db_url, tmp_path), public_url=base + "/")
+    with IngestServer(cfg) as srv:
+        wait_until(cfg.token_file.exists, 60, "the bootstrap admin token")
+        status, listing = Api(srv)("GET", "/api/v1/releases")
+        assert status == 200, listing
+        (entry,) = listing
+        assert entry["update_args"] == {
+            "version": "0.9.5",
+            "url": f"{base}/api/v1/releases/0.9.5/wheel",
+            "sha256": entry["sha256"],
+            "signature": entry["signature"],
+        }

@@ -189,13 +189,26 @@ def test_canary_rollouts_halt_finish_pause_and_reach_offline_devices(
         assert done["counts"] == {"pending": 0, "sent": 0, "ok": 16, "failed": 0, "skipped": 0}
         assert all(fleet.applied(d)["config"] == config for d in good)
 
-        # 3. a command rollout carries any command (here the update_agent of signed updates)
+        # 3. a command rollout carries any command; an update_agent's args are checked first
+        #    (the signed-update rollouts on real agents: tests/integration/test_agent_update.py)
+        status, bad_update = api(
+            "POST",
+            "/api/v1/rollouts",
+            {
+                "target": {"devices": ["d00"]},
+                "command": {"name": "update_agent", "args": {"version": "9.9.9"}},
+            },
+        )
+        assert status == 422, bad_update
+        (err,) = bad_update["detail"]
+        assert err["loc"] == ["body", "command", "args", "url"]
+        assert err["msg"] == "update_agent args.url: Object missing required field `url`"
         status, cmd = api(
             "POST",
             "/api/v1/rollouts",
             {
                 "target": {"devices": ["d00", "d01", "d02", "d03", "d07"]},
-                "command": {"name": "update_agent", "args": {"version": "9.9.9"}},
+                "command": {"name": "flush_outbox", "args": {"reason": "rollout test"}},
                 "strategy": {"canary": 1, "batch_size": 2},
             },
         )

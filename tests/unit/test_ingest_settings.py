@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from ingest_server.settings import BrokerUrl, Settings, SettingsError, mask, parse_http
+from ingest_server.settings import (
+    BrokerUrl,
+    Settings,
+    SettingsError,
+    check_public_url,
+    mask,
+    parse_http,
+)
 
 
 def test_plain_broker_url_defaults_to_mqtt5() -> None:
@@ -101,3 +108,40 @@ def test_settings_validation() -> None:
         Settings(batch_events=0)
     with pytest.raises(SettingsError, match="protocol"):
         Settings(broker_url="mqtt://h?protocol=6")
+
+
+@pytest.mark.parametrize(
+    ("url", "want"),
+    [
+        ("https://edge.district.example", "https://edge.district.example"),
+        ("https://edge.district.example:8443/campus/", "https://edge.district.example:8443/campus"),
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+    ],
+)
+def test_public_url_is_taken_without_its_trailing_slash(url: str, want: str) -> None:
+    assert check_public_url(url) == want
+    assert Settings(public_url=url).public_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("edge.district.example", "got 'edge.district.example'"),
+        ("ftp://edge.district.example", "got 'ftp://"),
+        ("https://", "got 'https://'"),
+        ("https://edge.example/?x=1", "no \\?query"),
+        ("https://edge.example/#top", "#fragment"),
+        ("https://edge.example:99999", "bad port"),
+        ("https://edge.example/a b", "no spaces"),
+        ("https://edge.example/" + "a" * 600, "at most 512"),
+    ],
+)
+def test_bad_public_urls_say_why(url: str, complaint: str) -> None:
+    with pytest.raises(SettingsError, match=complaint):
+        Settings(public_url=url)
+
+
+def test_public_url_errors_never_show_a_password() -> None:
+    with pytest.raises(SettingsError, match="without user:password@") as err:
+        check_public_url("https://ops:hunter2@edge.example")
+    assert "hunter2" not in str(err.value)

@@ -23,6 +23,7 @@ import pytest
 
 from edge_agent import portable
 from edge_agent.remote_policy import serial_port_problem
+from edge_agent.update import Layout
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT_PACKAGES = ("edge_agent", "device_drivers", "schemas")
@@ -336,3 +337,61 @@ def test_install_script_names_the_xml_and_locks_down_the_data_dir() -> None:
     assert "/inheritance:r" in text
     assert r"NT AUTHORITY\LocalService" in text
     assert "SCardSvr" in text
+
+
+# -- the update launcher's env layout (edge_agent.update.Layout) ------------------------------
+
+
+def test_launcher_starts_bin_python_on_posix_and_scripts_python_exe_on_windows(
+    tmp_path: Path,
+) -> None:
+    assert Layout(tmp_path, "linux").python("1.2.3") == tmp_path / "envs/1.2.3/bin/python"
+    assert Layout(tmp_path, "darwin").python("1.2.3") == tmp_path / "envs/1.2.3/bin/python"
+    assert Layout(tmp_path, "win32").python("1.2.3") == tmp_path / "envs/1.2.3/Scripts/python.exe"
+
+
+def test_windows_layout_switches_a_pointer_file_not_a_symlink(tmp_path: Path) -> None:
+    layout = Layout(tmp_path, "win32")
+    assert layout.current_version() is None
+    layout.point("1.2.3")
+    current = tmp_path / "current"
+    assert current.is_file()
+    assert not current.is_symlink()
+    assert current.read_text().strip() == "envs/1.2.3"
+    assert layout.current_version() == "1.2.3"
+    layout.point("1.2.4")  # replaced in place
+    assert layout.current_version() == "1.2.4"
+    assert not (tmp_path / ".current.tmp").exists()
+    layout.point(None)
+    assert not current.exists()
+    assert layout.current_version() is None
+
+
+def test_a_pointer_file_written_by_hand_or_on_windows_is_read_on_posix(tmp_path: Path) -> None:
+    (tmp_path / "current").write_text("envs\\2.0.0\r\n")
+    assert Layout(tmp_path, "win32").current_version() == "2.0.0"
+    (tmp_path / "current").write_text("envs/2.0.1\n")
+    assert Layout(tmp_path, "linux").current_version() == "2.0.1"
+
+
+def test_posix_falls_back_to_the_pointer_file_where_symlinks_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_symlinks(*_: object, **__: object) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "symlink", no_symlinks)
+    layout = Layout(tmp_path, "linux")
+    layout.point("3.0.0")
+    assert (tmp_path / "current").is_file()
+    assert layout.current_version() == "3.0.0"
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "envs/../../etc\n", "envs/a b\n", "x" * 300, "envs/.hidden\n"],
+)
+def test_a_bad_pointer_file_means_the_factory_env(tmp_path: Path, content: str) -> None:
+    (tmp_path / "current").write_text(content)
+    assert Layout(tmp_path, "win32").current_version() is None
+    assert Layout(tmp_path, "linux").current_version() is None

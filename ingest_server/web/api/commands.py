@@ -16,10 +16,12 @@ import msgspec
 import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ingest_server.control.releases import UPDATE_COMMAND, UpdateArgsError, check_update_args
 from ingest_server.web.api import access
 from ingest_server.web.api.deps import db
 from schemas.topics import ID_PATTERN
@@ -91,6 +93,24 @@ class CommandInfo(BaseModel):
     created_by: str | None
 
 
+def check_args(
+    conn: psycopg.Connection[Any], name: str, args: dict[str, Any], at: tuple[str, ...] = ()
+) -> None:
+    """422 naming the arg (``loc`` ``body, *at, args, FIELD``) when an ``update_agent`` would
+    fail on every device it reaches: args not :class:`~schemas.release.UpdateArgs`, or not a
+    release stored on this server."""
+    if name != UPDATE_COMMAND:
+        return
+    try:
+        check_update_args(conn, args)
+    except UpdateArgsError as exc:
+        loc = ("body", *at, "args", *([exc.field] if exc.field else []))
+        value = args.get(exc.field) if exc.field else None
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": loc, "msg": f"{name} {exc}", "input": value}]
+        ) from None
+
+
 def _wake_control(request: Request) -> None:
     control = getattr(request.app.state, "control", None)
     if control is not None:
@@ -112,6 +132,7 @@ def send_command(
     response: Response,
 ) -> CommandInfo:
     school_id = token.check_device(conn, device_id)
+    check_args(conn, body.name, body.args)
     cmd_id = body.id or uuid.uuid4().hex
     cur = conn.cursor(row_factory=dict_row)
     row = cur.execute(

@@ -1,7 +1,9 @@
 """``/api/v1/releases``: signed agent releases (added with ``ingest-server release add``).
 
-The listing needs a ``read`` token and gives, per release, the ``update_agent`` args to send
-(the ``url`` relative to this server: prefix it with the address agents reach it at). The
+The listing needs a ``read`` token and gives, per release, the ``update_agent`` args to send,
+ready to paste into a command or a rollout: the ``url`` is absolute, under ``--public-url``
+when the server has one, else under the address the request came to (behind a reverse proxy
+that rewrites the address, set ``--public-url``). The
 wheel download is open to anyone: agents hold MQTT credentials, not API tokens, and a wheel is
 not secret; agents install only what verifies against the release public key in their local
 config, so a public download cannot make them run anything.
@@ -13,7 +15,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import psycopg
-from fastapi import APIRouter, Depends, HTTPException, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi import Path as PathParam
 from pydantic import BaseModel
 
@@ -43,8 +45,15 @@ class ReleaseInfo(BaseModel):
     update_args: UpdateArgsOut
 
 
+def public_base(request: Request) -> str:
+    """Where agents reach this server: ``--public-url``, else the request's own base URL."""
+    configured: str | None = getattr(request.app.state, "public_url", None)
+    return (configured or str(request.base_url)).rstrip("/")
+
+
 @router.get("")
-def list_releases(conn: Conn, _principal: Caller) -> list[ReleaseInfo]:
+def list_releases(conn: Conn, _principal: Caller, request: Request) -> list[ReleaseInfo]:
+    base = public_base(request)
     return [
         ReleaseInfo(
             version=r.version,
@@ -54,7 +63,7 @@ def list_releases(conn: Conn, _principal: Caller) -> list[ReleaseInfo]:
             created_at=r.created_at,
             update_args=UpdateArgsOut(
                 version=r.version,
-                url=releases.WHEEL_PATH.format(version=r.version),
+                url=base + releases.WHEEL_PATH.format(version=r.version),
                 sha256=r.sha256,
                 signature=r.signature,
             ),

@@ -23,7 +23,7 @@ from ingest_server.control import rollouts as ro
 from ingest_server.control.targets import Target, TargetError, check_tags, resolve_target
 from ingest_server.web.api import auth
 from ingest_server.web.api.access import GUARD, Caller
-from ingest_server.web.api.commands import MAX_ARGS_BYTES, MAX_TTL_S
+from ingest_server.web.api.commands import MAX_ARGS_BYTES, MAX_TTL_S, check_args
 from ingest_server.web.api.common import ID_PATTERN, Conn
 from ingest_server.web.api.config import MAX_CONFIG_BYTES
 
@@ -242,6 +242,8 @@ def create(body: RolloutRequest, conn: Conn, principal: Caller, request: Request
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, f"a {principal.role} token may not send commands"
         )
+    if body.command is not None:
+        check_args(conn, body.command.name, body.command.args, ("command",))
     target = body.target.target()
     try:
         devices = resolve_target(conn, target, principal.schools)
