@@ -239,7 +239,7 @@ def test_presence(api: Api, device: Device) -> None:
     assert "after" in body["detail"][0]["msg"]  # FastAPI's 422 shape
     status, body = api("GET", f"{path}?from=2000-01-01")
     assert status == 422
-    assert "offset" in body["detail"]
+    assert "offset" in body["detail"][0]["msg"]
     assert api("GET", "/api/v1/devices/nope-1/presence")[0] == 404
 
 
