@@ -22,7 +22,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
@@ -47,6 +47,26 @@ log = logging.getLogger(__name__)
 #: e.g. StatementTooComplex). A batch meeting one is written a message at a time and the message at
 #: fault quarantined; retrying it would stall ingest for every device. Anything else (connection
 #: lost, our own SQL, a unique violation racing another server) is retried whole.
+def tell_listeners(
+    result: WriteResult,
+    now: float,
+    on_commit: Callable[[Sequence[EventRow]], None] | None,
+    listeners: Iterable[Callable[[WriteResult, float], None]],
+) -> None:
+    """Hand a committed write to the live stream's hook and the commit listeners (the alert
+    engine); a listener's fault is logged and never stops ingest."""
+    if on_commit is not None and result.stored:
+        try:
+            on_commit(result.stored)
+        except Exception:  # a listener's fault must never stop ingest
+            log.exception("the on_commit hook failed")
+    for listener in listeners:
+        try:
+            listener(result, now)
+        except Exception:  # a listener's fault must never stop ingest
+            log.exception("a commit listener failed")
+
+
 def refused_by_data(exc: psycopg.Error) -> bool:
     """Whether ``exc`` blames the data written (see above), not the connection or our SQL."""
     return isinstance(exc, psycopg.DataError) or (exc.sqlstate or "").startswith("54")
@@ -546,16 +566,7 @@ class Consumer:
             m.quarantined.inc(reason=q.kind)
         if result.new_missing:
             self._next_refresh = 0.0
-        if self.on_commit is not None and result.stored:
-            try:
-                self.on_commit(result.stored)
-            except Exception:  # a listener's fault must never stop ingest
-                log.exception("the on_commit hook failed")
-        for listener in self.listeners:
-            try:
-                listener(result, now)
-            except Exception:  # a listener's fault must never stop ingest
-                log.exception("a commit listener failed")
+        tell_listeners(result, now, self.on_commit, self.listeners)
 
     def _ack(self, batch: Batch) -> None:
         stale = self._session.ack(batch.messages)

@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -28,7 +28,7 @@ from typing import Any, Final
 import psycopg
 
 from ingest_server.ingest.batch import Batch, EventRow, Inbound
-from ingest_server.ingest.consumer import write_batch
+from ingest_server.ingest.consumer import tell_listeners, write_batch
 from ingest_server.ingest.writer import BatchWriter, WriteResult
 from ingest_server.metrics import IngestMetrics
 from ingest_server.storage.db import connect_session
@@ -75,7 +75,7 @@ class HttpIngest:
         self._writer: BatchWriter | None = None
         self._thread = threading.Thread(target=self._run, name="http-ingest", daemon=True)
         #: Called after each commit with the stored rows (the live stream).
-        self.on_commit: Callable[[list[EventRow]], None] | None = None
+        self.on_commit: Callable[[Sequence[EventRow]], None] | None = None
         #: Called after each commit with the result and its time (the alert engine).
         self.listeners: list[Callable[[WriteResult, float], None]] = []
 
@@ -161,17 +161,7 @@ class HttpIngest:
         m.events_duplicate.inc(result.duplicates)
         for q in result.quarantine:
             m.quarantined.inc(reason=q.kind)
-        now = time.time()
-        if self.on_commit is not None and result.stored:
-            try:
-                self.on_commit(result.stored)
-            except Exception:  # a listener's fault must never stop ingest
-                log.exception("the on_commit hook failed")
-        for listener in self.listeners:
-            try:
-                listener(result, now)
-            except Exception:  # a listener's fault must never stop ingest
-                log.exception("a commit listener failed")
+        tell_listeners(result, time.time(), self.on_commit, self.listeners)
 
 
 __all__ = ["Busy", "HttpIngest", "Job", "Refused"]
