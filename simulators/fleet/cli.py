@@ -59,10 +59,18 @@ def describe(s: Scenario) -> str:
     specs = device_specs(s)
     kinds = Counter(d.kind.value for d in specs)
     lines = [
-        f"{s.name}: {len(s.schools)} school(s), {len(specs)} devices "
+        f"{s.name}: {len(s.all_schools)} school(s), {len(specs)} devices "
         f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})",
         f"{s.start}-{s.end} at speed {s.speed:g}: {s.wall_seconds:.0f} s wall",
     ]
+    if s.health_s:
+        lines.append(f"health from every device every {s.health_s:g} s (simulated)")
+    if s.layout.multi:
+        lo = s.layout
+        lines.append(
+            f"layout: {lo.workers} simulator process(es), {lo.brokers} broker(s) with an ingest "
+            f"worker each, one database; {'TLS' if lo.tls else 'plain TCP'}"
+        )
     lines += [f"fault at {f.at}: {f.action} on {f.target}" for f in s.faults]
     return "\n".join(lines)
 
