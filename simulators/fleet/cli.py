@@ -20,6 +20,7 @@ from pathlib import Path
 
 import msgspec
 
+from simulators.fleet.district import run_local
 from simulators.fleet.runner import (
     Fleet,
     FleetError,
@@ -109,7 +110,13 @@ async def _run(scenario: Scenario, args: argparse.Namespace) -> int:
     workdir.chmod(0o755)  # PostgreSQL runs as its own user and must reach its data dir
     progress = Progress(quiet=args.quiet)
     try:
-        if args.local:
+        if scenario.layout.multi or scenario.health_s:
+            if not args.local:
+                raise FleetError("a scenario with a [layout] or health_s runs only with --local")
+            report = await run_local(
+                scenario, workdir, progress=progress, drain_timeout_s=args.drain_timeout
+            )
+        elif args.local:
             with local_services(workdir / "services") as services:
                 report = await Fleet(
                     scenario,
