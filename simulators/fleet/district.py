@@ -37,7 +37,15 @@ from typing import Any, Final
 import msgspec
 import psutil
 
-from ingest_server.control.broker_auth import BrokerRules, DeviceCredential, hash_password
+from ingest_server.control.broker_auth import (
+    DEVICE_PUBLISH,
+    DEVICE_READ,
+    SERVER_PUBLISH,
+    SERVER_READ,
+    BrokerRules,
+    DeviceCredential,
+    hash_password,
+)
 from simulators import faults
 from simulators.fleet import report as rep
 from simulators.fleet.district_worker import Job, device_password
@@ -123,6 +131,21 @@ class DistrictServices:
         return out
 
 
+def pattern_acl() -> str:
+    """Mosquitto's ACL for the district: ``%u`` patterns keep every device to the topics of its
+    own id. (A ``user`` block per device, as ``ingest-server broker-auth`` writes, also binds the
+    school, but Mosquitto 2.0 loads such a file in time quadratic in its users: 186 s for
+    27,847 devices on this box; see docs/capacity.md.)"""
+    lines = ["# campus-sim district layout: every device confined to its own id's topics", ""]
+    lines += [f"user {SERVER_USER}"]
+    lines += [f"topic read campus/v1/+/+/{c}" for c in SERVER_READ]
+    lines += [f"topic write campus/v1/+/+/{c}" for c in SERVER_PUBLISH]
+    lines += [""]
+    lines += [f"pattern write campus/v1/+/%u/{c}" for c in DEVICE_PUBLISH]
+    lines += [f"pattern read campus/v1/+/%u/{c}" for c in DEVICE_READ]
+    return "\n".join(lines) + "\n"
+
+
 def _tls_files(root: Path) -> dict[str, Path]:
     import trustme  # noqa: PLC0415 - a dev dependency, only for --local TLS runs
 
@@ -144,15 +167,22 @@ def district_services(s: Scenario, specs: list[DeviceSpec], root: Path) -> Itera
     root.chmod(0o755)
     key = secrets.token_bytes(32)
     server_pw = secrets.token_urlsafe(24)
-    creds = {
-        d.id: DeviceCredential(d.id, d.school_id, hash_password(device_password(key, d.id)))
-        for d in specs
-    }
-    rules = BrokerRules(creds, SERVER_USER, hash_password(server_pw))
-    passwd, acl = root / "passwd", root / "acl"
-    acl.write_text(rules.acl_text())
-    passwd.write_text(rules.passwd_text())
-    passwd.chmod(0o600)
+    server_hash = hash_password(server_pw)
+    nb = s.layout.brokers
+    broker_of = {sc.id: i % nb for i, sc in enumerate(s.all_schools)}
+    acl = root / "acl"
+    acl.write_text(pattern_acl())
+    passwds = []
+    for n in range(nb):
+        # each broker knows only the devices of its own schools
+        creds = {
+            d.id: DeviceCredential(d.id, d.school_id, hash_password(device_password(key, d.id)))
+            for d in specs
+            if broker_of[d.school_id] == n
+        }
+        passwds.append(root / f"passwd-{n}")
+        passwds[-1].write_text(BrokerRules(creds, SERVER_USER, server_hash).passwd_text())
+        passwds[-1].chmod(0o600)
     tls = _tls_files(root) if s.layout.tls else None
     brokers: list[DistrictBroker] = []
     ingests: list[IngestServer] = []
@@ -163,7 +193,7 @@ def district_services(s: Scenario, specs: list[DeviceSpec], root: Path) -> Itera
         for n in range(s.layout.brokers):
             d = root / f"broker-{n}"
             d.mkdir(exist_ok=True)
-            brokers.append(DistrictBroker(d, passwd, acl, tls))
+            brokers.append(DistrictBroker(d, passwds[n], acl, tls))
             brokers[-1].start()
         pg.start()
         db_url = pg.create_database("campus")
