@@ -14,6 +14,7 @@ BENCHES = (
     "connections",
     "fleet",
     "district",
+    "district_api",
     "api_queries",
     "devices_list",
     "decode_cost",

@@ -14,50 +14,13 @@ import psycopg
 import pytest
 
 from ingest_server.web.api import auth
-from simulators.api_seed import api_server, get, make_tokens, prepare
+from simulators.api_seed import DISTRICT_TAPS as TAPS
+from simulators.api_seed import api_server, get, make_tokens, seed_district
 from simulators.harness import Postgres
 
 pytestmark = pytest.mark.integration
 SCHOOLS = 805
 DEVICES = 28_000
-#: Attendance-type events today per school s001..s010 (one per device seq), plus noise.
-TAPS = 40
-
-
-def seed_district(db_url: str) -> None:
-    """28,000 devices round-robin over 805 schools, a third online; taps today; alerts."""
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        prepare(conn)
-        conn.execute(
-            """
-            INSERT INTO devices (device_id, school_id, kind, state, event_count)
-            SELECT format('s%%s-dev-%%s', lpad((i %% %(n)s + 1)::text, 3, '0'), i),
-                   format('s%%s', lpad((i %% %(n)s + 1)::text, 3, '0')),
-                   (ARRAY['card_reader', 'env_sensor', 'smart_board'])[i %% 3 + 1],
-                   CASE WHEN i %% 3 = 0 THEN 'online' ELSE 'offline' END, 0
-            FROM generate_series(0, %(d)s - 1) AS i
-            """,
-            {"n": SCHOOLS, "d": DEVICES},
-        )
-        # today's attendance at s001..s010: TAPS each, of three counted types; one env reading
-        conn.execute(
-            """
-            INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data)
-            SELECT now() - interval '1 minute', format('s%%s', lpad(s::text, 3, '0')),
-                   format('s%%s-dev-%%s', lpad(s::text, 3, '0'), s - 1), 'card_reader', k,
-                   (ARRAY['card.tap', 'attendance.checkin', 'access.pass', 'env.reading'])
-                       [CASE WHEN k > %(t)s THEN 4 ELSE k %% 3 + 1 END],
-                   '{}'::jsonb
-            FROM generate_series(1, 10) AS s, generate_series(1, %(t)s + 1) AS k
-            """,
-            {"t": TAPS},
-        )
-        for state, school in (("open", "s001"), ("acknowledged", "s001"), ("resolved", "s002")):
-            conn.execute(
-                "INSERT INTO alerts (rule, severity, state, school_id, device_id, message)"
-                " VALUES ('device_offline', 'warning', %s, %s, %s, 'test')",
-                (state, school, f"{school}-dev-{uuid.uuid4().hex[:6]}"),
-            )
 
 
 class Api:
@@ -94,7 +57,7 @@ def api(pg_server: Postgres) -> Iterator[Api]:
     name = f"t_district_{uuid.uuid4().hex[:8]}"
     db_url = pg_server.create_database(name)
     try:
-        seed_district(db_url)
+        seed_district(db_url, SCHOOLS, DEVICES)
         tokens = make_tokens(db_url)
         with psycopg.connect(db_url, autocommit=True) as conn:
             tokens["school"] = auth.create_token(conn, "s001-reader", "reader", ["s001"])[1]
