@@ -34,12 +34,6 @@ from typing import Any, Final
 
 import msgspec
 
-from ingest_server.ingest.mqtt_codec import (
-    MQTT5,
-    PINGREQ_BYTES,
-    encode_connect,
-    encode_publish,
-)
 from schemas.events import DeviceKind
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
 from simulators.fleet.events import MAKERS, Hasher, keyed_hasher
@@ -50,6 +44,36 @@ HEALTH: Final = "agent.health"
 #: Largest packet a device accepts from the broker (CONNACK, PUBACK, PINGRESP are tiny).
 MAX_IN: Final = 4096
 _json: Final = msgspec.json.Encoder()
+PINGREQ: Final = b"\xc0\x00"
+
+
+# The device's side of MQTT 5, written here as a device would (the simulators do not borrow the
+# server's codec): CONNECT with credentials, QoS 1 PUBLISH, fixed headers.
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _str(s: str) -> bytes:
+    raw = s.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def mqtt_connect(client_id: str, username: str, password: str, keepalive_s: int) -> bytes:
+    """MQTT 5 CONNECT: clean start, user name and password, no properties."""
+    body = _str("MQTT") + bytes([5, 0x80 | 0x40 | 0x02]) + keepalive_s.to_bytes(2, "big")
+    body += b"\x00" + _str(client_id) + _str(username) + _str(password)
+    return b"\x10" + _varint(len(body)) + body
+
+
+def mqtt_publish(topic: str, payload: bytes, packet_id: int) -> bytes:
+    """MQTT 5 PUBLISH at QoS 1, no properties."""
+    body = _str(topic) + packet_id.to_bytes(2, "big") + b"\x00" + payload
+    return b"\x32" + _varint(len(body)) + body
 
 
 def device_password(key: bytes, device_id: str) -> str:
@@ -172,14 +196,7 @@ class LightDevice:
                 return None
             try:
                 writer.write(
-                    encode_connect(
-                        f"agent-{self.id}",
-                        protocol=MQTT5,
-                        keepalive_s=t.keepalive_s,
-                        clean_start=True,
-                        username=self.id,
-                        password=w.password(self.id),
-                    )
+                    mqtt_connect(f"agent-{self.id}", self.id, w.password(self.id), t.keepalive_s)
                 )
                 first, body = await asyncio.wait_for(_read_packet(reader), t.puback_timeout_s)
                 if first >> 4 != 2 or len(body) < 2 or body[1] != 0:
@@ -200,7 +217,7 @@ class LightDevice:
                 try:
                     await asyncio.wait_for(self.wake.wait(), t.keepalive_s / 2)
                 except TimeoutError:
-                    writer.write(PINGREQ_BYTES)
+                    writer.write(PINGREQ)
                     await writer.drain()
                     await asyncio.wait_for(_read_packet(reader), t.puback_timeout_s)
                 continue
@@ -219,7 +236,7 @@ class LightDevice:
                 )
             )
             self._pid = self._pid % 65535 + 1
-            writer.write(encode_publish(self.topic, payload, qos=1, packet_id=self._pid))
+            writer.write(mqtt_publish(self.topic, payload, self._pid))
             await writer.drain()
             while True:
                 first, body = await asyncio.wait_for(_read_packet(reader), t.puback_timeout_s)
