@@ -27,6 +27,8 @@ import logging
 import os
 import pwd
 import secrets
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -98,9 +100,33 @@ class DistrictBroker(Mosquitto):
             ]
         self.conf.write_text("\n".join(lines) + "\n")
 
+    #: Seconds a broker with ~14,000 TLS connections may take to stop or to listen again.
+    STOP_S: Final = 60.0
+    START_S: Final = 120.0
+
     def start(self) -> None:
-        super().start()
-        wait_until(lambda: port_open(self.tls_port), 10, "mosquitto TLS listener")
+        with self.log.open("ab") as out:
+            proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=out, stderr=out)
+        self.proc = proc
+
+        def up() -> bool:
+            return (port_open(self.port) and port_open(self.tls_port)) or proc.poll() is not None
+
+        wait_until(up, self.START_S, "mosquitto listeners")
+        if proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM (sessions saved), SIGKILL if it has not gone within STOP_S."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.STOP_S)
+            except subprocess.TimeoutExpired:
+                log.warning("mosquitto did not stop within %.0f s: killed", self.STOP_S)
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
 
 
 @dataclass(slots=True)
@@ -392,6 +418,9 @@ class District:
             for w in self.workers:
                 if w.proc.returncode is not None:
                     raise FleetError(f"a simulator worker exited ({w.proc.returncode})")
+            for t in faults_t:  # a fault that failed ends the run now, not at the day's end
+                if t.done() and t.exception() is not None:
+                    await t
         await asyncio.gather(*faults_t)
         # drain: every device's outbox empty and every event made stored
         deadline = time.monotonic() + self.drain_timeout_s
@@ -439,11 +468,12 @@ class District:
         a, svc = f.action, self.svc
         if a in ("broker_kill", "broker_restart"):
             which = [svc.brokers[i] for i in self._brokers_of(f.target)]
-            for b in which:
-                await asyncio.to_thread(b.kill if a == "broker_kill" else b.stop)
+            # every targeted broker at once: the whole fleet is thrown off together
+            await asyncio.gather(
+                *(asyncio.to_thread(b.kill if a == "broker_kill" else b.stop) for b in which)
+            )
             await asyncio.sleep(f.duration_s)
-            for b in which:
-                await asyncio.to_thread(b.start)
+            await asyncio.gather(*(asyncio.to_thread(b.start) for b in which))
         elif a == "ingest_kill":
             which_i = [svc.ingests[i] for i in self._brokers_of(f.target)]
             for i in which_i:
@@ -529,6 +559,10 @@ class District:
         )
 
 
+def _exit_on_term(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def check_district(s: Scenario, devices: int) -> None:
     """What the district runner cannot do, said before anything starts."""
     for i, f in enumerate(s.faults):
@@ -554,6 +588,8 @@ async def run_local(
     """Start the layout, run the district, tear it down; the report."""
     specs = device_specs(s)
     check_district(s, len(specs))
+    # SIGTERM (a timeout, a stopped job) unwinds like ^C: every service this run started stops
+    signal.signal(signal.SIGTERM, _exit_on_term)
     with district_services(s, specs, workdir / "services") as svc:
         return await District(
             s, svc, workdir, progress=progress, drain_timeout_s=drain_timeout_s or None
