@@ -13,6 +13,8 @@ BENCHES = (
     "agent",
     "connections",
     "fleet",
+    "district",
+    "district_api",
     "api_queries",
     "devices_list",
     "decode_cost",
@@ -26,7 +28,9 @@ BENCHES = (
 def main() -> int:
     args = sys.argv[1:]
     if not args:
-        failed = [name for name in BENCHES if importlib.import_module(f"bench.{name}").main([])]
+        # the whole district takes the length of its morning: run it by name only
+        every = [name for name in BENCHES if name != "district"]
+        failed = [name for name in every if importlib.import_module(f"bench.{name}").main([])]
         if failed:
             print(f"\nmissed their checks: {', '.join(failed)}", file=sys.stderr)
         return 1 if failed else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -261,3 +262,45 @@ def _wire(value: Any) -> Any:
     if isinstance(value, date):
         return value.isoformat()
     return value
+
+
+#: Attendance events today at each of s001..s010 in :func:`seed_district`.
+DISTRICT_TAPS = 40
+
+
+def seed_district(db_url: str, schools: int = 805, devices: int = 28_000) -> None:
+    """``devices`` round-robin over ``schools`` (``s001``…), a third online; at s001..s010
+    ``DISTRICT_TAPS`` attendance events today and one env reading; alerts at s001 (open,
+    acknowledged) and s002 (resolved). For the API at district size (test and bench)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        prepare(conn)
+        conn.execute(
+            """
+            INSERT INTO devices (device_id, school_id, kind, state, event_count)
+            SELECT format('s%%s-dev-%%s', lpad((i %% %(n)s + 1)::text, 3, '0'), i),
+                   format('s%%s', lpad((i %% %(n)s + 1)::text, 3, '0')),
+                   (ARRAY['card_reader', 'env_sensor', 'smart_board'])[i %% 3 + 1],
+                   CASE WHEN i %% 3 = 0 THEN 'online' ELSE 'offline' END, 0
+            FROM generate_series(0, %(d)s - 1) AS i
+            """,
+            {"n": schools, "d": devices},
+        )
+        # today's attendance at s001..s010: TAPS each, of three counted types; one env reading
+        conn.execute(
+            """
+            INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data)
+            SELECT now() - interval '1 minute', format('s%%s', lpad(s::text, 3, '0')),
+                   format('s%%s-dev-%%s', lpad(s::text, 3, '0'), s - 1), 'card_reader', k,
+                   (ARRAY['card.tap', 'attendance.checkin', 'access.pass', 'env.reading'])
+                       [CASE WHEN k > %(t)s THEN 4 ELSE k %% 3 + 1 END],
+                   '{}'::jsonb
+            FROM generate_series(1, 10) AS s, generate_series(1, %(t)s + 1) AS k
+            """,
+            {"t": DISTRICT_TAPS},
+        )
+        for state, school in (("open", "s001"), ("acknowledged", "s001"), ("resolved", "s002")):
+            conn.execute(
+                "INSERT INTO alerts (rule, severity, state, school_id, device_id, message)"
+                " VALUES ('device_offline', 'warning', %s, %s, %s, 'test')",
+                (state, school, f"{school}-dev-{uuid.uuid4().hex[:6]}"),
+            )

@@ -37,6 +37,7 @@ from ingest_server.web.api import commands as commands_api
 from ingest_server.web.api import config as config_api
 from ingest_server.web.api import releases as releases_api
 from ingest_server.web.api import rollouts as rollouts_api
+from ingest_server.web.api import schools as schools_api
 from ingest_server.web.api.deps import install_error_handlers, make_pool
 from ingest_server.web.api.limits import RequestLimits
 from ingest_server.web.dashboard import mount as mount_dashboard
@@ -81,6 +82,7 @@ def create_app(
         app.state.live_slots = live.new_slots()
         app.state.export_slots = export.new_slots()
         app.include_router(devices.router)
+        app.include_router(schools_api.router)
         app.include_router(data.router)
         app.include_router(export.router)
         app.include_router(rollups.router)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import msgspec
 
+from simulators.fleet.district import run_local
 from simulators.fleet.runner import (
     Fleet,
     FleetError,
@@ -59,10 +60,18 @@ def describe(s: Scenario) -> str:
     specs = device_specs(s)
     kinds = Counter(d.kind.value for d in specs)
     lines = [
-        f"{s.name}: {len(s.schools)} school(s), {len(specs)} devices "
+        f"{s.name}: {len(s.all_schools)} school(s), {len(specs)} devices "
         f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})",
         f"{s.start}-{s.end} at speed {s.speed:g}: {s.wall_seconds:.0f} s wall",
     ]
+    if s.health_s:
+        lines.append(f"health from every device every {s.health_s:g} s (simulated)")
+    if s.layout.multi:
+        lo = s.layout
+        lines.append(
+            f"layout: {lo.workers} simulator process(es), {lo.brokers} broker(s) with an ingest "
+            f"worker each, one database; {'TLS' if lo.tls else 'plain TCP'}"
+        )
     lines += [f"fault at {f.at}: {f.action} on {f.target}" for f in s.faults]
     return "\n".join(lines)
 
@@ -101,7 +110,13 @@ async def _run(scenario: Scenario, args: argparse.Namespace) -> int:
     workdir.chmod(0o755)  # PostgreSQL runs as its own user and must reach its data dir
     progress = Progress(quiet=args.quiet)
     try:
-        if args.local:
+        if scenario.layout.multi or scenario.health_s:
+            if not args.local:
+                raise FleetError("a scenario with a [layout] or health_s runs only with --local")
+            report = await run_local(
+                scenario, workdir, progress=progress, drain_timeout_s=args.drain_timeout
+            )
+        elif args.local:
             with local_services(workdir / "services") as services:
                 report = await Fleet(
                     scenario,

@@ -16,6 +16,7 @@ import msgspec
 
 from schemas.events import (
     AccessPass,
+    AgentHealth,
     AttendanceCheckin,
     BoardApp,
     BoardInput,
@@ -74,6 +75,9 @@ MAKERS: Final[dict[str, Maker]] = {
     ),
     "access.pass": lambda i, d, h: AccessPass(
         uid_hash=h(_uid(i, d)), gate=d, direction="in" if i % 3 else "out", result="granted"
+    ),
+    "agent.health": lambda i, _d, _h: AgentHealth(
+        cpu_pct=float(2 + i % 5), rss_mb=48.0, outbox_depth=0, oldest_unsent_s=0.0
     ),
     "library.loan": lambda i, d, h: _desk_event(i, d, h, "loan"),
     "library.return": lambda i, d, h: _desk_event(i, d, h, "return"),

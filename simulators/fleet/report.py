@@ -47,6 +47,16 @@ class Report:
     publisher_crashes: int = 0
     faults: Sequence[Mapping[str, Any]] = field(default_factory=list)
     lost_by_device: Mapping[str, int] = field(default_factory=dict)
+    #: Devices online at the end (district runs).
+    connected: int | None = None
+    #: Seconds from the first worker's start until every device was online (district runs).
+    connect_s: float | None = None
+    #: The longest fault recovery: service back → every event made by then stored.
+    recovery_s: float | None = None
+    #: CPU seconds per component over the day (district runs), and per stored event.
+    cpu_s: Mapping[str, float] = field(default_factory=dict)
+    cpu_ms_per_event: Mapping[str, float] = field(default_factory=dict)
+    layout: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -85,8 +95,23 @@ class Report:
             ("latency p95", ms(self.latency_p95_s)),
             ("latency p99", ms(self.latency_p99_s)),
         ]
+        if self.connect_s is not None:
+            rows.append(("connected", f"{self.connected} in {self.connect_s:.1f} s"))
+        for k, v in self.cpu_s.items():
+            per = self.cpu_ms_per_event.get(k, 0.0)
+            rows.append((f"cpu {k}", f"{v:.1f} s ({per * 1000:.0f} us/event)"))
         for f in self.faults:
-            rows.append(("fault", f"{f['at']} {f['action']} {f['target']} {f.get('detail', '')}"))
+            extra = ""
+            if "reconnect_s" in f:
+                extra = f"every device back in {f['reconnect_s']} s; "
+            if "recovered_s" in f:
+                extra += f"backlog stored {f['recovered_s']} s after the service was back"
+            rows.append(
+                (
+                    "fault",
+                    f"{f['at']} {f['action']} {f['target']} {f.get('detail', '')}{extra}",
+                )
+            )
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}" for k, v in rows]
         lines.append(f"{'verdict':<{width}}  {'OK' if self.ok else 'FAIL: events lost or doubled'}")

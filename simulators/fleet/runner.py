@@ -48,10 +48,12 @@ class FleetError(Exception):
 
 
 def device_specs(s: Scenario) -> list[DeviceSpec]:
+    """Every device: per room ``{school}-{kind}-r{room}-{n}``, per school ``…-r000-{n}``."""
     specs = []
-    for school in s.schools:
-        for room in range(1, school.rooms + 1):
-            for kind, n in school.devices.items():
+    for school in s.all_schools:
+        rooms = [(room, school.devices) for room in range(1, school.rooms + 1)]
+        for room, devices in [(0, school.school_devices), *rooms]:
+            for kind, n in devices.items():
                 profile = s.profile(kind)
                 if profile is None or n == 0:
                     continue

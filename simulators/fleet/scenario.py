@@ -71,6 +71,51 @@ class School(_S, frozen=True, kw_only=True):
     rooms: Annotated[int, Meta(ge=1, le=1000)]
     #: Devices of each kind in every room.
     devices: dict[DeviceKind, Annotated[int, Meta(ge=0, le=100)]]
+    #: Devices of each kind once per school (gates, card readers at the door, the library).
+    school_devices: dict[DeviceKind, Annotated[int, Meta(ge=0, le=1000)]] = {}
+
+
+class SchoolGroup(_S, frozen=True, kw_only=True):
+    """``count`` alike schools with ids ``{prefix}{n:03d}`` (n from ``first``): a district in
+    a few lines instead of hundreds of ``[[schools]]`` tables."""
+
+    prefix: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,15}$")]
+    count: Annotated[int, Meta(ge=1, le=10_000)]
+    first: Annotated[int, Meta(ge=0, le=1_000_000)] = 1
+    rooms: Annotated[int, Meta(ge=1, le=1000)]
+    devices: dict[DeviceKind, Annotated[int, Meta(ge=0, le=100)]]
+    school_devices: dict[DeviceKind, Annotated[int, Meta(ge=0, le=1000)]] = {}
+
+    def expand(self) -> list[School]:
+        return [
+            School(
+                id=f"{self.prefix}{n:03d}",
+                rooms=self.rooms,
+                devices=self.devices,
+                school_devices=self.school_devices,
+            )
+            for n in range(self.first, self.first + self.count)
+        ]
+
+
+class Layout(_S, frozen=True, kw_only=True):
+    """How ``--local`` lays the district out on one box (docs/capacity.md).
+
+    ``workers`` simulator processes share the devices (each stays under the per-process open
+    file limit); ``brokers`` Mosquitto instances split the schools, one ingest worker each, one
+    database. ``tls`` makes every device connect over TLS with its own MQTT credentials.
+    """
+
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
+    brokers: Annotated[int, Meta(ge=1, le=8)] = 1
+    tls: bool = False
+    #: Concurrent connection attempts (TCP + TLS handshake) per worker: no thundering herd.
+    connect_concurrency: Annotated[int, Meta(ge=1, le=1000)] = 16
+
+    @property
+    def multi(self) -> bool:
+        """Whether this is the multi-process district runner's layout."""
+        return self.workers > 1 or self.brokers > 1 or self.tls
 
 
 class Fault(_S, frozen=True, kw_only=True):
@@ -107,10 +152,19 @@ class Scenario(_S, frozen=True, kw_only=True):
     speed: Annotated[float, Meta(gt=0, le=100_000)] = 60.0
     #: Wall seconds between generation rounds.
     tick_s: Annotated[float, Meta(ge=0.01, le=10)] = 0.25
-    schools: Annotated[list[School], Meta(min_length=1)]
+    schools: list[School] = []
+    school_groups: list[SchoolGroup] = []
     kinds: dict[DeviceKind, KindProfile] = {}
+    #: Every device also sends ``agent.health`` every ``health_s`` simulated seconds (0: never).
+    health_s: NonNegative = 0.0
     faults: list[Fault] = []
     tuning: Tuning = Tuning()
+    layout: Layout = Layout()
+
+    @property
+    def all_schools(self) -> list[School]:
+        """The listed schools, then every group's, in file order."""
+        return [*self.schools, *(s for g in self.school_groups for s in g.expand())]
 
     @property
     def sim_seconds(self) -> float:
@@ -240,9 +294,13 @@ def _check(s: Scenario, text: str, source: str) -> None:
 
     if s.sim_seconds <= 0:
         fail("end", f"must be after start ({s.start})")
-    ids = [school.id for school in s.schools]
+    if not s.schools and not s.school_groups:
+        fail("schools", "a scenario needs at least one school (schools or school_groups)")
+    if s.health_s and s.health_s < 1:
+        fail("health_s", "must be 0 (no health events) or at least 1 second")
+    ids = [school.id for school in s.all_schools]
     if len(set(ids)) != len(ids):
-        fail("schools", "school ids must be unique")
+        fail("schools", "school ids must be unique (a group's ids clash with another's)")
     for kind, profile in s.kinds.items():
         for j, et in enumerate(profile.event_types):
             if events.get(et) is None:

@@ -110,8 +110,9 @@ def test_the_agent_and_the_server_meet_only_in_schemas() -> None:
 
 
 #: The simulators are independent implementations of the hardware; only what sits above both
-#: (the demo, and the API seeding the benches and tests share) may start or feed a server.
-SIMULATORS_ABOVE_THE_SERVER = frozenset({"demo.py", "api_seed.py"})
+#: (the demo, the API seeding the benches and tests share, and the district layout, which writes
+#: its brokers' password files in the server's own hash format) may start or feed a server.
+SIMULATORS_ABOVE_THE_SERVER = frozenset({"demo.py", "api_seed.py", "district.py"})
 
 
 def test_the_simulators_import_no_server_but_from_above() -> None:

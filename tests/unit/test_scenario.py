@@ -112,3 +112,66 @@ def test_kind_hook_refuses_silent_replacement() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_maker("library.loan", MAKERS["library.loan"])
     register_maker("library.loan", MAKERS["library.loan"], replace=True)
+
+
+DISTRICT = Path(__file__).parents[2] / "deploy" / "scenarios" / "district-805.toml"
+
+
+def test_district_805_is_the_field_mix() -> None:
+    """805 schools, 5,553 smart classrooms (four devices each), seven devices per school."""
+    s = load(DISTRICT)
+    specs = device_specs(s)
+    assert len(s.all_schools) == 805
+    assert sum(school.rooms for school in s.all_schools) == 5553
+    assert len(specs) == 5553 * 4 + 805 * 7 == 27_847
+    assert len({d.id for d in specs}) == len(specs)
+    assert "s805-lib-r000-1" in {d.id for d in specs}
+    assert s.health_s == 30
+    assert len(specs) / s.layout.workers < 10_000  # each worker well under 20,000 open files
+
+
+def test_district_805_morning_rush() -> None:
+    """About a million taps at the card readers in 07:30-08:00, peak four times the mean."""
+    s = load(DISTRICT)
+    prof = s.profile(DeviceKind.CARD_READER)
+    assert prof is not None
+    readers = sum(d.kind is DeviceKind.CARD_READER for d in device_specs(s))
+    start = 7 * 3600 + 30 * 60
+    per_min = [prof.per_hour * rate_factor(prof, start + 60 * m + 30) / 60 for m in range(30)]
+    taps = readers * sum(per_min)
+    assert 950_000 < taps < 1_050_000
+    mean = sum(per_min) / len(per_min)
+    assert max(per_min) == pytest.approx(4 * mean)
+
+
+def test_school_groups_expand_and_clash() -> None:
+    text = """
+name = "g"
+[[school_groups]]
+prefix = "g"
+count = 3
+rooms = 2
+devices = { env_sensor = 1 }
+school_devices = { access_gate = 2 }
+"""
+    s = parse(text)
+    assert [x.id for x in s.all_schools] == ["g001", "g002", "g003"]
+    assert len(device_specs(s)) == 3 * (2 + 2)
+    clash = text + '\n[[schools]]\nid = "g002"\nrooms = 1\ndevices = { env_sensor = 1 }\n'
+    with pytest.raises(ScenarioError, match="school ids must be unique"):
+        parse(clash)
+    with pytest.raises(ScenarioError, match="at least one school"):
+        parse('name = "empty"\n')
+    with pytest.raises(ScenarioError, match="health_s"):
+        parse(text + "health_s = 0.5\n")
+    with pytest.raises(ScenarioError, match=r"layout\.workers"):
+        parse(text + "[layout]\nworkers = 0\n")
+
+
+def test_health_events_are_valid() -> None:
+    from schemas import events as ev
+
+    data = MAKERS["agent.health"](3, "d1", keyed_hasher(b"k"))
+    et = ev.get("agent.health")
+    assert et is not None
+    assert isinstance(data, et.data)

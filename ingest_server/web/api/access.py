@@ -93,6 +93,7 @@ ROUTES: Final[dict[tuple[str, str], Rule]] = {
     ("POST", "/api/v1/tokens"): Rule("tokens", "tokens"),
     ("DELETE", "/api/v1/tokens/{token_id}"): Rule("tokens", "tokens"),
     ("GET", "/api/v1/devices"): _R,
+    ("GET", "/api/v1/schools/summary"): _R,
     ("GET", "/api/v1/devices/{device_id}"): _D,
     ("GET", "/api/v1/events"): _R,
     ("GET", "/api/v1/readings"): _R,

@@ -5,13 +5,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
 from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
 from ingest_server.web.api import access, auth
-from ingest_server.web.api.common import ID_PATTERN, Conn, SchoolQ
+from ingest_server.web.api.common import (
+    ID_PATTERN,
+    Conn,
+    CursorQ,
+    SchoolQ,
+    decode_cursor,
+    encode_cursor,
+    next_link,
+)
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"], dependencies=[access.GUARD])
 
@@ -102,18 +110,36 @@ def _query(where: sql.Composable, limit: int) -> sql.Composed:
     )
 
 
-@router.get("", summary="Devices, filtered, each with its agent's latest health")
+@router.get(
+    "",
+    summary="Devices, filtered, each with its agent's latest health; paged by keyset",
+    description=(
+        "Ordered by school, then device. A full page (``limit``, or 10,000 without it) carries "
+        'the next page\'s URL in ``Link: <…>; rel="next"`` and its cursor in ``X-Next-Cursor``: '
+        "follow it to walk a district of any size."
+    ),
+)
 def list_devices(
     conn: Conn,
     principal: access.Caller,
+    request: Request,
+    response: Response,
     *,
     school: SchoolQ = None,
     room: Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^[^\x00]+$")] = None,
     kind: Kind | None = None,
     state: Literal["online", "offline"] | None = None,
+    limit: Annotated[
+        int, Query(ge=1, le=MAX_DEVICES, description=f"page size (at most {MAX_DEVICES})")
+    ] = MAX_DEVICES,
+    cursor: CursorQ = None,
 ) -> list[Device]:
     scoped, params = principal.sql_school_filter("d.school_id")
     parts: list[sql.Composable] = [scoped]
+    if cursor is not None:
+        after = decode_cursor(cursor, "devices", (str, str))
+        parts.append(sql.SQL("(d.school_id, d.device_id) > (%s, %s)"))
+        params += list(after)
     for column, value in (("school_id", school), ("room", room), ("kind", kind)):
         if value is not None:
             parts.append(sql.SQL("d.{} = %s").format(sql.Identifier(column)))
@@ -122,8 +148,12 @@ def list_devices(
         parts.append(sql.SQL("d.state = 'online'"))
     elif state == "offline":  # never seen online counts as offline
         parts.append(sql.SQL("d.state IS DISTINCT FROM 'online'"))
-    query = _query(sql.SQL(" AND ").join(parts), MAX_DEVICES)
+    query = _query(sql.SQL(" AND ").join(parts), limit)
     rows = conn.cursor(row_factory=dict_row).execute(query, params).fetchall()
+    if len(rows) == limit:
+        nxt = encode_cursor("devices", (rows[-1]["school_id"], rows[-1]["device_id"]))
+        response.headers["X-Next-Cursor"] = nxt
+        response.headers["Link"] = f'<{next_link(request, nxt)}>; rel="next"'
     return [Device.model_validate(_with_health(r)) for r in rows]
 
 

@@ -53,6 +53,7 @@ BODY_CAPS: Final[dict[str, int]] = {
     "/api/v1/releases": 1024,  # read-only: releases are added offline-signed with the CLI
     "/api/v1/ingest/webhooks": 1024 * 1024,  # a vendor platform's JSON, mapped to events
     "/api/v1/rollups": 1024,  # read-only
+    "/api/v1/schools": 1024,  # read-only summaries
 }
 #: A device's HTTP uplink (``POST /api/v1/devices/{device_id}/up``): a path no prefix of
 #: ``BODY_CAPS`` can tell from the config routes beside it.
