@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Final
 
 from simulators.pty import point_link
 
@@ -45,11 +47,21 @@ def find_pcscd() -> str:
     return binary
 
 
+#: Where pairs are looked for first: below Linux's ephemeral range (32768-60999 by default), so
+#: a machine busy with many outgoing connections (TIME_WAIT included) still has pairs to give.
+_PAIR_RANGE: Final = (20000, 32000)
+
+
 def free_port_pair() -> int:
     """A port p with p and p + 1 both free on every interface (vpcd binds 0.0.0.0)."""
-    for _ in range(50):
+    rng = random.Random()  # noqa: S311 - picking test ports, not secrets
+    candidates = [rng.randrange(*_PAIR_RANGE) for _ in range(200)] + [0] * 50
+    for wanted in candidates:
         with socket.socket() as a, socket.socket() as b:
-            a.bind(("0.0.0.0", 0))  # noqa: S104 - vpcd itself binds all interfaces
+            try:
+                a.bind(("0.0.0.0", wanted))  # noqa: S104 - vpcd itself binds all interfaces
+            except OSError:
+                continue
             port = int(a.getsockname()[1])
             if port >= 65535:
                 continue
