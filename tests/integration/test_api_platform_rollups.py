@@ -60,9 +60,20 @@ EVENTS: list[tuple[int, str, str, dict[str, Any]]] = [
     *((10 + i, "s001", "health.check", check(30 + i, "g7c3", 37.9)) for i in range(3)),
     # s002 g1c1: exactly the minimum, no fever
     *((i, "s002", "health.check", check(50 + i, "g1c1", 36.5)) for i in range(5)),
-    # a vision screening is not a morning check
+    # vision screenings (not morning checks): g7c2 five students, g7c3 two (withheld)
     (7, "s001", "health.vision", {"student_hash": student(11), "class_id": "g7c2",
                                   "left_acuity": 4.8, "right_acuity": 5.0}),
+    (8, "s001", "health.vision", {"student_hash": student(12), "class_id": "g7c2",
+                                  "left_acuity": 5.0, "right_acuity": 5.0}),
+    (9, "s001", "health.vision", {"student_hash": student(13), "class_id": "g7c2",
+                                  "left_acuity": 4.5, "right_acuity": 4.6, "corrected": True}),
+    (10, "s001", "health.vision", {"student_hash": student(14), "class_id": "g7c2",
+                                   "left_acuity": 5.1, "right_acuity": 5.0}),
+    (11, "s001", "health.vision", {"student_hash": student(15), "class_id": "g7c2",
+                                   "left_acuity": 4.9, "right_acuity": 5.2}),
+    *((20 + i, "s001", "health.vision", {"student_hash": student(30 + i), "class_id": "g7c3",
+                                         "left_acuity": 4.0, "right_acuity": 4.0})
+      for i in range(2)),
 ]  # fmt: skip
 
 PURCHASES = [
@@ -76,6 +87,10 @@ PURCHASES = [
 ]  # fmt: skip
 G7C2 = {"day": str(DAY0), "school_id": "s001", "class_id": "g7c2", "students": 6, "checks": 7,
         "fevers": 2, "symptoms": {"cough": 2, "fever": 1}}  # fmt: skip
+# worked by hand: either eye below 5.0 for students 11 (4.8), 13 (4.5/4.6) and 15 (4.9);
+# left (4.8 + 5.0 + 4.5 + 5.1 + 4.9) / 5 = 4.86, right (5.0 + 5.0 + 4.6 + 5.0 + 5.2) / 5 = 4.96
+VISION_G7C2 = {"day": str(DAY0), "school_id": "s001", "class_id": "g7c2", "students": 5,
+               "screenings": 5, "reduced": 3, "mean_left": 4.86, "mean_right": 4.96}  # fmt: skip
 G1C1 = {"day": str(DAY0), "school_id": "s002", "class_id": "g1c1", "students": 5, "checks": 5,
         "fevers": 0, "symptoms": {}}  # fmt: skip
 
@@ -144,3 +159,13 @@ def test_health_checks_per_class_with_small_classes_withheld(
     # no student's hash is anywhere in an answer
     text = json.dumps([got, mine])
     assert not any(student(i) in text for i in range(60))
+
+
+def test_vision_screenings_per_class_with_small_classes_withheld(
+    api: tuple[str, dict[str, str]],
+) -> None:
+    got = call(api, "health-vision")
+    assert got == {"items": [VISION_G7C2], "truncated": False, "suppressed": 1}
+    assert call(api, "health-vision", who="school_a", school="s002")["items"] == []
+    assert call(api, "health-vision", **{"class": "g7c3"})["items"] == []
+    assert not any(student(i) in json.dumps(got) for i in range(60))

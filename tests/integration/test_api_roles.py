@@ -64,6 +64,7 @@ LISTS: dict[tuple[str, str], tuple[str, dict[str, str]]] = {
             "library-top-items",
             "card-purchases",
             "health-checks",
+            "health-vision",
         )
     },
     ("GET", "/api/v1/quarantine"): ("/api/v1/quarantine", TIMES),
@@ -178,6 +179,8 @@ def _seed_school_b(conn: psycopg.Connection[Any]) -> None:
                                 "merchant": "canteen"})]
             + [("health.check", {"student_hash": f"{n:064x}", "class_id": "c7a",
                                  "temperature_c": 36.6}) for n in range(5)]
+            + [("health.vision", {"student_hash": f"{n:064x}", "class_id": "c7a",
+                                  "left_acuity": 5.0, "right_acuity": 4.9}) for n in range(5)]
         )
     ]  # fmt: skip
     conn.cursor().executemany(

@@ -77,6 +77,7 @@ _ROLLUPS: Final = (
     "library-top-items",
     "card-purchases",
     "health-checks",
+    "health-vision",
 )
 
 ROUTES: Final[dict[tuple[str, str], Rule]] = {

@@ -393,3 +393,63 @@ def health_checks(
             "suppressed": sum(not r["shown"] for r in rows),
         },
     )
+
+
+class VisionScreenings(BaseModel):
+    day: date
+    school_id: str
+    class_id: str | None
+    students: int = Field(description=f"distinct students screened (at least {MIN_HEALTH_GROUP})")
+    screenings: int
+    reduced: int = Field(description="screenings with either eye below 5.0 (five-grade notation)")
+    mean_left: float = Field(description="the left eyes' mean acuity")
+    mean_right: float = Field(description="the right eyes' mean acuity")
+
+
+class VisionRollup(Rollup[VisionScreenings]):
+    suppressed: int = Field(
+        description=f"class-days withheld: fewer than {MIN_HEALTH_GROUP} students screened"
+    )
+
+
+@router.get(
+    "/health-vision",
+    summary="Vision screenings per class and day (classes under the minimum size withheld)",
+    response_model=VisionRollup,
+)
+def health_vision(
+    conn: Conn,
+    principal: access.Caller,
+    now: Now,
+    *,
+    school: SchoolQ = None,
+    start: FromDayQ = None,
+    end: ToDayQ = None,
+    class_id: ClassQ = None,
+) -> Response:
+    first, last = day_range(start, end, lambda: district_today(conn, now))
+    scoped, params = principal.sql_school_filter("school_id")
+    where = sql.SQL(" AND ").join(
+        [
+            scoped,
+            sql.SQL("school_id = %s" if school is not None else "true"),
+            sql.SQL("class_id = %s" if class_id is not None else "true"),
+        ]
+    )
+    query = sql.SQL(
+        "SELECT day, school_id, class_id, students, screenings, reduced, mean_left, mean_right,"
+        " students >= %s AS shown FROM campus_health_vision_daily(%s, %s) WHERE {}"
+        " ORDER BY day, school_id, class_id"
+    ).format(where)
+    args = [MIN_HEALTH_GROUP, first, last, *params]
+    args += [v for v in (school, class_id) if v is not None]
+    rows = conn.cursor(row_factory=dict_row).execute(query, args).fetchmany(4 * MAX_ROWS)
+    shown = [{k: v for k, v in r.items() if k != "shown"} for r in rows if r["shown"]]
+    return reply(
+        VisionRollup,
+        {
+            "items": shown[:MAX_ROWS],
+            "truncated": len(shown) > MAX_ROWS,
+            "suppressed": sum(not r["shown"] for r in rows),
+        },
+    )
