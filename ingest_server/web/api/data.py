@@ -36,6 +36,13 @@ from ingest_server.web.api.common import (
 router = APIRouter(prefix="/api/v1", tags=["data"], dependencies=[access.GUARD])
 
 TypeQ = Annotated[str | None, Query(pattern=NAME_PATTERN, description="event type, e.g. card.tap")]
+ReplayQ = Annotated[
+    bool | None,
+    Query(
+        description="true: only backlog (sent with the uplink's `replay: true` after an outage);"
+        " false: only live data"
+    ),
+]
 MetricQ = Annotated[
     str | None, Query(pattern=NAME_PATTERN, description="metric, e.g. temperature_c")
 ]
@@ -51,6 +58,7 @@ class Event(BaseModel):
     data: dict[str, Any]
     received_at: datetime
     synced: bool
+    replay: bool = Field(description="backlog an agent sent after an outage, not live data")
 
 
 class Reading(BaseModel):
@@ -74,7 +82,7 @@ class ReadingPage(BaseModel):
 
 
 EVENT_COLUMNS: Final = (
-    "time, school_id, device_id, device_kind, seq, type, data, received_at, synced"
+    "time, school_id, device_id, device_kind, seq, type, data, received_at, synced, replay"
 )
 READING_COLUMNS: Final = "time, school_id, device_id, metric, value"
 
@@ -82,7 +90,7 @@ READING_COLUMNS: Final = "time, school_id, device_id, metric, value"
 def where(
     start: datetime,
     end: datetime,
-    filters: dict[str, str | None],
+    filters: dict[str, str | bool | None],
     principal: auth.Principal,
 ) -> tuple[sql.Composed, list[Any]]:
     """``time`` in ``[start, end)``, ``school_id`` within the principal's schools and each given
@@ -136,12 +144,18 @@ def list_events(
     school: SchoolQ = None,
     device: DeviceQ = None,
     type: TypeQ = None,
+    replay: ReplayQ = None,
     limit: LimitQ = 100,
     cursor: CursorQ = None,
 ) -> Response:
     r = time_range(start, end)
     after = None if cursor is None else decode_cursor(cursor, "events", (datetime, str, int))
-    filters = {"school_id": school, "device_id": device, "type": type}
+    filters: dict[str, str | bool | None] = {
+        "school_id": school,
+        "device_id": device,
+        "type": type,
+        "replay": replay,
+    }
     cond, params = where(r.start, r.end, filters, principal)
     rows, last = _page(
         conn,
@@ -177,7 +191,11 @@ def list_readings(
 ) -> Response:
     r = time_range(start, end)
     after = None if cursor is None else decode_cursor(cursor, "readings", (datetime, str, str))
-    filters = {"school_id": school, "device_id": device, "metric": metric}
+    filters: dict[str, str | bool | None] = {
+        "school_id": school,
+        "device_id": device,
+        "metric": metric,
+    }
     cond, params = where(r.start, r.end, filters, principal)
     rows, last = _page(
         conn,
