@@ -99,9 +99,15 @@ def where(
     parts: list[sql.Composable] = [sql.SQL("time >= %s AND time < %s"), scoped]
     params: list[Any] = [start, end, *scope_params]
     for column, value in filters.items():
-        if value is not None:
-            parts.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
-            params.append(value)
+        if value is None:
+            continue
+        # A boolean (replay) as IS NOT DISTINCT FROM, the same rows for a NOT NULL column:
+        # TimescaleDB (2.23) fails `bool_col = x` on a chunk compressed before the column was
+        # added ("unexpected column type 'boolean'", its vectorised filter); this form it does
+        # not vectorise. (tests/integration/test_storage.py, the replay migration test.)
+        op = "{} IS NOT DISTINCT FROM %s" if isinstance(value, bool) else "{} = %s"
+        parts.append(sql.SQL(op).format(sql.Identifier(column)))
+        params.append(value)
     return sql.SQL(" AND ").join(parts), params
 
 
