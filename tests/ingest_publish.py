@@ -26,9 +26,17 @@ def tap(seq: int, *, ts: datetime | None = None) -> UplinkEvent:
     )
 
 
-def uplink(device: str, events: list[UplinkEvent]) -> bytes:
+def uplink(device: str, events: list[UplinkEvent], *, replay: bool = False) -> bytes:
+    """A card reader's batch; ``replay`` marks it backlog, as the agent's publisher does after
+    an outage."""
     return encode_batch(
-        UplinkBatch(device_id=device, kind="card_reader", sent_at=datetime.now(UTC), events=events)
+        UplinkBatch(
+            device_id=device,
+            kind="card_reader",
+            sent_at=datetime.now(UTC),
+            events=events,
+            replay=replay,
+        )
     )
 
 

@@ -20,8 +20,10 @@ def tap(seq: int) -> UplinkEvent:
     )
 
 
-def message(device: str, events: list[UplinkEvent], *, kind: str = "card_reader") -> Inbound:
-    batch = UplinkBatch(device_id=device, kind=kind, sent_at=T0, events=events)
+def message(
+    device: str, events: list[UplinkEvent], *, kind: str = "card_reader", replay: bool = False
+) -> Inbound:
+    batch = UplinkBatch(device_id=device, kind=kind, sent_at=T0, events=events, replay=replay)
     return Inbound(
         topic=f"campus/v1/sch-1/{device}/up",
         payload=encode_batch(batch),

@@ -42,18 +42,18 @@ _BOOL = Struct(">i?")
 _JSONB_HEAD = Struct(">iB")
 
 EVENT_COLUMNS: Final = (
-    "time, school_id, device_id, device_kind, seq, type, data, received_at, synced"
+    "time, school_id, device_id, device_kind, seq, type, data, received_at, synced, replay"
 )
 EVENT_TYPES: Final = (
-    "timestamptz", "text", "text", "text", "int8", "text", "jsonb", "timestamptz", "bool"
+    "timestamptz", "text", "text", "text", "int8", "text", "jsonb", "timestamptz", "bool", "bool"
 )  # fmt: skip
 READING_COLUMNS: Final = "time, school_id, device_id, metric, value"
 READING_TYPES: Final = ("timestamptz", "text", "text", "text", "float8")
 
 # An events row: field count and time; [school, device, kind]; seq; [type]; jsonb head, data;
-# received_at and synced.
+# received_at, synced and replay (the message's flag, carried on each event like synced).
 _EVENT_HEAD = Struct(">hiq")
-_EVENT_TAIL = Struct(">iqi?")
+_EVENT_TAIL = Struct(">iqi?i?")
 # A readings row: field count and time; [school, device, metric]; value.
 _READING_HEAD = _EVENT_HEAD
 
@@ -180,13 +180,13 @@ def encode_events(events: Iterable[EventRow], stamps: list[int] | None = None) -
             # one append of the joined row: cheaper than seven appends
             out += join(
                 (
-                    head(9, 8, ts),
+                    head(10, 8, ts),
                     where,
                     int8(8, e.seq),
                     typ,
                     jsonb_head(len(data) + 1, _JSONB_VERSION),
                     data,
-                    tail(8, received_us, 1, e.synced),
+                    tail(8, received_us, 1, e.synced, 1, e.replay),
                 )
             )
     except (error, OverflowError) as exc:

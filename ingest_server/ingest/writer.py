@@ -46,8 +46,9 @@ from ingest_server.ingest.pgcopy import EVENT_COLUMNS, CopyEncodeError, encode_r
 log = logging.getLogger(__name__)
 
 _INSERT_FROM_STAGING: Final = """
-INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data, received_at, synced)
-SELECT time, school_id, device_id, device_kind, seq, type, data, received_at, synced
+INSERT INTO events
+    (time, school_id, device_id, device_kind, seq, type, data, received_at, synced, replay)
+SELECT time, school_id, device_id, device_kind, seq, type, data, received_at, synced, replay
 FROM events_staging AS s
 WHERE NOT EXISTS (SELECT FROM events AS e WHERE e.device_id = s.device_id AND e.seq = s.seq)
 ON CONFLICT DO NOTHING

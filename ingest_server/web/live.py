@@ -88,6 +88,7 @@ def encode(row: EventRow) -> bytes:
             "device_kind": row.kind,
             "seq": ev.seq,
             "type": ev.type,
+            "replay": ev.replay,
         },
         separators=(",", ":"),
     )

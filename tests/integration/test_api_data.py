@@ -261,8 +261,13 @@ def test_export_csv_and_ndjson(api: Api) -> None:
     assert headers["content-disposition"] == (
         'attachment; filename="events-20261120T070000Z-20261120T090000Z.csv"'
     )
+    header = body.decode().split("\n", 1)[0]
+    assert header == (
+        "time,school_id,device_id,device_kind,seq,type,data,received_at,synced,replay"
+    )  # replay appended last: the earlier columns keep their positions
     rows = list(csv.DictReader(io.StringIO(body.decode())))
     assert len(rows) == len(api.seeded.events)
+    assert {r["replay"] for r in rows} == {"false"}
     first = next(r for r in rows if r["device_id"] == "cr-0101")
     assert json.loads(first["data"]) == {**TRICKY, "n": 0}  # quoted comma, quote, newline
     assert first["seq"] == "1"
@@ -286,6 +291,44 @@ def test_export_csv_and_ndjson(api: Api) -> None:
     assert got[0] == ["time", "school_id", "device_id", "metric", "value"]
     assert [float(r[4]) for r in got[1:]] == [21.0, 22.0, 23.0, 24.0, 25.0]
     assert get(api.url("/api/v1/export/events.xml"), api.tokens["read"])[0] == 422
+
+
+def test_replay_is_listed_filtered_and_exported(api: Api) -> None:
+    """Backlog rows (replay true) and live ones in one range: the listing shows the flag and
+    ``?replay=`` picks either; the exports carry it as the last CSV column / an NDJSON field
+    and take the same filter."""
+    t3 = T0 + timedelta(days=30)
+    own = {"from": t3.isoformat(), "to": (t3 + timedelta(hours=1)).isoformat()}
+    _insert(api.db_url, "s010", "cr-1001", t3, range(1, 6))
+    with psycopg.connect(api.db_url, autocommit=True) as conn:
+        conn.execute("UPDATE events SET replay = true WHERE device_id = 'cr-1001' AND seq <= 2")
+    items = walk(api, "/api/v1/events", **own)
+    assert [(i["seq"], i["replay"]) for i in items] == [
+        (1, True), (2, True), (3, False), (4, False), (5, False)
+    ]  # fmt: skip
+    assert [i["seq"] for i in walk(api, "/api/v1/events", replay="true", **own)] == [1, 2]
+    assert [i["seq"] for i in walk(api, "/api/v1/events", replay="false", **own)] == [3, 4, 5]
+    status, body = api.get("/api/v1/events", replay="maybe", **own)
+    assert status == 422
+    assert body["detail"][0]["loc"] == ["query", "replay"]
+
+    status, _, raw = get(api.url("/api/v1/export/events.csv", **own), api.tokens["read"])
+    assert status == 200
+    got = list(csv.reader(io.StringIO(raw.decode())))
+    assert got[0][-1] == "replay"
+    assert [(r[4], r[-1]) for r in got[1:]] == [
+        ("1", "true"), ("2", "true"), ("3", "false"), ("4", "false"), ("5", "false")
+    ]  # fmt: skip
+    status, _, raw = get(
+        api.url("/api/v1/export/events.ndjson", replay="true", **own), api.tokens["read"]
+    )
+    assert status == 200
+    lines = [json.loads(line) for line in raw.decode().splitlines()]
+    assert [(x["seq"], x["replay"]) for x in lines] == [(1, True), (2, True)]
+    status, _, raw = get(
+        api.url("/api/v1/export/events.csv", replay="false", **own), api.tokens["read"]
+    )
+    assert [r[4] for r in list(csv.reader(io.StringIO(raw.decode())))[1:]] == ["3", "4", "5"]
 
 
 def test_export_larger_than_one_chunk(api: Api) -> None:

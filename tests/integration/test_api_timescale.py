@@ -83,6 +83,11 @@ def test_export_streams_from_a_hypertable(tsdb_api: tuple[str, dict[str, str]]) 
     status, _, body = get(f"{base}/api/v1/export/events.ndjson?{rng}&school=s002", tokens["read"])
     assert status == 200
     assert [json.loads(line)["seq"] for line in body.decode().splitlines()] == [1, 2, 3, 4]
+    assert {json.loads(line)["replay"] for line in body.decode().splitlines()} == {False}
+    status, _, body = get(
+        f"{base}/api/v1/export/events.ndjson?{rng}&school=s002&replay=true", tokens["read"]
+    )
+    assert (status, body) == (200, b"")  # migration 0070's column on the hypertable, filtered
 
 
 @pytest.mark.parametrize(

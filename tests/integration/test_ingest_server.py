@@ -145,6 +145,32 @@ def test_valid_and_malformed_messages(
     assert rejected_seq9[2:] == ("cr-1", 9)
 
 
+def test_replay_batches_are_stored_listed_and_exported_as_backlog(
+    mosquitto: Mosquitto, db_url: str, publisher: Publisher
+) -> None:
+    """A live batch and a ``replay: true`` batch through Mosquitto and the real server: the
+    events table, the API's ``?replay=`` filter and the CSV export (last column) tell them apart."""
+    with running(settings(mosquitto, db_url)) as server:
+        publisher.send(up("cr-5"), uplink("cr-5", [tap(1), tap(2)]))
+        publisher.send(up("cr-5"), uplink("cr-5", [tap(3), tap(4)], replay=True))
+        wait_until(lambda: count(db_url, "events") == 4, WAIT_S, "the 4 events")
+        token = server.settings.token_file.read_text().strip()
+        api = server.http.url + "/api/v1"
+        backlog = json.loads(get(f"{api}/events?device=cr-5&replay=true", token)[1])
+        live = json.loads(get(f"{api}/events?device=cr-5&replay=false", token)[1])
+        status, text = get(f"{api}/export/events.csv?device=cr-5", token)
+    assert query(db_url, "SELECT seq, replay FROM events ORDER BY seq") == [
+        (1, False), (2, False), (3, True), (4, True)
+    ]  # fmt: skip
+    assert [(i["seq"], i["replay"]) for i in backlog["items"]] == [(3, True), (4, True)]
+    assert [(i["seq"], i["replay"]) for i in live["items"]] == [(1, False), (2, False)]
+    assert status == 200
+    lines = text.splitlines()
+    assert lines[0].endswith(",synced,replay")
+    # replay is each row's last field, after synced
+    assert sorted(line.rsplit(",", 1)[1] for line in lines[1:]) == ["false"] * 2 + ["true"] * 2
+
+
 def test_a_value_past_a_database_limit_is_quarantined_not_retried(
     mosquitto: Mosquitto, db_url: str, publisher: Publisher
 ) -> None:

@@ -127,6 +127,45 @@ def test_fast_path_conflict_rolls_back_and_writes_the_slow_way(
     assert mine.fast_path_conflicts == 1
 
 
+def test_replay_flag_is_stored_on_both_paths(conn: psycopg.Connection[Any]) -> None:
+    """The message's ``replay: true`` reaches ``events.replay`` by the fast COPY and by the
+    staging table's INSERT … WHERE NOT EXISTS alike; a live message stores false."""
+    mine, other = BatchWriter(conn), BatchWriter(conn)
+    fast = mine.write(
+        rows(message("cr-1", [tap(1)]), message("cr-1", [tap(2), tap(3)], replay=True))
+    )
+    assert (fast.inserted, mine.fast_path_conflicts) == (3, 0)
+    other.write(rows(message("cr-1", [tap(5)])))  # mine's cached max seq is now stale
+    slow = mine.write(
+        rows(message("cr-1", [tap(4)], replay=True), message("cr-1", [tap(5), tap(6)]))
+    )
+    assert (slow.inserted, slow.duplicates, mine.fast_path_conflicts) == (2, 1, 1)
+    stored = conn.execute("SELECT seq, replay FROM events ORDER BY seq").fetchall()
+    assert stored == [(1, False), (2, True), (3, True), (4, True), (5, False), (6, False)]
+
+
+def test_replay_column_is_not_null_false_on_every_partition(conn: psycopg.Connection[Any]) -> None:
+    """Migration 0070's column: boolean NOT NULL DEFAULT false on the parent and on every
+    partition (new partitions are made LIKE events and get it too)."""
+    conn.execute("SELECT campus_ensure_partitions('events', now(), now() + interval '1 day')")
+    cols = conn.execute(
+        "SELECT c.relname, a.attnotnull, pg_get_expr(d.adbin, d.adrelid)"
+        " FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+        " LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+        " WHERE a.attname = 'replay' AND (c.relname = 'events' OR c.relname LIKE 'events\\_p%'"
+        " OR c.relname = 'events_default')"
+    ).fetchall()
+    names = {c[0] for c in cols}
+    assert {"events", "events_default"} <= names
+    assert len(names) >= 3  # and at least one daily partition
+    assert all(notnull and default == "false" for _, notnull, default in cols)
+    cols_sql = "INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data"
+    conn.execute(f"{cols_sql}) VALUES (now(), 's', 'd', 'k', 1, 't', '{{}}')")
+    assert conn.execute("SELECT replay FROM events").fetchall() == [(False,)]
+    with pytest.raises(psycopg.errors.NotNullViolation):
+        conn.execute(f"{cols_sql}, replay) VALUES (now(), 's', 'd', 'k', 2, 't', '{{}}', NULL)")
+
+
 def test_nothing_to_write_sends_no_statement(conn: psycopg.Connection[Any], tmp_path: Path) -> None:
     """A batch of card taps (no readings, no quarantine, no states) costs BEGIN, one COPY, the
     device upsert and COMMIT: no empty COPY and no savepoint."""

@@ -14,6 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest_server.ingest import pgcopy
+from ingest_server.ingest.batch import encode_events
+from ingest_server.storage.migrate import migrate_url
+from tests.ingest_rows import message, rows, tap
 
 pytestmark = pytest.mark.integration
 
@@ -133,3 +136,24 @@ def test_arbitrary_rows_round_trip(
     conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]]
 ) -> None:
     check(rows, copy_and_read(conn, rows))
+
+
+def test_events_rows_round_trip_into_the_events_table_with_replay(db_url: str) -> None:
+    """The hot encoder's rows go into the migrated ``events`` (EVENT_COLUMNS, ten fields):
+    a live message's events read back replay false, a backlog message's true, synced intact."""
+    migrate_url(db_url)
+    batch = rows(message("cr-9", [tap(1), tap(2)]), message("cr-9", [tap(3)], replay=True))
+    payload = encode_events(batch.events).events_copy
+    with psycopg.connect(db_url, autocommit=True) as c:
+        target = f"events ({pgcopy.EVENT_COLUMNS})"
+        with c.cursor().copy(f"COPY {target} FROM STDIN (FORMAT BINARY)") as copy:
+            copy.write(payload)
+        back = c.execute(
+            "SELECT seq, synced, replay, data->>'reader' FROM events WHERE device_id = 'cr-9'"
+            " ORDER BY seq"
+        ).fetchall()
+    assert back == [
+        (1, True, False, "door-1"),
+        (2, True, False, "door-1"),
+        (3, True, True, "door-1"),
+    ]

@@ -16,7 +16,12 @@ from schemas.uplink import ValidEvent
 
 
 def row(
-    seq: int, school: str = "s001", device: str = "cr-0101", type_: str = "card.tap"
+    seq: int,
+    school: str = "s001",
+    device: str = "cr-0101",
+    type_: str = "card.tap",
+    *,
+    replay: bool = False,
 ) -> EventRow:
     data = {"uid_hash": "ab" * 32, "tech": "em4100", "reader": "gate"}
     event = ValidEvent(
@@ -26,7 +31,7 @@ def row(
         data_json=msgspec.json.encode(data),
         data=None,  # type: ignore[arg-type]  # not read by the hub
         synced=True,
-        replay=False,
+        replay=replay,
     )
     return EventRow(school, device, "card_reader", datetime.now(UTC), event)
 
@@ -39,6 +44,12 @@ def test_encode_is_one_sse_message_with_the_stored_json() -> None:
     assert body["seq"] == 7
     assert body["time"] == "2026-11-20T08:00:00+00:00"
     assert body["data"]["reader"] == "gate"
+    assert body["replay"] is False
+
+
+def test_encode_carries_the_replay_flag_of_backlog() -> None:
+    body = json.loads(encode(row(8, replay=True)).split(b"data: ", 1)[1])
+    assert (body["seq"], body["replay"]) == (8, True)
 
 
 @pytest.mark.parametrize(

@@ -151,7 +151,7 @@ def test_bad_values_are_named(types: list[str], row: tuple[Any, ...], says: str)
 def event_tuple(r: EventRow) -> tuple[Any, ...]:
     e = r.event
     return (e.ts, r.school_id, r.device_id, r.kind, e.seq, e.type, e.data_json, r.received_at,
-            e.synced)  # fmt: skip
+            e.synced, e.replay)  # fmt: skip
 
 
 names = st.sampled_from(["sch-1", "cr-1", "card_reader", "é-ü", "x" * 300])
@@ -223,6 +223,23 @@ def test_readings_encoder_matches_the_generic_one(
     payload, count = pgcopy.encode_readings(events)
     assert count == len(expected)
     assert payload == pgcopy.encode_rows(pgcopy.READING_TYPES, expected)
+
+
+def test_the_message_replay_flag_is_each_events_last_column() -> None:
+    """A backlog batch (``replay: true`` on the message) marks every one of its events; a live
+    batch none; the flag is the row's tenth field, after synced."""
+    values = [(1, 20.5, None), (2, 21.0, None)]
+    live = env_message("env-1", values)
+    body = msgspec.json.decode(live.payload)
+    body["replay"] = True
+    backlog = Inbound(live.topic, msgspec.json.encode(body), 1, 1, T0)
+    got = {}
+    for name, msg in (("live", live), ("backlog", backlog)):
+        rows = parse(encode_events(rows_of(msg)[0].events).events_copy)
+        assert [len(r) for r in rows] == [10, 10]
+        assert pgcopy.EVENT_TYPES[8:] == ("bool", "bool")
+        got[name] = [(value_of("bool", r[8]), value_of("bool", r[9])) for r in rows]
+    assert got == {"live": [(True, False)] * 2, "backlog": [(True, True)] * 2}
 
 
 def test_a_batch_encodes_each_distinct_event_once() -> None:

@@ -36,7 +36,7 @@ from ingest_server.web.api.common import (
     ToQ,
     time_range,
 )
-from ingest_server.web.api.data import MetricQ, TypeQ, where
+from ingest_server.web.api.data import MetricQ, ReplayQ, TypeQ, where
 from ingest_server.web.api.limits import HeldResponse, SlotLimiter, SlotsFull
 
 router = APIRouter(prefix="/api/v1/export", tags=["export"], dependencies=[access.GUARD])
@@ -63,6 +63,7 @@ _EVENT_HEADER: Final = (
     "data",
     "received_at",
     "synced",
+    "replay",  # last: the columns before it keep the positions consumers read them at
 )
 _READING_HEADER: Final = ("time", "school_id", "device_id", "metric", "value")
 _ORDER: Final = {"events": "time, device_id, seq", "readings": "time, device_id, metric"}
@@ -73,10 +74,10 @@ _KEY_COLS: Final = 3
 _FINITE: Final = "CASE WHEN value IN ('NaN', 'Infinity', '-Infinity') THEN NULL ELSE value END"
 _SELECT: Final[dict[tuple[str, str], str]] = {
     ("events", "csv"): "to_json(time) #>> '{}', school_id, device_id, device_kind, seq, type,"
-    " data::text, to_json(received_at) #>> '{}', synced::text",
+    " data::text, to_json(received_at) #>> '{}', synced::text, replay::text",
     ("events", "ndjson"): "json_build_object('time', time, 'school_id', school_id,"
     " 'device_id', device_id, 'device_kind', device_kind, 'seq', seq, 'type', type,"
-    " 'data', data, 'received_at', received_at, 'synced', synced)::text",
+    " 'data', data, 'received_at', received_at, 'synced', synced, 'replay', replay)::text",
     ("readings", "csv"): f"to_json(time) #>> '{{}}', school_id, device_id, metric, {_FINITE}",
     ("readings", "ndjson"): "json_build_object('time', time, 'school_id', school_id,"
     f" 'device_id', device_id, 'metric', metric, 'value', {_FINITE})::text",
@@ -211,9 +212,15 @@ def export_events(
     school: SchoolQ = None,
     device: DeviceQ = None,
     type: TypeQ = None,
+    replay: ReplayQ = None,
 ) -> StreamingResponse:
     r = time_range(start, end, MAX_EXPORT_SPAN)
-    filters = {"school_id": school, "device_id": device, "type": type}
+    filters: dict[str, str | bool | None] = {
+        "school_id": school,
+        "device_id": device,
+        "type": type,
+        "replay": replay,
+    }
     cond, params = where(r.start, r.end, filters, principal)
     query = export_query("events", fmt, cond, params)
     span = (r.start.astimezone(UTC), r.end.astimezone(UTC))
@@ -245,7 +252,11 @@ def export_readings(
     metric: MetricQ = None,
 ) -> StreamingResponse:
     r = time_range(start, end, MAX_EXPORT_SPAN)
-    filters = {"school_id": school, "device_id": device, "metric": metric}
+    filters: dict[str, str | bool | None] = {
+        "school_id": school,
+        "device_id": device,
+        "metric": metric,
+    }
     cond, params = where(r.start, r.end, filters, principal)
     query = export_query("readings", fmt, cond, params)
     span = (r.start.astimezone(UTC), r.end.astimezone(UTC))
