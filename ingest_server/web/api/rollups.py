@@ -366,32 +366,16 @@ def health_checks(
     end: ToDayQ = None,
     class_id: ClassQ = None,
 ) -> Response:
-    first, last = day_range(start, end, lambda: district_today(conn, now))
-    scoped, params = principal.sql_school_filter("school_id")
-    where = sql.SQL(" AND ").join(
-        [
-            scoped,
-            sql.SQL("school_id = %s" if school is not None else "true"),
-            sql.SQL("class_id = %s" if class_id is not None else "true"),
-        ]
-    )
-    query = sql.SQL(
-        "SELECT day, school_id, class_id, students, checks, fevers, symptoms,"
-        " students >= %s AS shown"
-        " FROM campus_health_checks_daily(%s, %s, %s) WHERE {}"
-        " ORDER BY day, school_id, class_id"
-    ).format(where)
-    args = [MIN_HEALTH_GROUP, first, last, FEVER_C, *params]
-    args += [v for v in (school, class_id) if v is not None]
-    rows = conn.cursor(row_factory=dict_row).execute(query, args).fetchmany(4 * MAX_ROWS)
-    shown = [{k: v for k, v in r.items() if k != "shown"} for r in rows if r["shown"]]
-    return reply(
+    return _per_class(
         HealthRollup,
-        {
-            "items": shown[:MAX_ROWS],
-            "truncated": len(shown) > MAX_ROWS,
-            "suppressed": sum(not r["shown"] for r in rows),
-        },
+        "students, checks, fevers, symptoms",
+        "campus_health_checks_daily(%s, %s, %s)",
+        [FEVER_C],
+        conn=conn,
+        principal=principal,
+        days=day_range(start, end, lambda: district_today(conn, now)),
+        school=school,
+        class_id=class_id,
     )
 
 
@@ -427,7 +411,33 @@ def health_vision(
     end: ToDayQ = None,
     class_id: ClassQ = None,
 ) -> Response:
-    first, last = day_range(start, end, lambda: district_today(conn, now))
+    return _per_class(
+        VisionRollup,
+        "students, screenings, reduced, mean_left, mean_right",
+        "campus_health_vision_daily(%s, %s)",
+        [],
+        conn=conn,
+        principal=principal,
+        days=day_range(start, end, lambda: district_today(conn, now)),
+        school=school,
+        class_id=class_id,
+    )
+
+
+def _per_class(
+    model: type[BaseModel],
+    columns: LiteralString,
+    function: LiteralString,
+    extra: list[Any],
+    *,
+    conn: Conn,
+    principal: auth.Principal,
+    days: tuple[date, date],
+    school: str | None,
+    class_id: str | None,
+) -> Response:
+    """A per-class health rollup (``function`` over ``days`` and ``extra``), cut to the caller's
+    schools; a class-day under :data:`MIN_HEALTH_GROUP` students is withheld and counted."""
     scoped, params = principal.sql_school_filter("school_id")
     where = sql.SQL(" AND ").join(
         [
@@ -437,16 +447,15 @@ def health_vision(
         ]
     )
     query = sql.SQL(
-        "SELECT day, school_id, class_id, students, screenings, reduced, mean_left, mean_right,"
-        " students >= %s AS shown FROM campus_health_vision_daily(%s, %s) WHERE {}"
-        " ORDER BY day, school_id, class_id"
-    ).format(where)
-    args = [MIN_HEALTH_GROUP, first, last, *params]
+        "SELECT day, school_id, class_id, {}, students >= %s AS shown"
+        " FROM {} WHERE {} ORDER BY day, school_id, class_id"
+    ).format(sql.SQL(columns), sql.SQL(function), where)
+    args = [MIN_HEALTH_GROUP, *days, *extra, *params]
     args += [v for v in (school, class_id) if v is not None]
     rows = conn.cursor(row_factory=dict_row).execute(query, args).fetchmany(4 * MAX_ROWS)
     shown = [{k: v for k, v in r.items() if k != "shown"} for r in rows if r["shown"]]
     return reply(
-        VisionRollup,
+        model,
         {
             "items": shown[:MAX_ROWS],
             "truncated": len(shown) > MAX_ROWS,
