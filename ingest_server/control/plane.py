@@ -28,7 +28,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final, Literal
 
@@ -161,6 +161,37 @@ def _text(value: str) -> str:
 def command_payload(cmd_id: str, name: str, args: dict[str, Any], expires_at: datetime) -> bytes:
     """The ``cmd`` message for one command, as the contract's :class:`Command`."""
     return msgspec.json.encode(Command(id=cmd_id, name=name, args=args, expires_at=expires_at))
+
+
+_DESIRE_CONFIG: Final = """
+INSERT INTO device_config AS c (device_id, school_id, version, document)
+VALUES (%(device)s, %(school)s, 1,
+        jsonb_build_object('version', 1, 'issued_at', %(issued)s::text, 'config', %(config)s))
+ON CONFLICT (device_id) DO UPDATE SET
+    version = c.version + 1,
+    document = jsonb_build_object(
+        'version', c.version + 1, 'issued_at', %(issued)s::text, 'config', %(config)s),
+    status = 'pending', detail = NULL, updated_at = now(), acked_at = NULL
+RETURNING version
+"""
+
+
+def desire_config(
+    conn: psycopg.Connection[Any],
+    device_id: str,
+    school_id: str,
+    config: dict[str, Any],
+    issued_at: str | None = None,
+) -> int:
+    """Make ``config`` the device's desired configuration (the next version, pending until the
+    worker publishes it); its version. The API and the rollout runner both issue configs here."""
+    issued = issued_at or datetime.now(UTC).isoformat(timespec="milliseconds")
+    row = conn.execute(
+        _DESIRE_CONFIG,
+        {"device": device_id, "school": school_id, "issued": issued, "config": Jsonb(config)},
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def check_document(text: str) -> bytes:

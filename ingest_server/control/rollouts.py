@@ -39,6 +39,7 @@ from typing import Any, Final, Literal
 import psycopg
 from psycopg.types.json import Jsonb
 
+from ingest_server.control.plane import desire_config
 from ingest_server.logbound import short
 from ingest_server.settings import mask
 from ingest_server.storage.db import connect_session
@@ -352,17 +353,6 @@ SELECT count(*) FILTER (WHERE r.batch IS NULL AND r.outcome = 'pending'),
 FROM rollout_devices r LEFT JOIN devices d ON d.device_id = r.device_id
 WHERE r.rollout_id = %s
 """
-_UPSERT_CONFIG: Final = """
-INSERT INTO device_config AS c (device_id, school_id, version, document)
-VALUES (%(device)s, %(school)s, 1,
-        jsonb_build_object('version', 1, 'issued_at', %(issued)s::text, 'config', %(config)s))
-ON CONFLICT (device_id) DO UPDATE SET
-    version = c.version + 1,
-    document = jsonb_build_object(
-        'version', c.version + 1, 'issued_at', %(issued)s::text, 'config', %(config)s),
-    status = 'pending', detail = NULL, updated_at = now(), acked_at = NULL
-RETURNING version
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,20 +578,11 @@ class RolloutRunner:
         issued = datetime.now(UTC).isoformat(timespec="milliseconds")
         for device_id, school_id in rows:
             if kind == "config":
-                got = conn.execute(
-                    _UPSERT_CONFIG,
-                    {
-                        "device": device_id,
-                        "school": school_id,
-                        "issued": issued,
-                        "config": Jsonb(config),
-                    },
-                ).fetchone()
-                assert got is not None
+                version = desire_config(conn, device_id, school_id, config, issued)
                 conn.execute(
                     "UPDATE rollout_devices SET batch = %s, issued_at = now(), attempts = 1,"
                     " config_version = %s WHERE rollout_id = %s AND device_id = %s",
-                    (batch, got[0], rollout_id, device_id),
+                    (batch, version, rollout_id, device_id),
                 )
             else:
                 cmd_id = self._insert_command(

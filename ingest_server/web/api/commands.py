@@ -54,6 +54,14 @@ ORDER BY created_at DESC, id LIMIT %s
 """
 
 
+def bounded_args(value: dict[str, Any]) -> dict[str, Any]:
+    """A command's ``args`` as given, if their JSON fits :data:`MAX_ARGS_BYTES` (a validator)."""
+    size = len(msgspec.json.encode(value))
+    if size > MAX_ARGS_BYTES:
+        raise ValueError(f"args are {size} bytes as JSON; at most {MAX_ARGS_BYTES} allowed")
+    return value
+
+
 class CommandRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -69,13 +77,7 @@ class CommandRequest(BaseModel):
         description="idempotency key: sending the same id again returns the first command",
     )
 
-    @field_validator("args")
-    @classmethod
-    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
-        size = len(msgspec.json.encode(value))
-        if size > MAX_ARGS_BYTES:
-            raise ValueError(f"args are {size} bytes as JSON; at most {MAX_ARGS_BYTES} allowed")
-        return value
+    _bounded = field_validator("args")(bounded_args)
 
 
 class CommandInfo(BaseModel):

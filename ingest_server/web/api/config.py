@@ -8,7 +8,7 @@ its presence; a school-scoped token only for its schools' devices (another's is 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -16,9 +16,9 @@ import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ingest_server.control.plane import desire_config
 from ingest_server.web.api import access
 from ingest_server.web.api.deps import db
 from schemas.topics import ID_PATTERN
@@ -45,18 +45,6 @@ ORDER BY time DESC LIMIT %(limit)s
 
 #: Largest ``config`` accepted, encoded as JSON (it is a retained message on the broker).
 MAX_CONFIG_BYTES: Final = 256 * 1024
-
-_UPSERT: Final = """
-INSERT INTO device_config AS c (device_id, school_id, version, document)
-VALUES (%(device)s, %(school)s, 1,
-        jsonb_build_object('version', 1, 'issued_at', %(issued)s::text, 'config', %(config)s))
-ON CONFLICT (device_id) DO UPDATE SET
-    version = c.version + 1,
-    document = jsonb_build_object(
-        'version', c.version + 1, 'issued_at', %(issued)s::text, 'config', %(config)s),
-    status = 'pending', detail = NULL, updated_at = now(), acked_at = NULL
-RETURNING version
-"""
 
 
 class ConfigRequest(BaseModel):
@@ -126,20 +114,11 @@ def put_config(
     request: Request,
 ) -> ConfigAccepted:
     school_id = principal.check_device(conn, device_id)
-    row = conn.execute(
-        _UPSERT,
-        {
-            "device": device_id,
-            "school": school_id,
-            "issued": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "config": Jsonb(body.config),
-        },
-    ).fetchone()
-    assert row is not None
+    version = desire_config(conn, device_id, school_id, body.config)
     control = getattr(request.app.state, "control", None)
     if control is not None:
         control.wake()
-    return ConfigAccepted(device_id=device_id, version=int(row[0]))
+    return ConfigAccepted(device_id=device_id, version=version)
 
 
 @router.get("/config")

@@ -148,11 +148,9 @@ def _unavailable(state: IngestState | None) -> JSONResponse | None:
     return None
 
 
-@router.post("/api/v1/devices/{device_id}/up")
-async def device_uplink(device_id: str, request: Request) -> JSONResponse:
-    """A device's uplink batch (the MQTT ``up`` payload) over HTTP, authenticated with the
-    device's MQTT credentials (HTTP Basic). Answered after commit with what was stored, what
-    was stored already (a retry), and what went to quarantine (with its reason there)."""
+def _admit(request: Request, what: str) -> tuple[IngestState, str] | JSONResponse:
+    """The ingest state and the client's address, or the answer when HTTP ingest is off or the
+    address has failed too many ``what`` logins lately (checked before any database work)."""
     state: IngestState | None = getattr(request.app.state, "http_ingest", None)
     if (off := _unavailable(state)) is not None:
         return off
@@ -161,9 +159,21 @@ async def device_uplink(device_id: str, request: Request) -> JSONResponse:
     if (wait := state.failures.retry_after(client)) is not None:
         return _error(
             429,
-            f"too many failed device logins from {client}; try again later",
+            f"too many failed {what} logins from {client}; try again later",
             {"Retry-After": str(int(wait) + 1)},
         )
+    return state, client
+
+
+@router.post("/api/v1/devices/{device_id}/up")
+async def device_uplink(device_id: str, request: Request) -> JSONResponse:
+    """A device's uplink batch (the MQTT ``up`` payload) over HTTP, authenticated with the
+    device's MQTT credentials (HTTP Basic). Answered after commit with what was stored, what
+    was stored already (a retry), and what went to quarantine (with its reason there)."""
+    admitted = _admit(request, "device")
+    if isinstance(admitted, JSONResponse):
+        return admitted
+    state, client = admitted
     creds = _basic(request)
     if creds is None:
         return _error(401, "device credentials required (HTTP Basic: device_id, password)",
@@ -204,17 +214,10 @@ async def device_uplink(device_id: str, request: Request) -> JSONResponse:
 async def vendor_webhook(source: str, request: Request) -> JSONResponse:
     """A vendor platform's own JSON, turned into contract events by the source's mapping file
     (docs/webhooks.md); 422 naming the JSON path when it does not fit the mapping."""
-    state: IngestState | None = getattr(request.app.state, "http_ingest", None)
-    if (off := _unavailable(state)) is not None:
-        return off
-    assert state is not None
-    client = request.client.host if request.client else "unknown"
-    if (wait := state.failures.retry_after(client)) is not None:
-        return _error(
-            429,
-            f"too many failed webhook logins from {client}; try again later",
-            {"Retry-After": str(int(wait) + 1)},
-        )
+    admitted = _admit(request, "webhook")
+    if isinstance(admitted, JSONResponse):
+        return admitted
+    state, client = admitted
     mapping = state.sources.get(source)
     body = await request.body()
     if mapping is None or not mapping.authenticate(request.headers, body):

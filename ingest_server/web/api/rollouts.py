@@ -23,7 +23,7 @@ from ingest_server.control import rollouts as ro
 from ingest_server.control.targets import Target, TargetError, check_tags, resolve_target
 from ingest_server.web.api import auth
 from ingest_server.web.api.access import GUARD, Caller
-from ingest_server.web.api.commands import MAX_ARGS_BYTES, MAX_TTL_S, check_args
+from ingest_server.web.api.commands import MAX_TTL_S, bounded_args, check_args
 from ingest_server.web.api.common import ID_PATTERN, Conn
 from ingest_server.web.api.config import MAX_CONFIG_BYTES
 
@@ -89,13 +89,7 @@ class CommandBody(BaseModel):
         "one that expires unanswered is issued again (3 tries)",
     )
 
-    @field_validator("args")
-    @classmethod
-    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
-        size = len(msgspec.json.encode(value))
-        if size > MAX_ARGS_BYTES:
-            raise ValueError(f"args are {size} bytes as JSON; at most {MAX_ARGS_BYTES} allowed")
-        return value
+    _bounded = field_validator("args")(bounded_args)
 
 
 class RolloutRequest(BaseModel):

@@ -5,26 +5,12 @@
 
 import { ApiError, call, pages } from "./api.mjs";
 import { ago, lang, t } from "./i18n.mjs";
+import { h } from "./dom.mjs";
 
 const SEVERITY_RANK = { critical: 0, warning: 1, info: 2 };
 const STATE_RANK = { open: 0, acknowledged: 1, resolved: 2 };
 const MAX_PAGES = 5;
 const RESOLVED_SHOWN = 20;
-
-function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [name, value] of Object.entries(attrs)) {
-    if (value === undefined || value === null || value === false) continue;
-    if (name === "class") el.className = value;
-    else if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
-    else el.setAttribute(name, value === true ? "" : String(value));
-  }
-  for (const child of children.flat()) {
-    if (child === null || child === undefined || child === false) continue;
-    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return el;
-}
 
 /** Up to `maxPages` pages of `GET /alerts?state=…`: the API's `cursor` goes back as
  * `?cursor=` (its `next` is the whole URL of the next page, not a cursor). */

@@ -3,6 +3,7 @@
 import { ADMIN_ROLES, ApiError, call, clearToken, liveUrl, meta, pages, scopeOf, setToken, token, whenUnauthorized } from "./api.mjs";
 import { disposeCharts, drawChart } from "./charts.mjs";
 import { ago, lang, setLang, t } from "./i18n.mjs";
+import { h } from "./dom.mjs";
 import { openAlertSummary, renderAlerts } from "./alerts.mjs";
 
 const SCOPE_KEY = "campus.scope"; // the token's role
@@ -18,21 +19,6 @@ let leave = () => {}; // tears down the current page (timers, streams, charts)
 let loginMessage = "";
 
 // ---- small DOM helpers (text only: nothing from the server is parsed as HTML) ----
-
-function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [name, value] of Object.entries(attrs)) {
-    if (value === undefined || value === null || value === false) continue;
-    if (name === "class") el.className = value;
-    else if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
-    else el.setAttribute(name, value === true ? "" : String(value));
-  }
-  for (const child of children.flat()) {
-    if (child === null || child === undefined || child === false) continue;
-    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return el;
-}
 
 /** A table: `columns` are [labelKey, cell(row) -> node|text, className?]; `attrs(row)` per row. */
 function table(id, columns, rows, attrs = () => ({})) {
