@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -53,7 +54,7 @@ from simulators.fleet import report as rep
 from simulators.fleet.district_worker import Job, device_password
 from simulators.fleet.lite import DeviceSpec
 from simulators.fleet.runner import HASH_KEY, FleetError, Progress, device_specs
-from simulators.fleet.scenario import Fault, Scenario
+from simulators.fleet.scenario import Fault, Scenario, clock_seconds
 from simulators.harness import Mosquitto, Postgres, free_port, port_open, wait_until
 from simulators.harness_pipeline import IngestServer
 
@@ -253,6 +254,13 @@ class _WorkerProc:
     proc: asyncio.subprocess.Process
     stat: dict[str, Any] = field(default_factory=dict)
     final: dict[str, Any] | None = None
+    #: Its stdout is read to the end: everything it said has been taken in.
+    eof: bool = False
+
+    def failed(self) -> bool:
+        """Exited, and not a clean exit whose last lines are still being read."""
+        code = self.proc.returncode
+        return code is not None and (code != 0 or self.eof)
 
 
 class District:
@@ -281,6 +289,9 @@ class District:
         self.workers: list[_WorkerProc] = []
         self.stored = 0
         self.fault_log: list[dict[str, Any]] = []
+        #: Wall-clock (fault, recovered) per fault, in fault_log's order; None while recovering.
+        self.fault_windows: list[tuple[float, float | None]] = []
+        self.start_epoch = time.time()
         self._cpu_by_pid: dict[tuple[str, int], float] = {}
         self.connected = 0
 
@@ -315,11 +326,14 @@ class District:
 
     async def _read(self, w: _WorkerProc) -> None:
         assert w.proc.stdout is not None
-        while line := await w.proc.stdout.readline():
-            msg = json.loads(line)
-            if msg.get("t") == "final":
-                w.final = msg
-            w.stat = msg
+        try:
+            while line := await w.proc.stdout.readline():
+                msg = json.loads(line)
+                if msg.get("t") == "final":
+                    w.final = msg
+                w.stat = msg
+        finally:
+            w.eof = True
 
     async def _poll(self) -> None:
         ids = [d.id for d in self.specs]
@@ -351,7 +365,9 @@ class District:
         t0 = time.monotonic()
         while not cond():
             for w in self.workers:
-                if w.proc.returncode is not None:
+                # a worker that exits 0 after its final line is done, not failed: its
+                # exit can be seen before the reader has taken that (long) line in
+                if w.failed() and not cond():
                     raise FleetError(f"a simulator worker exited ({w.proc.returncode}) {what}")
             if time.monotonic() - t0 > limit_s:
                 raise FleetError(f"timed out after {limit_s:.0f} s {what}")
@@ -405,6 +421,7 @@ class District:
         connect_s = time.monotonic() - t0
         cpu0 = self._cpu()
         start_epoch = time.time() + 1.0
+        self.start_epoch = start_epoch
         started = time.monotonic() + 1.0
         await self._send(f"go {start_epoch}")
         faults_t = [asyncio.create_task(self._fault(f, started)) for f in self.s.faults]
@@ -443,6 +460,12 @@ class District:
         cpu = {k: round(max(0.0, cpu1.get(k, 0.0) - cpu0.get(k, 0.0)), 1) for k in cpu1}
         return await asyncio.to_thread(self._report, wall_s, connect_s, cpu)
 
+    def _sim_minute(self, t: datetime) -> str:
+        """The scenario's clock (HH:MM) at wall time ``t``."""
+        sim = clock_seconds(self.s.start) + (t.timestamp() - self.start_epoch) * self.s.speed
+        sim = max(0.0, sim) % 86_400
+        return f"{int(sim // 3600):02d}:{int(sim % 3600 // 60):02d}"
+
     def _line(self, phase: str) -> str:
         return (
             f"{phase}: online {self._sum('online')} generated {self._sum('made')} "
@@ -465,6 +488,8 @@ class District:
         }
         self.fault_log.append(entry)
         t_fault = time.monotonic()
+        self.fault_windows.append((time.time(), None))
+        window = len(self.fault_windows) - 1
         a, svc = f.action, self.svc
         if a in ("broker_kill", "broker_restart"):
             which = [svc.brokers[i] for i in self._brokers_of(f.target)]
@@ -501,6 +526,7 @@ class District:
         if a.startswith("broker"):
             entry["reconnect_s"] = round(reconnect, 2)
         entry["recovered_s"] = round(time.monotonic() - back, 2)
+        self.fault_windows[window] = (self.fault_windows[window][0], time.time())
         entry["outage_s"] = round(back - t_fault, 2)
 
     def _report(self, wall: float, connect_s: float, cpu: dict[str, float]) -> rep.Report:
@@ -514,6 +540,16 @@ class District:
                 pending += int(pend)
         by_dev = rep.stored_by_device(db, outboxed)
         gaps, pct, quarantined = rep.gaps_and_latency(db, list(outboxed), list(outboxed))
+        end = time.time()
+        windows = [
+            (datetime.fromtimestamp(a, UTC), datetime.fromtimestamp(b or end, UTC))
+            for a, b in self.fault_windows
+        ]
+        steady, per_window, by_minute = rep.window_latency(
+            db, list(outboxed), windows, self._sim_minute
+        )
+        for f, w99 in zip(self.fault_log, per_window, strict=False):
+            f["latency_p99_s"] = None if w99 is None else round(w99, 3)
         generated = sum(outboxed.values())
         stored = sum(v[0] for v in by_dev.values())
         lost_by = {d: m - by_dev.get(d, (0, 0, 0))[0] for d, m in outboxed.items()}
@@ -540,6 +576,9 @@ class District:
             latency_p50_s=pct[0],
             latency_p95_s=pct[1],
             latency_p99_s=pct[2],
+            latency_steady_p50_s=steady[0],
+            latency_steady_p99_s=steady[1],
+            latency_by_minute=by_minute,
             replayed=self._sum("replayed"),
             faults=self.fault_log,
             lost_by_device=dict(sorted((d, v) for d, v in lost_by.items() if v)[:20]),

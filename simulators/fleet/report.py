@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -53,6 +54,12 @@ class Report:
     connect_s: float | None = None
     #: The longest fault recovery: service back → every event made by then stored.
     recovery_s: float | None = None
+    #: Event → stored percentiles of the events made outside every fault's window (fault → its
+    #: recovery): the steady morning, which the p99 target is about (district runs).
+    latency_steady_p50_s: float | None = None
+    latency_steady_p99_s: float | None = None
+    #: Per minute of event time: ``{"minute": "HH:MM", "events": n, "p99_s": x}``.
+    latency_by_minute: Sequence[Mapping[str, Any]] = field(default_factory=list)
     #: CPU seconds per component over the day (district runs), and per stored event.
     cpu_s: Mapping[str, float] = field(default_factory=dict)
     cpu_ms_per_event: Mapping[str, float] = field(default_factory=dict)
@@ -95,6 +102,18 @@ class Report:
             ("latency p95", ms(self.latency_p95_s)),
             ("latency p99", ms(self.latency_p99_s)),
         ]
+        if self.latency_steady_p99_s is not None:
+            rows.append(
+                (
+                    "latency outside faults",
+                    f"p50 {ms(self.latency_steady_p50_s)}, p99 {ms(self.latency_steady_p99_s)}",
+                )
+            )
+        if self.latency_by_minute:
+            worst = max(self.latency_by_minute, key=lambda m: m["p99_s"])
+            rows.append(
+                ("worst minute p99", f"{ms(worst['p99_s'])} at {worst['minute']} (event time)")
+            )
         if self.connect_s is not None:
             rows.append(("connected", f"{self.connected} in {self.connect_s:.1f} s"))
         for k, v in self.cpu_s.items():
@@ -106,6 +125,8 @@ class Report:
                 extra = f"every device back in {f['reconnect_s']} s; "
             if "recovered_s" in f:
                 extra += f"backlog stored {f['recovered_s']} s after the service was back"
+            if f.get("latency_p99_s") is not None:
+                extra += f"; p99 of its window {ms(f['latency_p99_s'])}"
             rows.append(
                 (
                     "fault",
@@ -158,6 +179,52 @@ def gaps_and_latency(
         pct = [None if v is None else float(v) for v in (lat[0] or [None] * 3)] if lat else []
         q = conn.execute("SELECT count(*) FROM quarantine").fetchone()
     return gaps, (pct or [None, None, None]), int(q[0]) if q else 0
+
+
+_STEADY_LATENCY = """
+SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP
+       (ORDER BY extract(epoch FROM e.received_at - e.time))
+FROM events e
+WHERE e.device_id = ANY(%(ids)s)
+  AND NOT EXISTS (SELECT FROM unnest(%(a)s::timestamptz[], %(b)s::timestamptz[]) AS w(a, b)
+                  WHERE e.time BETWEEN w.a AND w.b)
+"""
+_WINDOW_P99 = """
+SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM e.received_at - e.time))
+FROM events e WHERE e.device_id = ANY(%s) AND e.time BETWEEN %s AND %s
+"""
+_MINUTE_P99 = """
+SELECT date_trunc('minute', e.time), count(*),
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM e.received_at - e.time))
+FROM events e WHERE e.device_id = ANY(%s) GROUP BY 1 ORDER BY 1
+"""
+
+
+def window_latency(
+    db_url: str,
+    device_ids: Sequence[str],
+    windows: Sequence[tuple[datetime, datetime]],
+    label: Callable[[datetime], str] = lambda t: t.strftime("%H:%M"),
+) -> tuple[list[float | None], list[float | None], list[dict[str, Any]]]:
+    """Latency split by fault windows: (p50, p99) of events made outside every window, the p99
+    of each window's events, and p99 per minute of event time."""
+    starts = [a for a, _ in windows]
+    ends = [b for _, b in windows]
+    with psycopg.connect(db_url, connect_timeout=10) as conn:
+        args = {"ids": list(device_ids), "a": starts, "b": ends}
+        row = conn.execute(_STEADY_LATENCY, args).fetchone()
+        steady = [None if v is None else float(v) for v in (row[0] if row and row[0] else [])]
+        per_window: list[float | None] = []
+        for a, b in windows:
+            w = conn.execute(_WINDOW_P99, (list(device_ids), a, b)).fetchone()
+            per_window.append(None if not w or w[0] is None else float(w[0]))
+        minutes = conn.execute(_MINUTE_P99, (list(device_ids),)).fetchall()
+    by_minute = [
+        {"minute": label(m), "events": int(n), "p99_s": round(float(p), 3)}
+        for m, n, p in minutes
+        if p is not None
+    ]
+    return (steady or [None, None]), per_window, by_minute
 
 
 def count_stored(db_url: str, device_ids: Sequence[str]) -> int:
