@@ -258,9 +258,10 @@ class _WorkerProc:
     eof: bool = False
 
     def failed(self) -> bool:
-        """Exited, and not a clean exit whose last lines are still being read."""
+        """Exited with an error, or cleanly but without its final line: a worker that has
+        exited 0 and whose last lines are still being read has not failed (yet)."""
         code = self.proc.returncode
-        return code is not None and (code != 0 or self.eof)
+        return code is not None and (code != 0 or (self.eof and self.final is None))
 
 
 class District:
@@ -365,9 +366,8 @@ class District:
         t0 = time.monotonic()
         while not cond():
             for w in self.workers:
-                # a worker that exits 0 after its final line is done, not failed: its
-                # exit can be seen before the reader has taken that (long) line in
-                if w.failed() and not cond():
+                # at "stop" the workers exit one by one, each after its final line
+                if w.failed():
                     raise FleetError(f"a simulator worker exited ({w.proc.returncode}) {what}")
             if time.monotonic() - t0 > limit_s:
                 raise FleetError(f"timed out after {limit_s:.0f} s {what}")
