@@ -22,11 +22,11 @@ import math
 import random
 import sqlite3
 import ssl
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import aiomqtt
 import msgspec
@@ -96,6 +96,47 @@ async def _drop(client: aiomqtt.Client) -> None:
     if misc is not None and not misc.done():
         misc.cancel()
         await asyncio.wait([misc])
+
+
+class _Children:
+    """A session's TaskGroup, keeping its running tasks to cancel them again at a stop."""
+
+    #: A child still running this long after a cancel is cancelled again, up to RECANCELS times.
+    RECANCEL_S = 1.0
+    RECANCELS = 30
+
+    def __init__(self, tg: asyncio.TaskGroup) -> None:
+        self._tg = tg
+        self.running: set[asyncio.Task[None]] = set()
+
+    def create_task(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
+        task = self._tg.create_task(coro, name=name)
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+        return task
+
+    async def cancel(self) -> None:
+        """Cancel every child and wait until they are done, cancelling stragglers again.
+
+        A TaskGroup cancels its children once, and further cancels of its parent do not reach
+        them: a child that swallowed that one cancel (as ``asyncio.wait_for`` can on 3.11)
+        held the publisher, and so the agent's stop, for ever. Our own further cancels (the
+        agent's nudges) are taken as what they ask for: this is already stopping.
+        """
+        for _ in range(self.RECANCELS):
+            if not self.running:
+                return
+            for task in self.running:
+                task.cancel()
+            try:
+                await asyncio.wait(set(self.running), timeout=self.RECANCEL_S)
+            except asyncio.CancelledError:
+                continue
+            for task in self.running:
+                log.warning("task %s ignored a cancel; cancelling it again", task.get_name())
+        left = ", ".join(sorted(t.get_name() for t in self.running))
+        if left:
+            log.error("tasks %s do not stop; the publisher waits for them", left)
 
 
 class Publisher:
@@ -242,7 +283,8 @@ class Publisher:
                 )
                 # The pump runs in the group's body, not as a task: on Python 3.11 a task
                 # failing after the body has ended leaves this task marked as cancelling.
-                async with asyncio.TaskGroup() as tg:
+                async with asyncio.TaskGroup() as group:
+                    tg = _Children(group)
                     tg.create_task(self._watch(client), name="mqtt-watch")
                     tg.create_task(self._retry_deletes(), name="outbox-delete-retry")
                     if self._commands is not None:
@@ -257,7 +299,11 @@ class Publisher:
                             self._config.send_acks(lambda ack: self._config_ack(client, ack)),
                             name="mqtt-config-acks",
                         )
-                    await self._pump(client, tg, replay_until)
+                    try:
+                        await self._pump(client, tg, replay_until)
+                    except asyncio.CancelledError:
+                        await tg.cancel()
+                        raise
             except asyncio.CancelledError:
                 await self._say_offline(client)
                 raise
@@ -327,7 +373,7 @@ class Publisher:
                 self._config.receive(raw)
         raise aiomqtt.MqttError("the connection closed")
 
-    async def _pump(self, client: aiomqtt.Client, tg: asyncio.TaskGroup, replay_until: int) -> None:
+    async def _pump(self, client: aiomqtt.Client, tg: _Children, replay_until: int) -> None:
         """Turn outbox rows into batches, keeping at most ``inflight`` awaiting PUBACK."""
         loop = asyncio.get_running_loop()
         window = asyncio.Semaphore(self.publish.inflight)

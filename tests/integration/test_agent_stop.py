@@ -18,6 +18,7 @@ import aiomqtt
 import pytest
 
 from edge_agent.agent import Agent
+from edge_agent.commands import CommandHandler
 from edge_agent.config import load_config
 from edge_agent.publisher import LinkState, Publisher
 from simulators.harness import Mosquitto
@@ -119,6 +120,34 @@ async def test_stop_when_the_cancel_lands_as_an_acks_puback_arrives(
         if not stopped:
             await stop_within(agent)
         server.close()
+
+
+async def test_a_child_that_swallows_its_cancel_gets_another(
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever swallows a cancel next, the publisher's TaskGroup no longer waits for ever."""
+    swallowed: list[str] = []
+
+    async def stubborn(self: CommandHandler, publish: object) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.append("once")  # the bug this stands for: the cancel goes unnoticed
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(CommandHandler, "send_acks", stubborn)
+    monkeypatch.setattr("edge_agent.publisher._Children.RECANCEL_S", 0.1)
+    agent = Agent(load_config(write_config(tmp_path, mosquitto, "count = 3")))
+    await agent.__aenter__()
+    try:
+        await until(lambda: agent.publisher.state is LinkState.ONLINE, "the link")
+    finally:
+        await stop_within(agent)
+    assert swallowed == ["once"]
+    assert "task mqtt-acks ignored a cancel; cancelling it again" in caplog.text
 
 
 async def test_stop_with_batches_awaiting_a_frozen_brokers_puback_loses_nothing(
