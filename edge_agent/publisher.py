@@ -8,6 +8,11 @@ never stops the publisher: the rows stay and the delete is tried again later. Ro
 already waiting when the link came up are backlog: they go in ``replay: true`` batches, paced,
 and never share a batch with live rows.
 
+A stop (the task cancelled) is bounded whatever the link is doing: every wait on the broker
+has its own deadline, a connect given up on leaves no socket behind, ``offline`` and the
+DISCONNECT get ``CLOSE_TIMEOUT_S`` each. Batches still awaiting their PUBACK are abandoned,
+which loses nothing: their rows are still in the outbox and go again after the next start.
+
 With a :class:`~edge_agent.commands.CommandHandler`, each connection also subscribes to the
 device's ``cmd`` topic, hands what arrives to it and publishes its acks on ``cmd/ack``. With a
 :class:`~edge_agent.remote_config.ConfigChannel`, likewise ``config`` → ``config/ack`` (retained),
