@@ -27,6 +27,7 @@ import math
 import random
 import sqlite3
 import ssl
+import threading
 from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -318,10 +319,38 @@ class Publisher:
     async def _connect(self, client: aiomqtt.Client) -> None:
         """Connect within ``CONNECT_TIMEOUT_S``; a connect that fails or is cancelled leaves
         no socket and no task behind."""
+        # aiomqtt makes the TCP connection on an executor thread, which a cancel does not stop:
+        # given up on, it must not open a socket afterwards, or one still opening is waited for
+        # (paho gives up after its connect_timeout) so that it can be closed.
+        loop, lock, finished = asyncio.get_running_loop(), threading.Lock(), asyncio.Event()
+        state = {"abandoned": False, "running": False}
+        tcp_connect = client._client_connect
+
+        def connect_unless_abandoned() -> None:
+            with lock:
+                if state["abandoned"]:
+                    return
+                state["running"] = True
+            try:
+                tcp_connect()
+            finally:  # queued after paho's socket callbacks: when it runs, they have run
+                loop.call_soon_threadsafe(finished.set)
+
+        client._client_connect = connect_unless_abandoned  # type: ignore[method-assign]
         try:
             await _within(self.CONNECT_TIMEOUT_S, client.__aenter__())
         except BaseException:
-            await _drop(client)
+            with lock:
+                state["abandoned"] = True
+                running = state["running"]
+            try:
+                if running and not finished.is_set():
+                    async with asyncio.timeout(self.CONNECT_TIMEOUT_S):
+                        await finished.wait()
+            except TimeoutError:
+                log.error("MQTT %s: the TCP connect does not return", self.broker.address)
+            finally:
+                await _drop(client)
             raise
 
     async def _disconnect(self, client: aiomqtt.Client) -> None:

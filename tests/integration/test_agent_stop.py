@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +24,7 @@ from edge_agent.commands import CommandHandler
 from edge_agent.config import load_config
 from edge_agent.publisher import LinkState, Publisher
 from simulators.harness import Mosquitto
-from tests.agent_helpers import DEVICE, SCHOOL, Collector, until, write_config
+from tests.agent_helpers import DEVICE, SCHOOL, Collector, _Url, until, write_config
 from tests.agent_server import DeviceServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_task_left_behind")]
@@ -209,3 +211,68 @@ async def test_stop_while_the_broker_is_down(tmp_path: Path, mosquitto: Mosquitt
         await until(lambda: agent.publisher.last_error, "a refused connect")
     finally:
         await stop_within(agent)
+
+
+async def test_stop_during_the_tcp_connect_leaves_no_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel does not stop aiomqtt's executor thread: a socket it opens later is closed."""
+    entered, exited = threading.Event(), threading.Event()
+    real_connect = aiomqtt.Client._client_connect
+
+    def connecting(self: aiomqtt.Client) -> None:
+        entered.set()
+        try:
+            real_connect(self)
+        finally:
+            exited.set()
+
+    clients: list[aiomqtt.Client] = []
+    real_client = Publisher._client
+
+    def recording(self: Publisher) -> aiomqtt.Client:
+        clients.append(real_client(self))
+        return clients[-1]
+
+    monkeypatch.setattr(aiomqtt.Client, "_client_connect", connecting)
+    monkeypatch.setattr(Publisher, "_client", recording)
+    with socket.socket() as listener:
+        # A full accept queue: the kernel drops the agent's SYN, so its connect() blocks
+        # (retrying) until the test accepts what fills the queue.
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for f in fillers:
+                f.setblocking(False)
+                f.connect_ex(("127.0.0.1", port))
+            url = _Url(f"mqtt://127.0.0.1:{port}")
+            agent = Agent(load_config(write_config(tmp_path, url, "count = 3")))
+            await agent.__aenter__()
+            stop: asyncio.Task[float] | None = None
+            try:
+                await until(entered.is_set, "the TCP connect")
+                assert not exited.is_set(), "the connect did not block"
+                stop = asyncio.create_task(stop_within(agent))
+                listener.setblocking(False)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + STOP_DEADLINE_S
+                # Make room, so that the connect succeeds after the cancel; paho gives up 5 s
+                # after it began.
+                while not exited.is_set() and loop.time() < deadline:
+                    try:
+                        fillers.append(listener.accept()[0])
+                    except BlockingIOError:
+                        await asyncio.sleep(0.02)
+            finally:
+                if stop is None:
+                    await stop_within(agent)
+                else:
+                    await stop  # bounded by stop_within's deadline
+            assert exited.is_set()
+        finally:
+            for f in fillers:
+                f.close()
+    assert clients[-1]._client.socket() is None
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
