@@ -8,6 +8,11 @@ never stops the publisher: the rows stay and the delete is tried again later. Ro
 already waiting when the link came up are backlog: they go in ``replay: true`` batches, paced,
 and never share a batch with live rows.
 
+A stop (the task cancelled) is bounded whatever the link is doing: every wait on the broker
+has its own deadline, a connect given up on leaves no socket behind, ``offline`` and the
+DISCONNECT get ``CLOSE_TIMEOUT_S`` each. Batches still awaiting their PUBACK are abandoned,
+which loses nothing: their rows are still in the outbox and go again after the next start.
+
 With a :class:`~edge_agent.commands.CommandHandler`, each connection also subscribes to the
 device's ``cmd`` topic, hands what arrives to it and publishes its acks on ``cmd/ack``. With a
 :class:`~edge_agent.remote_config.ConfigChannel`, likewise ``config`` → ``config/ack`` (retained),
@@ -18,14 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import sqlite3
 import ssl
-from collections.abc import Sequence
+import threading
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import aiomqtt
 import msgspec
@@ -40,6 +47,7 @@ from schemas.state import DeviceState
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _ts_decoder: Final = msgspec.json.Decoder(datetime)
 #: Bytes of an ``up`` batch besides its events (keys, v, sent_at, replay) and the two ids.
 ENVELOPE_OVERHEAD: Final = 128
@@ -62,6 +70,79 @@ class PublisherStats:
 
 def _now() -> datetime:
     return datetime.now(UTC).astimezone()
+
+
+async def _within(seconds: float, aw: Awaitable[T]) -> T:
+    """``aw`` bounded by ``asyncio.timeout``; running out raises aiomqtt's ``MqttError``.
+
+    Every wait on the broker goes through here, with aiomqtt's own timeout off (``math.inf``):
+    on Python 3.11 aiomqtt's timeout is ``asyncio.wait_for``, which swallows a cancel landing
+    just as the awaited PUBACK arrives. The cancelled task then runs on, and a TaskGroup child
+    that does so (``mqtt-acks`` idling on its queue) keeps the publisher from ever stopping:
+    the group cancels its children only once. ``asyncio.timeout`` passes every cancel on.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            return await aw
+    except TimeoutError:
+        raise aiomqtt.MqttError("Operation timed out") from None
+
+
+async def _drop(client: aiomqtt.Client) -> None:
+    """Close the client's socket now, without a word to the broker, and end aiomqtt's helper task.
+
+    For a connect given up on (cancelled or timed out: aiomqtt then leaves its socket open and
+    its keepalive task running) and a DISCONNECT the socket would not take in time. aiomqtt has
+    no call for this: paho's socket close runs aiomqtt's hook, which unregisters the socket from
+    the loop; unlike a lost connection it does not run ``on_disconnect``, which would trip over
+    the connect future a cancel left cancelled.
+    """
+    client._client._sock_close()
+    misc = client._misc_task
+    if misc is not None and not misc.done():
+        misc.cancel()
+        await asyncio.wait([misc])
+
+
+class _Children:
+    """A session's TaskGroup, keeping its running tasks to cancel them again at a stop."""
+
+    #: A child still running this long after a cancel is cancelled again, up to RECANCELS times.
+    RECANCEL_S = 1.0
+    RECANCELS = 30
+
+    def __init__(self, tg: asyncio.TaskGroup) -> None:
+        self._tg = tg
+        self.running: set[asyncio.Task[None]] = set()
+
+    def create_task(self, coro: Coroutine[Any, Any, None], *, name: str) -> asyncio.Task[None]:
+        task = self._tg.create_task(coro, name=name)
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+        return task
+
+    async def cancel(self) -> None:
+        """Cancel every child and wait until they are done, cancelling stragglers again.
+
+        A TaskGroup cancels its children once, and further cancels of its parent do not reach
+        them: a child that swallowed that one cancel (as ``asyncio.wait_for`` can on 3.11)
+        held the publisher, and so the agent's stop, for ever. Our own further cancels (the
+        agent's nudges) are taken as what they ask for: this is already stopping.
+        """
+        for _ in range(self.RECANCELS):
+            if not self.running:
+                return
+            for task in self.running:
+                task.cancel()
+            try:
+                await asyncio.wait(set(self.running), timeout=self.RECANCEL_S)
+            except asyncio.CancelledError:
+                continue
+            for task in self.running:
+                log.warning("task %s ignored a cancel; cancelling it again", task.get_name())
+        left = ", ".join(sorted(t.get_name() for t in self.running))
+        if left:
+            log.error("tasks %s do not stop; the publisher waits for them", left)
 
 
 class Publisher:
@@ -180,25 +261,21 @@ class Publisher:
             clean_session=None if v5 else True,
             will=aiomqtt.Will(self._state_topic, self._presence("offline"), qos=1, retain=True),
             keepalive=b.keepalive_s,
-            timeout=self.CONNECT_TIMEOUT_S,
+            timeout=math.inf,  # every wait is bounded by _within instead: see there
             max_inflight_messages=self.publish.inflight + 2,
             tls_context=tls,
             logger=logging.getLogger("edge_agent.mqtt"),
         )
 
     async def _session(self) -> None:
-        async with self._client() as client:
+        client = self._client()
+        await self._connect(client)
+        try:
             self.stats.connects += 1
             try:
                 if self._commands is not None or self._config is not None:
                     await self._subscribe(client)  # before ``online``: what is sent then arrives
-                await client.publish(
-                    self._state_topic,
-                    self._presence("online"),
-                    qos=1,
-                    retain=True,
-                    timeout=self.PUBACK_TIMEOUT_S,
-                )
+                await self._publish(client, self._state_topic, self._presence("online"), True)
                 backlog = await self._outbox.peek(0, 1, 1 << 30)
                 self.replay_until = replay_until = self._outbox.highest_seq if backlog else 0
                 self.state = LinkState.ONLINE
@@ -212,15 +289,14 @@ class Publisher:
                 )
                 # The pump runs in the group's body, not as a task: on Python 3.11 a task
                 # failing after the body has ended leaves this task marked as cancelling.
-                async with asyncio.TaskGroup() as tg:
+                async with asyncio.TaskGroup() as group:
+                    tg = _Children(group)
                     tg.create_task(self._watch(client), name="mqtt-watch")
                     tg.create_task(self._retry_deletes(), name="outbox-delete-retry")
                     if self._commands is not None:
                         tg.create_task(
                             self._commands.send_acks(
-                                lambda ack: client.publish(
-                                    self._ack_topic, ack, qos=1, timeout=self.PUBACK_TIMEOUT_S
-                                )
+                                lambda ack: self._publish(client, self._ack_topic, ack)
                             ),
                             name="mqtt-acks",
                         )
@@ -229,10 +305,63 @@ class Publisher:
                             self._config.send_acks(lambda ack: self._config_ack(client, ack)),
                             name="mqtt-config-acks",
                         )
-                    await self._pump(client, tg, replay_until)
+                    try:
+                        await self._pump(client, tg, replay_until)
+                    except asyncio.CancelledError:
+                        await tg.cancel()
+                        raise
             except asyncio.CancelledError:
                 await self._say_offline(client)
                 raise
+        finally:
+            await self._disconnect(client)
+
+    async def _connect(self, client: aiomqtt.Client) -> None:
+        """Connect within ``CONNECT_TIMEOUT_S``; a connect that fails or is cancelled leaves
+        no socket and no task behind."""
+        # aiomqtt makes the TCP connection on an executor thread, which a cancel does not stop:
+        # given up on, it must not open a socket afterwards, or one still opening is waited for
+        # (paho gives up after its connect_timeout) so that it can be closed.
+        loop, lock, finished = asyncio.get_running_loop(), threading.Lock(), asyncio.Event()
+        state = {"abandoned": False, "running": False}
+        tcp_connect = client._client_connect
+
+        def connect_unless_abandoned() -> None:
+            with lock:
+                if state["abandoned"]:
+                    return
+                state["running"] = True
+            try:
+                tcp_connect()
+            finally:  # queued after paho's socket callbacks: when it runs, they have run
+                loop.call_soon_threadsafe(finished.set)
+
+        client._client_connect = connect_unless_abandoned  # type: ignore[method-assign]
+        try:
+            await _within(self.CONNECT_TIMEOUT_S, client.__aenter__())
+        except BaseException:
+            with lock:
+                state["abandoned"] = True
+                running = state["running"]
+            try:
+                if running and not finished.is_set():
+                    async with asyncio.timeout(self.CONNECT_TIMEOUT_S):
+                        await finished.wait()
+            except TimeoutError:
+                log.error("MQTT %s: the TCP connect does not return", self.broker.address)
+            finally:
+                await _drop(client)
+            raise
+
+    async def _disconnect(self, client: aiomqtt.Client) -> None:
+        """Disconnect politely within ``CLOSE_TIMEOUT_S``, else (or when cancelled) drop the
+        socket: a stop must not wait on a broker that stopped reading."""
+        try:
+            await _within(self.CLOSE_TIMEOUT_S, client.__aexit__(None, None, None))
+        except aiomqtt.MqttError as exc:
+            log.debug("MQTT %s: DISCONNECT not sent (%s)", self.broker.address, exc)
+        finally:
+            await _drop(client)
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         wanted = [
@@ -240,33 +369,29 @@ class Publisher:
             for t, on in ((self._cmd_topic, self._commands), (self._config_topic, self._config))
             if on is not None
         ]
-        granted = await client.subscribe(wanted, timeout=self.PUBACK_TIMEOUT_S)
+        granted = await _within(self.PUBACK_TIMEOUT_S, client.subscribe(wanted))
         codes = [g if isinstance(g, int) else g.value for g in granted]
         for (topic, _), code in zip(wanted, codes, strict=False):
             if code >= 0x80:
                 log.warning("the broker refused the subscription to %s: it will not arrive", topic)
 
+    async def _publish(
+        self, client: aiomqtt.Client, topic: str, payload: bytes, retain: bool = False
+    ) -> None:
+        """Publish at QoS 1 and wait for the PUBACK, at most ``PUBACK_TIMEOUT_S``."""
+        await _within(self.PUBACK_TIMEOUT_S, client.publish(topic, payload, qos=1, retain=retain))
+
     async def _config_ack(self, client: aiomqtt.Client, ack: bytes) -> None:
-        await client.publish(
-            self._config_ack_topic, ack, qos=1, retain=True, timeout=self.PUBACK_TIMEOUT_S
-        )
-        await client.publish(
-            self._state_topic,
-            self._presence("online"),
-            qos=1,
-            retain=True,
-            timeout=self.PUBACK_TIMEOUT_S,
-        )
+        await self._publish(client, self._config_ack_topic, ack, True)
+        await self._publish(client, self._state_topic, self._presence("online"), True)
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         """A clean shutdown disconnects politely, so the will is not sent: say it ourselves."""
         try:
-            await client.publish(
-                self._state_topic,
-                self._presence("offline"),
-                qos=1,
-                retain=True,
-                timeout=self.CLOSE_TIMEOUT_S,
+            offline = self._presence("offline")
+            await _within(
+                self.CLOSE_TIMEOUT_S,
+                client.publish(self._state_topic, offline, qos=1, retain=True),
             )
         except aiomqtt.MqttError as exc:
             log.warning("could not publish the offline state: %s", exc)
@@ -282,7 +407,7 @@ class Publisher:
                 self._config.receive(raw)
         raise aiomqtt.MqttError("the connection closed")
 
-    async def _pump(self, client: aiomqtt.Client, tg: asyncio.TaskGroup, replay_until: int) -> None:
+    async def _pump(self, client: aiomqtt.Client, tg: _Children, replay_until: int) -> None:
         """Turn outbox rows into batches, keeping at most ``inflight`` awaiting PUBACK."""
         loop = asyncio.get_running_loop()
         window = asyncio.Semaphore(self.publish.inflight)
@@ -325,8 +450,9 @@ class Publisher:
         window: asyncio.Semaphore,
     ) -> None:
         try:
-            payload = self.encode(rows, replay=replay)
-            await client.publish(self._up_topic, payload, qos=1, timeout=self.PUBACK_TIMEOUT_S)
+            # Cancelled before the PUBACK (a stop), the rows stay in the outbox and go again
+            # after the next connect, same seq: abandoning the wait loses nothing.
+            await self._publish(client, self._up_topic, self.encode(rows, replay=replay))
             await self._delete([r.seq for r in rows])
         finally:
             window.release()
