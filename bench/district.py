@@ -9,7 +9,8 @@ morning (faults outside it are left out). Targets: connected = devices, lost = d
 p99 ≤ 1 s for the events made outside the faults' windows (each fault, from the moment it
 strikes until the backlog made by then is stored, reports its own p99 and recovery time beside
 it; the p99 over all events is printed too). Exit 1 when a target is missed. Takes as long
-as the morning (speed 1: 45 min); never run from the test suite (tests/integration/test_district.py runs a reduced copy).
+as the morning (speed 1: 45 min); never run from the test suite
+(tests/integration/test_district.py runs a reduced copy).
 """
 
 from __future__ import annotations
