@@ -16,7 +16,9 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
+from ingest_server.web.api import common, data
 from ingest_server.web.api import devices as devices_api
 from ingest_server.web.app import HttpServer
 from simulators.api_seed import (
@@ -478,3 +480,72 @@ def test_meta_gives_district_today_and_scopes(api: Api) -> None:
     status, body = get_json(api.url("/api/v1/meta"), None)
     assert status == 401
     assert "token" in body["detail"]
+
+
+# Awkward stored values: unicode (and the line separators JSON allows raw), nested JSON,
+# nulls, numbers JSON spells several ways, microsecond and whole-second times, replay both ways.
+_AWKWARD: list[tuple[int, bool, str]] = [
+    (0, False, '{"name": "\u674e\u96f7 \U0001f600 \u2028", "q": "a\\"b\\\\c\\u0001/"}'),
+    (1, True, '{"nested": {"list": [1, 2.5, null, {"x": []}], "empty": {}}, "n": null}'),
+    (2, False, '{"f": 1.10, "e": 1e-7, "big": 12345678901234567890, "neg": -0.0, "t": true}'),
+    (3, True, "{}"),
+]
+
+
+def _awkward_rows(db_url: str, start: datetime) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
+        for seq, replay, data in _AWKWARD:
+            conn.execute(
+                "INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data,"
+                " replay) VALUES (%s, 's007', 'aw-0001', 'card_reader', %s, 'odd.thing',"
+                " %s::jsonb, %s)",
+                (start + timedelta(seconds=seq, microseconds=seq * 250_001), seq, data, replay),
+            )
+        for i, value in enumerate([float("nan"), float("inf"), -1.5, 0.1, 1e300, 42.0]):
+            conn.execute(
+                "INSERT INTO readings (time, school_id, device_id, metric, value)"
+                " VALUES (%s, 's007', 'aw-0001', 'odd_metric', %s)",
+                (start + timedelta(milliseconds=i * 1500), value),
+            )
+
+
+def test_fast_pages_are_byte_for_byte_the_models(api: Api) -> None:
+    """The events and readings pages (pydantic-core encoding the rows unchecked) are the very
+    bytes the models gave (validated, then dumped), page and cursor included."""
+    t4 = T0 + timedelta(days=40)
+    _awkward_rows(api.db_url, t4)
+    own = {"from": t4.isoformat(), "to": (t4 + timedelta(hours=1)).isoformat(), "school": "s007"}
+    cases = [
+        ("/api/v1/events", data.EventPage, data.EVENT_COLUMNS, "events", "time, device_id, seq"),
+        ("/api/v1/readings", data.ReadingPage, data.READING_COLUMNS, "readings",
+         "time, device_id, metric"),
+    ]  # fmt: skip
+    with psycopg.connect(api.db_url, autocommit=True) as conn:
+        for path, model, columns, table, order in cases:
+            status, _, body = get(api.url(path, limit=3, **own), api.tokens["read"])
+            assert status == 200, body
+            page = json.loads(body)
+            assert page["cursor"] is not None  # a full page: the cursor is in the bytes too
+            rows = (
+                conn.cursor(row_factory=dict_row)
+                .execute(
+                    f"SELECT {columns} FROM {table} WHERE school_id = 's007'"  # noqa: S608
+                    f" ORDER BY {order} LIMIT 3"
+                )
+                .fetchall()
+            )
+            assert len(rows) == 3
+            ref = {"items": rows, "next": page["next"], "cursor": page["cursor"]}
+            assert body == common.reply(model, ref).body, path
+            # and the next page too (the last rows: NaN and infinity as null, the nested JSON)
+            status, _, body = get(page["next"], api.tokens["read"])
+            rest = (
+                conn.cursor(row_factory=dict_row)
+                .execute(
+                    f"SELECT {columns} FROM {table} WHERE school_id = 's007'"  # noqa: S608
+                    f" ORDER BY {order} OFFSET 3"
+                )
+                .fetchall()
+            )
+            ref = {"items": rest, "next": None, "cursor": None}
+            assert body == common.reply(model, ref).body, path
