@@ -32,6 +32,7 @@ from ingest_server.web.api.common import (
     ToQ,
     day_range,
     district_today,
+    encoded,
     reply,
     time_range,
 )
@@ -216,7 +217,6 @@ def _range(spec: RollupSpec, conn: Conn, now: datetime, start: Any, end: Any) ->
 
 def _route(spec: RollupSpec) -> Callable[..., Response]:
     """The endpoint for ``spec``: query parameters school, from, to, then the spec's filters."""
-    model = Rollup[spec.model]  # type: ignore[name-defined]  # a runtime parametrisation
 
     def endpoint(
         conn: Conn,
@@ -231,7 +231,8 @@ def _route(spec: RollupSpec) -> Callable[..., Response]:
         conds = [("school_id = %s", school), *_range(spec, conn, now, start, end)]
         conds += [(f.condition, keys[f.param]) for f in spec.filters]
         rows, more = _fetch(conn, spec, conds, principal)
-        return reply(model, {"items": rows, "truncated": more})
+        # the relations' columns are of the models' types (test_rollups checks the bytes)
+        return encoded({"items": rows, "truncated": more})
 
     day = spec.range == "day"
     query = [
@@ -284,7 +285,7 @@ def library_top_items(
     ).format(scoped, sql.SQL("school_id = %s" if school is not None else "true"))
     params += [school] if school is not None else []
     rows = conn.cursor(row_factory=dict_row).execute(query, [*params, limit + 1]).fetchall()
-    return reply(Rollup[LibraryItem], {"items": rows[:limit], "truncated": len(rows) > limit})
+    return encoded({"items": rows[:limit], "truncated": len(rows) > limit})
 
 
 class CardPurchases(BaseModel):
