@@ -87,8 +87,9 @@ def time_range(
     return TimeRange(start, end)
 
 
-def utc_now() -> datetime:
-    """The API's clock, as a dependency: tests pin it with ``app.dependency_overrides``."""
+async def utc_now() -> datetime:
+    """The API's clock, as a dependency: tests pin it with ``app.dependency_overrides``.
+    (``async``: a plain function would cost each request a hop to a worker thread.)"""
     return datetime.now(UTC)
 
 
