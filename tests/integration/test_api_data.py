@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 from psycopg.rows import dict_row
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from ingest_server.web.api import common, data, rollups
 from ingest_server.web.api import devices as devices_api
@@ -132,6 +132,24 @@ def test_devices_list_carries_each_agents_latest_health(api: Api) -> None:
         assert {k: detail[k] for k in d} == d, device_id  # the list is the detail's subset
     _, offline = api.get("/api/v1/devices", state="offline", room="101")
     assert [(d["device_id"], d["health"]["outbox_depth"]) for d in offline] == [("sb-0101", 17)]
+
+
+def test_devices_list_bytes_are_the_models(api: Api) -> None:
+    """The listing is encoded without a validation pass, yet its bytes are those the model
+    gave (nulls, health with floats and drivers, none) and a full page keeps its headers."""
+    devices = TypeAdapter(list[devices_api.Device])
+    status, headers, body = get(api.url("/api/v1/devices", limit=3), api.tokens["read"])
+    assert status == 200
+    assert body == devices.dump_json(devices.validate_json(body))
+    listed = json.loads(body)
+    assert [d["device_id"] for d in listed] == ["cr-0101", "env-0101", "sb-0101"]
+    assert list(listed[2]) == list(devices_api.Device.model_fields)
+    assert listed[2]["health"]["drivers"] == {"panel": "running", "camera": "error"}
+    nxt = {k.lower(): v for k, v in headers.items()}
+    assert nxt["link"].startswith("<http")
+    assert nxt["x-next-cursor"] in nxt["link"]
+    status, _, body = get(nxt["link"][1:].split(">", 1)[0], api.tokens["read"])
+    assert [d["device_id"] for d in json.loads(body)] == ["cr-0201"]
 
 
 def test_devices_list_is_one_query_on_the_device_seq_index(api: Api) -> None:
