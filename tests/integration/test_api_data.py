@@ -399,6 +399,29 @@ def test_rollups(api: Api, path: str, relation: str, params: dict[str, Any]) -> 
     assert got == [tuple(_wire(v) for v in r) for r in expected]
 
 
+@pytest.mark.parametrize("cap", [1, 2, 3])
+def test_rollups_rendered_by_postgresql_truncate_like_the_others(
+    api: Api, cap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """card-taps (rendered by PostgreSQL) cut at the cap, ``truncated`` set only past it, the
+    bytes the model gives; an empty range is an empty list."""
+    assert rollups.rendered_in_sql(rollups.CardTaps)
+    assert not rollups.rendered_in_sql(rollups.BoardPower)  # floats: encoded in Python
+    monkeypatch.setattr(rollups, "MAX_ROWS", cap)  # the server runs in this process
+    days = {"from": DAY0.isoformat(), "to": (DAY0 + timedelta(days=6)).isoformat()}
+    status, _, raw = get(api.url("/api/v1/rollups/card-taps", **days), api.tokens["read"])
+    assert status == 200
+    body = json.loads(raw)
+    assert [i["device_id"] for i in body["items"]] == ["cr-0101", "cr-0201"][:cap]
+    assert body["truncated"] is (cap < 2)
+    assert raw == common.reply(rollups.Rollup[rollups.CardTaps], body).body
+    _, _, raw = get(
+        api.url("/api/v1/rollups/card-taps", **{"from": "2027-01-01", "to": "2027-01-02"}),
+        api.tokens["read"],
+    )
+    assert raw == b'{"items":[],"truncated":false}'
+
+
 def test_rollup_filters(api: Api) -> None:
     _, body = api.get(
         "/api/v1/rollups/card-taps", **{"from": DAY0.isoformat(), "to": DAY0.isoformat()}
