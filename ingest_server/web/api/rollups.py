@@ -229,27 +229,25 @@ def _fetch_json(
     conds: list[tuple[LiteralString, Any]],
     principal: auth.Principal,
 ) -> bytes:
-    """The answer's bytes, its rows rendered by PostgreSQL (``row_to_json``, compact, the
-    model's field order): Python neither parses nor encodes a row."""
+    """The answer's bytes, each row rendered by PostgreSQL (``row_to_json``: compact, in the
+    model's field order), so Python neither parses nor encodes a value. (One row per item
+    keeps the query's order guaranteed; a ``string_agg`` over a sorted CTE was slower.)"""
     scoped, params = principal.sql_school_filter("school_id")
     where = [scoped, *(sql.SQL(c) for c, v in conds if v is not None)]
     params += [v for _, v in conds if v is not None]
     query = sql.SQL(
-        "WITH page AS (SELECT {cols} FROM {rel} WHERE {where} ORDER BY {order} LIMIT %s)"
-        " SELECT (SELECT count(*) FROM page),"
-        " (SELECT string_agg(row_to_json(r)::text, ',' ORDER BY {order})"
-        "  FROM (SELECT * FROM page ORDER BY {order} LIMIT %s) r)"
+        "SELECT row_to_json(r)::text FROM"
+        " (SELECT {cols} FROM {rel} WHERE {where} ORDER BY {order} LIMIT %s) r"
     ).format(
         cols=sql.SQL(spec.columns),
         rel=sql.Identifier(spec.relation),
         where=sql.SQL(" AND ").join(where),
         order=sql.SQL(spec.order),
     )
-    row = conn.execute(query, [*params, MAX_ROWS + 1, MAX_ROWS]).fetchone()
-    assert row is not None  # an aggregate answers one row
-    count, items = row
-    more = b"true" if count > MAX_ROWS else b"false"
-    return b'{"items":[' + (items or "").encode() + b'],"truncated":' + more + b"}"
+    rows = conn.execute(query, [*params, MAX_ROWS + 1]).fetchall()
+    more = b"true" if len(rows) > MAX_ROWS else b"false"
+    items = ",".join([r[0] for r in rows[:MAX_ROWS]]).encode()
+    return b'{"items":[' + items + b'],"truncated":' + more + b"}"
 
 
 def _range(spec: RollupSpec, conn: Conn, now: datetime, start: Any, end: Any) -> list[Any]:
