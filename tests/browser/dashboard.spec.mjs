@@ -125,6 +125,39 @@ await step("fleet-read", page, async () => {
   await shot(page, "02-fleet-read-en");
 });
 
+// The per-school table (sortable; each school links to its devices) and the keyset pages of
+// the device listing. `stale` marks the view before a hash change, so the wait sees the new page.
+async function fleetAt(p, act) {
+  await p.evaluate(() => { document.getElementById("view").dataset.ready = "stale"; });
+  await act();
+  await ready(p, "fleet");
+}
+const SCHOOL_ATTRS = ["school", "devices", "online", "offline", "attendance", "alerts"];
+
+await step("fleet-schools", page, async () => {
+  out.schools = await rows(page, "#schools tr[data-school]", SCHOOL_ATTRS);
+  await page.click('#schools button[data-sort="devices"]');
+  out.schoolsByDevices = await rows(page, "#schools tr[data-school]", ["school", "devices"]);
+  out.schoolsSortState = await page.getAttribute('#schools th:has(button[data-sort="devices"])', "aria-sort");
+  await page.click('#schools button[data-sort="devices"]');
+  out.schoolsByDevicesAsc = await rows(page, "#schools tr[data-school]", ["school", "devices"]);
+  await shot(page, "02b-fleet-schools-en");
+  await fleetAt(page, () => page.click('#schools tr[data-school="s002"] a'));
+  out.schoolHash = await page.evaluate(() => location.hash);
+  out.schoolFleet = await rows(page, "tr[data-device]", ["device"]);
+  out.schoolTableShown = (await page.$("#schools")) !== null;
+  // pages of two devices, following "Next page" to the end (bounded)
+  await fleetAt(page, () => page.goto(`${URL_}/dashboard/#/fleet?limit=2`));
+  out.fleetPages = [];
+  for (let i = 0; i < 20; i++) {
+    out.fleetPages.push((await rows(page, "tr[data-device]", ["device"])).map((r) => r.device));
+    if (!(await page.$("#next-page"))) break;
+    await fleetAt(page, () => page.click("#next-page"));
+  }
+  out.firstPageLink = (await page.$("#first-page")) !== null;
+  await fleetAt(page, () => page.goto(`${URL_}/dashboard/#/fleet`));
+});
+
 await step("quality-read", page, async () => {
   await page.click('nav a[data-page="quality"]');
   await ready(page, "quality");

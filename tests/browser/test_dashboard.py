@@ -242,7 +242,7 @@ def test_dashboard_in_chromium(stack: dict[str, Any], db_url: str, tmp_path: Pat
     assert proc.stdout.strip(), f"no output from the browser script:\n{proc.stderr[-3000:]}"
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0, json.dumps(seen["failures"], indent=1)[:6000]
-    assert len(seen["screenshots"]) == 20
+    assert len(seen["screenshots"]) == 21  # 02b: the schools table
     assert all(Path(p).is_file() for p in seen["screenshots"])
 
     # the whole run was under the strict policy (a violation is one of the failures above)
@@ -273,8 +273,58 @@ def test_dashboard_in_chromium(stack: dict[str, Any], db_url: str, tmp_path: Pat
         assert int(env_row["backlog"]) >= 0
         # signing in and drawing the fleet: /meta, then one /devices call with the health
         # (and the open alerts' count)
+        # (and the per-school summary; the devices are one page of the keyset listing)
         calls = seen["fleetApiCalls"]
-        assert calls == ["/api/v1/meta", "/api/v1/devices", "/api/v1/alerts"], calls
+        assert calls == [
+            "/api/v1/meta",
+            "/api/v1/schools/summary",
+            "/api/v1/devices",
+            "/api/v1/alerts",
+        ], calls
+
+        # the schools table: each school's devices, online and offline as the registry has
+        # them, attendance and open alerts as the summary API says; sortable; linked
+        registry = {
+            s: (n, on)
+            for s, n, on in _rows(
+                conn,
+                "SELECT school_id, count(*), count(*) FILTER (WHERE state = 'online')"
+                " FROM devices GROUP BY school_id",
+            )
+        }
+        schools = {
+            r["school"]: (int(r["devices"]), int(r["online"]), int(r["offline"]))
+            for r in seen["schools"]
+        }
+        assert schools == {s: (n, on, n - on) for s, (n, on) in registry.items()}
+        status, summary = call(f"{stack['url']}/api/v1/schools/summary", stack["read"])
+        assert status == 200
+        later = {r["school_id"]: r for r in summary}
+        for r in seen["schools"]:  # the agents tap on: attendance only grows meanwhile
+            assert 0 <= int(r["attendance"]) <= later[r["school"]]["attendance_today"], r
+            assert int(r["alerts"]) >= 0
+        assert sum(int(r["attendance"]) for r in seen["schools"]) > 0
+        by_devices = [(r["school"], int(r["devices"])) for r in seen["schoolsByDevices"]]
+        assert by_devices == sorted(by_devices, key=lambda r: (-r[1], r[0]))
+        assert seen["schoolsSortState"] == "descending"
+        by_devices_asc = [(r["school"], int(r["devices"])) for r in seen["schoolsByDevicesAsc"]]
+        assert by_devices_asc == sorted(by_devices_asc, key=lambda r: (r[1], r[0]))
+        assert seen["schoolHash"] == "#/fleet?school=s002"
+        assert {r["device"] for r in seen["schoolFleet"]} == {
+            d for (d,) in _rows(conn, "SELECT device_id FROM devices WHERE school_id = 's002'")
+        }
+        assert seen["schoolTableShown"] is False
+        # the device listing walked in pages of two: every device once, pages in (school, id)
+        # order (within a page the rows are grouped by room)
+        ordered = [
+            d for (d,) in _rows(conn, "SELECT device_id FROM devices ORDER BY school_id, device_id")
+        ]
+        assert len(seen["fleetPages"]) >= 2
+        assert [set(p) for p in seen["fleetPages"]] == [
+            set(ordered[i : i + 2]) for i in range(0, len(ordered), 2)
+        ]
+        assert all(len(p) == len(set(p)) for p in seen["fleetPages"])
+        assert seen["firstPageLink"] is True
         # the device page lists stored events only
         stored = {s for (s,) in _rows(conn, "SELECT seq FROM events WHERE device_id = 'env-0101'")}
         assert seen["deviceEvents"]

@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -190,3 +191,43 @@ def test_migration_0040_gives_old_tokens_their_roles(db_url: str) -> None:
                 "INSERT INTO api_tokens (name, token_sha256, role) VALUES ('x', '\\x05',"
                 " 'school_admin')"
             )
+
+
+def test_a_cached_token_needs_no_lookup_and_revocation_still_holds(db_url: str) -> None:
+    """The guard answers a token checked lately from the cache (no database, so on the event
+    loop); a miss says so instead of querying, and a revoked token is refused once its entry
+    is ``CACHE_S`` old."""
+    from ingest_server.storage.migrate import migrate
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        migrate(conn)
+        token_id, token = auth.create_token(conn, "cache-test", "reader")
+    lookups = 0
+
+    def connect() -> psycopg.Connection[Any]:
+        nonlocal lookups
+        lookups += 1
+        return psycopg.connect(db_url, autocommit=True)
+
+    checker = auth.TokenChecker(connect)
+    with pytest.raises(auth.NotCached):
+        checker.check(token, "127.0.0.1", cached_only=True)
+    assert lookups == 0
+    found = checker.check(token, "127.0.0.1")
+    assert found is not None
+    assert found.id == token_id
+    assert lookups == 1
+    assert checker.check(token, "127.0.0.1", cached_only=True) == found
+    assert lookups == 1
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert auth.revoke_token(conn, token_id)
+
+    def expired() -> bool:
+        try:
+            checker.check(token, "127.0.0.1", cached_only=True)
+        except auth.NotCached:
+            return True
+        return False
+
+    wait_until(expired, auth.CACHE_S + 5, "the cache entry aged out")
+    assert checker.check(token, "127.0.0.1") is None  # revoked: the lookup refuses it

@@ -16,7 +16,10 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
+from pydantic import BaseModel, TypeAdapter
 
+from ingest_server.web.api import common, data, rollups
 from ingest_server.web.api import devices as devices_api
 from ingest_server.web.app import HttpServer
 from simulators.api_seed import (
@@ -131,6 +134,24 @@ def test_devices_list_carries_each_agents_latest_health(api: Api) -> None:
     assert [(d["device_id"], d["health"]["outbox_depth"]) for d in offline] == [("sb-0101", 17)]
 
 
+def test_devices_list_bytes_are_the_models(api: Api) -> None:
+    """The listing is encoded without a validation pass, yet its bytes are those the model
+    gave (nulls, health with floats and drivers, none) and a full page keeps its headers."""
+    devices = TypeAdapter(list[devices_api.Device])
+    status, headers, body = get(api.url("/api/v1/devices", limit=3), api.tokens["read"])
+    assert status == 200
+    assert body == devices.dump_json(devices.validate_json(body))
+    listed = json.loads(body)
+    assert [d["device_id"] for d in listed] == ["cr-0101", "env-0101", "sb-0101"]
+    assert list(listed[2]) == list(devices_api.Device.model_fields)
+    assert listed[2]["health"]["drivers"] == {"panel": "running", "camera": "error"}
+    nxt = {k.lower(): v for k, v in headers.items()}
+    assert nxt["link"].startswith("<http")
+    assert nxt["x-next-cursor"] in nxt["link"]
+    status, _, body = get(nxt["link"][1:].split(">", 1)[0], api.tokens["read"])
+    assert [d["device_id"] for d in json.loads(body)] == ["cr-0201"]
+
+
 def test_devices_list_is_one_query_on_the_device_seq_index(api: Api) -> None:
     """Each device's latest health comes from a backward scan of a (device_id, seq) index —
     the agent.health partial index or the unique one — of the partitions in its window (no
@@ -146,6 +167,22 @@ def test_devices_list_is_one_query_on_the_device_seq_index(api: Api) -> None:
     lines = [line.strip() for line in plan.splitlines()]
     sorts = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.startswith("->  Sort ")]
     assert all(key.startswith("Sort Key: d.") for key in sorts), plan  # only the devices sorted
+
+
+def test_devices_page_looks_up_health_for_its_rows_only(api: Api) -> None:
+    """A page of one device out of the four runs the health lookup once, not once per device
+    in the registry (at district size: 1,000 lookups for a page, not 28,000)."""
+    query = devices_api._query(psycopg.sql.SQL("true"), 1)
+    with psycopg.connect(api.db_url, autocommit=True) as conn, conn.transaction():
+        # without the registry's index (a page ordered by sorting, as before migration 0075):
+        # the page must still be cut before the lookups
+        conn.execute("SET LOCAL enable_indexscan = off")
+        conn.execute("SET LOCAL enable_bitmapscan = off")
+        explain = psycopg.sql.SQL("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) ") + query
+        plan = "\n".join(r[0] for r in conn.execute(explain))
+    lookups = [line for line in plan.splitlines() if "on events" in line and "loops=" in line]
+    assert lookups, plan
+    assert all(line.rstrip().endswith("loops=1)") for line in lookups), plan
 
 
 def test_device_detail(api: Api) -> None:
@@ -361,9 +398,13 @@ def test_rollups(api: Api, path: str, relation: str, params: dict[str, Any]) -> 
     """Each endpoint answers the real rollup's rows, which match the hand-worked numbers."""
     days = {"from": DAY0.isoformat(), "to": (DAY0 + timedelta(days=6)).isoformat()}
     query = params if path == "env" else {**days, **params}
-    status, body = api.get(f"/api/v1/rollups/{path}", **query)
-    assert status == 200, body
+    status, _, raw = get(api.url(f"/api/v1/rollups/{path}", **query), api.tokens["read"])
+    assert status == 200, raw
+    body = json.loads(raw)
     assert body["truncated"] is False
+    # encoded unchecked, yet the bytes the model gives: its types, its number formats
+    spec = next(s for s in rollups.ROLLUPS if s.relation == relation)
+    assert raw == common.reply(rollups.Rollup[spec.model], body).body  # type: ignore[name-defined]
     expected = [
         r
         for r in ROLLUP_ROWS[relation]
@@ -372,6 +413,29 @@ def test_rollups(api: Api, path: str, relation: str, params: dict[str, Any]) -> 
     assert expected
     got = [tuple(item.values()) for item in body["items"]]
     assert got == [tuple(_wire(v) for v in r) for r in expected]
+
+
+@pytest.mark.parametrize("cap", [1, 2, 3])
+def test_rollups_rendered_by_postgresql_truncate_like_the_others(
+    api: Api, cap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """card-taps (rendered by PostgreSQL) cut at the cap, ``truncated`` set only past it, the
+    bytes the model gives; an empty range is an empty list."""
+    assert rollups.rendered_in_sql(rollups.CardTaps)
+    assert not rollups.rendered_in_sql(rollups.BoardPower)  # floats: encoded in Python
+    monkeypatch.setattr(rollups, "MAX_ROWS", cap)  # the server runs in this process
+    days = {"from": DAY0.isoformat(), "to": (DAY0 + timedelta(days=6)).isoformat()}
+    status, _, raw = get(api.url("/api/v1/rollups/card-taps", **days), api.tokens["read"])
+    assert status == 200
+    body = json.loads(raw)
+    assert [i["device_id"] for i in body["items"]] == ["cr-0101", "cr-0201"][:cap]
+    assert body["truncated"] is (cap < 2)
+    assert raw == common.reply(rollups.Rollup[rollups.CardTaps], body).body
+    _, _, raw = get(
+        api.url("/api/v1/rollups/card-taps", **{"from": "2027-01-01", "to": "2027-01-02"}),
+        api.tokens["read"],
+    )
+    assert raw == b'{"items":[],"truncated":false}'
 
 
 def test_rollup_filters(api: Api) -> None:
@@ -478,3 +542,72 @@ def test_meta_gives_district_today_and_scopes(api: Api) -> None:
     status, body = get_json(api.url("/api/v1/meta"), None)
     assert status == 401
     assert "token" in body["detail"]
+
+
+# Awkward stored values: unicode (and the line separators JSON allows raw), nested JSON,
+# nulls, numbers JSON spells several ways, microsecond and whole-second times, replay both ways.
+_AWKWARD: list[tuple[int, bool, str]] = [
+    (0, False, '{"name": "\u674e\u96f7 \U0001f600 \u2028", "q": "a\\"b\\\\c\\u0001/"}'),
+    (1, True, '{"nested": {"list": [1, 2.5, null, {"x": []}], "empty": {}}, "n": null}'),
+    (2, False, '{"f": 1.10, "e": 1e-7, "big": 12345678901234567890, "neg": -0.0, "t": true}'),
+    (3, True, "{}"),
+]
+
+
+def _awkward_rows(db_url: str, start: datetime) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
+        for seq, replay, data in _AWKWARD:
+            conn.execute(
+                "INSERT INTO events (time, school_id, device_id, device_kind, seq, type, data,"
+                " replay) VALUES (%s, 's007', 'aw-0001', 'card_reader', %s, 'odd.thing',"
+                " %s::jsonb, %s)",
+                (start + timedelta(seconds=seq, microseconds=seq * 250_001), seq, data, replay),
+            )
+        for i, value in enumerate([float("nan"), float("inf"), -1.5, 0.1, 1e300, 42.0]):
+            conn.execute(
+                "INSERT INTO readings (time, school_id, device_id, metric, value)"
+                " VALUES (%s, 's007', 'aw-0001', 'odd_metric', %s)",
+                (start + timedelta(milliseconds=i * 1500), value),
+            )
+
+
+def test_fast_pages_are_byte_for_byte_the_models(api: Api) -> None:
+    """The events and readings pages (pydantic-core encoding the rows unchecked) are the very
+    bytes the models gave (validated, then dumped), page and cursor included."""
+    t4 = T0 + timedelta(days=40)
+    _awkward_rows(api.db_url, t4)
+    own = {"from": t4.isoformat(), "to": (t4 + timedelta(hours=1)).isoformat(), "school": "s007"}
+    cases: list[tuple[str, type[BaseModel], str, str, str]] = [
+        ("/api/v1/events", data.EventPage, data.EVENT_COLUMNS, "events", "time, device_id, seq"),
+        ("/api/v1/readings", data.ReadingPage, data.READING_COLUMNS, "readings",
+         "time, device_id, metric"),
+    ]  # fmt: skip
+    with psycopg.connect(api.db_url, autocommit=True) as conn:
+        for path, model, columns, table, order in cases:
+            status, _, body = get(api.url(path, limit=3, **own), api.tokens["read"])
+            assert status == 200, body
+            page = json.loads(body)
+            assert page["cursor"] is not None  # a full page: the cursor is in the bytes too
+            rows = (
+                conn.cursor(row_factory=dict_row)
+                .execute(
+                    f"SELECT {columns} FROM {table} WHERE school_id = 's007'"  # noqa: S608
+                    f" ORDER BY {order} LIMIT 3"
+                )
+                .fetchall()
+            )
+            assert len(rows) == 3
+            ref = {"items": rows, "next": page["next"], "cursor": page["cursor"]}
+            assert body == common.reply(model, ref).body, path
+            # and the next page too (the last rows: NaN and infinity as null, the nested JSON)
+            status, _, body = get(page["next"], api.tokens["read"])
+            rest = (
+                conn.cursor(row_factory=dict_row)
+                .execute(
+                    f"SELECT {columns} FROM {table} WHERE school_id = 's007'"  # noqa: S608
+                    f" ORDER BY {order} OFFSET 3"
+                )
+                .fetchall()
+            )
+            ref = {"items": rest, "next": None, "cursor": None}
+            assert body == common.reply(model, ref).body, path

@@ -308,6 +308,10 @@ class TooManyFailures(Exception):
         self.retry_after_s = retry_after_s
 
 
+class NotCached(Exception):
+    """The token is not in the checker's cache: checking it needs the database (a thread)."""
+
+
 class TokenChecker:
     """Looks tokens up by digest, with a short cache so each request is not a query."""
 
@@ -320,8 +324,13 @@ class TokenChecker:
         #: Failed checks per client address (see :func:`authenticate`).
         self.failures = FailureLimiter(MAX_FAILED, FAILED_WINDOW_S)
 
-    def check(self, token: str, client: str | None = None) -> Token | None:
+    def check(
+        self, token: str, client: str | None = None, cached_only: bool = False
+    ) -> Token | None:
         """The token's record, or None if it is not valid.
+
+        ``cached_only``: raise :class:`NotCached` rather than ask the database, so the event
+        loop can answer from the cache and hand only a miss to a worker thread.
 
         Raises :class:`TooManyFailures` when ``client`` has failed too often lately and the
         token is not one known good: a client behind the same address with a token checked
@@ -335,6 +344,8 @@ class TokenChecker:
             hit = self._cache.get(key)
         if hit is not None and now - hit[0] < CACHE_S:
             return hit[1]
+        if cached_only:
+            raise NotCached
         if client is not None and (wait := self.failures.retry_after(client)) is not None:
             if hit is not None and hit[1] is not None and now - hit[0] < STALE_S:
                 return hit[1]
@@ -398,11 +409,16 @@ def _presented(conn: Request | WebSocket, query_token: bool) -> str | None:
 
 
 def authenticate(
-    conn: Request | WebSocket, permission: Permission, query_token: bool = False
+    conn: Request | WebSocket,
+    permission: Permission,
+    query_token: bool = False,
+    cached_only: bool = False,
 ) -> Principal:
     """The caller's principal if its role has ``permission``; 401 (none or unknown) or 403.
 
     ``query_token``: also take ``?access_token=`` (for clients that cannot set headers).
+    ``cached_only``: :class:`NotCached` instead of a database lookup (see
+    :meth:`TokenChecker.check`); nothing is counted or changed then.
     """
     presented = _presented(conn, query_token)
     if presented is None:
@@ -415,7 +431,7 @@ def authenticate(
     checker: TokenChecker = conn.app.state.tokens
     client = conn.client.host if conn.client else "unknown"
     try:
-        token = checker.check(presented, client)
+        token = checker.check(presented, client, cached_only)
     except TooManyFailures as exc:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,

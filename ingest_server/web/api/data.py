@@ -28,8 +28,8 @@ from ingest_server.web.api.common import (
     ToQ,
     decode_cursor,
     encode_cursor,
+    encoded,
     next_link,
-    reply,
     time_range,
 )
 
@@ -174,7 +174,7 @@ def list_events(
         limit=limit,
     )
     token = None if last is None else encode_cursor("events", last)
-    return reply(EventPage, {"items": rows, "next": next_link(request, token), "cursor": token})
+    return encoded({"items": rows, "next": next_link(request, token), "cursor": token})
 
 
 @router.get(
@@ -214,4 +214,4 @@ def list_readings(
         limit=limit,
     )
     token = None if last is None else encode_cursor("readings", last)
-    return reply(ReadingPage, {"items": rows, "next": next_link(request, token), "cursor": token})
+    return encoded({"items": rows, "next": next_link(request, token), "cursor": token})

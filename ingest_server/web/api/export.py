@@ -13,6 +13,7 @@ for admin tokens; more get 429 (see :class:`~ingest_server.web.api.limits.SlotLi
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import functools
 import io
@@ -155,12 +156,31 @@ def pages(
 async def stream_rows(
     pool: ConnectionPool[Any], query: ExportQuery, header: str, render: Render
 ) -> AsyncIterator[bytes]:
-    """Header, then the rendered rows page by page (each page fetched on a worker thread)."""
+    """Header, then the rendered rows page by page.
+
+    A worker thread fetches and renders the next page while this one is sent, so the
+    database's work, ours and the client's reading overlap (the export ran at ~0.8x the raw
+    SQL's rate one page after the other); at most two pages are held, and a page fetched ahead
+    holds no connection.
+    """
     if header:
         yield header.encode()
-    it = pages(pool, query)
-    while (rows := await run_in_threadpool(next, it, None)) is not None:
-        yield render(rows).encode()
+    chunks = (render(rows).encode() for rows in pages(pool, query))
+    ahead = asyncio.ensure_future(run_in_threadpool(next, chunks, None))
+    try:
+        while (chunk := await ahead) is not None:
+            ahead = asyncio.ensure_future(run_in_threadpool(next, chunks, None))
+            yield chunk
+    finally:
+        if not ahead.done():  # the client went away: the page being fetched is dropped
+            ahead.cancel()
+            ahead.add_done_callback(_drop)
+
+
+def _drop(task: asyncio.Future[Any]) -> None:
+    """Take a dropped read-ahead's outcome, so an error in it is not reported as unhandled."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _respond(

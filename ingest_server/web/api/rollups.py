@@ -8,6 +8,7 @@ same shape, so one table (:data:`ROLLUPS`) lists them and :func:`_route` makes e
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -32,10 +33,12 @@ from ingest_server.web.api.common import (
     ToQ,
     day_range,
     district_today,
+    encoded,
     reply,
     time_range,
 )
 
+JSON: Final = "application/json"
 router = APIRouter(prefix="/api/v1/rollups", tags=["rollups"], dependencies=[access.GUARD])
 
 #: A rollup answer holds at most this many rows; ``truncated`` says when there were more.
@@ -205,6 +208,48 @@ def _fetch(
     return rows[:MAX_ROWS], len(rows) > MAX_ROWS
 
 
+#: Field types PostgreSQL's ``row_to_json`` writes exactly as pydantic does (ISO dates,
+#: integers, strings, booleans, null); floats (``3`` against ``3.0``) and times (``+00:00``
+#: against ``Z``) it writes otherwise, so rollups with those are encoded here.
+_PLAIN: Final = frozenset({int, str, date, bool, type(None)})
+
+
+def rendered_in_sql(model: type[BaseModel]) -> bool:
+    """Whether every field of ``model`` is of a type PostgreSQL renders as pydantic would."""
+    for field in model.model_fields.values():
+        kinds = typing.get_args(field.annotation) or (field.annotation,)
+        if not set(kinds) <= _PLAIN:
+            return False
+    return True
+
+
+def _fetch_json(
+    conn: Conn,
+    spec: RollupSpec,
+    conds: list[tuple[LiteralString, Any]],
+    principal: auth.Principal,
+) -> bytes:
+    """The answer's bytes, each row rendered by PostgreSQL (``row_to_json``: compact, in the
+    model's field order), so Python neither parses nor encodes a value. (One row per item
+    keeps the query's order guaranteed; a ``string_agg`` over a sorted CTE was slower.)"""
+    scoped, params = principal.sql_school_filter("school_id")
+    where = [scoped, *(sql.SQL(c) for c, v in conds if v is not None)]
+    params += [v for _, v in conds if v is not None]
+    query = sql.SQL(
+        "SELECT row_to_json(r)::text FROM"
+        " (SELECT {cols} FROM {rel} WHERE {where} ORDER BY {order} LIMIT %s) r"
+    ).format(
+        cols=sql.SQL(spec.columns),
+        rel=sql.Identifier(spec.relation),
+        where=sql.SQL(" AND ").join(where),
+        order=sql.SQL(spec.order),
+    )
+    rows = conn.execute(query, [*params, MAX_ROWS + 1]).fetchall()
+    more = b"true" if len(rows) > MAX_ROWS else b"false"
+    items = ",".join([r[0] for r in rows[:MAX_ROWS]]).encode()
+    return b'{"items":[' + items + b'],"truncated":' + more + b"}"
+
+
 def _range(spec: RollupSpec, conn: Conn, now: datetime, start: Any, end: Any) -> list[Any]:
     """The range's conditions: district-local days, or [from, to) times for buckets."""
     if spec.range == "bucket":
@@ -216,7 +261,7 @@ def _range(spec: RollupSpec, conn: Conn, now: datetime, start: Any, end: Any) ->
 
 def _route(spec: RollupSpec) -> Callable[..., Response]:
     """The endpoint for ``spec``: query parameters school, from, to, then the spec's filters."""
-    model = Rollup[spec.model]  # type: ignore[name-defined]  # a runtime parametrisation
+    in_sql = rendered_in_sql(spec.model)
 
     def endpoint(
         conn: Conn,
@@ -230,8 +275,11 @@ def _route(spec: RollupSpec) -> Callable[..., Response]:
     ) -> Response:
         conds = [("school_id = %s", school), *_range(spec, conn, now, start, end)]
         conds += [(f.condition, keys[f.param]) for f in spec.filters]
+        # either way the bytes are those the model gives (test_rollups checks them)
+        if in_sql:
+            return Response(_fetch_json(conn, spec, conds, principal), media_type=JSON)
         rows, more = _fetch(conn, spec, conds, principal)
-        return reply(model, {"items": rows, "truncated": more})
+        return encoded({"items": rows, "truncated": more})
 
     day = spec.range == "day"
     query = [
@@ -284,7 +332,7 @@ def library_top_items(
     ).format(scoped, sql.SQL("school_id = %s" if school is not None else "true"))
     params += [school] if school is not None else []
     rows = conn.cursor(row_factory=dict_row).execute(query, [*params, limit + 1]).fetchall()
-    return reply(Rollup[LibraryItem], {"items": rows[:limit], "truncated": len(rows) > limit})
+    return encoded({"items": rows[:limit], "truncated": len(rows) > limit})
 
 
 class CardPurchases(BaseModel):

@@ -10,7 +10,7 @@ from psycopg import sql
 from pydantic import BaseModel, Field
 
 from ingest_server.web.api import access
-from ingest_server.web.api.common import Conn, utc_now
+from ingest_server.web.api.common import Conn, Now
 
 router = APIRouter(prefix="/api/v1/schools", tags=["schools"], dependencies=[access.GUARD])
 
@@ -50,7 +50,7 @@ ORDER BY d.school_id
 
 
 @router.get("/summary", summary="Per school: devices online and offline, attendance, alerts")
-def schools_summary(conn: Conn, principal: access.Caller) -> list[SchoolSummary]:
+def schools_summary(conn: Conn, principal: access.Caller, now: Now) -> list[SchoolSummary]:
     schools = None if principal.schools is None else sorted(principal.schools)
 
     def scope(col: str) -> sql.Composable:
@@ -65,7 +65,7 @@ def schools_summary(conn: Conn, principal: access.Caller) -> list[SchoolSummary]
     row = conn.execute(
         "SELECT date_trunc('day', %s::timestamptz AT TIME ZONE district_tz)"
         " AT TIME ZONE district_tz FROM storage_config",
-        (utc_now(),),
+        (now,),
     ).fetchone()
     assert row is not None, "storage_config has its one row from migration 0002"
     since = row[0]

@@ -31,7 +31,32 @@ function detailText(body, fallback) {
 }
 
 /** `method path` with the token; the JSON answer, or an ApiError saying what the server said. */
-export async function call(path, { method = "GET", body, tokenOverride, quiet401 = false } = {}) {
+export async function call(path, options = {}) {
+  return (await request(path, options)).body;
+}
+
+/** One page of the device listing (keyset paged by the `X-Next-Cursor` header): its devices
+ * and the cursor of the next page (null on the last). */
+export async function devicePage(params) {
+  const { body, headers } = await request(`/devices?${new URLSearchParams(params)}`);
+  return { items: body, cursor: headers.get("X-Next-Cursor") };
+}
+
+/** Every device matching `params`, page by page (pages of 1000, at most `maxPages`: a view that
+ * needs them all stays bounded at district size). */
+export async function allDevices(params = {}, maxPages = 30) {
+  const items = [];
+  let cursor = null;
+  for (let i = 0; i < maxPages; i++) {
+    const page = await devicePage({ ...params, limit: "1000", ...(cursor ? { cursor } : {}) });
+    items.push(...page.items);
+    cursor = page.cursor;
+    if (!cursor) break;
+  }
+  return items;
+}
+
+async function request(path, { method = "GET", body, tokenOverride, quiet401 = false } = {}) {
   const headers = { Accept: "application/json" };
   const bearer = tokenOverride ?? token();
   if (bearer) headers.Authorization = `Bearer ${bearer}`;
@@ -52,7 +77,7 @@ export async function call(path, { method = "GET", body, tokenOverride, quiet401
     if (resp.status === 401 && !quiet401) onUnauthorized(error.message);
     throw error;
   }
-  return parsed;
+  return { body: parsed, headers: resp.headers };
 }
 
 /** Up to `maxPages` pages of a cursor listing, concatenated. */

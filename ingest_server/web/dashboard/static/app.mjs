@@ -1,6 +1,6 @@
 // The dashboard: a hash router over five pages, each drawn from /api/v1 calls.
 
-import { ADMIN_ROLES, ApiError, call, clearToken, liveUrl, meta, pages, scopeOf, setToken, token, whenUnauthorized } from "./api.mjs";
+import { ADMIN_ROLES, ApiError, allDevices, call, clearToken, devicePage, liveUrl, meta, pages, scopeOf, setToken, token, whenUnauthorized } from "./api.mjs";
 import { disposeCharts, drawChart } from "./charts.mjs";
 import { ago, lang, setLang, t } from "./i18n.mjs";
 import { h } from "./dom.mjs";
@@ -13,6 +13,16 @@ const PING_POLL_MS = 1000;
 const PING_POLLS = 60;
 const RECENT_EVENTS = 25;
 const OK_DRIVER_STATES = new Set(["ok", "starting", "stopped", "running"]);
+const FLEET_PAGE = 500; // devices per fleet page (the API's keyset pages; ?limit= 1..1000)
+const SCHOOL_COLUMNS = [
+  ["school_id", "col.school"],
+  ["devices", "col.devices"],
+  ["online", "state.online"],
+  ["offline", "state.offline"],
+  ["attendance_today", "col.attendance_today"],
+  ["open_alerts", "col.open_alerts"],
+];
+let schoolSort = { key: "school_id", desc: false }; // the schools table's order, kept across redraws
 
 const view = document.getElementById("view");
 let leave = () => {}; // tears down the current page (timers, streams, charts)
@@ -142,26 +152,93 @@ whenUnauthorized((message) => signOut(message));
 
 // ---- fleet ----
 
+/** The fleet's hash for `school` (all schools: "") and a page `cursor`, keeping `limit`. */
+function fleetHash(school, cursor, limit) {
+  const q = new URLSearchParams();
+  if (school) q.set("school", school);
+  if (limit !== FLEET_PAGE) q.set("limit", String(limit));
+  if (cursor) q.set("cursor", cursor);
+  const qs = q.toString();
+  return qs ? `#/fleet?${qs}` : "#/fleet";
+}
+
+/** The per-school table: devices, online, offline, today's attendance, open alerts; sorted by
+ * the header clicked (again: the other way); each school links to its devices. */
+function schoolsTable(summary) {
+  const { key, desc } = schoolSort;
+  // ties by school, always ascending
+  const sorted = [...summary].sort((a, b) => {
+    const order = key === "school_id" ? a.school_id.localeCompare(b.school_id) : a[key] - b[key];
+    return (desc ? -order : order) || a.school_id.localeCompare(b.school_id);
+  });
+  const header = SCHOOL_COLUMNS.map(([k, label]) =>
+    h(
+      "th",
+      { class: k === "school_id" ? "" : "num", "aria-sort": k === key ? (desc ? "descending" : "ascending") : "none" },
+      h("button", {
+        type: "button",
+        class: "sort",
+        "data-sort": k,
+        onclick: () => {
+          schoolSort = { key: k, desc: k === key ? !desc : k !== "school_id" };
+          document.getElementById("schools").replaceWith(schoolsTable(summary));
+        },
+      }, t(label), k === key ? (desc ? " ▼" : " ▲") : ""),
+    ),
+  );
+  const cells = (r) => [
+    h("td", {}, h("a", { href: fleetHash(r.school_id, null, FLEET_PAGE) }, r.school_id)),
+    ...SCHOOL_COLUMNS.slice(1).map(([k]) => h("td", { class: k === "open_alerts" && r[k] > 0 ? "num bad" : "num" }, r[k])),
+  ];
+  return h(
+    "div",
+    { class: "table-wrap", id: "schools" },
+    h(
+      "table",
+      {},
+      h("thead", {}, h("tr", {}, header)),
+      h("tbody", {}, sorted.map((r) => h("tr", {
+        "data-school": r.school_id,
+        "data-devices": r.devices,
+        "data-online": r.online,
+        "data-offline": r.offline,
+        "data-attendance": r.attendance_today,
+        "data-alerts": r.open_alerts,
+      }, cells(r)))),
+    ),
+  );
+}
+
 async function renderFleet(query) {
   const school = query.get("school") || "";
-  // one call: each listed device comes with its agent's latest health
-  const devices = await call(`/devices${school ? `?school=${encodeURIComponent(school)}` : ""}`);
+  const cursor = query.get("cursor") || "";
+  const asked = Number.parseInt(query.get("limit") || "", 10);
+  const limit = asked >= 1 && asked <= 1000 ? asked : FLEET_PAGE;
+  // the district in one call per school row, and one page of devices (keyset paged: at
+  // district size there are tens of thousands), each with its agent's latest health
+  const [summary, page] = await Promise.all([
+    call("/schools/summary"),
+    devicePage({ limit: String(limit), ...(school ? { school } : {}), ...(cursor ? { cursor } : {}) }),
+  ]);
+  const devices = page.items;
   const health = new Map(devices.map((d) => [d.device_id, d.health]));
-  const schools = [...new Set(devices.map((d) => d.school_id))].sort();
-  const online = devices.filter((d) => stateOf(d) === "online").length;
   const alertSummary = await openAlertSummary();
+  const shown = school ? summary.filter((r) => r.school_id === school) : summary;
+  const total = (k) => shown.reduce((n, r) => n + r[k], 0);
+  const schools = summary.map((r) => r.school_id).sort();
 
   const picker = h(
     "select",
-    { id: "school-filter", "aria-label": t("fleet.filter"), onchange: (e) => { location.hash = e.target.value ? `#/fleet?school=${e.target.value}` : "#/fleet"; } },
+    { id: "school-filter", "aria-label": t("fleet.filter"), onchange: (e) => { location.hash = fleetHash(e.target.value, null, limit); } },
     h("option", { value: "" }, t("fleet.all")),
     (school && !schools.includes(school) ? [...schools, school] : schools).map((s) => h("option", { value: s, selected: s === school }, s)),
   );
   const body = [
     h("h1", {}, t("fleet.title")),
-    h("div", { class: "row" }, picker, h("span", { id: "fleet-summary", class: "muted" }, t("fleet.summary", { online, offline: devices.length - online, total: devices.length })), alertSummary),
+    h("div", { class: "row" }, picker, h("span", { id: "fleet-summary", class: "muted" }, t("fleet.summary", { online: total("online"), offline: total("offline"), total: total("devices") })), alertSummary),
   ];
-  if (devices.length === 0) body.push(h("p", { class: "notice" }, t("fleet.empty")));
+  if (!school && summary.length) body.push(h("h2", {}, t("fleet.schools")), h("section", { class: "card" }, schoolsTable(summary)));
+  if (devices.length === 0 && !cursor) body.push(h("p", { class: "notice" }, t("fleet.empty")));
   const columns = [
     ["col.device", (d) => h("a", { href: `#/device/${d.device_id}` }, d.name ? `${d.device_id} (${d.name})` : d.device_id)],
     ["col.kind", (d) => d.kind || t("none"), "hide-narrow"],
@@ -185,7 +262,8 @@ async function renderFleet(query) {
     "data-driver-errors": driverErrors(health.get(d.device_id)).length,
     onclick: (e) => { if (e.target.tagName !== "A") location.hash = `#/device/${d.device_id}`; },
   });
-  for (const s of schools) {
+  // the page's devices, in the listing's order (school, then device), grouped by room
+  for (const s of [...new Set(devices.map((d) => d.school_id))]) {
     body.push(h("h2", {}, t("fleet.school", { school: s })));
     const inSchool = devices.filter((d) => d.school_id === s);
     const rooms = [...new Set(inSchool.map((d) => d.room ?? ""))].sort();
@@ -199,6 +277,16 @@ async function renderFleet(query) {
         ),
       );
     }
+  }
+  if (cursor || page.cursor) {
+    body.push(
+      h(
+        "div",
+        { class: "pager", role: "navigation", "aria-label": t("fleet.pages") },
+        cursor ? h("a", { id: "first-page", href: fleetHash(school, null, limit) }, t("fleet.first")) : null,
+        page.cursor ? h("a", { id: "next-page", href: fleetHash(school, page.cursor, limit) }, t("fleet.next")) : null,
+      ),
+    );
   }
   view.replaceChildren(...body);
 }
@@ -352,7 +440,7 @@ function renderLive() {
 // ---- data quality ----
 
 async function renderQuality() {
-  const devices = await call("/devices");
+  const devices = await allDevices(); // page by page (bounded), not one call for the district
   const gaps = devices.filter((d) => d.missing > 0).sort((a, b) => b.missing - a.missing);
   const quarantine = h("section", { class: "card", id: "quarantine" });
   view.replaceChildren(
@@ -417,7 +505,7 @@ async function renderRollups() {
   // Rollup days are the district's local days: its today, from its midnight.
   const { today: day, today_start: since, timezone: tz } = await meta();
   const [devices, attendance, board, env] = await Promise.all([
-    call("/devices"),
+    allDevices(), // the rooms of the boards, page by page (bounded)
     call(`/rollups/attendance?from=${day}&to=${day}`),
     call(`/rollups/board-power?from=${day}&to=${day}`),
     call(`/rollups/env?metric=co2_ppm&from=${encodeURIComponent(since)}`),
