@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import random
 import ssl
 import threading
@@ -253,7 +252,8 @@ class _Lane:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.parts: queue.Queue[tuple[_Pending, Batch]] = queue.Queue(maxsize=1)
+        #: Parts handed to it and not yet taken (at most :attr:`Consumer.LANE_DEPTH`).
+        self.parts: deque[tuple[_Pending, Batch]] = deque()
         self.writer: BatchWriter | None = None
         #: Since when it has been at the part in hand (monotonic); None between.
         self.batch_since: float | None = None
@@ -330,6 +330,8 @@ class Consumer:
 
     #: Groups handed to the lanes and not yet acknowledged, at most.
     MAX_PENDING: Final = 4
+    #: Parts waiting in a lane besides the one it is writing.
+    LANE_DEPTH: Final = 1
 
     def _writer_threads(self) -> list[threading.Thread]:
         return [lane.thread for lane in self._lanes if lane.thread is not None]
@@ -479,15 +481,20 @@ class Consumer:
                     return
                 self._done.wait(self.IDLE_S)
             self._pending.append(pending)
-        for k in busy:
-            while True:
-                if self._stopping.is_set():
-                    return
-                try:
-                    self._lanes[k].parts.put((pending, group.parts[k]), timeout=self.IDLE_S)
-                except queue.Full:
-                    continue
-                break
+            # each part as soon as its lane has room: a lane busy retrying must not keep the
+            # others waiting for their parts
+            left = list(busy)
+            while left:
+                for k in list(left):
+                    lane = self._lanes[k]
+                    if len(lane.parts) < self.LANE_DEPTH:
+                        lane.parts.append((pending, group.parts[k]))
+                        left.remove(k)
+                self._done.notify_all()
+                if left:
+                    if self._stopping.is_set():
+                        return
+                    self._done.wait(self.IDLE_S)
 
     # -- writer lanes ----------------------------------------------------------------------
 
@@ -495,11 +502,9 @@ class Consumer:
         try:
             self._housekeeping(lane)  # connect (lane 0: migrate) before the first message
             while not self._stopping.is_set():
-                try:
-                    pending, part = lane.parts.get(timeout=self.IDLE_S)
-                except queue.Empty:
-                    pending = None
-                if pending is not None:
+                taken = self._take(lane)
+                if taken is not None:
+                    pending, part = taken
                     committed = self._commit(lane, part)
                     if committed is None:
                         log.info("stopping: %d messages left unacknowledged", len(pending.group))
@@ -516,6 +521,17 @@ class Consumer:
             self._disconnect_db(lane)
             with self._done:
                 self._done.notify_all()
+
+    def _take(self, lane: _Lane) -> tuple[_Pending, Batch] | None:
+        """The lane's next part, waiting up to :attr:`IDLE_S`; None if none came by then."""
+        with self._done:
+            if not lane.parts:
+                self._done.wait_for(lambda: lane.parts or self._stopping.is_set(), self.IDLE_S)
+            if not lane.parts or self._stopping.is_set():
+                return None
+            taken = lane.parts.popleft()
+            self._done.notify_all()  # room for the decoder
+            return taken
 
     # -- acknowledging thread ------------------------------------------------------------
 
