@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--share-group", metavar="G", help="consume $share/G/... (MQTT 5 only)")
     run.add_argument("--batch-events", metavar="N", type=int, default=_DEFAULTS.batch_events)
     run.add_argument("--batch-ms", metavar="T", type=int, default=_DEFAULTS.batch_ms)
+    run.add_argument(
+        "--writers",
+        metavar="N",
+        type=int,
+        default=_DEFAULTS.writers,
+        help="database connections writing batches side by side, each device always on the "
+        "same one (default %(default)s; one per core PostgreSQL may use)",
+    )
     run.add_argument("--max-bytes", metavar="N", type=int, default=_DEFAULTS.max_bytes)
     run.add_argument(
         "--data-dir", metavar="DIR", type=Path, default=_DEFAULTS.data_dir, help="embedded mode"
@@ -351,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             share_group=args.share_group,
             batch_events=args.batch_events,
             batch_ms=args.batch_ms,
+            writers=args.writers,
             max_bytes=args.max_bytes,
             data_dir=args.data_dir,
             embedded_broker_port=args.embedded_broker_port,

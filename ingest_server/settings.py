@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 _PROTOCOLS: Final = {"5": 5, "3.1.1": 4, "311": 4}
 _DEFAULT_PORTS: Final = {"mqtt": 1883, "mqtts": 8883}
 _GROUP_RE: Final = re.compile(r"^[^/+#]+$")
+#: Writer lanes at most: each is a PostgreSQL connection and a thread.
+MAX_WRITERS: Final = 16
 
 
 class SettingsError(ValueError):
@@ -142,6 +144,9 @@ class Settings:
     share_group: str | None = None
     batch_events: int = 5000
     batch_ms: int = 50
+    #: Writer lanes: connections writing side by side, each device's rows always on the same
+    #: one (ingest_server/ingest/lanes.py).
+    writers: int = 2
     data_dir: Path = Path("campus-data")
     #: An admin API token: registered if given, created (when none exists) if not; see
     #: :func:`ingest_server.web.api.auth.bootstrap`. Default: ``data_dir / "admin-token"``.
@@ -191,6 +196,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.batch_events < 1 or self.batch_ms < 0:
             raise SettingsError("--batch-events must be at least 1 and --batch-ms at least 0")
+        if not 1 <= self.writers <= MAX_WRITERS:
+            raise SettingsError(
+                f"--writers must be between 1 and {MAX_WRITERS}, got {self.writers}"
+            )
         if self.max_bytes < 1 or self.queue_messages < 1 or self.queue_bytes < self.max_bytes:
             raise SettingsError("queue bounds must hold at least one message of max_bytes")
         if not self.client_id or len(self.client_id) > 128:

@@ -3,10 +3,13 @@
 The MQTT session's I/O thread (:mod:`.mqtt_session`) hands each chunk of messages to
 :class:`Inbox` (bounded: when it is full the I/O thread waits, so the broker's TCP stream backs
 up instead of our memory growing). A decoder thread turns up to ``batch_events`` rows or
-``batch_ms`` of messages into a batch and encodes its COPY payloads; the writer thread writes
-it in one transaction and hands it, once committed, to the acknowledging thread, which records
-its metrics, feeds the live stream and only then acknowledges its messages, batch after batch
-in commit order (so the writer is back at PostgreSQL at once). If the database is down the
+``batch_ms`` of messages into a batch, split into one part per writer lane by device
+(:mod:`.lanes`: a device's rows always go to the same lane), and encodes their COPY payloads;
+each lane's thread writes its part in one transaction on its own connection, the lanes side
+by side (``--writers``, two by default: PostgreSQL then works on both cores). Once every part of
+a batch has committed, the acknowledging thread records its metrics, feeds the live stream and
+only then acknowledges its messages, batch after batch in arrival order (so the lanes are back
+at PostgreSQL at once). If the database is down the
 batch is kept and retried; nothing is acknowledged meanwhile. A message delivered on an earlier
 broker connection is not acknowledged on a later one: the broker resends it and the writer
 counts it as a duplicate.
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import random
 import ssl
 import threading
@@ -30,6 +32,7 @@ from typing import Final
 import psycopg
 
 from ingest_server.ingest.batch import Batch, EventRow, Inbound, refused
+from ingest_server.ingest.lanes import Group, LaneOf, collect_group
 from ingest_server.ingest.mqtt_codec import MQTT5, Publish
 from ingest_server.ingest.mqtt_session import MqttSubscriber, SessionConfig
 from ingest_server.ingest.pgcopy import PG_EPOCH
@@ -232,6 +235,33 @@ class _Committed:
     at: float
 
 
+class _Pending:
+    """A group handed to the lanes, until every part of it has committed."""
+
+    __slots__ = ("committed", "group", "left")
+
+    def __init__(self, group: Group, lanes: list[int]) -> None:
+        self.group = group
+        self.committed: list[_Committed] = []
+        #: How many of its parts have not committed yet.
+        self.left = len(lanes)
+
+
+class _Lane:
+    """One writer connection and its thread; its parts come in group order."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        #: Parts handed to it and not yet taken (at most :attr:`Consumer.LANE_DEPTH`).
+        self.parts: deque[tuple[_Pending, Batch]] = deque()
+        self.writer: BatchWriter | None = None
+        #: Since when it has been at the part in hand (monotonic); None between.
+        self.batch_since: float | None = None
+        self.next_refresh = 0.0
+        self.idle_backoff = 0.0
+        self.thread: threading.Thread | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Health:
     mqtt_connected: bool
@@ -267,13 +297,13 @@ class Consumer:
         self.metrics = metrics
         self.inbox = Inbox(settings.queue_messages, settings.queue_bytes)
         self._stopping = threading.Event()
-        self._writer: BatchWriter | None = None
+        self._lanes = [_Lane(k) for k in range(settings.writers)]
+        self._lane_of = LaneOf(settings.writers)
         self._migrated = False
+        self._migrate_lock = threading.Lock()
         self._last_commit: float | None = None
-        #: Since when the writer has been at the batch in hand (monotonic); None between.
-        self._batch_since: float | None = None
-        self._next_refresh = 0.0
-        self._idle_backoff = 0.0
+        #: Set by the acknowledging thread: lane 0 refreshes the seq-missing gauge soon.
+        self._refresh_soon = False
         #: Called with the rows of each commit, in commit order, on the thread that acknowledges
         #: them; must not block (live.py).
         self.on_commit: Callable[[Sequence[EventRow]], None] | None = None
@@ -283,16 +313,28 @@ class Consumer:
         self.listeners: list[Callable[[WriteResult, float], None]] = []
         self._topics: dict[bytes, str] = {}
         self._session = MqttSubscriber(self._session_config(), self._deliver, self._on_ready)
-        # One decoded batch waits while the writer commits the previous one: decoding (CPU,
-        # holds the GIL) overlaps the database's share of the work (the GIL is released).
-        self._decoded: queue.Queue[Batch] = queue.Queue(maxsize=1)
-        # Committed batches, in commit order, for the acknowledging thread: the writer goes
-        # straight back to PostgreSQL instead of leaving it idle while the PUBACKs, metrics and
-        # live stream of the last batch are done. None: the writer has finished.
-        self._committed: queue.Queue[_Committed | None] = queue.Queue(maxsize=4)
+        # One decoded part waits in each lane while the lane commits the previous one:
+        # decoding (CPU, holds the GIL) overlaps the database's share of the work (the GIL is
+        # released). Groups handed to the lanes, in arrival order, until acknowledged: the
+        # lanes go straight back to PostgreSQL instead of leaving it idle while the PUBACKs,
+        # metrics and live stream of the last batch are done; bounded, so a lane that cannot
+        # commit holds up the decoder rather than memory growing.
+        self._pending: deque[_Pending] = deque()
+        self._done = threading.Condition()
         self._decoder = threading.Thread(target=self._decode, name="ingest-decoder", daemon=True)
-        self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+        for lane in self._lanes:
+            lane.thread = threading.Thread(
+                target=self._run, args=(lane,), name=f"ingest-writer-{lane.index}", daemon=True
+            )
         self._acker = threading.Thread(target=self._acknowledge, name="ingest-acker", daemon=True)
+
+    #: Groups handed to the lanes and not yet acknowledged, at most.
+    MAX_PENDING: Final = 4
+    #: Parts waiting in a lane besides the one it is writing.
+    LANE_DEPTH: Final = 1
+
+    def _writer_threads(self) -> list[threading.Thread]:
+        return [lane.thread for lane in self._lanes if lane.thread is not None]
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -300,7 +342,8 @@ class Consumer:
         log.info("connecting to MQTT broker %s as %r", self.broker, self.settings.client_id)
         self._session.start()
         self._decoder.start()
-        self._thread.start()
+        for thread in self._writer_threads():
+            thread.start()
         self._acker.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -308,8 +351,8 @@ class Consumer:
         self._stopping.set()
         self.inbox.close()
         deadline = time.monotonic() + timeout
-        # the acknowledging thread last: it acknowledges every batch the writer committed
-        for thread in (self._decoder, self._thread, self._acker):
+        # the acknowledging thread last: it acknowledges every batch the lanes committed
+        for thread in (self._decoder, *self._writer_threads(), self._acker):
             if thread.is_alive():
                 thread.join(max(0.0, deadline - time.monotonic()))
         self._session.stop()
@@ -319,14 +362,15 @@ class Consumer:
         last = self._last_commit
         now, limit = time.monotonic(), self.settings.stuck_after_s
         stuck = []
-        threads = (self._decoder, self._thread, self._acker)
+        threads = (self._decoder, *self._writer_threads(), self._acker)
         if not self._stopping.is_set():
             dead = [t.name for t in threads if t.ident is not None and not t.is_alive()]
             if dead:
                 stuck.append(f"ingest: thread {', '.join(dead)} has died")
-        since = self._batch_since
-        if since is not None and now - since > limit:
-            stuck.append(f"ingest: the batch in hand has not committed for {now - since:.0f} s")
+        started = [s for lane in self._lanes if (s := lane.batch_since) is not None]
+        if started and now - min(started) > limit:
+            waited = now - min(started)
+            stuck.append(f"ingest: the batch in hand has not committed for {waited:.0f} s")
         oldest = self.inbox.oldest()
         if oldest is not None:
             waited = (datetime.now(UTC) - oldest).total_seconds()
@@ -338,10 +382,7 @@ class Consumer:
                 )
         return Health(
             mqtt_connected=bool(self.metrics.mqtt_connected.value()),
-            db_ok=bool(self.metrics.db_connected.value())
-            and self._thread.is_alive()
-            and self._decoder.is_alive()
-            and self._acker.is_alive(),
+            db_ok=bool(self.metrics.db_connected.value()) and all(t.is_alive() for t in threads),
             queued=len(self.inbox),
             last_commit_age_s=None if last is None else now - last,
             stuck=tuple(stuck),
@@ -405,127 +446,192 @@ class Consumer:
     # -- decoder thread --------------------------------------------------------------------
 
     def _decode(self) -> None:
-        """Collect and decode batches ahead of the writer; never acknowledges anything."""
+        """Collect and decode batches ahead of the lanes; never acknowledges anything."""
         s = self.settings
+        lanes = len(self._lanes)
         try:
             while not self._stopping.is_set():
-                batch = collect(
+                group = collect_group(
                     self.inbox,
+                    self._lane_of,
+                    lanes,
                     max_size=s.batch_events,
                     max_wait_s=s.batch_ms / 1000,
                     idle_s=self.IDLE_S,
                     max_bytes=s.max_bytes,
                 )
                 self.metrics.queue_depth.set(len(self.inbox))
-                if batch is not None:
-                    batch.seal()  # the COPY payloads, built here rather than on the writer thread
-                while batch is not None and not self._stopping.is_set():
-                    try:
-                        self._decoded.put(batch, timeout=self.IDLE_S)
-                    except queue.Full:
-                        continue
-                    batch = None
+                if group is not None:
+                    self._hand_off(group)
         except Exception:
             log.exception("the decoder thread failed")
             raise
 
-    # -- writer thread ---------------------------------------------------------------------
+    def _hand_off(self, group: Group) -> None:
+        """Seal each part (the COPY payloads, built here rather than on a lane's thread) and
+        give it to its lane, the group to the acknowledging thread first; gives up (the group
+        then stays unacknowledged) when the server stops."""
+        busy = group.busy()
+        for k in busy:
+            group.parts[k].seal()
+        pending = _Pending(group, busy)
+        with self._done:
+            while len(self._pending) >= self.MAX_PENDING:
+                if self._stopping.is_set():
+                    return
+                self._done.wait(self.IDLE_S)
+            self._pending.append(pending)
+            # each part as soon as its lane has room: a lane busy retrying must not keep the
+            # others waiting for their parts
+            left = list(busy)
+            while left:
+                for k in list(left):
+                    lane = self._lanes[k]
+                    if len(lane.parts) < self.LANE_DEPTH:
+                        lane.parts.append((pending, group.parts[k]))
+                        left.remove(k)
+                self._done.notify_all()
+                if left:
+                    if self._stopping.is_set():
+                        return
+                    self._done.wait(self.IDLE_S)
 
-    def _run(self) -> None:
+    # -- writer lanes ----------------------------------------------------------------------
+
+    def _run(self, lane: _Lane) -> None:
         try:
-            self._housekeeping()  # connect and migrate before the first message
+            self._housekeeping(lane)  # connect (lane 0: migrate) before the first message
             while not self._stopping.is_set():
-                try:
-                    batch: Batch | None = self._decoded.get(timeout=self.IDLE_S)
-                except queue.Empty:
-                    batch = None
-                if batch is not None:
-                    committed = self._commit(batch)
+                taken = self._take(lane)
+                if taken is not None:
+                    pending, part = taken
+                    committed = self._commit(lane, part)
                     if committed is None:
-                        log.info("stopping: %d messages left unacknowledged", len(batch))
+                        log.info("stopping: %d messages left unacknowledged", len(pending.group))
                         break
-                    self._committed.put(committed)
-                self._housekeeping()
+                    with self._done:
+                        pending.committed.append(committed)
+                        pending.left -= 1
+                        self._done.notify_all()
+                self._housekeeping(lane)
         except Exception:
-            log.exception("the writer thread failed")
+            log.exception("the writer thread of lane %d failed", lane.index)
             raise
         finally:
-            self._committed.put(None)
-            self._disconnect_db()
+            self._disconnect_db(lane)
+            with self._done:
+                self._done.notify_all()
+
+    def _take(self, lane: _Lane) -> tuple[_Pending, Batch] | None:
+        """The lane's next part, waiting up to :attr:`IDLE_S`; None if none came by then."""
+        with self._done:
+            if not lane.parts:
+                self._done.wait_for(lambda: lane.parts or self._stopping.is_set(), self.IDLE_S)
+            if not lane.parts or self._stopping.is_set():
+                return None
+            taken = lane.parts.popleft()
+            self._done.notify_all()  # room for the decoder
+            return taken
 
     # -- acknowledging thread ------------------------------------------------------------
 
     def _acknowledge(self) -> None:
-        """Metrics, live stream and PUBACKs of each committed batch, in commit order, until
-        the writer has finished and everything it committed is acknowledged."""
-        while (item := self._committed.get()) is not None:
+        """Metrics, live stream and PUBACKs of each group once all its parts committed, in
+        arrival order, until the lanes have finished and everything they committed whole is
+        acknowledged."""
+        while (pending := self._next_done()) is not None:
             try:
-                self._record(item)
+                self._record(pending)
             except Exception:  # a metrics bug must not keep committed messages unacknowledged
                 log.exception("recording a committed batch failed")
             try:
-                self._ack(item.batch)
+                self._ack(pending.group.messages)
             except Exception:  # unacknowledged, the broker resends them: duplicates, no loss
                 log.exception("acknowledging a committed batch failed")
 
-    def _connect_db(self) -> BatchWriter:
-        if self._writer is None:
-            conn = connect_session(
-                self.db_url,
-                application_name="campus-ingest",
-                connect_timeout=self.DB_CONNECT_TIMEOUT_S,
-                migrate_first=not self._migrated,
-            )
-            self._migrated = True
+    def _next_done(self) -> _Pending | None:
+        """The oldest group once every part of it committed; None once none can (the lanes
+        have finished)."""
+        with self._done:
+            while True:
+                if self._pending and self._pending[0].left == 0:
+                    pending = self._pending.popleft()
+                    self._done.notify_all()  # room for the decoder
+                    return pending
+                if not any(t.is_alive() for t in self._writer_threads()):
+                    return None
+                self._done.wait(self.IDLE_S)
+
+    def _connect_db(self, lane: _Lane) -> BatchWriter:
+        if lane.writer is None:
+            with self._migrate_lock:  # one lane migrates; the others connect after it
+                conn = connect_session(
+                    self.db_url,
+                    application_name="campus-ingest",
+                    connect_timeout=self.DB_CONNECT_TIMEOUT_S,
+                    migrate_first=not self._migrated,
+                )
+                self._migrated = True
             try:
-                self._writer = BatchWriter(conn)
+                lane.writer = BatchWriter(conn)
             except BaseException:
                 conn.close()
                 raise
-            log.info("connected to database %s", mask(self.db_url))
-            self.metrics.db_connected.set(1)
-        return self._writer
+            log.info("lane %d connected to database %s", lane.index, mask(self.db_url))
+            self._db_gauge()
+        return lane.writer
 
-    def _disconnect_db(self) -> None:
-        writer, self._writer = self._writer, None
-        self.metrics.db_connected.set(0)
+    def _disconnect_db(self, lane: _Lane) -> None:
+        writer, lane.writer = lane.writer, None
+        self._db_gauge()
         if writer is not None:
             with contextlib.suppress(psycopg.Error):
                 writer.conn.close()
 
-    def _housekeeping(self) -> None:
-        """Every few seconds: reconnect if idle and down, refresh the seq-missing gauge."""
-        if time.monotonic() < self._next_refresh:
-            return
-        was_up = self._writer is not None
-        try:
-            writer = self._connect_db()
-            self.metrics.seq_missing.set(missing_total(writer.conn))
-        except psycopg.Error as exc:
-            if was_up or not self._idle_backoff:
-                log.warning("database unavailable: %s", _one_line(exc))
-            self._disconnect_db()
-            # A dropped connection is retried at once: the server may be back already.
-            backoff = 0.0 if was_up else max(self._idle_backoff * 2, self.BACKOFF_MIN_S)
-            self._idle_backoff = min(backoff, self.BACKOFF_MAX_S)
-            self._next_refresh = time.monotonic() + self._idle_backoff
-            return
-        self._idle_backoff = 0.0
-        self._next_refresh = time.monotonic() + self.REFRESH_S
+    def _db_gauge(self) -> None:
+        """Connected: every lane has its connection."""
+        self.metrics.db_connected.set(int(all(lane.writer is not None for lane in self._lanes)))
 
-    def _commit(self, batch: Batch) -> _Committed | None:
+    def _housekeeping(self, lane: _Lane) -> None:
+        """Every few seconds: reconnect if idle and down; lane 0 refreshes the seq-missing
+        gauge."""
+        if self._refresh_soon and lane.index == 0:
+            self._refresh_soon = False
+            lane.next_refresh = 0.0
+        if time.monotonic() < lane.next_refresh:
+            return
+        was_up = lane.writer is not None
+        try:
+            writer = self._connect_db(lane)
+            if lane.index == 0:
+                self.metrics.seq_missing.set(missing_total(writer.conn))
+            else:
+                writer.conn.execute("SELECT 1")  # an idle connection's health
+        except psycopg.Error as exc:
+            if was_up or not lane.idle_backoff:
+                log.warning("database unavailable: %s", _one_line(exc))
+            self._disconnect_db(lane)
+            # A dropped connection is retried at once: the server may be back already.
+            backoff = 0.0 if was_up else max(lane.idle_backoff * 2, self.BACKOFF_MIN_S)
+            lane.idle_backoff = min(backoff, self.BACKOFF_MAX_S)
+            lane.next_refresh = time.monotonic() + lane.idle_backoff
+            return
+        lane.idle_backoff = 0.0
+        lane.next_refresh = time.monotonic() + self.REFRESH_S
+
+    def _commit(self, lane: _Lane, batch: Batch) -> _Committed | None:
         """Write ``batch`` until it is committed, or the server stops first (None)."""
         delay = self.BACKOFF_MIN_S
-        self._batch_since = time.monotonic()
+        lane.batch_since = time.monotonic()
         try:
-            return self._commit_retrying(batch, delay)
+            return self._commit_retrying(lane, batch, delay)
         finally:
-            self._batch_since = None
+            lane.batch_since = None
 
-    def _commit_retrying(self, batch: Batch, delay: float) -> _Committed | None:
+    def _commit_retrying(self, lane: _Lane, batch: Batch, delay: float) -> _Committed | None:
         while True:
             try:
-                writer = self._connect_db()
+                writer = self._connect_db(lane)
                 started = time.perf_counter()
                 result = self._write(writer, batch)
                 elapsed = time.perf_counter() - started
@@ -537,7 +643,7 @@ class Consumer:
                     _one_line(exc),
                     delay,
                 )
-                self._disconnect_db()
+                self._disconnect_db(lane)
                 if self._stopping.wait(delay * random.uniform(0.5, 1.0)):  # noqa: S311
                     return None
                 delay = min(delay * 2, self.BACKOFF_MAX_S)
@@ -548,28 +654,38 @@ class Consumer:
     def _write(self, writer: BatchWriter, batch: Batch) -> WriteResult:
         return write_batch(writer, batch)
 
-    def _record(self, committed: _Committed) -> None:
-        batch, result, now = committed.batch, committed.result, committed.at
+    def _record(self, pending: _Pending) -> None:
+        """Metrics of each part's transaction, then the whole batch's counts and listeners."""
         m = self.metrics
-        m.batch_latency.observe(committed.elapsed)
-        encoded = batch.encoded
-        if encoded is not None and result.stored is encoded.events:  # the whole batch
-            # in the stamps' own unit: µs since 2000-01-01 UTC
-            m.event_latency.observe_ages((now - _PG_EPOCH_UNIX) * 1e6, encoded.stamps, 1e-6)
-        else:
-            m.event_latency.observe_many(now - r.event.ts.timestamp() for r in result.stored)
-        m.events_received.inc(batch.events_received)
-        m.events_stored.inc(result.inserted)
-        m.events_duplicate.inc(result.duplicates)
-        m.seq_gaps.inc(result.new_missing)
-        for q in result.quarantine:
+        total: WriteResult | None = None
+        now = 0.0
+        for committed in pending.committed:
+            batch, result = committed.batch, committed.result
+            m.batch_latency.observe(committed.elapsed)
+            encoded = batch.encoded
+            if encoded is not None and result.stored is encoded.events:  # the whole part
+                # in the stamps' own unit: µs since 2000-01-01 UTC
+                ages_at = (committed.at - _PG_EPOCH_UNIX) * 1e6
+                m.event_latency.observe_ages(ages_at, encoded.stamps, 1e-6)
+            else:
+                at = committed.at
+                m.event_latency.observe_many(at - r.event.ts.timestamp() for r in result.stored)
+            m.events_received.inc(batch.events_received)
+            total = result if total is None else total + result
+            now = max(now, committed.at)
+        if total is None:
+            return
+        m.events_stored.inc(total.inserted)
+        m.events_duplicate.inc(total.duplicates)
+        m.seq_gaps.inc(total.new_missing)
+        for q in total.quarantine:
             m.quarantined.inc(reason=q.kind)
-        if result.new_missing:
-            self._next_refresh = 0.0
-        tell_listeners(result, now, self.on_commit, self.listeners)
+        if total.new_missing:
+            self._refresh_soon = True
+        tell_listeners(total, now, self.on_commit, self.listeners)
 
-    def _ack(self, batch: Batch) -> None:
-        stale = self._session.ack(batch.messages)
+    def _ack(self, messages: list[Inbound]) -> None:
+        stale = self._session.ack(messages)
         if stale:
             log.info(
                 "%d messages came on an earlier connection: the broker will resend them", stale
