@@ -381,6 +381,9 @@ def _all_of(checks: tuple[_PatternCheck, ...]) -> Callable[[Any], bool] | None:
     if len(checks) == 1:
         get, one = checks[0].getter, checks[0].one
         return lambda data: one(get(data))
+    if len(checks) == 2:  # (card.tap: uid_hash and the optional uid)
+        (get1, one1), (get2, one2) = ((c.getter, c.one) for c in checks)
+        return lambda data: one1(get1(data)) and one2(get2(data))
     pairs = tuple((c.getter, c.one) for c in checks)
 
     def every(data: Any) -> bool:

@@ -336,8 +336,18 @@ class Batch:
                 if n == 1:
                     ev = valid[0]
                     self.rows.events.append(EventRow(school, device, kind, at, ev))
-                    if self._increasing:
-                        self._increasing = self._extend_one(school, device, kind, at, ev.seq)
+                    if self._increasing:  # _extend_span of one event, inline
+                        seq = ev.seq
+                        span = self._spans.get(device)
+                        if span is None:
+                            self._spans[device] = DeviceSpan(school, kind, at, seq, seq, 1)
+                        elif seq > span.max_seq:
+                            if at is not span.seen and at > span.seen:
+                                span.seen = at
+                            span.max_seq = seq
+                            span.count += 1
+                        else:
+                            self._increasing = False
                     self.events_received += 1
                     self.size += 1
                     return
@@ -368,20 +378,6 @@ class Batch:
     def _add_error(self, msg: Inbound, exc: Exception) -> None:
         self.rows.extend(_internal_error(msg, exc))
         self.size += 1
-
-    def _extend_one(self, school: str, device: str, kind: str, at: datetime, seq: int) -> bool:
-        """:meth:`_extend_span` of a message of one event."""
-        span = self._spans.get(device)
-        if span is None:
-            self._spans[device] = DeviceSpan(school, kind, at, seq, seq, 1)
-            return True
-        if seq <= span.max_seq:
-            return False
-        if at is not span.seen and at > span.seen:
-            span.seen = at
-        span.max_seq = seq
-        span.count += 1
-        return True
 
     def _extend_span(self, new: list[EventRow]) -> bool:
         """Add one message's events (all of one device) to its span; False if a seq does not
