@@ -92,9 +92,22 @@ def _count(mode: str, etype: str, per_message: int, events: int) -> int:
     return int(found.group(1))
 
 
+def _split(one: float, many: float, n: int) -> tuple[float, float]:
+    """(per message, per event) of a cost ``m + e * events`` a message, from its cost per
+    event at 1 and at ``n`` events per message."""
+    per_message = (one - many) * n / (n - 1)
+    return per_message, one - per_message
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench decode_cost", description=__doc__)
     ap.add_argument("--events", type=int, default=10_000, help="events per workload")
+    ap.add_argument(
+        "--type",
+        action="append",
+        choices=sorted({t for t, _ in CONFIGS}),
+        help="only this event type (repeatable; default: all)",
+    )
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -104,26 +117,49 @@ def main(argv: list[str]) -> int:
     if shutil.which("valgrind") is None:
         print("decode_cost needs valgrind: apt-get install valgrind", file=sys.stderr)
         return 2
+    configs = [(t, n) for t, n in CONFIGS if not args.type or t in args.type]
     print(
         f"\ndecode + COPY encoding on the decoder thread, {args.events} events per workload,"
         " instructions counted by callgrind (the machine's load does not change them)\n"
     )
-    print(f"{'figure (instructions per event)':44} {'value':>9} {'baseline':>9} {'ratio':>6}")
+    print(
+        f"{'workload':26} {'per event':>10} {'per message':>12} {'baseline/ev':>12}"
+        f" {'baseline/msg':>13} {'ratio':>6}"
+    )
     modes = ("setup", "ingest", "baseline")
+    per_event: dict[tuple[str, int], tuple[float, float]] = {}
     # counts do not depend on what else runs: use every core
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         runs = {
             (etype, per, mode): pool.submit(_count, mode, etype, per, args.events)
-            for etype, per in CONFIGS
+            for etype, per in configs
             for mode in modes
         }
-        for etype, per in CONFIGS:
+        for etype, per in configs:
             setup, ingest, baseline = (runs[etype, per, m].result() for m in modes)
             ours = (ingest - setup) / args.events
             floor = (baseline - setup) / args.events
+            per_event[etype, per] = ours, floor
             name = f"{etype}, {per}/message"
-            print(f"{name:44} {ours:9,.0f} {floor:9,.0f} {ours / floor:6.2f}")
+            print(
+                f"{name:26} {ours:10,.0f} {ours * per:12,.0f} {floor:12,.0f}"
+                f" {floor * per:13,.0f} {ours / floor:6.2f}"
+            )
     print("\n(baseline: msgspec.json.decode of the same payloads into plain objects)")
+    print(
+        "\nEach message costing m + e per event: m and e from the two shapes (per event at 1"
+        " and at 100 per message)\n"
+    )
+    head = f"{'type':26} {'m (message)':>12} {'e (event)':>10}"
+    print(f"{head} {'baseline m':>11} {'baseline e':>11}")
+    for etype in dict.fromkeys(t for t, _ in configs):
+        many = max(n for t, n in configs if t == etype)
+        if (etype, 1) not in per_event or many == 1:
+            continue
+        (one, floor_one), (lots, floor_lots) = per_event[etype, 1], per_event[etype, many]
+        m, e = _split(one, lots, many)
+        fm, fe = _split(floor_one, floor_lots, many)
+        print(f"{etype:26} {m:12,.0f} {e:10,.0f} {fm:11,.0f} {fe:11,.0f}")
     return 0
 
 

@@ -335,6 +335,8 @@ class _PatternCheck:
     getter: Callable[[Any], Any]
     #: Checks the list of a message's values (None when the field was null).
     holds: Callable[[list[Any]], bool]
+    #: Checks one value (None when the field was null): a message of one event.
+    one: Callable[[Any], bool]
 
 
 def _checker(pattern: str, optional: bool) -> Callable[[list[Any]], bool]:
@@ -364,6 +366,37 @@ def _checker(pattern: str, optional: bool) -> Callable[[list[Any]], bool]:
     return each
 
 
+def _one_checker(pattern: str) -> Callable[[Any], bool]:
+    """:func:`_checker` for a single value (None passes: the decoder allowed it or not)."""
+    run = _RUN_PATTERNS.get(pattern)
+    if run is not None:
+        allowed = run.allowed
+        return lambda v: v is None or (v.isascii() and not v.encode().translate(None, allowed))
+    search = re.compile(pattern).search
+    return lambda v: v is None or search(v) is not None
+
+
+def _all_of(checks: tuple[_PatternCheck, ...]) -> Callable[[Any], bool] | None:
+    """One call checking every pattern of one decoded ``data``; None when there are none."""
+    if not checks:
+        return None
+    if len(checks) == 1:
+        get, one = checks[0].getter, checks[0].one
+        return lambda data: one(get(data))
+    if len(checks) == 2:  # (card.tap: uid_hash and the optional uid)
+        (get1, one1), (get2, one2) = ((c.getter, c.one) for c in checks)
+        return lambda data: one1(get1(data)) and one2(get2(data))
+    pairs = tuple((c.getter, c.one) for c in checks)
+
+    def every(data: Any) -> bool:
+        for get, one in pairs:  # noqa: SIM110 (a loop: cheaper than all() for two or three)
+            if not one(get(data)):
+                return False
+        return True
+
+    return every
+
+
 def _fast_twin(cls: type[_Data]) -> tuple[type[_Data], tuple[_PatternCheck, ...]]:
     """A subclass of ``cls`` whose fields keep every constraint but ``pattern``, and the checks
     of the patterns it leaves out; ``cls`` itself when it has none."""
@@ -381,7 +414,8 @@ def _fast_twin(cls: type[_Data]) -> tuple[type[_Data], tuple[_PatternCheck, ...]
         fields.append((f.name, tp, default))
         optional = get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
         holds = _checker(pattern, optional)
-        checks.append(_PatternCheck(f.name, operator.attrgetter(f.name), holds))
+        getter = operator.attrgetter(f.name)
+        checks.append(_PatternCheck(f.name, getter, holds, _one_checker(pattern)))
     if not fields:
         return cls, ()
     twin: type[_Data] = msgspec.defstruct(  # type: ignore[assignment]
@@ -411,6 +445,9 @@ class EventType:
     #: a message's events at once. The ingest's fast path; errors are named by ``decoder``.
     unchecked_decoder: msgspec.json.Decoder[_Data] = field(init=False, repr=False, compare=False)
     pattern_checks: tuple[_PatternCheck, ...] = field(init=False, repr=False, compare=False)
+    #: :meth:`patterns_hold` for one ``data`` in one call (None: no pattern to check), for a
+    #: message of one event.
+    pattern_holds_one: Callable[[_Data], bool] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder", msgspec.json.Decoder(self.data))
@@ -418,6 +455,7 @@ class EventType:
         unchecked = self.decoder if twin is self.data else msgspec.json.Decoder(twin)
         object.__setattr__(self, "unchecked_decoder", unchecked)
         object.__setattr__(self, "pattern_checks", checks)
+        object.__setattr__(self, "pattern_holds_one", _all_of(checks))
 
     def patterns_hold(self, datas: list[_Data]) -> bool:
         """Whether the ``pattern`` of every field holds in all of ``datas`` (decoded by

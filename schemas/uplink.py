@@ -83,6 +83,9 @@ _envelope_decoder: Final = msgspec.json.Decoder(_Envelope)
 _event_decoder: Final = msgspec.json.Decoder(_Event)
 _fast_decoder: Final = msgspec.json.Decoder(_FastEnvelope)
 _KINDS: Final = frozenset(k.value for k in registry.DeviceKind)
+#: Each kind by itself: a decoded ``kind`` looked up here becomes the contract's own string.
+_KIND_NAMES: Final = {k: k for k in _KINDS}
+_TYPES: Final = registry.REGISTRY
 # A JSON \u0000 escape not itself escaped: PostgreSQL's jsonb cannot hold NUL characters.
 _NUL_ESCAPE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -156,33 +159,42 @@ def decode_uplink(
         raise UplinkError(f"topic {str(parsed)!r} is not an uplink ('up') topic")
     if len(payload) > max_bytes:
         raise UplinkError(f"message is {len(payload)} bytes, over the limit of {max_bytes} bytes")
+    fast = decode_valid(parsed, payload)
+    if fast is not None:
+        kind, replay, valid = fast
+        return DecodedUplink(parsed, kind, replay, valid, [])
+    return decode_each(parsed, payload)
+
+
+def decode_each(topic: Topic, payload: bytes) -> DecodedUplink:
+    """:func:`decode_uplink` the slow way, each event on its own and every failure named: for
+    a message :func:`decode_valid` did not take. ``topic`` must be an ``up`` topic and the
+    payload within the size limit (the caller checked both)."""
     if not payload.isascii():  # ASCII is UTF-8; only other bytes need the (copying) check
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise UplinkError(f"payload is not UTF-8: invalid byte at offset {exc.start}") from None
     try:
-        fast = _decode_fast(payload)
-        env: _Envelope | _FastEnvelope = fast[0] if fast is not None else _decode_envelope(payload)
+        env = _decode_envelope(payload)
+        _check_envelope(env, topic)
+        valid, rejected = _decode_events(env)
     except RecursionError:  # msgspec's own bound on nesting, some 1000 levels
         raise UplinkError("payload is nested too deeply to decode") from None
+    return DecodedUplink(topic, env.kind, env.replay, valid, rejected)
+
+
+def _check_envelope(env: _Envelope, topic: Topic) -> None:
     if env.v != VERSION:
         raise UplinkError(f"v: unsupported contract version {env.v} (this server speaks {VERSION})")
-    if env.device_id != parsed.device_id:
+    if env.device_id != topic.device_id:
         raise UplinkError(
-            f"device_id: {env.device_id!r} does not match the topic's device {parsed.device_id!r}"
+            f"device_id: {env.device_id!r} does not match the topic's device {topic.device_id!r}"
         )
     if env.kind not in _KINDS:
         raise UplinkError(
             f"kind: unknown device kind {env.kind!r} (known: {', '.join(sorted(_KINDS))})"
         )
-    rejected: list[RejectedEvent] = []
-    if fast is not None:
-        valid = fast[1]
-    else:
-        assert isinstance(env, _Envelope)  # the slow path decoded the loose envelope above
-        valid, rejected = _decode_events(env)
-    return DecodedUplink(parsed, env.kind, env.replay, valid, rejected)
 
 
 def _decode_envelope(payload: bytes) -> _Envelope:
@@ -194,42 +206,86 @@ def _decode_envelope(payload: bytes) -> _Envelope:
         raise UplinkError(f"payload is not valid JSON: {exc}") from None
 
 
-def _decode_fast(payload: bytes) -> tuple[_FastEnvelope, list[ValidEvent]] | None:
-    """The common case, every event valid, in one decoder pass; None means: take the slow way
-    (which finds the same verdicts and names each failure)."""
+_DECODE_ERRORS: Final = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
+
+
+def decode_valid(topic: Topic, payload: bytes) -> tuple[str, bool, list[ValidEvent]] | None:
+    """The common case in one decoder pass: ``(kind, replay, events)`` when the whole message
+    and every event in it are valid; None means: take :func:`decode_each`, which finds the
+    same verdicts and names each failure. ``topic`` must be an ``up`` topic and the payload
+    within the size limit (the caller checked both).
+
+    ``kind`` and each event's ``type`` are the contract's own string objects, so rows of one
+    device compare by identity downstream (the COPY encoder's caches)."""
+    if not payload.isascii():  # ASCII is UTF-8; only other bytes need the (copying) check
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     try:
         env = _fast_decoder.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except _DECODE_ERRORS:
         return None
-    valid: list[ValidEvent] = []
-    append, get, replay = valid.append, registry.REGISTRY.get, env.replay
+    kind = _KIND_NAMES.get(env.kind)
+    if kind is None or env.v != VERSION or env.device_id != topic.device_id:
+        return None
+    replay = env.replay
+    events = env.events
+    if len(events) != 1:
+        valid = _valid_events(events, payload, replay)
+        return None if valid is None else (kind, replay, valid)
+    # one event per message (many small devices): no loop, no grouping by type
+    ev = events[0]
+    etype = _TYPES.get(ev.type)
+    if etype is None:
+        return None
+    data_json = bytes(ev.data)
+    try:
+        data = etype.unchecked_decoder.decode(data_json)
+    except _DECODE_ERRORS:
+        return None
+    check = etype.pattern_holds_one
+    if check is not None and not check(data):
+        return None
     # (``find``, not ``in``: bytes ``in`` bytes first tries the operand as an int and formats
     # the error it raises, which cost more than the search)
+    if data_json.find(b"\\u0000") >= 0 and _NUL_ESCAPE.search(data_json):
+        return None
+    # seq, ts, type, data_json, data, synced, replay
+    one = ValidEvent(ev.seq, ev.ts, etype.name, data_json, data, ev.synced, replay or ev.replay)
+    return kind, replay, [one]
+
+
+def _valid_events(events: list[_Event], payload: bytes, replay: bool) -> list[ValidEvent] | None:
+    """:func:`decode_valid` of a message of any other number of events."""
+    valid: list[ValidEvent] = []
+    append, get = valid.append, _TYPES.get
     nul = payload.find(b"\\u0000") >= 0
     # data whose patterns are still to be checked, by type: one check per type and message
     unchecked: dict[str, list[registry._Data]] = {}
-    for ev in env.events:
+    for ev in events:
         etype = get(ev.type)
         if etype is None:
             return None
         data_json = bytes(ev.data)
         try:
             data = etype.unchecked_decoder.decode(data_json)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except _DECODE_ERRORS:
             return None
         if nul and _NUL_ESCAPE.search(data_json):
             return None
+        name = etype.name
         if etype.pattern_checks:
-            if (datas := unchecked.get(ev.type)) is None:
-                unchecked[ev.type] = [data]
+            if (datas := unchecked.get(name)) is None:
+                unchecked[name] = [data]
             else:
                 datas.append(data)
         # seq, ts, type, data_json, data, synced, replay
-        append(ValidEvent(ev.seq, ev.ts, ev.type, data_json, data, ev.synced, replay or ev.replay))
+        append(ValidEvent(ev.seq, ev.ts, name, data_json, data, ev.synced, replay or ev.replay))
     for name, datas in unchecked.items():
-        if not registry.REGISTRY[name].patterns_hold(datas):
+        if not _TYPES[name].patterns_hold(datas):
             return None
-    return env, valid
+    return valid
 
 
 def _decode_events(env: _Envelope) -> tuple[list[ValidEvent], list[RejectedEvent]]:

@@ -14,7 +14,7 @@ from ingest_server.ingest import pgcopy
 from schemas import state as state_schema
 from schemas.errors import ContractError, UplinkError
 from schemas.topics import Channel, Topic, parse
-from schemas.uplink import DEFAULT_MAX_BYTES, ValidEvent, decode_uplink
+from schemas.uplink import DEFAULT_MAX_BYTES, ValidEvent, decode_each, decode_uplink, decode_valid
 
 log = logging.getLogger(__name__)
 
@@ -233,19 +233,24 @@ def rows_of(msg: Inbound, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Rows, 
     return rows, _add_rows(msg, rows, max_bytes)
 
 
-def _add_rows(msg: Inbound, rows: Rows, max_bytes: int) -> int:
+_UP: Final = Channel.UP
+_STATE: Final = Channel.STATE
+
+
+def _add_rows(msg: Inbound, rows: Rows, max_bytes: int, *, tried_fast: bool = False) -> int:
     """Append the rows of ``msg`` to ``rows`` (all at the end, so an exception adds none);
-    how many events it carried."""
-    if len(msg.payload) > max_bytes:
-        kept = msg.payload[:QUARANTINE_KEEP_BYTES]
-        reason = f"message is {len(msg.payload)} bytes, over the limit of {max_bytes} bytes"
-        if len(kept) < len(msg.payload):
+    how many events it carried. ``tried_fast``: :func:`decode_valid` already refused it."""
+    payload = msg.payload
+    if len(payload) > max_bytes:  # on the raw bytes, before anything decodes them
+        kept = payload[:QUARANTINE_KEEP_BYTES]
+        reason = f"message is {len(payload)} bytes, over the limit of {max_bytes} bytes"
+        if len(kept) < len(payload):
             reason += f"; only its first {len(kept)} bytes are kept here"
         rows.quarantine.append(_quarantine(msg, reason, "oversize", payload=kept))
         return 0
     topic = _device_of(msg.topic)
-    if topic is not None and topic.channel is Channel.STATE:
-        if msg.payload:  # an empty retained publish only clears the retained state
+    if topic is not None and topic.channel is _STATE:
+        if payload:  # an empty retained publish only clears the retained state
             row = _state_row(msg, topic)
             if isinstance(row, StateRow):
                 rows.states.append(row)
@@ -253,19 +258,22 @@ def _add_rows(msg: Inbound, rows: Rows, max_bytes: int) -> int:
                 rows.quarantine.append(row)
         return 0
     try:
-        # the cached parse when the topic is valid; else the string, for the error's wording
-        decoded = decode_uplink(topic or msg.topic, msg.payload, max_bytes=max_bytes)
+        if topic is None or topic.channel is not _UP:
+            # the string, for the error's wording
+            decoded = decode_uplink(topic or msg.topic, payload, max_bytes=max_bytes)
+        elif tried_fast or (fast := decode_valid(topic, payload)) is None:
+            decoded = decode_each(topic, payload)
+        else:
+            school, device, kind, at = topic.school_id, topic.device_id, fast[0], msg.received_at
+            rows.events += [EventRow(school, device, kind, at, e) for e in fast[2]]
+            return len(fast[2])
     except UplinkError as exc:
         rows.quarantine.append(_quarantine(msg, str(exc), "message"))
         return 0
     school, device = decoded.topic.school_id, decoded.topic.device_id
     kind, at = decoded.kind, msg.received_at
     rejected = decoded.rejected
-    valid = decoded.events
-    if len(valid) == 1:  # (one event per message: no comprehension to set up)
-        events = [EventRow(school, device, kind, at, valid[0])]
-    else:
-        events = [EventRow(school, device, kind, at, e) for e in valid]
+    events = [EventRow(school, device, kind, at, e) for e in decoded.events]
     if rejected:
         rows.quarantine += [
             _quarantine(msg, r.reason, "event", payload=r.raw, seq=r.seq) for r in rejected
@@ -310,19 +318,66 @@ class Batch:
 
     def add(self, msg: Inbound) -> None:
         self.encoded = None
+        self.messages.append(msg)
+        # The common case inline, a message of valid events: one call to decode it and no
+        # counting of rows before and after.
+        topic = _TOPICS.get(msg.topic)
+        if topic is not None and topic.channel is _UP and len(msg.payload) <= self.max_bytes:
+            try:
+                fast = decode_valid(topic, msg.payload)
+            except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the pipeline: keep the message
+                self._add_error(msg, exc)
+                return
+            if fast is not None:
+                valid = fast[2]
+                n = len(valid)
+                school, device, kind = topic.school_id, topic.device_id, fast[0]
+                at = msg.received_at
+                if n == 1:
+                    ev = valid[0]
+                    self.rows.events.append(EventRow(school, device, kind, at, ev))
+                    if self._increasing:  # _extend_span of one event, inline
+                        seq = ev.seq
+                        span = self._spans.get(device)
+                        if span is None:
+                            self._spans[device] = DeviceSpan(school, kind, at, seq, seq, 1)
+                        elif seq > span.max_seq:
+                            if at is not span.seen and at > span.seen:
+                                span.seen = at
+                            span.max_seq = seq
+                            span.count += 1
+                        else:
+                            self._increasing = False
+                    self.events_received += 1
+                    self.size += 1
+                    return
+                new = [EventRow(school, device, kind, at, e) for e in valid]
+                self.rows.events += new
+                if self._increasing and new:
+                    self._increasing = self._extend_span(new)
+                self.events_received += n
+                self.size += n or 1
+                return
+        self._add_slow(msg, tried_fast=topic is not None and topic.channel is _UP)
+
+    def _add_slow(self, msg: Inbound, *, tried_fast: bool) -> None:
+        """:meth:`add` of any other message: invalid, a state, an unknown topic, oversize."""
         rows = self.rows
         events = rows.events
         n_events = len(events)
         before = n_events + len(rows.quarantine) + len(rows.states)
         try:
-            self.events_received += _add_rows(msg, rows, self.max_bytes)
+            self.events_received += _add_rows(msg, rows, self.max_bytes, tried_fast=tried_fast)
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the pipeline: keep the message
             rows.extend(_internal_error(msg, exc))
-        self.messages.append(msg)
         if self._increasing and len(events) > n_events:
             self._increasing = self._extend_span(events[n_events:])
         added = len(events) + len(rows.quarantine) + len(rows.states) - before
         self.size += added if added else 1
+
+    def _add_error(self, msg: Inbound, exc: Exception) -> None:
+        self.rows.extend(_internal_error(msg, exc))
+        self.size += 1
 
     def _extend_span(self, new: list[EventRow]) -> bool:
         """Add one message's events (all of one device) to its span; False if a seq does not

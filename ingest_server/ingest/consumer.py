@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Final
 
 import psycopg
@@ -79,6 +80,7 @@ def refused_by_data(exc: psycopg.Error) -> bool:
 _RETAIN_IF_NEW_SUB: Final = 1
 _BAD_TOPIC: Final = "<topic is not UTF-8>"
 _PG_EPOCH_UNIX: Final = PG_EPOCH.timestamp()
+_PAYLOAD: Final = attrgetter("payload")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -192,9 +194,13 @@ class Inbox:
             n = min(max_items, len(items))
             if not n:
                 return []
-            popleft = items.popleft
-            out = [popleft() for _ in range(n)]
-            self._bytes -= sum(len(m.payload) for m in out)
+            if n == len(items):  # all that is queued: one copy, no pop per message
+                out = list(items)
+                items.clear()
+            else:
+                popleft = items.popleft
+                out = [popleft() for _ in range(n)]
+            self._bytes -= sum(map(len, map(_PAYLOAD, out)))
             self._cond.notify_all()
             return out
 
@@ -433,9 +439,17 @@ class Consumer:
 
     def _deliver(self, publishes: Sequence[Publish], generation: int, timeout: float) -> int:
         now = datetime.now(UTC)
-        topic = self._topic
+        known, topic = self._topics.get, self._topic
         items = [
-            Inbound(topic(p.topic), p.payload, p.packet_id, p.qos, now, p.retain, generation)
+            Inbound(
+                known(p.topic) or topic(p.topic),
+                p.payload,
+                p.packet_id,
+                p.qos,
+                now,
+                p.retain,
+                generation,
+            )
             for p in publishes
         ]
         taken = self.inbox.put_many(items, timeout)

@@ -141,20 +141,24 @@ class MqttSubscriber:
     def ack(self, messages: Iterable[Ackable]) -> int:
         """Queue the acknowledgement of ``messages``; returns how many were from an earlier
         connection and so are not acknowledged (the broker resends those)."""
-        pubacks: list[int] = []
+        msgs = messages if isinstance(messages, Sequence) else list(messages)
         pubrecs: list[int] = []
         stale = 0
         with self._lock:
             current = self.generation
-            for m in messages:
-                if m.qos == 0:
-                    continue
-                if m.generation != current:
-                    stale += 1
-                elif m.qos == 1:
-                    pubacks.append(m.mid)
-                else:
-                    pubrecs.append(m.mid)
+            # the usual case in one pass: every message QoS 1 and of this connection
+            pubacks = [m.mid for m in msgs if m.qos == 1 and m.generation == current]
+            if len(pubacks) != len(msgs):
+                pubacks = []
+                for m in msgs:
+                    if m.qos == 0:
+                        continue
+                    if m.generation != current:
+                        stale += 1
+                    elif m.qos == 1:
+                        pubacks.append(m.mid)
+                    else:
+                        pubrecs.append(m.mid)
             if pubacks:
                 self._out.append(encode_acks(PUBACK, pubacks))
             if pubrecs:

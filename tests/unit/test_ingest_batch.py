@@ -129,14 +129,15 @@ def test_batch_rows_are_each_message_rows_in_order() -> None:
 def test_a_decoder_bug_quarantines_only_its_message(monkeypatch: pytest.MonkeyPatch) -> None:
     import ingest_server.ingest.batch as batch_module
 
-    real = batch_module.decode_uplink
+    real = batch_module.decode_valid
 
-    def flaky(topic: object, payload: bytes, **kw: int) -> object:
+    def flaky(topic: object, payload: bytes) -> object:
         if b'"seq":2' in payload:
             raise RuntimeError("boom")
-        return real(topic, payload, **kw)  # type: ignore[arg-type]
+        return real(topic, payload)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(batch_module, "decode_uplink", flaky)
+    # the decoder of the common case: Batch.add and parts() (rows_of) both call it first
+    monkeypatch.setattr(batch_module, "decode_valid", flaky)
     batch = Batch()
     batch.add(msg(uplink(board_touch(1))))
     batch.add(msg(uplink(board_touch(2))))
@@ -360,3 +361,142 @@ def test_a_state_within_the_bounds_is_kept() -> None:
     rows, _ = rows_of(msg(_STATE + b'"' + b"9" * 128 + b'"}', _STATE_TOPIC))
     (state,) = rows.states
     assert state.state.agent_version == "9" * 128
+
+
+_CARD_TOPIC = "campus/v1/sch-1/cr-1/up"
+_HASH = "0123456789abcdef" * 4
+
+
+def _card(seq: int, **change: object) -> Inbound:
+    """A card reader's message of one event (the shape of many small devices), with
+    ``change`` applied: envelope keys as they are, ``data_*`` keys to the event's data, other
+    ``event_*`` keys to the event."""
+    data: dict[str, object] = {"uid_hash": _HASH, "tech": "iso14443a", "reader": "door-1"}
+    event: dict[str, object] = {"seq": seq, "ts": "2026-11-22T07:50:01Z", "type": "card.tap"}
+    body: dict[str, object] = {"v": 1, "device_id": "cr-1", "kind": "card_reader"}
+    for key, value in change.items():
+        if key.startswith("data_"):
+            data[key.removeprefix("data_")] = value
+        elif key.startswith("event_"):
+            event[key.removeprefix("event_")] = value
+        else:
+            body[key] = value
+    body["events"] = [event | {"data": data}]
+    return Inbound(_CARD_TOPIC, msgspec.json.encode(body), seq, 1, NOW)
+
+
+@pytest.mark.parametrize(
+    ("change", "kind", "says"),
+    [
+        ({"data_uid_hash": "G" * 64}, "event", "events[0].data.uid_hash: expected `str` matching"),
+        ({"data_uid_hash": _HASH.upper()}, "event", "events[0].data.uid_hash: expected `str`"),
+        ({"data_uid_hash": _HASH[:-1]}, "event", "events[0].data.uid_hash: expected `str`"),
+        ({"data_uid_hash": _HASH[:-1] + "\n"}, "event", "events[0].data.uid_hash: expected `str`"),
+        ({"data_uid": "xyz"}, "event", "events[0].data.uid: expected `str` matching regex"),
+        ({"data_reader": "a\x00b"}, "event", "events[0].data: contains a \\u0000 character"),
+        ({"data_tech": "magic"}, "event", "events[0].data.tech: invalid enum value 'magic'"),
+        ({"event_type": "nope"}, "event", "events[0].type: unknown event type 'nope'"),
+        ({"event_seq": -1}, "event", "events[0].seq: expected `int` >= 0"),
+        ({"event_ts": "2026-11-22T07:50:01"}, "event", "events[0].ts: expected `datetime`"),
+        ({"device_id": "cr-2"}, "message", "device_id: 'cr-2' does not match the topic's"),
+        ({"kind": "toaster"}, "message", "kind: unknown device kind 'toaster'"),
+        ({"v": 2}, "message", "v: unsupported contract version 2"),
+        ({"sent_at": "yesterday"}, "message", "sent_at: invalid RFC3339"),
+        ({"replay": "yes"}, "message", "replay: expected `bool`"),
+    ],
+)
+def test_a_bad_message_of_one_event_is_quarantined_while_the_others_flow(
+    change: dict[str, object], kind: str, says: str
+) -> None:
+    """The batch's inline path (a known topic, one event) gives a bad message the same verdict
+    and reason as the full decoder, and the messages around it are stored."""
+    bad = _card(2, **change)
+    batch = Batch()
+    for m in (_card(1), bad, _card(3)):
+        batch.add(m)
+    assert [r.event.seq for r in batch.rows.events] == [1, 3]
+    (q,) = batch.rows.quarantine
+    assert (q.kind, q.device_id, q.topic) == (kind, "cr-1", _CARD_TOPIC)
+    assert says in q.reason, q.reason
+    assert (batch.size, batch.events_received) == (3, 3 if kind == "event" else 2)
+    assert batch.parts()[1][1] == rows_of(bad)[0]  # the same rows the slow way
+    batch.seal()
+    assert batch.encoded is not None
+    assert [r.key for r in batch.encoded.events] == [("cr-1", 1), ("cr-1", 3)]
+
+
+def test_a_non_utf8_or_oversize_message_of_one_event_is_quarantined_on_its_bytes() -> None:
+    good = _card(1)
+    not_utf8 = Inbound(_CARD_TOPIC, good.payload.replace(b"door-1", b"door-\xff"), 2, 1, NOW)
+    batch = Batch(max_bytes=len(good.payload) + 5)
+    assert batch.max_bytes == 243
+    big = _card(3, data_reader="door-1" + "x" * 10)
+    for m in (good, not_utf8, big, _card(4)):
+        batch.add(m)
+    assert [r.event.seq for r in batch.rows.events] == [1, 4]
+    assert [(q.kind, q.reason.split(":")[0]) for q in batch.rows.quarantine] == [
+        ("message", "payload is not UTF-8"),
+        ("oversize", f"message is {len(big.payload)} bytes, over the limit of 243 bytes"),
+    ]
+
+
+def test_one_event_messages_share_the_contracts_strings_and_their_spans() -> None:
+    """Interleaved one-event messages of two devices: rows carry the contract's own kind and
+    type strings (so the COPY encoder's caches hit by identity) and each device's span."""
+    from schemas.events import REGISTRY
+
+    batch = Batch()
+    later = NOW + timedelta(seconds=1)
+    for seq in (1, 2, 3):
+        batch.add(_card(seq))
+        other = _card(seq + 10, device_id="cr-2")
+        batch.add(Inbound("campus/v1/sch-2/cr-2/up", other.payload, seq, 1, later))
+    rows = batch.rows.events
+    assert len({id(r.kind) for r in rows}) == 1
+    assert all(r.event.type is REGISTRY["card.tap"].name for r in rows)
+    batch.seal()
+    assert batch.encoded is not None
+    assert batch._increasing
+    assert batch.encoded.spans == {
+        "cr-1": DeviceSpan("sch-1", "card_reader", NOW, 1, 3, 3),
+        "cr-2": DeviceSpan("sch-2", "card_reader", later, 11, 13, 3),
+    }
+    batch.add(_card(2))  # a resend of one event: the fallback check finds it
+    batch.seal()
+    assert batch.encoded is not None
+    assert not batch._increasing
+    assert len(batch.encoded.events) == 6
+
+
+def test_the_topic_cache_is_bounded_and_never_lends_a_device_another_s_identity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ingest_server.ingest.batch as batch_module
+
+    cache: dict[str, object] = {}
+    monkeypatch.setattr(batch_module, "_TOPICS", cache)
+    monkeypatch.setattr(batch_module, "_TOPICS_MAX", 3)
+    batch = Batch()
+    devices = [f"cr-{i}" for i in range(1, 6)]
+    for seq in (1, 2):
+        for device in devices:  # five topics through a cache of three: it keeps starting over
+            payload = _card(seq, device_id=device).payload
+            batch.add(Inbound(f"campus/v1/sch-1/{device}/up", payload, seq, 1, NOW))
+            assert len(cache) <= 3
+    batch.add(_card(3, device_id="cr-1"))  # cr-1's payload on cr-1's topic ...
+    cr1_on_cr2 = _card(4, device_id="cr-1").payload
+    batch.add(Inbound("campus/v1/sch-1/cr-2/up", cr1_on_cr2, 4, 1, NOW))  # ... and on cr-2's
+    assert [(r.device_id, r.event.seq) for r in batch.rows.events] == [
+        (d, s) for s in (1, 2) for d in devices
+    ] + [("cr-1", 3)]
+    (q,) = batch.rows.quarantine
+    assert (q.device_id, q.reason) == (
+        "cr-2",
+        "device_id: 'cr-1' does not match the topic's device 'cr-2'",
+    )
+    # a topic that does not parse is cached as such, and still quarantined with its reason
+    batch.add(Inbound("campus/v1/sch-1/CR-9/up", cr1_on_cr2, 5, 1, NOW))
+    batch.add(Inbound("campus/v1/sch-1/CR-9/up", cr1_on_cr2, 6, 1, NOW))
+    assert cache["campus/v1/sch-1/CR-9/up"] is None
+    assert [q.device_id for q in batch.rows.quarantine[1:]] == [None, None]
+    assert "is not a valid id" in batch.rows.quarantine[-1].reason

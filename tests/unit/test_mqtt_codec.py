@@ -13,6 +13,7 @@ from ingest_server.ingest.mqtt_codec import (
     MQTT5,
     MQTT311,
     PUBACK,
+    PUBCOMP,
     PUBREC,
     ConnAck,
     Disconnect,
@@ -192,3 +193,11 @@ def test_bad_protocol_level_is_refused() -> None:
         MqttDecoder(3)
     with pytest.raises(ValueError, match="4 or 5"):
         encode_connect("c", protocol=6)
+
+
+def test_acks_of_an_iterable_and_of_nothing_and_a_bad_identifier() -> None:
+    assert encode_acks(PUBACK, iter([1, 0xFFFF])) == bytes.fromhex("40020001" + "4002ffff")
+    assert encode_acks(PUBCOMP, []) == b""
+    for bad in (-1, 0x10000):
+        with pytest.raises(ValueError, match="16-bit"):
+            encode_acks(PUBACK, [1, bad])

@@ -278,10 +278,10 @@ def test_the_fast_path_takes_exactly_what_the_strict_decoder_takes(
 
     payload = batch(*(event(i + 1, t, _data(t, h, u)) for i, (t, h, u) in enumerate(cases)))
     strict = uplink._decode_events(uplink._decode_envelope(payload))
-    fast = uplink._decode_fast(payload)
+    fast = uplink.decode_valid(topics.parse(TOPIC), payload)
     if fast is not None:  # taken only when every event is valid, and then the same events
         assert not strict[1]
-        assert [(e.seq, e.data_json) for e in fast[1]] == [(e.seq, e.data_json) for e in strict[0]]
+        assert [(e.seq, e.data_json) for e in fast[2]] == [(e.seq, e.data_json) for e in strict[0]]
     decoded = decode_uplink(TOPIC, payload)
     assert [e.seq for e in decoded.events] == [e.seq for e in strict[0]]
     assert [r.reason for r in decoded.rejected] == [r.reason for r in strict[1]]
@@ -295,8 +295,9 @@ def test_fast_path_checks_patterns_of_every_event_in_a_message() -> None:
 
     good = event(1)
     bad = event(2, data={"uid_hash": "g" * 64, "tech": "iso14443a", "reader": "r"})
-    assert uplink._decode_fast(batch(good, good | {"seq": 3})) is not None
-    assert uplink._decode_fast(batch(good, bad)) is None
+    up = topics.parse(TOPIC)
+    assert uplink.decode_valid(up, batch(good, good | {"seq": 3})) is not None
+    assert uplink.decode_valid(up, batch(good, bad)) is None
     decoded = decode_uplink(TOPIC, batch(good, bad))
     assert [e.seq for e in decoded.events] == [1]
     assert "events[1].data.uid_hash: expected `str` matching regex" in decoded.rejected[0].reason
