@@ -15,6 +15,8 @@ from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 import psycopg
+import psycopg.sql
+import pydantic_core
 import pytest
 from psycopg.rows import dict_row
 from pydantic import BaseModel, TypeAdapter
@@ -571,23 +573,35 @@ def _awkward_rows(db_url: str, start: datetime) -> None:
             )
 
 
-def test_fast_pages_are_byte_for_byte_the_models(api: Api) -> None:
-    """The events and readings pages (pydantic-core encoding the rows unchecked) are the very
-    bytes the models gave (validated, then dumped), page and cursor included."""
+def _strict(value: Any) -> Any:
+    """``value`` (parsed JSON) with each scalar paired with its type, so an equality check
+    also tells ``1`` from ``1.0`` and ``True`` from ``1``."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return (type(value).__name__, value)
+
+
+def test_fast_pages_are_the_models_json(api: Api) -> None:
+    """The events page (rendered by PostgreSQL) and the readings page (pydantic-core encoding
+    the rows unchecked) are the JSON value the models give (validated, then dumped): the same
+    fields, values and types, page and cursor included, over awkward stored rows."""
     t4 = T0 + timedelta(days=40)
     _awkward_rows(api.db_url, t4)
     own = {"from": t4.isoformat(), "to": (t4 + timedelta(hours=1)).isoformat(), "school": "s007"}
-    cases: list[tuple[str, type[BaseModel], str, str, str]] = [
-        ("/api/v1/events", data.EventPage, data.EVENT_COLUMNS, "events", "time, device_id, seq"),
+    cases: list[tuple[str, type[BaseModel], str, str, tuple[str, str, str]]] = [
+        ("/api/v1/events", data.EventPage, data.EVENT_COLUMNS, "events",
+         ("time", "device_id", "seq")),
         ("/api/v1/readings", data.ReadingPage, data.READING_COLUMNS, "readings",
-         "time, device_id, metric"),
+         ("time", "device_id", "metric")),
     ]  # fmt: skip
     with psycopg.connect(api.db_url, autocommit=True) as conn:
-        for path, model, columns, table, order in cases:
+        for path, model, columns, table, key in cases:
+            order = ", ".join(key)
             status, _, body = get(api.url(path, limit=3, **own), api.tokens["read"])
             assert status == 200, body
             page = json.loads(body)
-            assert page["cursor"] is not None  # a full page: the cursor is in the bytes too
             rows = (
                 conn.cursor(row_factory=dict_row)
                 .execute(
@@ -597,10 +611,15 @@ def test_fast_pages_are_byte_for_byte_the_models(api: Api) -> None:
                 .fetchall()
             )
             assert len(rows) == 3
-            ref = {"items": rows, "next": page["next"], "cursor": page["cursor"]}
-            assert body == common.reply(model, ref).body, path
+            # the cursor is the third row's key, and `next` this URL with it
+            cursor = common.encode_cursor(table, tuple(rows[-1][k] for k in key))
+            assert page["cursor"] == cursor, path
+            assert page["next"] == api.url(path, limit=3, **own, cursor=cursor), path
+            ref = {"items": rows, "next": page["next"], "cursor": cursor}
+            assert _strict(page) == _strict(json.loads(common.reply(model, ref).body)), path
             # and the next page too (the last rows: NaN and infinity as null, the nested JSON)
             status, _, body = get(page["next"], api.tokens["read"])
+            assert status == 200, body
             rest = (
                 conn.cursor(row_factory=dict_row)
                 .execute(
@@ -609,5 +628,29 @@ def test_fast_pages_are_byte_for_byte_the_models(api: Api) -> None:
                 )
                 .fetchall()
             )
+            assert rest
             ref = {"items": rest, "next": None, "cursor": None}
-            assert body == common.reply(model, ref).body, path
+            assert _strict(json.loads(body)) == _strict(json.loads(common.reply(model, ref).body))
+    # the device's own spelling of a number comes back (jsonb keeps 1.10's digits)
+    status, _, body = get(api.url("/api/v1/events", limit=3, **own), api.tokens["read"])
+    assert b'"f": 1.10' in body
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Shanghai", "America/St_Johns", "Asia/Kolkata"])
+def test_event_times_rendered_in_sql_are_pydantics(api: Api, zone: str) -> None:
+    """``data.iso_time`` writes a time as pydantic writes the datetime psycopg reads for it, in
+    any session time zone (``Z``, whole and half-hour offsets, DST), with and without
+    microseconds."""
+    times = [
+        datetime(2026, 11, 20, 8, 0, tzinfo=UTC),
+        datetime(2026, 7, 1, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(8999, 12, 31, 12, 30, 5, 120_000, tzinfo=UTC),
+    ]
+    query = psycopg.sql.SQL("SELECT t.time, {} FROM unnest(%s::timestamptz[]) AS t(time)").format(
+        data.iso_time("t.time")
+    )
+    with psycopg.connect(api.db_url, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("SET TimeZone = {}").format(psycopg.sql.Literal(zone)))
+        for typed, text in conn.execute(query, (times,)).fetchall():
+            assert json.dumps(text) == pydantic_core.to_json(typed).decode(), (zone, typed)
