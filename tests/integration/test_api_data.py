@@ -21,7 +21,7 @@ import pytest
 from psycopg.rows import dict_row
 from pydantic import BaseModel, TypeAdapter
 
-from ingest_server.web.api import common, data, rollups
+from ingest_server.web.api import common, data, rollups, sqljson
 from ingest_server.web.api import devices as devices_api
 from ingest_server.web.app import HttpServer
 from simulators.api_seed import (
@@ -638,7 +638,7 @@ def test_fast_pages_are_the_models_json(api: Api) -> None:
 
 @pytest.mark.parametrize("zone", ["UTC", "Asia/Shanghai", "America/St_Johns", "Asia/Kolkata"])
 def test_event_times_rendered_in_sql_are_pydantics(api: Api, zone: str) -> None:
-    """``data.iso_time`` writes a time as pydantic writes the datetime psycopg reads for it, in
+    """``sqljson.iso_time`` writes a time as pydantic writes the datetime psycopg reads for it, in
     any session time zone (``Z``, whole and half-hour offsets, DST), with and without
     microseconds."""
     times = [
@@ -648,7 +648,7 @@ def test_event_times_rendered_in_sql_are_pydantics(api: Api, zone: str) -> None:
         datetime(8999, 12, 31, 12, 30, 5, 120_000, tzinfo=UTC),
     ]
     query = psycopg.sql.SQL("SELECT t.time, {} FROM unnest(%s::timestamptz[]) AS t(time)").format(
-        data.iso_time("t.time")
+        sqljson.iso_time(psycopg.sql.SQL("t.time"))
     )
     with psycopg.connect(api.db_url, autocommit=True) as conn:
         conn.execute(psycopg.sql.SQL("SET TimeZone = {}").format(psycopg.sql.Literal(zone)))

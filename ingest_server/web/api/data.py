@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
-from ingest_server.web.api import access, auth
+from ingest_server.web.api import access, auth, sqljson
 from ingest_server.web.api.common import (
     NAME_PATTERN,
     Conn,
@@ -140,18 +140,7 @@ def _page(
     return rows, tuple(last[c] for c in key)
 
 
-def iso_time(column: LiteralString) -> sql.Composed:
-    """``column`` (timestamptz) as the text pydantic writes for the datetime psycopg reads:
-    ISO 8601 in the session's time zone, microseconds only when not zero (all six digits),
-    ``Z`` for a zero offset. One ``to_char``; the rest is string work on its 32 characters."""
-    full = sql.SQL("to_char({}, 'YYYY-MM-DD\"T\"HH24:MI:SS.USTZH:TZM')").format(sql.SQL(column))
-    # "...SS.ffffff+hh:mm" (years 1970..9000 keep it at 32 characters): drop ".000000", and
-    # "+00:00" becomes "Z"
-    return sql.SQL(
-        "(SELECT CASE WHEN substr(f, 20, 7) = '.000000' THEN left(f, 19) ELSE left(f, 26) END"
-        " || CASE WHEN right(f, 6) = '+00:00' THEN 'Z' ELSE right(f, 6) END"
-        " FROM (SELECT {} AS f) t)"
-    ).format(full)
+_EVENT_LINE: Final = sqljson.object_sql(Event)
 
 
 def _event_page(
@@ -162,7 +151,7 @@ def _event_page(
     limit: int,
 ) -> tuple[bytes, tuple[Any, ...] | None]:
     """One page of events as the JSON text of its ``items`` array, each row rendered by
-    PostgreSQL (``row_to_json``; ``data`` spliced as stored, numbers as the device wrote
+    PostgreSQL (:mod:`sqljson`; ``data`` spliced as stored, numbers as the device wrote
     them), and the key of its last row if more follow. Python neither parses nor encodes a
     row: only that one key comes back typed, for the cursor."""
     if after is not None:
@@ -170,19 +159,12 @@ def _event_page(
         cond = sql.SQL("{} AND time >= %s AND (time, device_id, seq) > (%s, %s, %s)").format(cond)
         params = [*params, after[0], *after]
     query = sql.SQL(
-        "SELECT row_to_json(j)::text, CASE WHEN e.n = %s THEN e.time END,"
-        " CASE WHEN e.n = %s THEN e.device_id END, CASE WHEN e.n = %s THEN e.seq END"
+        "SELECT {line}, CASE WHEN n = %s THEN time END, CASE WHEN n = %s THEN device_id END,"
+        " CASE WHEN n = %s THEN seq END"
         " FROM (SELECT p.*, row_number() OVER (ORDER BY time, device_id, seq) AS n FROM"
         " (SELECT {columns} FROM events WHERE {cond} ORDER BY time, device_id, seq LIMIT %s) p"
-        " ) e, LATERAL (SELECT {time} AS time, e.school_id, e.device_id, e.device_kind, e.seq,"
-        " e.type, e.data, {received} AS received_at, e.synced, e.replay) j"
-        " ORDER BY e.time, e.device_id, e.seq"
-    ).format(
-        columns=sql.SQL(EVENT_COLUMNS),
-        cond=cond,
-        time=iso_time("e.time"),
-        received=iso_time("e.received_at"),
-    )
+        " ) e ORDER BY time, device_id, seq"
+    ).format(line=_EVENT_LINE, columns=sql.SQL(EVENT_COLUMNS), cond=cond)
     rows = conn.execute(query, [limit, limit, limit, *params, limit + 1]).fetchall()
     items = ",".join([r[0] for r in rows[:limit]]).encode()
     if len(rows) <= limit:
