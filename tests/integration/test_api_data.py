@@ -8,7 +8,7 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from importlib import metadata
 from typing import Any
 from urllib.parse import urlencode
@@ -404,9 +404,10 @@ def test_rollups(api: Api, path: str, relation: str, params: dict[str, Any]) -> 
     assert status == 200, raw
     body = json.loads(raw)
     assert body["truncated"] is False
-    # encoded unchecked, yet the bytes the model gives: its types, its number formats
+    # rendered by PostgreSQL, yet the JSON value the model gives: its fields, values, types
     spec = next(s for s in rollups.ROLLUPS if s.relation == relation)
-    assert raw == common.reply(rollups.Rollup[spec.model], body).body  # type: ignore[name-defined]
+    model = rollups.Rollup[spec.model]  # type: ignore[name-defined]
+    assert _strict(body) == _strict(json.loads(common.reply(model, body).body))
     expected = [
         r
         for r in ROLLUP_ROWS[relation]
@@ -421,10 +422,9 @@ def test_rollups(api: Api, path: str, relation: str, params: dict[str, Any]) -> 
 def test_rollups_rendered_by_postgresql_truncate_like_the_others(
     api: Api, cap: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """card-taps (rendered by PostgreSQL) cut at the cap, ``truncated`` set only past it, the
-    bytes the model gives; an empty range is an empty list."""
-    assert rollups.rendered_in_sql(rollups.CardTaps)
-    assert not rollups.rendered_in_sql(rollups.BoardPower)  # floats: encoded in Python
+    """card-taps (rendered by PostgreSQL, as every rollup) cut at the cap, ``truncated`` set
+    only past it, the JSON value the model gives; an empty range is an empty list."""
+    assert all(sqljson.renders(spec.model) for spec in rollups.ROLLUPS)
     monkeypatch.setattr(rollups, "MAX_ROWS", cap)  # the server runs in this process
     days = {"from": DAY0.isoformat(), "to": (DAY0 + timedelta(days=6)).isoformat()}
     status, _, raw = get(api.url("/api/v1/rollups/card-taps", **days), api.tokens["read"])
@@ -432,7 +432,8 @@ def test_rollups_rendered_by_postgresql_truncate_like_the_others(
     body = json.loads(raw)
     assert [i["device_id"] for i in body["items"]] == ["cr-0101", "cr-0201"][:cap]
     assert body["truncated"] is (cap < 2)
-    assert raw == common.reply(rollups.Rollup[rollups.CardTaps], body).body
+    model = rollups.Rollup[rollups.CardTaps]
+    assert _strict(body) == _strict(json.loads(common.reply(model, body).body))
     _, _, raw = get(
         api.url("/api/v1/rollups/card-taps", **{"from": "2027-01-01", "to": "2027-01-02"}),
         api.tokens["read"],
@@ -654,3 +655,32 @@ def test_event_times_rendered_in_sql_are_pydantics(api: Api, zone: str) -> None:
         conn.execute(psycopg.sql.SQL("SET TimeZone = {}").format(psycopg.sql.Literal(zone)))
         for typed, text in conn.execute(query, (times,)).fetchall():
             assert json.dumps(text) == pydantic_core.to_json(typed).decode(), (zone, typed)
+
+
+@pytest.mark.parametrize(
+    ("pg_type", "annotation", "values"),
+    [
+        ("float8", float | None,
+         [float("nan"), float("inf"), float("-inf"), -0.0, 1e300, 0.1, 3.0, 1e-7, -2.5e-300,
+          123456789012345.0, 1e16, None]),
+        ("text", str | None,
+         ["", "\u674e\u96f7 \U0001f600 \u2028\u2029", 'a"b\\c\x01\x1f\n\t/', "</script>", None]),
+        ("bigint", int | None, [0, -1, 2**63 - 1, -(2**63), None]),
+        ("boolean", bool | None, [True, False, None]),
+        ("date", date | None, [date(1970, 1, 1), date(2026, 2, 28), date(8999, 12, 31), None]),
+    ],
+)  # fmt: skip
+def test_values_rendered_in_sql_are_pydantics(
+    api: Api, pg_type: str, annotation: Any, values: list[Any]
+) -> None:
+    """``sqljson.value_sql`` writes each value as the JSON value pydantic gives for the value
+    psycopg reads (``inf_nan_mode="null"``): the same value and type once parsed."""
+    query = psycopg.sql.SQL("SELECT v, {} FROM unnest(%s::{}[]) AS t(v)").format(
+        sqljson.value_sql(psycopg.sql.SQL("v"), annotation), psycopg.sql.SQL(pg_type)
+    )
+    with psycopg.connect(api.db_url, autocommit=True) as conn:
+        rows = conn.execute(query, (values,)).fetchall()
+    assert len(rows) == len(values)
+    for typed, text in rows:
+        want = json.loads(pydantic_core.to_json(typed, inf_nan_mode="null"))
+        assert _strict(json.loads(text)) == _strict(want), (pg_type, typed, text)
