@@ -159,17 +159,18 @@ def _event_page(
         cond = sql.SQL("{} AND time >= %s AND (time, device_id, seq) > (%s, %s, %s)").format(cond)
         params = [*params, after[0], *after]
     query = sql.SQL(
-        "SELECT {line}, CASE WHEN n = %s THEN time END, CASE WHEN n = %s THEN device_id END,"
-        " CASE WHEN n = %s THEN seq END"
-        " FROM (SELECT p.*, row_number() OVER (ORDER BY time, device_id, seq) AS n FROM"
-        " (SELECT {columns} FROM events WHERE {cond} ORDER BY time, device_id, seq LIMIT %s) p"
-        " ) e ORDER BY time, device_id, seq"
+        "SELECT {line}, time, device_id, seq FROM"
+        " (SELECT {columns} FROM events WHERE {cond} ORDER BY time, device_id, seq LIMIT %s) e"
+        " ORDER BY time, device_id, seq"
     ).format(line=_EVENT_LINE, columns=sql.SQL(EVENT_COLUMNS), cond=cond)
-    rows = conn.execute(query, [limit, limit, limit, *params, limit + 1]).fetchall()
-    items = ",".join([r[0] for r in rows[:limit]]).encode()
-    if len(rows) <= limit:
+    cur = conn.execute(query, [*params, limit + 1], binary=True)
+    items, n = sqljson.joined(cur, limit)
+    if n <= limit:
         return items, None
-    return items, rows[limit - 1][1:]
+    cur.scroll(limit - 1, "absolute")  # only the last row's key is loaded, for the cursor
+    row = cur.fetchone()
+    assert row is not None
+    return items, tuple(row[1:])
 
 
 @router.get("/events", summary="Events in a time range, keyset paged", response_model=EventPage)

@@ -211,9 +211,8 @@ def _fetch_json(
         where=sql.SQL(" AND ").join(where),
         order=sql.SQL(spec.order),
     )
-    rows = conn.execute(query, [*params, MAX_ROWS + 1]).fetchall()
-    more = b"true" if len(rows) > MAX_ROWS else b"false"
-    items = ",".join([r[0] for r in rows[:MAX_ROWS]]).encode()
+    items, n = sqljson.joined(conn.execute(query, [*params, MAX_ROWS + 1], binary=True), MAX_ROWS)
+    more = b"true" if n > MAX_ROWS else b"false"
     return b'{"items":[' + items + b'],"truncated":' + more + b"}"
 
 

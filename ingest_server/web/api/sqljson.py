@@ -18,6 +18,7 @@ import typing
 from datetime import date, datetime
 from typing import Any
 
+import psycopg
 from psycopg import sql
 from pydantic import BaseModel
 
@@ -25,15 +26,13 @@ from pydantic import BaseModel
 def iso_time(expr: sql.Composable) -> sql.Composed:
     """``expr`` (timestamptz) as the text pydantic writes for the datetime psycopg reads:
     ISO 8601 in the session's time zone, microseconds only when not zero (all six digits),
-    ``Z`` for a zero offset. One ``to_char``; the rest is string work on its 32 characters
-    (years 1000..9999: the API's ranges lie within 1970..9000)."""
-    full = sql.SQL("to_char({}, 'YYYY-MM-DD\"T\"HH24:MI:SS.USTZH:TZM')").format(expr)
-    # "...SS.ffffff+hh:mm": drop ".000000", and "+00:00" becomes "Z"
+    ``Z`` for a zero offset. One ``to_char`` and two ``replace``: ``.000000`` can only be the
+    fraction and ``+00:00`` only the offset (a sub-select computing it once costs a SubPlan per
+    row, three times this)."""
     return sql.SQL(
-        "(SELECT CASE WHEN substr(f, 20, 7) = '.000000' THEN left(f, 19) ELSE left(f, 26) END"
-        " || CASE WHEN right(f, 6) = '+00:00' THEN 'Z' ELSE right(f, 6) END"
-        " FROM (SELECT {} AS f) t)"
-    ).format(full)
+        "replace(replace(to_char({}, 'YYYY-MM-DD\"T\"HH24:MI:SS.USTZH:TZM'), '.000000', ''),"
+        " '+00:00', 'Z')"
+    ).format(expr)
 
 
 def value_sql(expr: sql.Composable, annotation: Any) -> sql.Composed:
@@ -48,13 +47,14 @@ def value_sql(expr: sql.Composable, annotation: Any) -> sql.Composed:
     elif kinds == {datetime}:
         text = sql.SQL("'\"' || {} || '\"'").format(iso_time(expr))
     elif kinds == {float}:
-        # float8's shortest round-trip text; pydantic writes 3.0 where it writes 3, and null
-        # for NaN and the infinities
+        # float8's shortest round-trip text (a numeric column is the float psycopg's Decimal
+        # becomes in the model); pydantic writes 3.0 where that writes 3, and null for NaN and
+        # the infinities (no sub-select: that costs a SubPlan per row)
         return sql.SQL(
-            "(SELECT CASE WHEN v IS NULL OR v IN ('NaN', 'Infinity', '-Infinity') THEN 'null'"
-            " WHEN strpos(v, '.') + strpos(v, 'e') = 0 THEN v || '.0' ELSE v END"
-            " FROM (SELECT {}::text AS v) f)"
-        ).format(expr)
+            "coalesce(CASE WHEN {x} IN ('NaN', 'Infinity', '-Infinity') THEN 'null'"
+            " WHEN {x} = trunc({x}) AND strpos({x}::text, 'e') = 0 THEN {x}::text || '.0'"
+            " ELSE {x}::text END, 'null')"
+        ).format(x=sql.SQL("({})::float8").format(expr))
     else:
         raise TypeError(f"no SQL rendering for a field of type {annotation!r}")
     return sql.SQL("coalesce({}, 'null')").format(text)
@@ -84,3 +84,13 @@ def renders(model: type[BaseModel]) -> bool:
     except TypeError:
         return False
     return True
+
+
+def joined(cur: psycopg.Cursor[Any], limit: int) -> tuple[bytes, int]:
+    """The first column of the first ``limit`` rows of ``cur``'s result joined by commas, as
+    the bytes PostgreSQL sent (no decoding, no row tuples), and how many rows there were."""
+    result = cur.pgresult
+    assert result is not None
+    n = result.ntuples
+    values = [result.get_value(i, 0) for i in range(min(n, limit))]
+    return b",".join([v for v in values if v is not None]), n
