@@ -111,13 +111,20 @@ def seed(url: str, n: int) -> None:
         conn.execute("VACUUM ANALYZE events")
 
 
-def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
-    fn()  # warm caches and connections
-    out = []
+def timed(
+    api: Callable[[], Any], direct: Callable[[], Any], repeat: int
+) -> tuple[list[float], list[float]]:
+    """``repeat`` timings of each, taken in turns (API, SQL, API, ...), so both sides see the
+    same load from the machine's other users: on a shared box it moves by 2x within a minute,
+    and one side timed wholly before the other measured that, not the API."""
+    api()  # warm caches and connections
+    direct()
+    out: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
+        for fn, times in ((api, out[0]), (direct, out[1])):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
     return out
 
 
@@ -298,16 +305,16 @@ def main(argv: list[str]) -> int:
                 assert conn.execute(_META_SQL).fetchone()
 
             r, e = args.repeat, args.export_repeat
-            rows.append(("time-range page (1000 rows)", timed(api_range, r), timed(sql_range, r)))
-            rows.append(("keyset walk (50 pages x 1000)", timed(api_walk, max(3, r // 6)),
-                         timed(sql_walk, max(3, r // 6))))  # fmt: skip
-            rows.append(
-                ("full export NDJSON (all rows)", timed(api_export, e), timed(sql_export, e))
-            )
-            rows.append(
-                ("daily rollup (card_taps_daily)", timed(api_rollup, r), timed(sql_rollup, r))
-            )
-            rows.append(("fixed cost (/api/v1/meta)", timed(api_meta, r), timed(sql_meta, r)))
+            figures = [
+                ("time-range page (1000 rows)", api_range, sql_range, r),
+                ("keyset walk (50 pages x 1000)", api_walk, sql_walk, max(3, r // 6)),
+                ("full export NDJSON (all rows)", api_export, sql_export, e),
+                ("daily rollup (card_taps_daily)", api_rollup, sql_rollup, r),
+                ("fixed cost (/api/v1/meta)", api_meta, sql_meta, r),
+            ]
+            for name, api_fn, sql_fn, n in figures:
+                api_t, sql_t = timed(api_fn, sql_fn, n)
+                rows.append((name, api_t, sql_t))
     finally:
         pg.stop("immediate")
         shutil.rmtree(work, ignore_errors=True)
