@@ -8,18 +8,20 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from importlib import metadata
 from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 import psycopg
+import psycopg.sql
+import pydantic_core
 import pytest
 from psycopg.rows import dict_row
 from pydantic import BaseModel, TypeAdapter
 
-from ingest_server.web.api import common, data, rollups
+from ingest_server.web.api import common, data, rollups, sqljson
 from ingest_server.web.api import devices as devices_api
 from ingest_server.web.app import HttpServer
 from simulators.api_seed import (
@@ -402,9 +404,10 @@ def test_rollups(api: Api, path: str, relation: str, params: dict[str, Any]) -> 
     assert status == 200, raw
     body = json.loads(raw)
     assert body["truncated"] is False
-    # encoded unchecked, yet the bytes the model gives: its types, its number formats
+    # rendered by PostgreSQL, yet the JSON value the model gives: its fields, values, types
     spec = next(s for s in rollups.ROLLUPS if s.relation == relation)
-    assert raw == common.reply(rollups.Rollup[spec.model], body).body  # type: ignore[name-defined]
+    model = rollups.Rollup[spec.model]  # type: ignore[name-defined]
+    assert _strict(body) == _strict(json.loads(common.reply(model, body).body))
     expected = [
         r
         for r in ROLLUP_ROWS[relation]
@@ -419,10 +422,9 @@ def test_rollups(api: Api, path: str, relation: str, params: dict[str, Any]) -> 
 def test_rollups_rendered_by_postgresql_truncate_like_the_others(
     api: Api, cap: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """card-taps (rendered by PostgreSQL) cut at the cap, ``truncated`` set only past it, the
-    bytes the model gives; an empty range is an empty list."""
-    assert rollups.rendered_in_sql(rollups.CardTaps)
-    assert not rollups.rendered_in_sql(rollups.BoardPower)  # floats: encoded in Python
+    """card-taps (rendered by PostgreSQL, as every rollup) cut at the cap, ``truncated`` set
+    only past it, the JSON value the model gives; an empty range is an empty list."""
+    assert all(sqljson.renders(spec.model) for spec in rollups.ROLLUPS)
     monkeypatch.setattr(rollups, "MAX_ROWS", cap)  # the server runs in this process
     days = {"from": DAY0.isoformat(), "to": (DAY0 + timedelta(days=6)).isoformat()}
     status, _, raw = get(api.url("/api/v1/rollups/card-taps", **days), api.tokens["read"])
@@ -430,7 +432,8 @@ def test_rollups_rendered_by_postgresql_truncate_like_the_others(
     body = json.loads(raw)
     assert [i["device_id"] for i in body["items"]] == ["cr-0101", "cr-0201"][:cap]
     assert body["truncated"] is (cap < 2)
-    assert raw == common.reply(rollups.Rollup[rollups.CardTaps], body).body
+    model = rollups.Rollup[rollups.CardTaps]
+    assert _strict(body) == _strict(json.loads(common.reply(model, body).body))
     _, _, raw = get(
         api.url("/api/v1/rollups/card-taps", **{"from": "2027-01-01", "to": "2027-01-02"}),
         api.tokens["read"],
@@ -571,23 +574,35 @@ def _awkward_rows(db_url: str, start: datetime) -> None:
             )
 
 
-def test_fast_pages_are_byte_for_byte_the_models(api: Api) -> None:
-    """The events and readings pages (pydantic-core encoding the rows unchecked) are the very
-    bytes the models gave (validated, then dumped), page and cursor included."""
+def _strict(value: Any) -> Any:
+    """``value`` (parsed JSON) with each scalar paired with its type, so an equality check
+    also tells ``1`` from ``1.0`` and ``True`` from ``1``."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return (type(value).__name__, value)
+
+
+def test_fast_pages_are_the_models_json(api: Api) -> None:
+    """The events page (rendered by PostgreSQL) and the readings page (pydantic-core encoding
+    the rows unchecked) are the JSON value the models give (validated, then dumped): the same
+    fields, values and types, page and cursor included, over awkward stored rows."""
     t4 = T0 + timedelta(days=40)
     _awkward_rows(api.db_url, t4)
     own = {"from": t4.isoformat(), "to": (t4 + timedelta(hours=1)).isoformat(), "school": "s007"}
-    cases: list[tuple[str, type[BaseModel], str, str, str]] = [
-        ("/api/v1/events", data.EventPage, data.EVENT_COLUMNS, "events", "time, device_id, seq"),
+    cases: list[tuple[str, type[BaseModel], str, str, tuple[str, str, str]]] = [
+        ("/api/v1/events", data.EventPage, data.EVENT_COLUMNS, "events",
+         ("time", "device_id", "seq")),
         ("/api/v1/readings", data.ReadingPage, data.READING_COLUMNS, "readings",
-         "time, device_id, metric"),
+         ("time", "device_id", "metric")),
     ]  # fmt: skip
     with psycopg.connect(api.db_url, autocommit=True) as conn:
-        for path, model, columns, table, order in cases:
+        for path, model, columns, table, key in cases:
+            order = ", ".join(key)
             status, _, body = get(api.url(path, limit=3, **own), api.tokens["read"])
             assert status == 200, body
             page = json.loads(body)
-            assert page["cursor"] is not None  # a full page: the cursor is in the bytes too
             rows = (
                 conn.cursor(row_factory=dict_row)
                 .execute(
@@ -597,10 +612,15 @@ def test_fast_pages_are_byte_for_byte_the_models(api: Api) -> None:
                 .fetchall()
             )
             assert len(rows) == 3
-            ref = {"items": rows, "next": page["next"], "cursor": page["cursor"]}
-            assert body == common.reply(model, ref).body, path
+            # the cursor is the third row's key, and `next` this URL with it
+            cursor = common.encode_cursor(table, tuple(rows[-1][k] for k in key))
+            assert page["cursor"] == cursor, path
+            assert page["next"] == api.url(path, limit=3, **own, cursor=cursor), path
+            ref = {"items": rows, "next": page["next"], "cursor": cursor}
+            assert _strict(page) == _strict(json.loads(common.reply(model, ref).body)), path
             # and the next page too (the last rows: NaN and infinity as null, the nested JSON)
             status, _, body = get(page["next"], api.tokens["read"])
+            assert status == 200, body
             rest = (
                 conn.cursor(row_factory=dict_row)
                 .execute(
@@ -609,5 +629,58 @@ def test_fast_pages_are_byte_for_byte_the_models(api: Api) -> None:
                 )
                 .fetchall()
             )
+            assert rest
             ref = {"items": rest, "next": None, "cursor": None}
-            assert body == common.reply(model, ref).body, path
+            assert _strict(json.loads(body)) == _strict(json.loads(common.reply(model, ref).body))
+    # the device's own spelling of a number comes back (jsonb keeps 1.10's digits)
+    status, _, body = get(api.url("/api/v1/events", limit=3, **own), api.tokens["read"])
+    assert b'"f": 1.10' in body
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Shanghai", "America/St_Johns", "Asia/Kolkata"])
+def test_event_times_rendered_in_sql_are_pydantics(api: Api, zone: str) -> None:
+    """``sqljson.iso_time`` writes a time as pydantic writes the datetime psycopg reads for it, in
+    any session time zone (``Z``, whole and half-hour offsets, DST), with and without
+    microseconds."""
+    times = [
+        datetime(2026, 11, 20, 8, 0, tzinfo=UTC),
+        datetime(2026, 7, 1, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(1970, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(8999, 12, 31, 12, 30, 5, 120_000, tzinfo=UTC),
+    ]
+    query = psycopg.sql.SQL("SELECT t.time, {} FROM unnest(%s::timestamptz[]) AS t(time)").format(
+        sqljson.iso_time(psycopg.sql.SQL("t.time"))
+    )
+    with psycopg.connect(api.db_url, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("SET TimeZone = {}").format(psycopg.sql.Literal(zone)))
+        for typed, text in conn.execute(query, (times,)).fetchall():
+            assert json.dumps(text) == pydantic_core.to_json(typed).decode(), (zone, typed)
+
+
+@pytest.mark.parametrize(
+    ("pg_type", "annotation", "values"),
+    [
+        ("float8", float | None,
+         [float("nan"), float("inf"), float("-inf"), -0.0, 1e300, 0.1, 3.0, 1e-7, -2.5e-300,
+          123456789012345.0, 1e16, None]),
+        ("text", str | None,
+         ["", "\u674e\u96f7 \U0001f600 \u2028\u2029", 'a"b\\c\x01\x1f\n\t/', "</script>", None]),
+        ("bigint", int | None, [0, -1, 2**63 - 1, -(2**63), None]),
+        ("boolean", bool | None, [True, False, None]),
+        ("date", date | None, [date(1970, 1, 1), date(2026, 2, 28), date(8999, 12, 31), None]),
+    ],
+)  # fmt: skip
+def test_values_rendered_in_sql_are_pydantics(
+    api: Api, pg_type: str, annotation: Any, values: list[Any]
+) -> None:
+    """``sqljson.value_sql`` writes each value as the JSON value pydantic gives for the value
+    psycopg reads (``inf_nan_mode="null"``): the same value and type once parsed."""
+    query = psycopg.sql.SQL("SELECT v, {} FROM unnest(%s::{}[]) AS t(v)").format(
+        sqljson.value_sql(psycopg.sql.SQL("v"), annotation), psycopg.sql.SQL(pg_type)
+    )
+    with psycopg.connect(api.db_url, autocommit=True) as conn:
+        rows = conn.execute(query, (values,)).fetchall()
+    assert len(rows) == len(values)
+    for typed, text in rows:
+        want = json.loads(pydantic_core.to_json(typed, inf_nan_mode="null"))
+        assert _strict(json.loads(text)) == _strict(want), (pg_type, typed, text)

@@ -1,0 +1,96 @@
+"""Response rows rendered as JSON text by PostgreSQL, each the JSON value its pydantic model
+would give (same fields in the same order, same values, same types), so a hot listing's
+Python neither parses a row nor encodes one: it joins the lines the database wrote.
+
+Each field is rendered by its model annotation: strings by ``to_json`` (JSON's escapes), ints
+and booleans as their text, dates as ISO dates, datetimes as pydantic writes them (see
+:func:`iso_time`), floats with a ``.0`` where PostgreSQL writes an integral value bare and
+``null`` where pydantic's ``inf_nan_mode="null"`` would write it, and jsonb as stored (the
+numbers as the device wrote them: ``1.10`` stays ``1.10``; the same value when parsed).
+A concatenation, not ``row_to_json``: that looks each column's output function up per row and
+took twice the time of the plain fetch on a rollup of 2,200 rows.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from datetime import date, datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from pydantic import BaseModel
+
+
+def iso_time(expr: sql.Composable) -> sql.Composed:
+    """``expr`` (timestamptz) as the text pydantic writes for the datetime psycopg reads:
+    ISO 8601 in the session's time zone, microseconds only when not zero (all six digits),
+    ``Z`` for a zero offset. One ``to_char`` and two ``replace``: ``.000000`` can only be the
+    fraction and ``+00:00`` only the offset (a sub-select computing it once costs a SubPlan per
+    row, three times this)."""
+    return sql.SQL(
+        "replace(replace(to_char({}, 'YYYY-MM-DD\"T\"HH24:MI:SS.USTZH:TZM'), '.000000', ''),"
+        " '+00:00', 'Z')"
+    ).format(expr)
+
+
+def value_sql(expr: sql.Composable, annotation: Any) -> sql.Composed:
+    """The JSON text of ``expr`` for a field annotated ``annotation`` (``null`` for NULL)."""
+    kinds = set(typing.get_args(annotation) or (annotation,)) - {type(None)}
+    if typing.get_origin(annotation) is dict:
+        kinds = {dict}
+    if kinds in ({str}, {date}):
+        text = sql.SQL("to_json({})::text").format(expr)  # JSON's escapes; ISO dates
+    elif kinds in ({int}, {bool}, {dict}):
+        text = sql.SQL("{}::text").format(expr)  # jsonb: as stored
+    elif kinds == {datetime}:
+        text = sql.SQL("'\"' || {} || '\"'").format(iso_time(expr))
+    elif kinds == {float}:
+        # float8's shortest round-trip text (a numeric column is the float psycopg's Decimal
+        # becomes in the model); pydantic writes 3.0 where that writes 3, and null for NaN and
+        # the infinities (no sub-select: that costs a SubPlan per row)
+        return sql.SQL(
+            "coalesce(CASE WHEN {x} IN ('NaN', 'Infinity', '-Infinity') THEN 'null'"
+            " WHEN {x} = trunc({x}) AND strpos({x}::text, 'e') = 0 THEN {x}::text || '.0'"
+            " ELSE {x}::text END, 'null')"
+        ).format(x=sql.SQL("({})::float8").format(expr))
+    else:
+        raise TypeError(f"no SQL rendering for a field of type {annotation!r}")
+    return sql.SQL("coalesce({}, 'null')").format(text)
+
+
+def object_sql(
+    model: type[BaseModel], exprs: dict[str, sql.Composable] | None = None
+) -> sql.Composed:
+    """One row of ``model`` as JSON text: its fields in order, each read from the column of
+    its name or from ``exprs[name]``."""
+    exprs = exprs or {}
+    parts: list[sql.Composable] = []
+    for i, (name, field) in enumerate(model.model_fields.items()):
+        key = ("{" if i == 0 else ",") + json.dumps(name) + ":"
+        parts += [
+            sql.Literal(key),
+            value_sql(exprs.get(name, sql.Identifier(name)), field.annotation),
+        ]
+    parts.append(sql.Literal("}"))
+    return sql.SQL("({})").format(sql.SQL(" || ").join(parts))
+
+
+def renders(model: type[BaseModel]) -> bool:
+    """Whether :func:`object_sql` can render every field of ``model``."""
+    try:
+        object_sql(model)
+    except TypeError:
+        return False
+    return True
+
+
+def joined(cur: psycopg.Cursor[Any], limit: int) -> tuple[bytes, int]:
+    """The first column of the first ``limit`` rows of ``cur``'s result joined by commas, as
+    the bytes PostgreSQL sent (no decoding, no row tuples), and how many rows there were."""
+    result = cur.pgresult
+    assert result is not None
+    n = result.ntuples
+    values = [result.get_value(i, 0) for i in range(min(n, limit))]
+    return b",".join([v for v in values if v is not None]), n
