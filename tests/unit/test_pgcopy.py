@@ -315,3 +315,24 @@ def test_a_reading_too_big_for_float8_is_an_encode_error_not_a_crash() -> None:
         pgcopy.encode_readings([row])
     with pytest.raises(pgcopy.CopyEncodeError):
         encode_events([row])
+
+
+def _row(ts: datetime, data: bytes = b"{}", *, synced: Any = True) -> EventRow:
+    event = ValidEvent(1, ts, "card.tap", data, None, synced, False)  # type: ignore[arg-type]
+    return EventRow("sch-1", "cr-1", "card_reader", T0, event)
+
+
+def test_an_events_row_is_one_pack_per_shape_and_the_same_bytes() -> None:
+    """Rows of many shapes (data lengths) and flags that are not bools but truthy: each the
+    bytes the generic encoder gives, and the cache of row layouts stays bounded."""
+    rows = [_row(T0 + timedelta(microseconds=n), b"[" + b"1," * n + b"1]") for n in range(50)]
+    rows.append(_row(T0, synced=2))
+    expected = pgcopy.encode_rows(pgcopy.EVENT_TYPES, [event_tuple(r) for r in rows])
+    assert pgcopy.encode_events(rows) == expected
+    assert len(pgcopy._ROW_STRUCTS) <= pgcopy._ROW_STRUCTS_MAX
+
+
+def test_a_naive_event_time_is_named_by_the_events_encoder() -> None:
+    rows = [_row(T0), _row(datetime(2026, 11, 22, 7, 50))]
+    with pytest.raises(pgcopy.CopyEncodeError, match="timestamptz needs an aware datetime"):
+        pgcopy.encode_events(rows)
