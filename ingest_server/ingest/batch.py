@@ -165,8 +165,12 @@ def encode_events(
     else:
         distinct = list(events)
     stamps: list[int] = []
-    events_copy = pgcopy.encode_events(distinct, stamps)
-    readings_copy, readings = pgcopy.encode_readings(distinct, stamps)
+    seen: set[str] = set()
+    events_copy = pgcopy.encode_events(distinct, stamps, seen)
+    if pgcopy.carries_readings(seen):
+        readings_copy, readings = pgcopy.encode_readings(distinct, stamps)
+    else:  # (card taps, presence...: most types carry no readings)
+        readings_copy, readings = pgcopy.NO_ROWS, 0
     stamps.sort()
     return EncodedEvents(distinct, events_copy, readings_copy, readings, spans, stamps)
 

@@ -156,9 +156,12 @@ _ROW_STRUCTS: dict[tuple[int, int, int], Callable[..., bytes]] = {}
 _ROW_STRUCTS_MAX: Final = 4096
 
 
-def encode_events(events: Sequence[EventRow], stamps: list[int] | None = None) -> bytes:
+def encode_events(
+    events: Sequence[EventRow], stamps: list[int] | None = None, seen: set[str] | None = None
+) -> bytes:
     """The COPY payload of ``events`` rows (:data:`EVENT_COLUMNS`); each event's ``ts`` as
-    encoded (µs since 2000-01-01 UTC) is appended to ``stamps`` when given."""
+    encoded (µs since 2000-01-01 UTC) is appended to ``stamps`` when given, and the event
+    types met are added to ``seen`` (for :func:`carries_readings`)."""
     out = bytearray(HEADER)
     tail = _EVENT_TAIL.pack
     shapes = _ROW_STRUCTS
@@ -222,7 +225,19 @@ def encode_events(events: Sequence[EventRow], stamps: list[int] | None = None) -
     except (error, OverflowError) as exc:
         raise CopyEncodeError(f"cannot encode an events row: {exc}") from None
     out += TRAILER
+    if seen is not None:
+        seen.update(types)
     return bytes(out)
+
+
+#: A COPY payload of no rows.
+NO_ROWS: Final = HEADER + TRAILER
+
+
+def carries_readings(event_types: Iterable[str]) -> bool:
+    """Whether events of these types can have ``readings`` rows: when not, a batch skips
+    :func:`encode_readings` (a look-up per event) and sends nothing."""
+    return any(_metric_plan(t) is not None for t in event_types)
 
 
 def _aware(dt: object) -> bool:
@@ -304,10 +319,12 @@ __all__ = [
     "EVENT_TYPES",
     "FIELD_ENCODERS",
     "HEADER",
+    "NO_ROWS",
     "READING_COLUMNS",
     "READING_TYPES",
     "TRAILER",
     "CopyEncodeError",
+    "carries_readings",
     "encode_events",
     "encode_readings",
     "encode_rows",

@@ -317,8 +317,8 @@ def test_a_reading_too_big_for_float8_is_an_encode_error_not_a_crash() -> None:
         encode_events([row])
 
 
-def _row(ts: datetime, data: bytes = b"{}", *, synced: Any = True) -> EventRow:
-    event = ValidEvent(1, ts, "card.tap", data, None, synced, False)  # type: ignore[arg-type]
+def _row(ts: datetime, data: bytes = b"{}", *, synced: Any = True, seq: int = 1) -> EventRow:
+    event = ValidEvent(seq, ts, "card.tap", data, None, synced, False)  # type: ignore[arg-type]
     return EventRow("sch-1", "cr-1", "card_reader", T0, event)
 
 
@@ -336,3 +336,19 @@ def test_a_naive_event_time_is_named_by_the_events_encoder() -> None:
     rows = [_row(T0), _row(datetime(2026, 11, 22, 7, 50))]
     with pytest.raises(pgcopy.CopyEncodeError, match="timestamptz needs an aware datetime"):
         pgcopy.encode_events(rows)
+
+
+def test_a_batch_of_types_without_readings_skips_their_encoding() -> None:
+    """Whether a type carries readings is its registered metrics; a batch of such types sends
+    the COPY payload of no rows, as :func:`pgcopy.encode_readings` itself would give."""
+    for name, registered in REGISTRY.items():
+        assert pgcopy.carries_readings([name]) is bool(registered.metrics)
+    assert not pgcopy.carries_readings(["no.such.type"])
+    rows = [_row(T0 + timedelta(seconds=n), seq=n) for n in range(3)]
+    encoded = encode_events(rows)
+    assert (encoded.readings_copy, encoded.readings) == pgcopy.encode_readings(rows)
+    assert encoded.readings_copy == pgcopy.NO_ROWS
+    mixed = rows_of(env_message("env-1", [(1, 20.5, 40.0)]))[0].events + rows
+    encoded = encode_events(mixed)
+    assert (encoded.readings_copy, encoded.readings) == pgcopy.encode_readings(mixed)
+    assert encoded.readings == 2
