@@ -333,12 +333,10 @@ class Batch:
                 self._add_error(msg, exc)
                 return
             if fast is not None:
-                valid = fast[2]
-                n = len(valid)
-                school, device, kind = topic.school_id, topic.device_id, fast[0]
-                at = msg.received_at
-                if n == 1:
-                    ev = valid[0]
+                kind, _, valid = fast
+                school, device, at = topic.school_id, topic.device_id, msg.received_at
+                if len(valid) == 1:
+                    (ev,) = valid
                     self.rows.events.append(EventRow(school, device, kind, at, ev))
                     if self._increasing:  # _extend_span of one event, inline
                         seq = ev.seq
@@ -359,6 +357,7 @@ class Batch:
                 self.rows.events += new
                 if self._increasing and new:
                     self._increasing = self._extend_span(new)
+                n = len(valid)
                 self.events_received += n
                 self.size += n or 1
                 return
