@@ -55,7 +55,7 @@ class LaneOf:
         self.lanes = lanes
         self._cache: dict[str, int] = {}
         #: The lane of a topic seen before, else None (a dict look-up, no call of this object).
-        self.known = self._cache.get
+        self.known: Callable[[str], int | None] = self._cache.get
 
     def __call__(self, topic: str) -> int:
         lane = self._cache.get(topic)
@@ -122,7 +122,8 @@ def collect_group(
     messages.append(first)
     adds = [p.add for p in parts]
     # a known topic's lane without a call of lane_of (once per message)
-    known = lane_of.known if isinstance(lane_of, LaneOf) else {}.get
+    unknown: dict[str, int] = {}
+    known = lane_of.known if isinstance(lane_of, LaneOf) else unknown.get
     deadline = time.monotonic() + max_wait_s
     biggest = max(p.size for p in parts)
     while biggest < max_size:
