@@ -217,11 +217,12 @@ def encode_events(
             out += pack(
                 10, 8, ts, where, 8, e.seq, typ_n[0], data_n + 1, _JSONB_VERSION, data, end
             )  # fmt: skip
-    except TypeError as exc:
-        bad = next((r.event.ts for r in events if not _aware(r.event.ts)), None)
-        if bad is None:
-            raise CopyEncodeError(f"cannot encode an events row: {exc}") from None
-        raise CopyEncodeError(f"timestamptz needs an aware datetime, not {bad!r}") from None
+    except TypeError:
+        # a naive ts (as micros() says); any other TypeError is a bug, raised as it is
+        bad = [r.event.ts for r in events if not _aware(r.event.ts)]
+        if not bad:
+            raise
+        raise CopyEncodeError(f"timestamptz needs an aware datetime, not {bad[0]!r}") from None
     except (error, OverflowError) as exc:
         raise CopyEncodeError(f"cannot encode an events row: {exc}") from None
     out += TRAILER

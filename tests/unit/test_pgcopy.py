@@ -332,10 +332,15 @@ def test_an_events_row_is_one_pack_per_shape_and_the_same_bytes() -> None:
     assert len(pgcopy._ROW_STRUCTS) <= pgcopy._ROW_STRUCTS_MAX
 
 
-def test_a_naive_event_time_is_named_by_the_events_encoder() -> None:
-    rows = [_row(T0), _row(datetime(2026, 11, 22, 7, 50))]
-    with pytest.raises(pgcopy.CopyEncodeError, match="timestamptz needs an aware datetime"):
+@pytest.mark.parametrize("ts", [datetime(2026, 11, 22, 7, 50), None])
+def test_a_naive_event_time_is_named_by_the_events_encoder(ts: Any) -> None:
+    """The same message as :func:`pgcopy.micros` gives, which the inline arithmetic replaced."""
+    rows = [_row(T0), _row(ts)]
+    with pytest.raises(pgcopy.CopyEncodeError, match="timestamptz needs an aware datetime") as got:
         pgcopy.encode_events(rows)
+    with pytest.raises(pgcopy.CopyEncodeError) as said:
+        pgcopy.micros(ts)
+    assert str(got.value) == str(said.value)
 
 
 def test_a_batch_of_types_without_readings_skips_their_encoding() -> None:
