@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import re
 from datetime import datetime
-from typing import Annotated, Final
+from typing import TYPE_CHECKING, Annotated, Final, Literal
 
 import msgspec
 from msgspec import Meta
@@ -46,17 +46,6 @@ class _Event(msgspec.Struct, forbid_unknown_fields=False):
     replay: bool = False
 
 
-class _FastEnvelope(msgspec.Struct, forbid_unknown_fields=False):
-    """The envelope with its events decoded in the same pass (valid payloads only)."""
-
-    v: int
-    device_id: str
-    kind: str
-    events: list[_Event]
-    sent_at: AwareDatetime | None = None
-    replay: bool = False
-
-
 class UplinkEvent(msgspec.Struct, frozen=True, kw_only=True):
     """An event as it travels (encoding side): ``data`` is already-encoded JSON."""
 
@@ -78,13 +67,45 @@ class UplinkBatch(msgspec.Struct, frozen=True, kw_only=True):
     replay: bool = False
 
 
+if TYPE_CHECKING:
+    _Version = int
+    _KindName = str
+    _TypeName = str
+else:
+    # The fast decoder validates these itself, and gives back the contract's own string
+    # objects (a Literal's): no look-up of a new string, rows compare by identity downstream.
+    _Version = Literal[VERSION]
+    _KindName = Literal[tuple(k.value for k in registry.DeviceKind)]
+    _TypeName = Literal[tuple(registry.REGISTRY)]
+
+
+class _FastEvent(msgspec.Struct, forbid_unknown_fields=False):
+    """An event as :class:`_Event`, its ``type`` one of the registered names."""
+
+    seq: Seq
+    ts: AwareDatetime
+    type: _TypeName
+    data: msgspec.Raw
+    synced: bool = True
+    replay: bool = False
+
+
+class _FastEnvelope(msgspec.Struct, forbid_unknown_fields=False):
+    """The envelope with its events decoded in the same pass (valid payloads only)."""
+
+    v: _Version
+    device_id: str
+    kind: _KindName
+    events: list[_FastEvent]
+    sent_at: AwareDatetime | None = None
+    replay: bool = False
+
+
 _encoder: Final = msgspec.json.Encoder()
 _envelope_decoder: Final = msgspec.json.Decoder(_Envelope)
 _event_decoder: Final = msgspec.json.Decoder(_Event)
 _fast_decoder: Final = msgspec.json.Decoder(_FastEnvelope)
 _KINDS: Final = frozenset(k.value for k in registry.DeviceKind)
-#: Each kind by itself: a decoded ``kind`` looked up here becomes the contract's own string.
-_KIND_NAMES: Final = {k: k for k in _KINDS}
 _TYPES: Final = registry.REGISTRY
 # A JSON \u0000 escape not itself escaped: PostgreSQL's jsonb cannot hold NUL characters.
 _NUL_ESCAPE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
@@ -226,19 +247,16 @@ def decode_valid(topic: Topic, payload: bytes) -> tuple[str, bool, list[ValidEve
         env = _fast_decoder.decode(payload)
     except _DECODE_ERRORS:
         return None
-    kind = _KIND_NAMES.get(env.kind)
-    if kind is None or env.v != VERSION or env.device_id != topic.device_id:
+    # (v, kind and each type were checked by the decoder)
+    if env.device_id != topic.device_id:
         return None
-    replay = env.replay
-    events = env.events
+    kind, replay, events = env.kind, env.replay, env.events
     if len(events) != 1:
         valid = _valid_events(events, payload, replay)
         return None if valid is None else (kind, replay, valid)
     # one event per message (many small devices): no loop, no grouping by type
     ev = events[0]
-    etype = _TYPES.get(ev.type)
-    if etype is None:
-        return None
+    etype = _TYPES[ev.type]
     data_json = bytes(ev.data)
     try:
         data = etype.unchecked_decoder.decode(data_json)
@@ -252,21 +270,21 @@ def decode_valid(topic: Topic, payload: bytes) -> tuple[str, bool, list[ValidEve
     if data_json.find(b"\\u0000") >= 0 and _NUL_ESCAPE.search(data_json):
         return None
     # seq, ts, type, data_json, data, synced, replay
-    one = ValidEvent(ev.seq, ev.ts, etype.name, data_json, data, ev.synced, replay or ev.replay)
+    one = ValidEvent(ev.seq, ev.ts, ev.type, data_json, data, ev.synced, replay or ev.replay)
     return kind, replay, [one]
 
 
-def _valid_events(events: list[_Event], payload: bytes, replay: bool) -> list[ValidEvent] | None:
+def _valid_events(
+    events: list[_FastEvent], payload: bytes, replay: bool
+) -> list[ValidEvent] | None:
     """:func:`decode_valid` of a message of any other number of events."""
     valid: list[ValidEvent] = []
-    append, get = valid.append, _TYPES.get
+    append, types = valid.append, _TYPES
     nul = payload.find(b"\\u0000") >= 0
     # data whose patterns are still to be checked, by type: one check per type and message
     unchecked: dict[str, list[registry._Data]] = {}
     for ev in events:
-        etype = get(ev.type)
-        if etype is None:
-            return None
+        etype = types[ev.type]  # (a registered name: the decoder checked)
         data_json = bytes(ev.data)
         try:
             data = etype.unchecked_decoder.decode(data_json)

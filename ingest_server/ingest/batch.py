@@ -165,8 +165,12 @@ def encode_events(
     else:
         distinct = list(events)
     stamps: list[int] = []
-    events_copy = pgcopy.encode_events(distinct, stamps)
-    readings_copy, readings = pgcopy.encode_readings(distinct, stamps)
+    seen: set[str] = set()
+    events_copy = pgcopy.encode_events(distinct, stamps, seen)
+    if pgcopy.carries_readings(seen):
+        readings_copy, readings = pgcopy.encode_readings(distinct, stamps)
+    else:  # (card taps, presence...: most types carry no readings)
+        readings_copy, readings = pgcopy.NO_ROWS, 0
     stamps.sort()
     return EncodedEvents(distinct, events_copy, readings_copy, readings, spans, stamps)
 
@@ -329,12 +333,10 @@ class Batch:
                 self._add_error(msg, exc)
                 return
             if fast is not None:
-                valid = fast[2]
-                n = len(valid)
-                school, device, kind = topic.school_id, topic.device_id, fast[0]
-                at = msg.received_at
-                if n == 1:
-                    ev = valid[0]
+                kind, _, valid = fast
+                school, device, at = topic.school_id, topic.device_id, msg.received_at
+                if len(valid) == 1:
+                    (ev,) = valid
                     self.rows.events.append(EventRow(school, device, kind, at, ev))
                     if self._increasing:  # _extend_span of one event, inline
                         seq = ev.seq
@@ -355,6 +357,7 @@ class Batch:
                 self.rows.events += new
                 if self._increasing and new:
                     self._increasing = self._extend_span(new)
+                n = len(valid)
                 self.events_received += n
                 self.size += n or 1
                 return

@@ -54,6 +54,8 @@ class LaneOf:
             raise ValueError("at least one lane")
         self.lanes = lanes
         self._cache: dict[str, int] = {}
+        #: The lane of a topic seen before, else None (a dict look-up, no call of this object).
+        self.known: Callable[[str], int | None] = self._cache.get
 
     def __call__(self, topic: str) -> int:
         lane = self._cache.get(topic)
@@ -118,6 +120,10 @@ def collect_group(
     parts, messages = group.parts, group.messages
     parts[lane_of(first.topic)].add(first)
     messages.append(first)
+    adds = [p.add for p in parts]
+    # a known topic's lane without a call of lane_of (once per message)
+    unknown: dict[str, int] = {}
+    known = lane_of.known if isinstance(lane_of, LaneOf) else unknown.get
     deadline = time.monotonic() + max_wait_s
     biggest = max(p.size for p in parts)
     while biggest < max_size:
@@ -127,8 +133,14 @@ def collect_group(
         msgs = inbox.get_many(room, max(0.0, deadline - time.monotonic()))
         if not msgs:
             break
-        for msg in msgs:
-            parts[lane_of(msg.topic)].add(msg)
+        if lanes == 1:
+            add = adds[0]
+            for msg in msgs:
+                add(msg)
+        else:
+            for msg in msgs:
+                lane = known(msg.topic)
+                adds[lane_of(msg.topic) if lane is None else lane](msg)
         messages += msgs
         biggest = max(p.size for p in parts)
     return group

@@ -144,55 +144,105 @@ def encode_rows(types: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
     return bytes(out)
 
 
-def encode_events(events: Iterable[EventRow], stamps: list[int] | None = None) -> bytes:
+def _event_row_struct(where: int, typ: int, data: int) -> Struct:
+    """The layout of a whole events row whose variable parts have these byte lengths: field
+    count and time; [school, device, kind]; seq; [type]; jsonb head, data; [the tail of
+    received_at, synced and replay, one bytes object per message]."""
+    return Struct(f">hiq{where}siq{typ}siB{data}s{_EVENT_TAIL.size}s")
+
+
+#: Row layouts by (where, type, data) lengths: a server sees few (bounded: start over).
+_ROW_STRUCTS: dict[tuple[int, int, int], Callable[..., bytes]] = {}
+_ROW_STRUCTS_MAX: Final = 4096
+
+
+def encode_events(
+    events: Sequence[EventRow], stamps: list[int] | None = None, seen: set[str] | None = None
+) -> bytes:
     """The COPY payload of ``events`` rows (:data:`EVENT_COLUMNS`); each event's ``ts`` as
-    encoded (µs since 2000-01-01 UTC) is appended to ``stamps`` when given."""
+    encoded (µs since 2000-01-01 UTC) is appended to ``stamps`` when given, and the event
+    types met are added to ``seen`` (for :func:`carries_readings`)."""
     out = bytearray(HEADER)
-    head, tail, jsonb_head = _EVENT_HEAD.pack, _EVENT_TAIL.pack, _JSONB_HEAD.pack
-    int8 = _INT8.pack
-    types: dict[str, bytes] = {}
-    wheres: dict[tuple[str, str, str], bytes] = {}
+    tail = _EVENT_TAIL.pack
+    shapes = _ROW_STRUCTS
+    types: dict[str, tuple[bytes, int]] = {}
+    wheres: dict[tuple[str, str, str], tuple[bytes, int]] = {}
     # Rows of one message share their school, device, kind and received_at objects.
     school = device = kind = None
     where = b""
+    where_n = 0
     received: datetime | None = None
-    received_us = 0
+    ends: dict[tuple[bool, bool], bytes] = {}
     stamp = (stamps if stamps is not None else []).append
-    join = b"".join
+    epoch, micro = PG_EPOCH, _MICROSECOND
     try:
         for r in events:
             if r.device_id is not device or r.school_id is not school or r.kind is not kind:
                 school, device, kind = r.school_id, r.device_id, r.kind
-                where = wheres.get((school, device, kind), b"")
-                if not where:  # (one message per device interleaved: seen again and again)
+                cached = wheres.get((school, device, kind))
+                if cached is None:  # (one message per device interleaved: seen again and again)
                     where = text_field(school) + text_field(device) + text_field(kind)
-                    wheres[school, device, kind] = where
+                    cached = wheres[school, device, kind] = where, len(where)
+                where, where_n = cached
             if r.received_at is not received:
                 received = r.received_at
                 received_us = micros(received)
+                # received_at, synced and replay: the same few byte strings for every row
+                ends = {
+                    (s, p): tail(8, received_us, 1, s, 1, p)
+                    for s in (False, True)
+                    for p in (False, True)
+                }
             e = r.event
-            typ = types.get(e.type)
-            if typ is None:
-                typ = types[e.type] = text_field(e.type)
+            typ_n = types.get(e.type)
+            if typ_n is None:
+                field = text_field(e.type)
+                typ_n = types[e.type] = field, len(field)
             data = e.data_json
-            ts = micros(e.ts)
+            data_n = len(data)
+            # micros(), inline: a call per event costs more than the arithmetic
+            ts = (e.ts - epoch) // micro
             stamp(ts)
-            # one append of the joined row: cheaper than seven appends
-            out += join(
-                (
-                    head(10, 8, ts),
-                    where,
-                    int8(8, e.seq),
-                    typ,
-                    jsonb_head(len(data) + 1, _JSONB_VERSION),
-                    data,
-                    tail(8, received_us, 1, e.synced, 1, e.replay),
-                )
-            )
+            key = where_n, typ_n[1], data_n
+            pack = shapes.get(key)
+            if pack is None:
+                if len(shapes) >= _ROW_STRUCTS_MAX:
+                    shapes.clear()
+                pack = shapes[key] = _event_row_struct(*key).pack
+            # the whole row in one pack: cheaper than a pack per field and a join
+            try:
+                end = ends[e.synced, e.replay]
+            except KeyError:  # flags that are not bools: packed by truth, as ``?`` does
+                end = tail(8, received_us, 1, e.synced, 1, e.replay)
+            out += pack(
+                10, 8, ts, where, 8, e.seq, typ_n[0], data_n + 1, _JSONB_VERSION, data, end
+            )  # fmt: skip
+    except TypeError:
+        # a naive ts (as micros() says); any other TypeError is a bug, raised as it is
+        bad = [r.event.ts for r in events if not _aware(r.event.ts)]
+        if not bad:
+            raise
+        raise CopyEncodeError(f"timestamptz needs an aware datetime, not {bad[0]!r}") from None
     except (error, OverflowError) as exc:
         raise CopyEncodeError(f"cannot encode an events row: {exc}") from None
     out += TRAILER
+    if seen is not None:
+        seen.update(types)
     return bytes(out)
+
+
+#: A COPY payload of no rows.
+NO_ROWS: Final = HEADER + TRAILER
+
+
+def carries_readings(event_types: Iterable[str]) -> bool:
+    """Whether events of these types can have ``readings`` rows: when not, a batch skips
+    :func:`encode_readings` (a look-up per event) and sends nothing."""
+    return any(_metric_plan(t) is not None for t in event_types)
+
+
+def _aware(dt: object) -> bool:
+    return isinstance(dt, datetime) and dt.utcoffset() is not None
 
 
 def encode_readings(
@@ -270,10 +320,12 @@ __all__ = [
     "EVENT_TYPES",
     "FIELD_ENCODERS",
     "HEADER",
+    "NO_ROWS",
     "READING_COLUMNS",
     "READING_TYPES",
     "TRAILER",
     "CopyEncodeError",
+    "carries_readings",
     "encode_events",
     "encode_readings",
     "encode_rows",

@@ -84,3 +84,27 @@ def test_nothing_queued_is_no_group() -> None:
 def test_writers_out_of_range_is_a_clear_error(n: int) -> None:
     with pytest.raises(SettingsError, match=f"--writers must be between 1 and 16, got {n}"):
         Settings(writers=n)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_any_lane_function_splits_the_group_as_it_says(warm: bool) -> None:
+    """A plain function works as ``lane_of`` (called for each message); a :class:`LaneOf`
+    whose topics are known gives the same split from its look-up as from a call."""
+    sent = [msg(f"cr-{i % 5}", i) for i in range(40)]
+    lane_of = LaneOf(3)
+    if warm:
+        for m in sent:
+            lane_of(m.topic)
+
+    def plain(topic: str) -> int:
+        return LaneOf(3)(topic)
+
+    for chosen in (plain, lane_of):
+        inbox = Inbox(1000, 1 << 24)
+        assert inbox.put_many(sent, timeout=1) == len(sent)
+        group = collect_group(
+            inbox, chosen, 3, max_size=10_000, max_wait_s=0.05, idle_s=1, max_bytes=1 << 20
+        )
+        assert group is not None
+        for k, part in enumerate(group.parts):
+            assert part.messages == [m for m in sent if plain(m.topic) == k]

@@ -315,3 +315,45 @@ def test_a_reading_too_big_for_float8_is_an_encode_error_not_a_crash() -> None:
         pgcopy.encode_readings([row])
     with pytest.raises(pgcopy.CopyEncodeError):
         encode_events([row])
+
+
+def _row(ts: datetime, data: bytes = b"{}", *, synced: Any = True, seq: int = 1) -> EventRow:
+    event = ValidEvent(seq, ts, "card.tap", data, None, synced, False)  # type: ignore[arg-type]
+    return EventRow("sch-1", "cr-1", "card_reader", T0, event)
+
+
+def test_an_events_row_is_one_pack_per_shape_and_the_same_bytes() -> None:
+    """Rows of many shapes (data lengths) and flags that are not bools but truthy: each the
+    bytes the generic encoder gives, and the cache of row layouts stays bounded."""
+    rows = [_row(T0 + timedelta(microseconds=n), b"[" + b"1," * n + b"1]") for n in range(50)]
+    rows.append(_row(T0, synced=2))
+    expected = pgcopy.encode_rows(pgcopy.EVENT_TYPES, [event_tuple(r) for r in rows])
+    assert pgcopy.encode_events(rows) == expected
+    assert len(pgcopy._ROW_STRUCTS) <= pgcopy._ROW_STRUCTS_MAX
+
+
+@pytest.mark.parametrize("ts", [datetime(2026, 11, 22, 7, 50), None])
+def test_a_naive_event_time_is_named_by_the_events_encoder(ts: Any) -> None:
+    """The same message as :func:`pgcopy.micros` gives, which the inline arithmetic replaced."""
+    rows = [_row(T0), _row(ts)]
+    with pytest.raises(pgcopy.CopyEncodeError, match="timestamptz needs an aware datetime") as got:
+        pgcopy.encode_events(rows)
+    with pytest.raises(pgcopy.CopyEncodeError) as said:
+        pgcopy.micros(ts)
+    assert str(got.value) == str(said.value)
+
+
+def test_a_batch_of_types_without_readings_skips_their_encoding() -> None:
+    """Whether a type carries readings is its registered metrics; a batch of such types sends
+    the COPY payload of no rows, as :func:`pgcopy.encode_readings` itself would give."""
+    for name, registered in REGISTRY.items():
+        assert pgcopy.carries_readings([name]) is bool(registered.metrics)
+    assert not pgcopy.carries_readings(["no.such.type"])
+    rows = [_row(T0 + timedelta(seconds=n), seq=n) for n in range(3)]
+    encoded = encode_events(rows)
+    assert (encoded.readings_copy, encoded.readings) == pgcopy.encode_readings(rows)
+    assert encoded.readings_copy == pgcopy.NO_ROWS
+    mixed = rows_of(env_message("env-1", [(1, 20.5, 40.0)]))[0].events + rows
+    encoded = encode_events(mixed)
+    assert (encoded.readings_copy, encoded.readings) == pgcopy.encode_readings(mixed)
+    assert encoded.readings == 2

@@ -380,3 +380,27 @@ def test_new_platform_types_refuse_bad_fields_by_name(
     assert [e.seq for e in decoded.events] == [2]
     (rej,) = decoded.rejected
     assert reason in rej.reason, rej.reason
+
+
+@given(
+    st.one_of(
+        st.text("0123456789abcdef", max_size=70),
+        st.text("0123456789abcdefABCDEFgx \n\t\u00e9\u0660", max_size=70),
+        st.text(max_size=70),
+    )
+)
+def test_the_hex_run_check_says_what_the_uid_hash_pattern_says(text: str) -> None:
+    """The fast path's lower-case hex check (``fromhex`` then ``hex``) takes a value of the
+    run's length exactly when the contract's pattern does, and one of any length exactly when
+    every character is ``0-9a-f``."""
+    import re
+
+    from schemas import events
+
+    pattern = re.compile(events._UID_HASH_PATTERN)
+    got = events._is_lower_hex(text)
+    assert got == all(c in "0123456789abcdef" for c in text)
+    if len(text) == 64:
+        assert got == (pattern.search(text) is not None)
+    hex_check = events._value_checker(events._UID_HASH_PATTERN)
+    assert hex_check(text) == got
