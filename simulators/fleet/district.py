@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -463,7 +463,7 @@ class District:
     def _sim_minute(self, t: datetime) -> str:
         """The scenario's clock (HH:MM) at wall time ``t``."""
         sim = clock_seconds(self.s.start) + (t.timestamp() - self.start_epoch) * self.s.speed
-        sim = max(0.0, sim) % 86_400
+        sim = round(max(0.0, sim)) % 86_400
         return f"{int(sim // 3600):02d}:{int(sim % 3600 // 60):02d}"
 
     def _line(self, phase: str) -> str:
@@ -545,8 +545,12 @@ class District:
             (datetime.fromtimestamp(a, UTC), datetime.fromtimestamp(b or end, UTC))
             for a, b in self.fault_windows
         ]
+        # the scenario's minutes in wall time: their length at its speed, and where one starts
+        sim0 = clock_seconds(self.s.start)
+        first = self.start_epoch + ((-sim0) % 60) / self.s.speed
+        minute = (timedelta(seconds=60 / self.s.speed), datetime.fromtimestamp(first, UTC))
         steady, per_window, by_minute = rep.window_latency(
-            db, list(outboxed), windows, self._sim_minute
+            db, list(outboxed), windows, self._sim_minute, minute
         )
         for f, w99 in zip(self.fault_log, per_window, strict=False):
             f["latency_p99_s"] = None if w99 is None else round(w99, 3)

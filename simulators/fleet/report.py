@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -194,7 +194,7 @@ SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM e.receive
 FROM events e WHERE e.device_id = ANY(%s) AND e.time BETWEEN %s AND %s
 """
 _MINUTE_P99 = """
-SELECT date_trunc('minute', e.time), count(*),
+SELECT date_bin(%s, e.time, %s), count(*),
        percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM e.received_at - e.time))
 FROM events e WHERE e.device_id = ANY(%s) GROUP BY 1 ORDER BY 1
 """
@@ -205,6 +205,7 @@ def window_latency(
     device_ids: Sequence[str],
     windows: Sequence[tuple[datetime, datetime]],
     label: Callable[[datetime], str] = lambda t: t.strftime("%H:%M"),
+    minute: tuple[timedelta, datetime] = (timedelta(minutes=1), datetime(2000, 1, 1, tzinfo=UTC)),
 ) -> tuple[list[float | None], list[float | None], list[dict[str, Any]]]:
     """Latency split by fault windows: (p50, p99) of events made outside every window, the p99
     of each window's events, and p99 per minute of event time."""
@@ -218,7 +219,7 @@ def window_latency(
         for a, b in windows:
             w = conn.execute(_WINDOW_P99, (list(device_ids), a, b)).fetchone()
             per_window.append(None if not w or w[0] is None else float(w[0]))
-        minutes = conn.execute(_MINUTE_P99, (list(device_ids),)).fetchall()
+        minutes = conn.execute(_MINUTE_P99, (*minute, list(device_ids))).fetchall()
     by_minute = [
         {"minute": label(m), "events": int(n), "p99_s": round(float(p), 3)}
         for m, n, p in minutes
