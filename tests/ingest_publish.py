@@ -6,10 +6,12 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import msgspec
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from schemas.uplink import UplinkBatch, UplinkEvent, encode_batch
@@ -82,3 +84,13 @@ WAIT_S = 30.0
 
 
 UID = "ab" * 32
+
+
+@pytest.fixture
+def publisher(mosquitto: Mosquitto) -> Iterator[Publisher]:
+    """A paho client on the test's broker, closed after the test."""
+    pub = Publisher(mosquitto)
+    try:
+        yield pub
+    finally:
+        pub.close()

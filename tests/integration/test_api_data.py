@@ -600,17 +600,16 @@ def test_fast_pages_are_the_models_json(api: Api) -> None:
     with psycopg.connect(api.db_url, autocommit=True) as conn:
         for path, model, columns, table, key in cases:
             order = ", ".join(key)
+
+            def s007(tail: str, columns: str = columns, table: str = table) -> list[dict[str, Any]]:
+                """The rows of school s007, as psycopg gives them."""
+                sql = f"SELECT {columns} FROM {table} WHERE school_id = 's007' {tail}"  # noqa: S608
+                return conn.cursor(row_factory=dict_row).execute(sql).fetchall()  # type: ignore[arg-type]
+
             status, _, body = get(api.url(path, limit=3, **own), api.tokens["read"])
             assert status == 200, body
             page = json.loads(body)
-            rows = (
-                conn.cursor(row_factory=dict_row)
-                .execute(
-                    f"SELECT {columns} FROM {table} WHERE school_id = 's007'"  # noqa: S608
-                    f" ORDER BY {order} LIMIT 3"
-                )
-                .fetchall()
-            )
+            rows = s007(f"ORDER BY {order} LIMIT 3")
             assert len(rows) == 3
             # the cursor is the third row's key, and `next` this URL with it
             cursor = common.encode_cursor(table, tuple(rows[-1][k] for k in key))
@@ -621,14 +620,7 @@ def test_fast_pages_are_the_models_json(api: Api) -> None:
             # and the next page too (the last rows: NaN and infinity as null, the nested JSON)
             status, _, body = get(page["next"], api.tokens["read"])
             assert status == 200, body
-            rest = (
-                conn.cursor(row_factory=dict_row)
-                .execute(
-                    f"SELECT {columns} FROM {table} WHERE school_id = 's007'"  # noqa: S608
-                    f" ORDER BY {order} OFFSET 3"
-                )
-                .fetchall()
-            )
+            rest = s007(f"ORDER BY {order} OFFSET 3")
             assert rest
             ref = {"items": rest, "next": None, "cursor": None}
             assert _strict(json.loads(body)) == _strict(json.loads(common.reply(model, ref).body))

@@ -48,15 +48,6 @@ def running(cfg: Settings) -> Iterator[IngestServer]:
         yield server
 
 
-@pytest.fixture
-def publisher(mosquitto: Mosquitto) -> Iterator[Publisher]:
-    pub = Publisher(mosquitto)
-    try:
-        yield pub
-    finally:
-        pub.close()
-
-
 def stored(db_url: str) -> list[tuple[str, int]]:
     with psycopg.connect(db_url) as conn:
         return conn.execute("SELECT device_id, seq FROM events ORDER BY 1, 2").fetchall()

@@ -28,15 +28,6 @@ from tests.ingest_publish import WAIT_S, Publisher, get, tap, up, uplink
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-@pytest.fixture
-def publisher(mosquitto: Mosquitto) -> Iterator[Publisher]:
-    pub = Publisher(mosquitto)
-    try:
-        yield pub
-    finally:
-        pub.close()
-
-
 def settings(mosquitto: Mosquitto, db_url: str, **kw: Any) -> Settings:
     kw.setdefault("client_id", f"ingest-{uuid.uuid4().hex[:8]}")
     kw.setdefault("admin_token_file", mosquitto.workdir / f"token-{uuid.uuid4().hex[:8]}")
