@@ -213,23 +213,14 @@ class Inbox:
 def collect(
     inbox: Inbox, *, max_size: int, max_wait_s: float, idle_s: float, max_bytes: int
 ) -> Batch | None:
-    """Wait up to ``idle_s`` for a first message, then gather until the batch is full or
-    ``max_wait_s`` has passed since that first message. None when nothing came."""
-    first = inbox.get(idle_s)
-    if first is None:
-        return None
-    batch = Batch(max_bytes=max_bytes)
-    batch.add(first)
-    deadline = time.monotonic() + max_wait_s
-    while batch.size < max_size:
-        # take as many messages as should fill the room left, at the rows per message so far
-        room = (max_size - batch.size) // max(1, batch.size // len(batch))
-        msgs = inbox.get_many(max(1, room), max(0.0, deadline - time.monotonic()))
-        if not msgs:
-            break
-        for msg in msgs:
-            batch.add(msg)
-    return batch
+    """One batch as :func:`~.lanes.collect_group` gathers it with a single lane: wait up to
+    ``idle_s`` for a first message, then gather until the batch is full or ``max_wait_s`` has
+    passed since that first message. None when nothing came."""
+    group = collect_group(
+        inbox, lambda _topic: 0, 1, max_size=max_size, max_wait_s=max_wait_s, idle_s=idle_s,
+        max_bytes=max_bytes,
+    )  # fmt: skip
+    return None if group is None else group.parts[0]
 
 
 @dataclass(frozen=True, slots=True)
