@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,34 @@ def test_bootstrap_registers_a_provisioned_token(db_url: str, tmp_path: Path) ->
         assert auth.bootstrap(conn, path) is None  # idempotent
         (row,) = conn.execute("SELECT scopes, role, schools FROM api_tokens").fetchall()
     assert row == (["admin"], "district_admin", None)
+
+
+def test_a_new_admin_token_file_appears_whole(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever waits for the bootstrap's token file reads a whole token, never an empty file
+    (seen: a test read it between the file's creation and its write, and got 401s for 30 s)."""
+    path = tmp_path / "secrets" / "admin-token"
+    seen_while_writing: list[bool] = []
+    fsync = os.fsync
+
+    def watching_fsync(fd: int) -> None:
+        seen_while_writing.append(path.exists())
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", watching_fsync)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        from ingest_server.storage.migrate import migrate
+
+        migrate(conn)
+        assert "created one" in (auth.bootstrap(conn, path) or "")
+    assert seen_while_writing == [False]  # written beside it, then linked into place
+    token = path.read_text()
+    assert token.startswith(auth.PREFIX)
+    assert token.endswith("\n")
+    assert len(token) > 40
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["admin-token"]  # nothing staged left
 
 
 def test_token_cli(db_url: str) -> None:

@@ -506,8 +506,23 @@ def bootstrap(conn: psycopg.Connection[Any], path: Path) -> str | None:
     if active is not None:
         return None
     _, token = create_token(conn, f"bootstrap ({path.name})", "district_admin")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(token + "\n")
+    _write_new_secret(path, token + "\n")
     return f"no admin token existed: created one in {path} (readable by this user only)"
+
+
+def _write_new_secret(path: Path, text: str) -> None:
+    """Create ``path`` (mode 0600) holding ``text``, appearing whole or not at all: whoever
+    waits for the file (a provisioning script, a test) must never read it empty or half
+    written. Written beside it first, then linked into place, which fails rather than replace
+    a file that appeared meanwhile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
