@@ -42,6 +42,7 @@ from ingest_server.web.api.deps import install_error_handlers, make_pool
 from ingest_server.web.api.limits import RequestLimits
 from ingest_server.web.dashboard import mount as mount_dashboard
 from ingest_server.web.headers import SecurityHeaders
+from ingest_server.web.http_protocol import BoundedHttpToolsProtocol
 from ingest_server.web.live import LiveHub
 from ingest_server.web.tls import TlsFiles
 
@@ -148,15 +149,16 @@ def create_app(
 def connection_limits() -> dict[str, Any]:
     """uvicorn's own bounds on clients (bodies are bounded by the API's RequestLimits).
 
-    h11 refuses a request head over ``h11_max_incomplete_event_size`` (431/400) but gives it no
-    time limit; an idle kept-alive connection is closed after ``timeout_keep_alive``; past
-    ``limit_concurrency`` connections and requests, new requests get 503 at once instead of
-    queueing, so a flood of connections costs file descriptors, not memory and threads.
+    The HTTP parser (httptools, bounded: :mod:`http_protocol`) refuses a request head over
+    64 KiB with 431 but gives it no time limit; an idle kept-alive connection is closed after
+    ``timeout_keep_alive``; past ``limit_concurrency`` connections and requests, new requests
+    get 503 at once instead of queueing, so a flood of connections costs file descriptors, not
+    memory and threads. The event loop is uvloop where it is installed (not on Windows).
     """
     return {
-        "http": "h11",
+        "http": BoundedHttpToolsProtocol,
+        "loop": "auto",
         "timeout_keep_alive": 5,
-        "h11_max_incomplete_event_size": 64 * 1024,
         "limit_concurrency": 1000,
     }
 

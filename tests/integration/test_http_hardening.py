@@ -3,8 +3,10 @@ security headers on the dashboard, the API and /docs, and /docs served without a
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
+import socket
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -13,6 +15,7 @@ import pytest
 from ingest_server.server import IngestServer
 from ingest_server.web import api_docs
 from ingest_server.web.headers import API_CSP, DASHBOARD_CSP
+from ingest_server.web.http_protocol import MAX_HEAD_BYTES
 
 pytestmark = pytest.mark.integration
 
@@ -130,3 +133,50 @@ def test_docs_load_only_same_origin_files(server: IngestServer) -> None:
     # nothing of the package beyond the files the page uses
     assert get(server, api_docs.ASSETS_PATH + "/index.html")[0] == 404
     assert get(server, api_docs.ASSETS_PATH + "/..%2F__init__.py")[0] == 404
+
+
+def _raw(server: IngestServer, data: bytes, chunk: int = 8192) -> bytes:
+    """Send ``data`` in pieces (a client trickling a head) and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", server.http.port), timeout=10) as s:
+        try:
+            for i in range(0, len(data), chunk):
+                s.sendall(data[i : i + chunk])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused mid-way: the answer is already there to read
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while piece := s.recv(65536):
+                got += piece
+        return got
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"GET /healthz?" + b"q" * (MAX_HEAD_BYTES + 1) + b" HTTP/1.1\r\n", id="url"),
+        pytest.param(
+            b"GET /healthz HTTP/1.1\r\n"
+            + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"v" * 1000) for i in range(80)),
+            id="many-headers",
+        ),
+        pytest.param(
+            b"GET /healthz HTTP/1.1\r\nX-Big: " + b"v" * (4 * MAX_HEAD_BYTES) + b"\r\n",
+            id="one-huge-header",
+        ),
+    ],
+)
+def test_a_request_head_over_the_bound_is_refused_431(server: IngestServer, head: bytes) -> None:
+    """The parser (httptools) has no bound of its own: ours answers 431 and closes, before the
+    head ends, and the server goes on serving everyone else."""
+    answer = _raw(server, head)  # never finished: no blank line
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:200]
+    assert b"connection: close" in rest.lower()
+    assert f"over the limit of {MAX_HEAD_BYTES} bytes".encode() in rest
+    assert get(server, "/healthz")[0] in (200, 503)  # answering: the server is unharmed
+
+
+def test_a_head_just_under_the_bound_is_served(server: IngestServer) -> None:
+    pad = "v" * (MAX_HEAD_BYTES - 2000)
+    status, _, _ = get(server, "/healthz", {"X-Pad": pad})
+    assert status in (200, 503)  # answered by /healthz (its status is the stack's health)
