@@ -60,9 +60,7 @@ def value_sql(expr: sql.Composable, annotation: Any) -> sql.Composed:
     return sql.SQL("coalesce({}, 'null')").format(text)
 
 
-def object_sql(
-    model: type[BaseModel], exprs: dict[str, sql.Composable] | None = None
-) -> sql.SQL:
+def object_sql(model: type[BaseModel], exprs: dict[str, sql.Composable] | None = None) -> sql.SQL:
     """One row of ``model`` as JSON text: its fields in order, each read from the column of
     its name or from ``exprs[name]``."""
     exprs = exprs or {}
