@@ -20,11 +20,12 @@ from edge_agent.portable import default_outbox
 from edge_agent.remote_policy import RemoteAllowList, RemoteRefused, check_drivers
 from schemas.events import DeviceKind
 from schemas.keyfile import key_from_file
+from schemas.patterns import whole
 from schemas.release import MAX_WHEEL_BYTES, ReleaseError, load_public_key
 from schemas.topics import ID_PATTERN
 from schemas.uplink import DEFAULT_MAX_BYTES
 
-Id = Annotated[str, Meta(pattern=ID_PATTERN)]
+Id = Annotated[str, Meta(pattern=whole(ID_PATTERN))]
 Positive = Annotated[float, Meta(gt=0)]
 #: This platform's outbox path (edge_agent.portable chooses per platform).
 DEFAULT_OUTBOX: Final = str(default_outbox())

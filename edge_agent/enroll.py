@@ -38,10 +38,11 @@ from edge_agent import __version__
 from edge_agent.config import ConfigError, apply_remote, load_config
 from edge_agent.outbox import Outbox
 from schemas.events import DeviceKind
+from schemas.patterns import whole
 from schemas.topics import ID_PATTERN
 
 log = logging.getLogger(__name__)
-Id = Annotated[str, Meta(pattern=ID_PATTERN)]
+Id = Annotated[str, Meta(pattern=whole(ID_PATTERN))]
 TIMEOUT_S: Final = 15.0
 MAX_REPLY: Final = 1 << 20
 _ROUTES: Final = Path("/proc/net/route")
@@ -75,7 +76,7 @@ class Enrolment(msgspec.Struct, frozen=True, kw_only=True):
     mqtt_username: str
     mqtt_password: str = msgspec.field(default="")
     ca_cert_pem: str | None = None
-    hash_key_hex: Annotated[str, Meta(pattern=r"^([0-9a-fA-F]{2}){16,}$")]
+    hash_key_hex: Annotated[str, Meta(pattern=whole(r"^([0-9a-fA-F]{2}){16,}$"))]
     seq_floor: Annotated[int, Meta(ge=0)] = 0
     config: dict[str, Any] | None = None
 

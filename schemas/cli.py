@@ -12,6 +12,7 @@ import msgspec
 
 from schemas import events, state, uplink
 from schemas.errors import ContractError
+from schemas.patterns import publish_patterns
 
 
 def export_all() -> dict[str, dict[str, Any]]:
@@ -31,7 +32,8 @@ def export_all() -> dict[str, dict[str, Any]]:
         if etype.metrics:
             schema["x-readings"] = dict(etype.metrics)
         out[f"event.{name}.json"] = schema
-    return out
+    # the contract's `$` (patterns end in \Z for Python: schemas.patterns)
+    return {name: publish_patterns(schema) for name, schema in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,13 @@ from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
 import msgspec
 from msgspec import Meta
 
+from schemas.patterns import whole
+
 #: An HMAC-SHA256 of a card UID with the district key, as 64 lowercase hex digits.
 _UID_HASH_PATTERN: Final = r"^[0-9a-f]{64}$"
-UidHash = Annotated[str, Meta(pattern=_UID_HASH_PATTERN, description="HMAC-SHA256 of the UID")]
+UidHash = Annotated[
+    str, Meta(pattern=whole(_UID_HASH_PATTERN), description="HMAC-SHA256 of the UID")
+]
 Name = Annotated[str, Meta(min_length=1, max_length=128)]
 Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Meta(ge=0.0)]
@@ -70,7 +74,7 @@ class CardTap(_Data):
     tech: CardTech
     reader: Name
     #: The raw UID in hex: present only where a deployment has explicitly opted out of hashing.
-    uid: Annotated[str, Meta(pattern=r"^[0-9A-Fa-f]{2,40}$")] | None = None
+    uid: Annotated[str, Meta(pattern=whole(r"^[0-9A-Fa-f]{2,40}$"))] | None = None
 
 
 class AttendanceCheckin(_Data):
@@ -288,11 +292,10 @@ class _Run:
     length: int
 
 
-#: Patterns that hold for a value of the run's length made of the run's characters. (Python's
-#: ``$`` also matches before a final newline: such a value, one longer, is not taken by the run;
-#: the strict decoder then decides.)
+#: Patterns that hold for a value of the run's length made of the run's characters (each ends
+#: in ``\Z``: see :mod:`schemas.patterns`).
 _RUN_PATTERNS: Final[dict[str, _Run]] = {
-    _UID_HASH_PATTERN: _Run(b"0123456789abcdef", 64),
+    whole(_UID_HASH_PATTERN): _Run(b"0123456789abcdef", 64),
 }
 
 

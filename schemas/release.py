@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from msgspec import Meta
 
+from schemas.patterns import whole
+
 #: A release version: also a directory name on the agent, so no separators and a leading digit.
 VERSION_PATTERN: Final = r"^[0-9][0-9A-Za-z.+_-]{0,63}$"
 SHA256_PATTERN: Final = r"^[0-9a-f]{64}$"
@@ -45,11 +47,11 @@ class ReleaseError(Exception):
 class UpdateArgs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The ``update_agent`` command's args."""
 
-    version: Annotated[str, Meta(pattern=VERSION_PATTERN)]
+    version: Annotated[str, Meta(pattern=whole(VERSION_PATTERN))]
     #: ``https://…`` (``http://`` only to a loopback address, or with ``[update] insecure_http``).
     url: Annotated[str, Meta(min_length=8, max_length=2048)]
-    sha256: Annotated[str, Meta(pattern=SHA256_PATTERN)]
-    signature: Annotated[str, Meta(pattern=SIGNATURE_PATTERN)]
+    sha256: Annotated[str, Meta(pattern=whole(SHA256_PATTERN))]
+    signature: Annotated[str, Meta(pattern=whole(SIGNATURE_PATTERN))]
 
 
 def release_message(version: str, sha256: str) -> bytes:
@@ -60,7 +62,7 @@ def release_message(version: str, sha256: str) -> bytes:
 def wheel_version(name: str) -> str:
     """The version in a wheel's file name (``campus_edge-0.2.0-py3-none-any.whl`` → 0.2.0)."""
     m = _WHEEL_NAME.match(name)
-    if m is None or re.match(VERSION_PATTERN, m.group(2)) is None:
+    if m is None or re.match(whole(VERSION_PATTERN), m.group(2)) is None:
         raise ReleaseError(f"{name!r} is not a wheel file name (NAME-VERSION-PY-ABI-PLATFORM.whl)")
     return m.group(2)
 

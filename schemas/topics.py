@@ -8,10 +8,11 @@ from enum import StrEnum
 from typing import Final
 
 from schemas.errors import TopicError
+from schemas.patterns import whole
 
 PREFIX: Final = "campus/v1"
 ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-_ID_RE: Final = re.compile(ID_PATTERN)
+_ID_RE: Final = re.compile(whole(ID_PATTERN))
 
 
 class Channel(StrEnum):

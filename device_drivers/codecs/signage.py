@@ -19,8 +19,9 @@ Status = Literal["on_time", "late", "outside_period"]
 
 class PeriodOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     name: Annotated[str, Meta(min_length=1, max_length=128)]
-    start: Annotated[str, Meta(pattern=r"^\d{1,2}:\d{2}$")]
-    end: Annotated[str, Meta(pattern=r"^\d{1,2}:\d{2}$")]
+    # \Z, not $ (which also matches before a final newline); [0-9], not \d (any script's digits)
+    start: Annotated[str, Meta(pattern=r"^[0-9]{1,2}:[0-9]{2}\Z")]
+    end: Annotated[str, Meta(pattern=r"^[0-9]{1,2}:[0-9]{2}\Z")]
     days: list[Weekday] = msgspec.field(default_factory=lambda: list(WEEKDAYS[:5]))
     class_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
 

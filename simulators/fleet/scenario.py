@@ -15,11 +15,12 @@ from msgspec import Meta
 
 from schemas import events
 from schemas.events import DeviceKind
+from schemas.patterns import whole
 from schemas.topics import ID_PATTERN
 
-Id = Annotated[str, Meta(pattern=ID_PATTERN)]
+Id = Annotated[str, Meta(pattern=whole(ID_PATTERN))]
 #: "HH:MM" or "HH:MM:SS" on the simulated school clock.
-ClockTime = Annotated[str, Meta(pattern=r"^([01]\d|2[0-3]):[0-5]\d(:[0-5]\d)?$")]
+ClockTime = Annotated[str, Meta(pattern=whole(r"^([01]\d|2[0-3]):[0-5]\d(:[0-5]\d)?$"))]
 Positive = Annotated[float, Meta(gt=0)]
 NonNegative = Annotated[float, Meta(ge=0)]
 
@@ -79,7 +80,7 @@ class SchoolGroup(_S, frozen=True, kw_only=True):
     """``count`` alike schools with ids ``{prefix}{n:03d}`` (n from ``first``): a district in
     a few lines instead of hundreds of ``[[schools]]`` tables."""
 
-    prefix: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,15}$")]
+    prefix: Annotated[str, Meta(pattern=whole(r"^[a-z][a-z0-9_]{0,15}$"))]
     count: Annotated[int, Meta(ge=1, le=10_000)]
     first: Annotated[int, Meta(ge=0, le=1_000_000)] = 1
     rooms: Annotated[int, Meta(ge=1, le=1000)]

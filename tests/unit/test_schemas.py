@@ -396,11 +396,61 @@ def test_the_hex_run_check_says_what_the_uid_hash_pattern_says(text: str) -> Non
     import re
 
     from schemas import events
+    from schemas.patterns import whole
 
-    pattern = re.compile(events._UID_HASH_PATTERN)
+    pattern = re.compile(whole(events._UID_HASH_PATTERN))
     got = events._is_lower_hex(text)
     assert got == all(c in "0123456789abcdef" for c in text)
     if len(text) == 64:
         assert got == (pattern.search(text) is not None)
-    hex_check = events._value_checker(events._UID_HASH_PATTERN)
+    hex_check = events._value_checker(whole(events._UID_HASH_PATTERN))
     assert hex_check(text) == got
+
+
+# -- a final newline is not the end of a value ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "topic",
+    ["campus/v1/s001\n/cr-0101/up", "campus/v1/s001/cr-0101\n/up", "campus/v1/s001/cr-0101/up\n"],
+)
+def test_an_id_with_a_final_newline_is_refused(topic: str) -> None:
+    """The contract's ``^...$`` is ECMA-262's: ``$`` is the end of the value. Python's ``$``
+    also matched before a final newline, so ``s001\\n`` was taken as a school id (and stored as
+    a school of its own)."""
+    with pytest.raises(TopicError):
+        topics.parse(topic)
+
+
+def test_a_uid_hash_with_a_final_newline_is_refused_and_the_rest_flows() -> None:
+    from schemas.uplink import decode_valid
+
+    bad = {"uid_hash": HASH + "\n", "tech": "em4100", "reader": "r"}
+    body = batch(event(1), event(2, data=bad))
+    assert decode_valid(topics.parse(TOPIC), body) is None  # not the fast path's to take
+    decoded = decode_uplink(TOPIC, body)
+    assert [e.seq for e in decoded.events] == [1]
+    ((rejected),) = decoded.rejected
+    assert "uid_hash" in rejected.reason, rejected
+
+
+def test_release_args_with_a_final_newline_are_refused() -> None:
+    from schemas.release import UpdateArgs
+
+    good = {
+        "version": "1.2.0",
+        "url": "https://updates.example/campus_edge-1.2.0-py3-none-any.whl",
+        "sha256": HASH,
+        "signature": "A" * 86 + "==",
+    }
+    msgspec.convert(good, UpdateArgs)
+    for field in ("version", "sha256", "signature"):
+        with pytest.raises(msgspec.ValidationError, match=field):
+            msgspec.convert({**good, field: good[field] + "\n"}, UpdateArgs)
+
+
+def test_exported_patterns_are_the_contracts_ecma_ones() -> None:
+    """In code the patterns end in ``\\Z``; the published schemas keep the contract's ``$``."""
+    text = json.dumps(export_all())
+    assert "\\\\Z" not in text
+    assert '"pattern": "^[0-9a-f]{64}$"' in text
