@@ -417,12 +417,18 @@ class Publisher:
             p = self.publish
             replay = cursor < replay_until
             upto = replay_until if replay else None
+            top = self._outbox.highest_seq  # read first: what is stored meanwhile lies above it
             rows = await self._outbox.peek(cursor, p.max_batch_events, self._budget, upto=upto)
             if not rows:
                 window.release()
                 if replay:
                     cursor = replay_until
                 else:
+                    # Nothing unsent above the cursor up to ``top``: each of those seqs was sent
+                    # or deleted. (Seqs go on across restarts, so a new session's cursor starts
+                    # below the top of an empty outbox; waiting beyond the cursor alone returned
+                    # at once, and the pump spun at full CPU until the next event was stored.)
+                    cursor = max(cursor, top)
                     await self._outbox.wait_beyond(cursor)
                 continue
             if replay and p.replay_rate:

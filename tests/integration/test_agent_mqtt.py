@@ -271,3 +271,33 @@ def test_agent_killed_mid_publish_resumes_without_renumbering(
         "clock_offset_s": None,  # no [clock] reference in this config
     }
     assert [s.boot for s in collector.states if s.state == "online"][-1] == 2
+
+
+async def test_a_restart_on_an_empty_outbox_waits_for_events_instead_of_spinning(
+    tmp_path: Path, mosquitto: Mosquitto, collector: Collector
+) -> None:
+    """Seqs go on across restarts: an agent starting on an emptied outbox (highest seq 3, no
+    rows) must wait for its next event. It used to ask the outbox again and again, a core at
+    full load until an event came (seen after every update, in test_agent_update)."""
+    cfg = load_config(write_config(tmp_path, mosquitto, "count = 3"))
+    async with Agent(cfg) as agent:
+        await until(lambda: collector.has_all(3), "3 events")
+        await drained(agent)
+    cfg = load_config(write_config(tmp_path, mosquitto, "count = 0"))
+    async with Agent(cfg) as agent:
+        assert agent.outbox.highest_seq == 3
+        await until(lambda: agent.publisher.state.value == "online", "online again")
+        peeks = 0
+        peek = agent.outbox.peek
+
+        async def counted(*args: Any, **kw: Any) -> Any:
+            nonlocal peeks
+            peeks += 1
+            return await peek(*args, **kw)
+
+        agent.outbox.peek = counted  # type: ignore[method-assign]
+        # an observation window, not a synchronisation: idle, the pump asks at most once more;
+        # spinning, it asked thousands of times in it
+        await asyncio.sleep(0.5)
+        assert peeks <= 1, f"the publisher asked the empty outbox {peeks} times in 0.5 s"
+    assert sorted(collector.seqs()) == [1, 2, 3]
