@@ -21,7 +21,6 @@ import secrets
 import shlex
 import signal
 import subprocess
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any, Final, Self
 
 import psycopg
+
+from ingest_server.storage.files import put_file
 
 log = logging.getLogger(__name__)
 
@@ -219,18 +220,7 @@ def write_atomically(path: Path, text: str, mode: int = 0o640) -> bool:
             return False
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    put_file(path, text, mode, replace=True)
     return True
 
 

@@ -33,7 +33,6 @@ opened to a school's administrator).
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import secrets
 import threading
@@ -51,6 +50,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import PoolTimeout
 
 from ingest_server.control.enrolment import FailureLimiter
+from ingest_server.storage.files import put_file
 
 Scope = Literal["read", "admin"]
 SCOPES: Final[tuple[Scope, ...]] = ("read", "admin")
@@ -513,16 +513,5 @@ def bootstrap(conn: psycopg.Connection[Any], path: Path) -> str | None:
 def _write_new_secret(path: Path, text: str) -> None:
     """Create ``path`` (mode 0600) holding ``text``, appearing whole or not at all: whoever
     waits for the file (a provisioning script, a test) must never read it empty or half
-    written. Written beside it first, then linked into place, which fails rather than replace
-    a file that appeared meanwhile."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(staged, path)
-    finally:
-        staged.unlink(missing_ok=True)
+    written; never over a file that appeared meanwhile."""
+    put_file(path, text, 0o600, replace=False)
