@@ -271,6 +271,9 @@ class MqttDecoder:
         self.protocol = protocol
         self.max_packet = max_packet
         self._buf = bytearray()
+        #: Bytes the incomplete packet at the head of ``_buf`` needs in all (0: its header is
+        #: not in yet), so a large packet arriving in many reads is not parsed again each time.
+        self._need = 0
 
     @property
     def buffered(self) -> int:
@@ -279,23 +282,31 @@ class MqttDecoder:
 
     def feed(self, data: bytes) -> list[Packet]:
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return []
+            data = bytes(buf)
+            buf.clear()
+        elif type(data) is not bytes:
+            data = bytes(data)
+        # Packets are cut from ``data`` itself: a slice of bytes is the bytes object a Publish
+        # holds (a memoryview slice and then a copy cost twice as many objects per message).
         out: list[Packet] = []
-        n = len(buf)
-        pos = 0
-        v5 = self.protocol == MQTT5
-        with memoryview(buf) as mv:
-            try:
-                pos = self._packets(buf, mv, n, v5, out)
-            except IndexError:
-                raise MqttProtocolError("a packet's header runs past its end") from None
-        if pos:
-            del buf[:pos]
+        try:
+            pos = self._packets(data, len(data), self.protocol == MQTT5, out)
+        except IndexError:
+            raise MqttProtocolError("a packet's header runs past its end") from None
+        if pos < len(data):
+            with memoryview(data) as mv:
+                buf += mv[pos:]
         return out
 
-    def _packets(self, buf: bytearray, mv: memoryview, n: int, v5: bool, out: list[Packet]) -> int:
-        """Decode whole packets from ``buf`` into ``out``; the index after the last one."""
+    def _packets(self, buf: bytes, n: int, v5: bool, out: list[Packet]) -> int:
+        """Decode whole packets from ``buf`` into ``out``; the index after the last one (and
+        :attr:`_need` set for the incomplete packet after it)."""
         pos = 0
+        self._need = 0
         while n - pos >= 2:
             first = buf[pos]
             # the remaining length, inlined: this loop runs once per message
@@ -303,6 +314,9 @@ class MqttDecoder:
             if b < 0x80:
                 length = b
                 i = pos + 2
+            elif pos + 2 < n and buf[pos + 2] < 0x80:  # two bytes: a packet under 16 KiB
+                length = (b & 0x7F) | (buf[pos + 2] << 7)
+                i = pos + 3
             else:
                 parsed = _read_varint(buf, pos + 1, n)
                 if parsed is None:
@@ -314,6 +328,7 @@ class MqttDecoder:
                 )
             end = i + length
             if end > n:
+                self._need = end - pos
                 break
             kind = first >> 4
             if kind == PUBLISH:
@@ -322,7 +337,7 @@ class MqttDecoder:
                     raise MqttProtocolError("PUBLISH with QoS 3")
                 tlen = (buf[i] << 8) | buf[i + 1]
                 j = i + 2 + tlen
-                topic = bytes(mv[i + 2 : j])
+                topic = buf[i + 2 : j]
                 pid = 0
                 if qos:
                     pid = (buf[j] << 8) | buf[j + 1]
@@ -338,11 +353,9 @@ class MqttDecoder:
                         j = parsed[1] + parsed[0]
                 if j > end:
                     raise MqttProtocolError("PUBLISH header runs past the packet")
-                out.append(
-                    Publish(topic, bytes(mv[j:end]), qos, bool(first & 1), bool(first & 8), pid)
-                )
+                out.append(Publish(topic, buf[j:end], qos, bool(first & 1), bool(first & 8), pid))
             else:
-                out.append(self._other(kind, first, bytes(mv[i:end])))
+                out.append(self._other(kind, first, buf[i:end]))
             pos = end
         return pos
 

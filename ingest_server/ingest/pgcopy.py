@@ -152,8 +152,18 @@ def _event_row_struct(where: int, typ: int, data: int) -> Struct:
 
 
 #: Row layouts by (where, type, data) lengths: a server sees few (bounded: start over).
-_ROW_STRUCTS: dict[tuple[int, int, int], Callable[..., bytes]] = {}
+_ROW_STRUCTS: dict[tuple[int, int], dict[int, Callable[..., bytes]]] = {}
 _ROW_STRUCTS_MAX: Final = 4096
+
+
+def _layouts(where: int, typ: int) -> dict[int, Callable[..., bytes]]:
+    """The row layouts of these (where, type) lengths, by the data's length."""
+    got = _ROW_STRUCTS.get((where, typ))
+    if got is None:
+        if len(_ROW_STRUCTS) >= _ROW_STRUCTS_MAX:
+            _ROW_STRUCTS.clear()
+        got = _ROW_STRUCTS[where, typ] = {}
+    return got
 
 
 def encode_events(
@@ -164,58 +174,67 @@ def encode_events(
     types met are added to ``seen`` (for :func:`carries_readings`)."""
     out = bytearray(HEADER)
     tail = _EVENT_TAIL.pack
-    shapes = _ROW_STRUCTS
     types: dict[str, tuple[bytes, int]] = {}
-    wheres: dict[tuple[str, str, str], tuple[bytes, int]] = {}
-    # Rows of one message share their school, device, kind and received_at objects.
-    school = device = kind = None
-    where = b""
-    where_n = 0
+    #: By device id: (school, kind, the three fields encoded, their length).
+    wheres: dict[str, tuple[str, str, bytes, int]] = {}
+    # Rows of one message share their school, device, kind and received_at objects, and rows
+    # of one batch mostly their type and flags: each is worked out again only when its object
+    # changes (an identity test, where a look-up by a tuple would build the tuple every row).
+    school = device = kind = etype = synced = replay = None
+    where = typ = end = b""
+    where_n = typ_n = -1
     received: datetime | None = None
-    ends: dict[tuple[bool, bool], bytes] = {}
+    received_us = 0
+    # the row layouts of the current (where, type) lengths, by the data's length
+    by_data: dict[int, Callable[..., bytes]] = {}
     stamp = (stamps if stamps is not None else []).append
     epoch, micro = PG_EPOCH, _MICROSECOND
     try:
         for r in events:
             if r.device_id is not device or r.school_id is not school or r.kind is not kind:
                 school, device, kind = r.school_id, r.device_id, r.kind
-                cached = wheres.get((school, device, kind))
-                if cached is None:  # (one message per device interleaved: seen again and again)
-                    where = text_field(school) + text_field(device) + text_field(kind)
-                    cached = wheres[school, device, kind] = where, len(where)
-                where, where_n = cached
-            if r.received_at is not received:
-                received = r.received_at
-                received_us = micros(received)
-                # received_at, synced and replay: the same few byte strings for every row
-                ends = {
-                    (s, p): tail(8, received_us, 1, s, 1, p)
-                    for s in (False, True)
-                    for p in (False, True)
-                }
+                cached = wheres.get(device)
+                if cached is None or cached[0] != school or cached[1] != kind:
+                    # (one message per device interleaved: seen again and again)
+                    field = text_field(school) + text_field(device) + text_field(kind)
+                    cached = wheres[device] = school, kind, field, len(field)
+                _, _, where, n = cached
+                if n != where_n:
+                    where_n = n
+                    if typ_n >= 0:  # (else the type, on the first row, is next)
+                        by_data = _layouts(where_n, typ_n)
             e = r.event
-            typ_n = types.get(e.type)
-            if typ_n is None:
-                field = text_field(e.type)
-                typ_n = types[e.type] = field, len(field)
+            if e.type is not etype:
+                etype = e.type
+                got = types.get(etype)
+                if got is None:
+                    field = text_field(etype)
+                    got = types[etype] = field, len(field)
+                typ, n = got
+                if n != typ_n:
+                    typ_n = n
+                    by_data = _layouts(where_n, typ_n)
+            if r.received_at is not received or e.synced is not synced or e.replay is not replay:
+                if r.received_at is not received:
+                    received = r.received_at
+                    received_us = micros(received)
+                synced, replay = e.synced, e.replay
+                # received_at, synced and replay (flags that are not bools packed by truth,
+                # as ``?`` does): the same few byte strings for every row
+                end = tail(8, received_us, 1, synced, 1, replay)
             data = e.data_json
             data_n = len(data)
             # micros(), inline: a call per event costs more than the arithmetic
             ts = (e.ts - epoch) // micro
             stamp(ts)
-            key = where_n, typ_n[1], data_n
-            pack = shapes.get(key)
+            pack = by_data.get(data_n)
             if pack is None:
-                if len(shapes) >= _ROW_STRUCTS_MAX:
-                    shapes.clear()
-                pack = shapes[key] = _event_row_struct(*key).pack
+                if len(by_data) >= _ROW_STRUCTS_MAX:
+                    by_data.clear()
+                pack = by_data[data_n] = _event_row_struct(where_n, typ_n, data_n).pack
             # the whole row in one pack: cheaper than a pack per field and a join
-            try:
-                end = ends[e.synced, e.replay]
-            except KeyError:  # flags that are not bools: packed by truth, as ``?`` does
-                end = tail(8, received_us, 1, e.synced, 1, e.replay)
             out += pack(
-                10, 8, ts, where, 8, e.seq, typ_n[0], data_n + 1, _JSONB_VERSION, data, end
+                10, 8, ts, where, 8, e.seq, typ, data_n + 1, _JSONB_VERSION, data, end
             )  # fmt: skip
     except TypeError:
         # a naive ts (as micros() says); any other TypeError is a bug, raised as it is

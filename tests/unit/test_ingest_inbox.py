@@ -30,6 +30,16 @@ def test_put_many_respects_the_byte_bound_but_always_takes_one() -> None:
     assert inbox.put_many([msg(2, 10), msg(3, 10), msg(4, 10)], timeout=0.01) == 2
 
 
+def test_put_many_of_what_fits_whole_counts_its_bytes() -> None:
+    """Messages that all fit go in at once; their bytes still bound what comes after."""
+    inbox = Inbox(max_messages=100, max_bytes=35)
+    assert inbox.put_many([msg(0), msg(1), msg(2)], timeout=0.01) == 3
+    assert inbox.put_many([msg(3), msg(4)], timeout=0.01) == 0  # 30 + 10 > 35
+    assert [m.mid for m in inbox.get_many(1, 0)] == [0]
+    assert inbox.put_many([msg(3), msg(4)], timeout=0.01) == 1
+    assert [m.mid for m in inbox.get_many(10, 0)] == [1, 2, 3]
+
+
 def test_put_many_waits_for_room_made_by_the_reader() -> None:
     inbox = Inbox(max_messages=2, max_bytes=1000)
     taken: list[int] = []

@@ -73,6 +73,28 @@ def test_publishes_survive_any_chunking(
     assert decoder.buffered == 0
 
 
+def test_a_large_packet_in_many_reads_then_more_in_the_same_read() -> None:
+    """A packet of a 3-byte length over 40 reads, the last carrying the next packet too: the
+    decoder waits for the whole packet, then hands out both, as bytes."""
+    big = encode_publish("campus/v1/s001/d1/up", bytes(range(256)) * 400, qos=1, packet_id=7)
+    small = encode_publish("campus/v1/s001/d2/up", b"{}", qos=1, packet_id=8)
+    wire = big + small
+    decoder = MqttDecoder(MQTT5)
+    step = len(big) // 40
+    got = []
+    for k in range(0, len(wire), step):
+        got += decoder.feed(bytearray(wire[k : k + step]))
+        if k + step < len(big):
+            assert got == []
+            assert decoder.buffered == k + step
+    assert got == [
+        Publish(b"campus/v1/s001/d1/up", bytes(range(256)) * 400, 1, False, False, 7),
+        Publish(b"campus/v1/s001/d2/up", b"{}", 1, False, False, 8),
+    ]
+    assert all(type(p.payload) is bytes and type(p.topic) is bytes for p in got)
+    assert decoder.buffered == 0
+
+
 @given(st.integers(0, MAX_REMAINING))
 def test_varint_round_trip(n: int) -> None:
     raw = varint(n)

@@ -330,6 +330,8 @@ def test_an_events_row_is_one_pack_per_shape_and_the_same_bytes() -> None:
     expected = pgcopy.encode_rows(pgcopy.EVENT_TYPES, [event_tuple(r) for r in rows])
     assert pgcopy.encode_events(rows) == expected
     assert len(pgcopy._ROW_STRUCTS) <= pgcopy._ROW_STRUCTS_MAX
+    assert all(len(by) <= pgcopy._ROW_STRUCTS_MAX for by in pgcopy._ROW_STRUCTS.values())
+    assert any(len(by) >= 50 for by in pgcopy._ROW_STRUCTS.values())  # one per data length
 
 
 @pytest.mark.parametrize("ts", [datetime(2026, 11, 22, 7, 50), None])
