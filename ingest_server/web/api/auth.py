@@ -506,12 +506,7 @@ def bootstrap(conn: psycopg.Connection[Any], path: Path) -> str | None:
     if active is not None:
         return None
     _, token = create_token(conn, f"bootstrap ({path.name})", "district_admin")
-    _write_new_secret(path, token + "\n")
+    # appears whole or not at all: whoever waits for the file (a provisioning script, a test)
+    # must never read it empty; never over a file that appeared meanwhile
+    put_file(path, token + "\n", 0o600, replace=False)
     return f"no admin token existed: created one in {path} (readable by this user only)"
-
-
-def _write_new_secret(path: Path, text: str) -> None:
-    """Create ``path`` (mode 0600) holding ``text``, appearing whole or not at all: whoever
-    waits for the file (a provisioning script, a test) must never read it empty or half
-    written; never over a file that appeared meanwhile."""
-    put_file(path, text, 0o600, replace=False)
