@@ -50,6 +50,7 @@ from edge_agent import __version__
 from edge_agent.commands import CommandHandler, Deferred, Rejected
 from edge_agent.config import UpdateSettings
 from edge_agent.enroll import is_loopback
+from schemas.patterns import whole
 from schemas.release import VERSION_PATTERN, ReleaseError, UpdateArgs, verify
 from schemas.state import Command, CommandAck
 
@@ -66,7 +67,7 @@ DEPS_PTH: Final = "_campus_edge_deps.pth"
 
 #: The most a ``current`` pointer file is read of (it holds ``envs/<version>``).
 POINTER_MAX_BYTES: Final = 256
-_POINTER_VERSION: Final = re.compile(VERSION_PATTERN)
+_POINTER_VERSION: Final = re.compile(whole(VERSION_PATTERN))
 
 
 @dataclass(frozen=True, slots=True)

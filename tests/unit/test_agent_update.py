@@ -145,6 +145,17 @@ def test_pointer_switches_atomically_and_back(tmp_path: Path) -> None:
     assert layout.current_version() is None
 
 
+def test_a_pointer_to_a_version_with_a_final_newline_points_nowhere(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    (tmp_path / "envs" / "1.2.3\n").mkdir(parents=True)
+    (tmp_path / "current").symlink_to(Path("envs") / "1.2.3\n")
+    assert layout.current_version() is None
+    # a pointer file's own line end is its text's, not the version's (Windows without symlinks)
+    (tmp_path / "current").unlink()
+    (tmp_path / "current").write_text("envs/1.2.3\n")
+    assert layout.current_version() == "1.2.3"
+
+
 def test_outbox_schema_is_versioned_and_a_newer_one_refused(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     with Outbox(path) as box:

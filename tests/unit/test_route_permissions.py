@@ -139,6 +139,8 @@ def test_who_may_grant_what() -> None:
         ("district_admin", ["s001"], "covers every school"),
         ("reader", [], "at least one school"),
         ("reader", ["S 1"], "does not match"),
+        # a final newline is not the end of a school id (Python's `$` would let it through)
+        ("reader", ["s001\n"], r"does not match \^\[a-z0-9\]\[a-z0-9_-\]\{0,63\}\$"),
     ],
 )
 def test_bad_grants_name_the_fault(role: str, schools: list[str] | None, message: str) -> None:
