@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import typing
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
@@ -631,8 +632,8 @@ def test_fast_pages_are_the_models_json(api: Api) -> None:
 
 @pytest.mark.parametrize("zone", ["UTC", "Asia/Shanghai", "America/St_Johns", "Asia/Kolkata"])
 def test_event_times_rendered_in_sql_are_pydantics(api: Api, zone: str) -> None:
-    """``sqljson.iso_time`` writes a time as pydantic writes the datetime psycopg reads for it, in
-    any session time zone (``Z``, whole and half-hour offsets, DST), with and without
+    """``sqljson.iso_time`` writes a time as pydantic writes it in UTC (the API's sessions' zone),
+    whatever the session's zone (whole and half-hour offsets, DST), with and without
     microseconds."""
     times = [
         datetime(2026, 11, 20, 8, 0, tzinfo=UTC),
@@ -646,7 +647,8 @@ def test_event_times_rendered_in_sql_are_pydantics(api: Api, zone: str) -> None:
     with psycopg.connect(api.db_url, autocommit=True) as conn:
         conn.execute(psycopg.sql.SQL("SET TimeZone = {}").format(psycopg.sql.Literal(zone)))
         for typed, text in conn.execute(query, (times,)).fetchall():
-            assert json.dumps(text) == pydantic_core.to_json(typed).decode(), (zone, typed)
+            utc = typed.astimezone(UTC)
+            assert json.dumps(text) == pydantic_core.to_json(utc).decode(), (zone, typed)
 
 
 @pytest.mark.parametrize(
@@ -676,3 +678,32 @@ def test_values_rendered_in_sql_are_pydantics(
     for typed, text in rows:
         want = json.loads(pydantic_core.to_json(typed, inf_nan_mode="null"))
         assert _strict(json.loads(text)) == _strict(want), (pg_type, typed, text)
+    # the same values under the required annotation (no coalesce): the same text
+    required = next(a for a in typing.get_args(annotation) if a is not type(None))
+    query = psycopg.sql.SQL("SELECT {} FROM unnest(%s::{}[]) AS t(v)").format(
+        sqljson.value_sql(psycopg.sql.SQL("v"), required), psycopg.sql.SQL(pg_type)
+    )
+    with psycopg.connect(api.db_url, autocommit=True) as conn:
+        texts = [t for (t,) in conn.execute(query, (values,)).fetchall()]
+    assert texts == [text if typed is not None else None for typed, text in rows]
+
+
+class _Pair(BaseModel):
+    name: str
+    note: str | None
+
+
+def test_a_row_with_null_in_a_required_field_is_refused_not_left_out(api: Api) -> None:
+    """A NULL optional field is ``null``; a NULL required one makes the row NULL, and
+    ``sqljson.lines`` refuses the answer (as the model would) instead of dropping the row."""
+    line = sqljson.object_sql(_Pair)
+    query = psycopg.sql.SQL("SELECT {} FROM (VALUES ('a', NULL), (%s, 'n')) AS t(name, note)")
+    with psycopg.connect(api.db_url, autocommit=True) as conn:
+        cur = conn.execute(query.format(line), ["b"], binary=True)
+        items, n = sqljson.lines(cur, 10)
+        assert (json.loads(sqljson.wrapped(b"[", items, b"]")), n) == (
+            [{"name": "a", "note": None}, {"name": "b", "note": "n"}], 2
+        )
+        cur = conn.execute(query.format(line), [None], binary=True)
+        with pytest.raises(sqljson.RenderError, match="row 1 of the answer has NULL"):
+            sqljson.lines(cur, 10)

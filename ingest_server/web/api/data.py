@@ -149,8 +149,8 @@ def _event_page(
     params: list[Any],
     after: tuple[Any, ...] | None,
     limit: int,
-) -> tuple[bytes, tuple[Any, ...] | None]:
-    """One page of events as the JSON text of its ``items`` array, each row rendered by
+) -> tuple[list[bytes], tuple[Any, ...] | None]:
+    """One page of events, each row its JSON text rendered by
     PostgreSQL (:mod:`sqljson`; ``data`` spliced as stored, numbers as the device wrote
     them), and the key of its last row if more follow. Python neither parses nor encodes a
     row: only that one key comes back typed, for the cursor."""
@@ -164,7 +164,7 @@ def _event_page(
         " ORDER BY time, device_id, seq"
     ).format(line=_EVENT_LINE, columns=sql.SQL(EVENT_COLUMNS), cond=cond)
     cur = conn.execute(query, [*params, limit + 1], binary=True)
-    items, n = sqljson.joined(cur, limit)
+    items, n = sqljson.lines(cur, limit)
     if n <= limit:
         return items, None
     cur.scroll(limit - 1, "absolute")  # only the last row's key is loaded, for the cursor
@@ -201,7 +201,7 @@ def list_events(
     token = None if last is None else encode_cursor("events", last)
     # the page's JSON value is EventPage's (tests/integration/test_api_data.py compares them)
     tail = json.dumps({"next": next_link(request, token), "cursor": token}, separators=(",", ":"))
-    body = b'{"items":[' + items + b"]," + tail[1:].encode()
+    body = sqljson.wrapped(b'{"items":[', items, b"]," + tail[1:].encode())
     return Response(body, media_type="application/json")
 
 

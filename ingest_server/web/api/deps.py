@@ -15,7 +15,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ingest_server.storage.db import session_options
+from ingest_server.storage.db import SESSION_LIMITS, session_options
 
 #: Seconds a request waits for a pooled connection before answering 503.
 POOL_TIMEOUT_S = 5.0
@@ -37,7 +37,9 @@ def make_pool(db_url: str, max_size: int = 4) -> ConnectionPool[Any]:
         kwargs={
             "autocommit": True,
             "application_name": "campus-edge-api",
-            "options": session_options(db_url),
+            # UTC, so every time an answer carries is written with `Z` whatever the server's
+            # zone (times rendered by PostgreSQL, sqljson.iso_time, are UTC too)
+            "options": session_options(db_url, {**SESSION_LIMITS, "TimeZone": "UTC"}),
         },
         open=False,
         name="api",

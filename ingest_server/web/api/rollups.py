@@ -211,9 +211,9 @@ def _fetch_json(
         where=sql.SQL(" AND ").join(where),
         order=sql.SQL(spec.order),
     )
-    items, n = sqljson.joined(conn.execute(query, [*params, MAX_ROWS + 1], binary=True), MAX_ROWS)
+    items, n = sqljson.lines(conn.execute(query, [*params, MAX_ROWS + 1], binary=True), MAX_ROWS)
     more = b"true" if n > MAX_ROWS else b"false"
-    return b'{"items":[' + items + b'],"truncated":' + more + b"}"
+    return sqljson.wrapped(b'{"items":[', items, b'],"truncated":' + more + b"}")
 
 
 #: Each rollup's row as JSON text (built once, at import: a field type sqljson cannot render

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import typing
 from datetime import date, datetime
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg import sql
@@ -24,20 +24,26 @@ from pydantic import BaseModel
 
 
 def iso_time(expr: sql.Composable) -> sql.Composed:
-    """``expr`` (timestamptz) as the text pydantic writes for the datetime psycopg reads:
-    ISO 8601 in the session's time zone, microseconds only when not zero (all six digits),
-    ``Z`` for a zero offset. One ``to_char`` and two ``replace``: ``.000000`` can only be the
-    fraction and ``+00:00`` only the offset (a sub-select computing it once costs a SubPlan per
-    row, three times this)."""
+    """``expr`` (timestamptz) as the text pydantic writes for it in UTC: ISO 8601, microseconds
+    only when not zero (all six digits), ``Z``. The API's sessions run in UTC (``deps.make_pool``),
+    so this is the datetime psycopg reads there; written at UTC whatever the session's zone, so a
+    connection set otherwise cannot change an answer. One ``to_char`` and one ``replace``:
+    ``.000000Z`` can only be the fraction (a sub-select computing it once costs a SubPlan per
+    row, three times this; a ``CASE`` on the microseconds costs more than the ``replace``)."""
     return sql.SQL(
-        "replace(replace(to_char({}, 'YYYY-MM-DD\"T\"HH24:MI:SS.USTZH:TZM'), '.000000', ''),"
-        " '+00:00', 'Z')"
+        "replace(to_char(({}) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
+        " '.000000Z', 'Z')"
     ).format(expr)
 
 
 def value_sql(expr: sql.Composable, annotation: Any) -> sql.Composed:
-    """The JSON text of ``expr`` for a field annotated ``annotation`` (``null`` for NULL)."""
-    kinds = set(typing.get_args(annotation) or (annotation,)) - {type(None)}
+    """The JSON text of ``expr`` for a field annotated ``annotation``: ``null`` for NULL where
+    the annotation allows None; a required field's NULL makes the whole row NULL, which
+    :func:`joined` refuses (as the model would refuse the row), so a NOT NULL column costs no
+    ``coalesce`` per row (~0.3 ms of a 1000-row page)."""
+    args = set(typing.get_args(annotation) or (annotation,))
+    kinds = args - {type(None)}
+    nullable = type(None) in args
     if typing.get_origin(annotation) is dict:
         kinds = {dict}
     if kinds in ({str}, {date}):
@@ -50,14 +56,14 @@ def value_sql(expr: sql.Composable, annotation: Any) -> sql.Composed:
         # float8's shortest round-trip text (a numeric column is the float psycopg's Decimal
         # becomes in the model); pydantic writes 3.0 where that writes 3, and null for NaN and
         # the infinities (no sub-select: that costs a SubPlan per row)
-        return sql.SQL(
-            "coalesce(CASE WHEN {x} IN ('NaN', 'Infinity', '-Infinity') THEN 'null'"
+        text = sql.SQL(
+            "CASE WHEN {x} IN ('NaN', 'Infinity', '-Infinity') THEN 'null'"
             " WHEN {x} = trunc({x}) AND strpos({x}::text, 'e') = 0 THEN {x}::text || '.0'"
-            " ELSE {x}::text END, 'null')"
+            " ELSE {x}::text END"
         ).format(x=sql.SQL("({})::float8").format(expr))
     else:
         raise TypeError(f"no SQL rendering for a field of type {annotation!r}")
-    return sql.SQL("coalesce({}, 'null')").format(text)
+    return sql.SQL("coalesce({}, 'null')").format(text) if nullable else sql.Composed([text])
 
 
 def object_sql(model: type[BaseModel], exprs: dict[str, sql.Composable] | None = None) -> sql.SQL:
@@ -89,11 +95,30 @@ def renders(model: type[BaseModel]) -> bool:
     return True
 
 
-def joined(cur: psycopg.Cursor[Any], limit: int) -> tuple[bytes, int]:
-    """The first column of the first ``limit`` rows of ``cur``'s result joined by commas, as
-    the bytes PostgreSQL sent (no decoding, no row tuples), and how many rows there were."""
+def lines(cur: psycopg.Cursor[Any], limit: int) -> tuple[list[bytes], int]:
+    """The first column of the first ``limit`` rows of ``cur``'s result, as the bytes
+    PostgreSQL sent (no decoding, no row tuples), and how many rows there were.
+
+    A NULL line is a row whose required field was NULL: refused (:class:`RenderError`), as the
+    model would have refused it, rather than left out of the answer."""
     result = cur.pgresult
     assert result is not None
     n = result.ntuples
     values = [result.get_value(i, 0) for i in range(min(n, limit))]
-    return b",".join([v for v in values if v is not None]), n
+    if None in values:
+        raise RenderError(f"row {values.index(None)} of the answer has NULL in a required field")
+    return cast(list[bytes], values), n
+
+
+def wrapped(head: bytes, items: list[bytes], tail: bytes) -> bytes:
+    """``head``, ``items`` joined by commas, then ``tail``: one copy of the items' bytes (a
+    1000-event page is ~340 KB; each further copy cost ~0.1 ms here). ``items`` is spent."""
+    if not items:
+        return head + tail
+    items[0] = head + items[0]
+    items[-1] += tail
+    return b",".join(items)
+
+
+class RenderError(RuntimeError):
+    """A row could not be rendered as its model's JSON (a required field was NULL)."""
