@@ -688,6 +688,23 @@ def test_values_rendered_in_sql_are_pydantics(
     assert texts == [text if typed is not None else None for typed, text in rows]
 
 
+def test_answers_are_in_utc_whatever_the_servers_zone(api: Api) -> None:
+    """A database whose sessions default to Asia/Shanghai: the API's sessions still run in UTC,
+    so the times PostgreSQL renders and the ones pydantic writes both end in ``Z``."""
+    shanghai = psycopg.conninfo.make_conninfo(api.db_url, options="-c TimeZone=Asia/Shanghai")
+    with psycopg.connect(shanghai) as conn:
+        assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Shanghai",)
+    with api_server(shanghai) as server:
+        token = api.tokens["read"]
+        _, _, raw = get(f"{server.url}/api/v1/events?{urlencode(RANGE)}&limit=5", token)
+        items = json.loads(raw)["items"]
+        assert items, "the seeded range has events"
+        assert all(i["time"].endswith("Z") and i["received_at"].endswith("Z") for i in items)
+        assert {i["time"] for i in items} <= {_wire(e[0]) for e in api.seeded.events}
+        _, _, raw = get(f"{server.url}/api/v1/meta", token)
+        assert json.loads(raw)["today_start"].endswith("Z")
+
+
 class _Pair(BaseModel):
     name: str
     note: str | None
@@ -702,7 +719,8 @@ def test_a_row_with_null_in_a_required_field_is_refused_not_left_out(api: Api) -
         cur = conn.execute(query.format(line), ["b"], binary=True)
         items, n = sqljson.lines(cur, 10)
         assert (json.loads(sqljson.wrapped(b"[", items, b"]")), n) == (
-            [{"name": "a", "note": None}, {"name": "b", "note": "n"}], 2
+            [{"name": "a", "note": None}, {"name": "b", "note": "n"}],
+            2,
         )
         cur = conn.execute(query.format(line), [None], binary=True)
         with pytest.raises(sqljson.RenderError, match="row 1 of the answer has NULL"):
