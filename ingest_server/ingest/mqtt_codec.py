@@ -262,6 +262,10 @@ def _reason_string(body: bytes, at: int) -> str:
     return ""
 
 
+#: A PUBLISH's fixed-header flags (its first byte's low four bits) → (QoS, retain, dup).
+_PUBLISH_FLAGS: Final = tuple(((f >> 1) & 3, bool(f & 1), bool(f & 8)) for f in range(16))
+
+
 class MqttDecoder:
     """``feed(bytes) -> list[Packet]`` for the packets a subscriber receives."""
 
@@ -307,6 +311,7 @@ class MqttDecoder:
         :attr:`_need` set for the incomplete packet after it)."""
         pos = 0
         self._need = 0
+        max_packet, append, flags = self.max_packet, out.append, _PUBLISH_FLAGS
         while n - pos >= 2:
             first = buf[pos]
             # the remaining length, inlined: this loop runs once per message
@@ -322,7 +327,7 @@ class MqttDecoder:
                 if parsed is None:
                     break
                 length, i = parsed
-            if length > self.max_packet:
+            if length > max_packet:
                 raise MqttProtocolError(
                     f"packet of {length} bytes is over the limit of {self.max_packet}"
                 )
@@ -332,7 +337,9 @@ class MqttDecoder:
                 break
             kind = first >> 4
             if kind == PUBLISH:
-                qos = (first >> 1) & 3
+                # QoS, retain and dup from the low four bits, by look-up (two bool() calls
+                # and the arithmetic cost more, once per message)
+                qos, retain, dup = flags[first & 0x0F]
                 if qos == 3:
                     raise MqttProtocolError("PUBLISH with QoS 3")
                 tlen = (buf[i] << 8) | buf[i + 1]
@@ -353,9 +360,9 @@ class MqttDecoder:
                         j = parsed[1] + parsed[0]
                 if j > end:
                     raise MqttProtocolError("PUBLISH header runs past the packet")
-                out.append(Publish(topic, buf[j:end], qos, bool(first & 1), bool(first & 8), pid))
+                append(Publish(topic, buf[j:end], qos, retain, dup, pid))
             else:
-                out.append(self._other(kind, first, buf[i:end]))
+                append(self._other(kind, first, buf[i:end]))
             pos = end
         return pos
 
