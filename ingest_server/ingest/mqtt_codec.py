@@ -286,19 +286,32 @@ class MqttDecoder:
 
     def feed(self, data: bytes) -> list[Packet]:
         buf = self._buf
-        if buf:
-            buf += data
-            if len(buf) < self._need:
-                return []
-            data = bytes(buf)
-            buf.clear()
-        elif type(data) is not bytes:
+        if type(data) is not bytes:
             data = bytes(data)
-        # Packets are cut from ``data`` itself: a slice of bytes is the bytes object a Publish
-        # holds (a memoryview slice and then a copy cost twice as many objects per message).
         out: list[Packet] = []
+        v5 = self.protocol == MQTT5
+        start = 0
         try:
-            pos = self._packets(data, len(data), self.protocol == MQTT5, out)
+            if buf:
+                need = self._need
+                if not need:  # its header is not whole yet: a few bytes, join them
+                    buf += data
+                    data = bytes(buf)
+                    buf.clear()
+                elif len(buf) + len(data) < need:
+                    buf += data
+                    return []
+                else:
+                    # the held-back packet completed on its own, the rest parsed where it
+                    # lies: joining the whole read (256 KiB) would copy it twice per read
+                    start = need - len(buf)
+                    buf += data[:start]
+                    head = bytes(buf)
+                    buf.clear()
+                    self._packets(head, 0, len(head), v5, out)
+            # Packets are cut from ``data`` itself: a slice of bytes is the bytes object a
+            # Publish holds (a memoryview slice and then a copy cost twice as many objects).
+            pos = self._packets(data, start, len(data), v5, out)
         except IndexError:
             raise MqttProtocolError("a packet's header runs past its end") from None
         if pos < len(data):
@@ -306,10 +319,9 @@ class MqttDecoder:
                 buf += mv[pos:]
         return out
 
-    def _packets(self, buf: bytes, n: int, v5: bool, out: list[Packet]) -> int:
-        """Decode whole packets from ``buf`` into ``out``; the index after the last one (and
-        :attr:`_need` set for the incomplete packet after it)."""
-        pos = 0
+    def _packets(self, buf: bytes, pos: int, n: int, v5: bool, out: list[Packet]) -> int:
+        """Decode whole packets from ``buf[pos:n]`` into ``out``; the index after the last one
+        (and :attr:`_need` set for the incomplete packet after it)."""
         self._need = 0
         max_packet, append, flags = self.max_packet, out.append, _PUBLISH_FLAGS
         while n - pos >= 2:
