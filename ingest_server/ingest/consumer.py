@@ -2,9 +2,10 @@
 
 The MQTT session's I/O thread (:mod:`.mqtt_session`) hands each chunk of messages to
 :class:`Inbox` (bounded: when it is full the I/O thread waits, so the broker's TCP stream backs
-up instead of our memory growing). A decoder thread turns up to ``batch_events`` rows or
+up instead of our memory growing). A decoder thread turns up to ``batch_events`` rows per lane or
 ``batch_ms`` of messages into a batch, split into one part per writer lane by device
-(:mod:`.lanes`: a device's rows always go to the same lane), and encodes their COPY payloads;
+(:mod:`.lanes`: a device's rows always go to the same lane; a lane alone with a backlog takes the
+whole batch's rows), and encodes their COPY payloads;
 each lane's thread writes its part in one transaction on its own connection, the lanes side
 by side (``--writers``, two by default: PostgreSQL then works on both cores). Once every part of
 a batch has committed, the acknowledging thread records its metrics, feeds the live stream and

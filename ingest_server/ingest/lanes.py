@@ -111,8 +111,16 @@ def collect_group(
     max_bytes: int,
 ) -> Group | None:
     """Like :func:`~.consumer.collect`, into one part per lane: wait up to ``idle_s`` for a
-    first message, then gather until a part holds ``max_size`` rows or ``max_wait_s`` has passed
-    since that first message. None when nothing came."""
+    first message, then gather until the group holds ``max_size`` rows per lane or
+    ``max_wait_s`` has passed since that first message. None when nothing came.
+
+    The lanes share the group's budget: rows spread over every lane make parts of about
+    ``max_size`` each, as before; a backlog that lands in one lane (a device replaying, a
+    queue of a few devices' messages) makes one part of up to ``max_size * lanes`` rows, one
+    transaction where there were ``lanes`` in a row (PostgreSQL's cost per transaction, the
+    devices upsert and the commit, measured 0.1-0.7 µs an event less at 10,000 rows than at
+    5,000). What a group holds at most, its memory and what a commit hands the live stream,
+    stays ``max_size * lanes`` rows."""
     first = inbox.get(idle_s)
     if first is None:
         return None
@@ -125,11 +133,11 @@ def collect_group(
     unknown: dict[str, int] = {}
     known = lane_of.known if isinstance(lane_of, LaneOf) else unknown.get
     deadline = time.monotonic() + max_wait_s
-    biggest = max(p.size for p in parts)
-    while biggest < max_size:
-        # as many messages as should fill the fullest part, at the rows per message so far
-        per_message = max(1, sum(p.size for p in parts) // len(messages))
-        room = max(1, (max_size - biggest) * lanes // per_message)
+    budget = max_size * lanes
+    total = sum(p.size for p in parts)
+    while total < budget:
+        # as many messages as should fill the group, at the rows per message so far
+        room = max(1, (budget - total) * len(messages) // total)
         msgs = inbox.get_many(room, max(0.0, deadline - time.monotonic()))
         if not msgs:
             break
@@ -142,7 +150,7 @@ def collect_group(
                 lane = known(msg.topic)
                 adds[lane_of(msg.topic) if lane is None else lane](msg)
         messages += msgs
-        biggest = max(p.size for p in parts)
+        total = sum(p.size for p in parts)
     return group
 
 

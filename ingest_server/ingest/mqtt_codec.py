@@ -262,6 +262,10 @@ def _reason_string(body: bytes, at: int) -> str:
     return ""
 
 
+#: A PUBLISH's fixed-header flags (its first byte's low four bits) → (QoS, retain, dup).
+_PUBLISH_FLAGS: Final = tuple(((f >> 1) & 3, bool(f & 1), bool(f & 8)) for f in range(16))
+
+
 class MqttDecoder:
     """``feed(bytes) -> list[Packet]`` for the packets a subscriber receives."""
 
@@ -282,19 +286,32 @@ class MqttDecoder:
 
     def feed(self, data: bytes) -> list[Packet]:
         buf = self._buf
-        if buf:
-            buf += data
-            if len(buf) < self._need:
-                return []
-            data = bytes(buf)
-            buf.clear()
-        elif type(data) is not bytes:
+        if type(data) is not bytes:
             data = bytes(data)
-        # Packets are cut from ``data`` itself: a slice of bytes is the bytes object a Publish
-        # holds (a memoryview slice and then a copy cost twice as many objects per message).
         out: list[Packet] = []
+        v5 = self.protocol == MQTT5
+        start = 0
         try:
-            pos = self._packets(data, len(data), self.protocol == MQTT5, out)
+            if buf:
+                need = self._need
+                if not need:  # its header is not whole yet: a few bytes, join them
+                    buf += data
+                    data = bytes(buf)
+                    buf.clear()
+                elif len(buf) + len(data) < need:
+                    buf += data
+                    return []
+                else:
+                    # the held-back packet completed on its own, the rest parsed where it
+                    # lies: joining the whole read (256 KiB) would copy it twice per read
+                    start = need - len(buf)
+                    buf += data[:start]
+                    head = bytes(buf)
+                    buf.clear()
+                    self._packets(head, 0, len(head), v5, out)
+            # Packets are cut from ``data`` itself: a slice of bytes is the bytes object a
+            # Publish holds (a memoryview slice and then a copy cost twice as many objects).
+            pos = self._packets(data, start, len(data), v5, out)
         except IndexError:
             raise MqttProtocolError("a packet's header runs past its end") from None
         if pos < len(data):
@@ -302,11 +319,11 @@ class MqttDecoder:
                 buf += mv[pos:]
         return out
 
-    def _packets(self, buf: bytes, n: int, v5: bool, out: list[Packet]) -> int:
-        """Decode whole packets from ``buf`` into ``out``; the index after the last one (and
-        :attr:`_need` set for the incomplete packet after it)."""
-        pos = 0
+    def _packets(self, buf: bytes, pos: int, n: int, v5: bool, out: list[Packet]) -> int:
+        """Decode whole packets from ``buf[pos:n]`` into ``out``; the index after the last one
+        (and :attr:`_need` set for the incomplete packet after it)."""
         self._need = 0
+        max_packet, append, flags = self.max_packet, out.append, _PUBLISH_FLAGS
         while n - pos >= 2:
             first = buf[pos]
             # the remaining length, inlined: this loop runs once per message
@@ -322,7 +339,7 @@ class MqttDecoder:
                 if parsed is None:
                     break
                 length, i = parsed
-            if length > self.max_packet:
+            if length > max_packet:
                 raise MqttProtocolError(
                     f"packet of {length} bytes is over the limit of {self.max_packet}"
                 )
@@ -332,7 +349,9 @@ class MqttDecoder:
                 break
             kind = first >> 4
             if kind == PUBLISH:
-                qos = (first >> 1) & 3
+                # QoS, retain and dup from the low four bits, by look-up (two bool() calls
+                # and the arithmetic cost more, once per message)
+                qos, retain, dup = flags[first & 0x0F]
                 if qos == 3:
                     raise MqttProtocolError("PUBLISH with QoS 3")
                 tlen = (buf[i] << 8) | buf[i + 1]
@@ -353,9 +372,9 @@ class MqttDecoder:
                         j = parsed[1] + parsed[0]
                 if j > end:
                     raise MqttProtocolError("PUBLISH header runs past the packet")
-                out.append(Publish(topic, buf[j:end], qos, bool(first & 1), bool(first & 8), pid))
+                append(Publish(topic, buf[j:end], qos, retain, dup, pid))
             else:
-                out.append(self._other(kind, first, buf[i:end]))
+                append(self._other(kind, first, buf[i:end]))
             pos = end
         return pos
 

@@ -61,17 +61,31 @@ def test_the_group_keeps_arrival_order_and_splits_by_device() -> None:
     assert len(inbox) == 0
 
 
-def test_a_group_ends_when_one_part_is_full() -> None:
+def test_a_backlog_in_one_lane_takes_the_whole_group_budget() -> None:
     inbox = Inbox(1000, 1 << 24)
-    # every message of one device: one lane gets them all, and it fills at 10 rows
+    # every message of one device: one lane gets them all, in one part of up to 10 rows a lane
     assert inbox.put_many([msg("cr-1", i) for i in range(50)], timeout=1) == 50
     group = collect_group(
         inbox, LaneOf(2), 2, max_size=10, max_wait_s=5, idle_s=1, max_bytes=1 << 20
     )
     assert group is not None
-    assert max(p.size for p in group.parts) >= 10
-    assert len(group) < 50  # the rest waits for the next group
+    assert [p.size for p in group.parts if p.size] == [20]  # one transaction, not two of 10
+    assert len(group) == 20  # the rest waits for the next group
     assert len(group) + len(inbox) == 50
+
+
+def test_rows_spread_over_the_lanes_make_parts_of_max_size() -> None:
+    lane_of = LaneOf(2)
+    devices = [f"cr-{i}" for i in range(10)]
+    a = next(d for d in devices if lane_of(f"campus/v1/x/{d}/up") == 0)
+    b = next(d for d in devices if lane_of(f"campus/v1/x/{d}/up") == 1)
+    inbox = Inbox(1000, 1 << 24)
+    sent = [msg(a if i % 2 else b, i) for i in range(60)]
+    assert inbox.put_many(sent, timeout=1) == 60
+    group = collect_group(inbox, lane_of, 2, max_size=10, max_wait_s=5, idle_s=1, max_bytes=1 << 20)
+    assert group is not None
+    assert [p.size for p in group.parts] == [10, 10]
+    assert group.messages == sent[:20]
 
 
 def test_nothing_queued_is_no_group() -> None:
