@@ -4,10 +4,10 @@ The writer thread calls :meth:`LiveHub.publish` after each commit; that only han
 to the API's event loop (``call_soon_threadsafe``) and returns. On the loop each event is
 encoded once and offered to every subscriber whose filter matches. Every subscriber has a
 bounded queue of ``max_queue`` events: a commit that does not fit drops the client with a
-reason; it is never waited for. One commit may hold up to the writer's ``batch_events`` (5000
-by default), and a client can miss its turn on the loop between two commits, so keep
-``max_queue`` at twice that or more. A client takes ``SEND_CHUNK`` events at a time, so one
-stuck in a send still shows its backlog.
+reason; it is never waited for. One commit may hold up to ``batch_events`` x ``writers`` (the
+lanes share a batch's rows: 10,000 by default), and a client can miss its turn on the loop
+between two commits, so ``max_queue`` is twice that. A client takes ``SEND_CHUNK`` events at a
+time, so one stuck in a send still shows its backlog.
 If the loop itself falls ``MAX_PENDING_BATCHES`` behind, batches are dropped for everyone
 (each subscriber learns so), so the hub's memory is bounded too. An event is encoded once and
 its bytes shared by every queue holding it, so queues cost a pointer per event each.
@@ -33,7 +33,7 @@ from ingest_server.ingest.batch import EventRow
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_QUEUE: Final = 10_000
+DEFAULT_MAX_QUEUE: Final = 20_000
 MAX_PENDING_BATCHES: Final = 256
 MAX_SUBSCRIBERS: Final = 100
 SEND_CHUNK: Final = 64
