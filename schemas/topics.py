@@ -12,7 +12,8 @@ from schemas.patterns import whole
 
 PREFIX: Final = "campus/v1"
 ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-_ID_RE: Final = re.compile(whole(ID_PATTERN))
+#: :data:`ID_PATTERN` for Python's ``re`` (its ``$`` as ``\Z``): every id checked in code.
+ID_RE: Final = re.compile(whole(ID_PATTERN))
 
 
 class Channel(StrEnum):
@@ -41,7 +42,7 @@ CHANNEL_RETAINED: Final[dict[Channel, bool]] = {
 
 def check_id(value: str, what: str) -> str:
     """Return ``value`` if it is a valid school or device id, else raise :class:`TopicError`."""
-    if not _ID_RE.match(value):
+    if not ID_RE.match(value):
         raise TopicError(
             f"{what} {value!r} is not a valid id: expected 1-64 characters of a-z, 0-9, '_' "
             "or '-', starting with a letter or digit"

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from schemas.topics import ID_PATTERN, ID_RE
+
 SEVERITIES: Final = ("info", "warning", "critical")
 #: The largest rules file read (a district's file is a few KiB).
 MAX_FILE_BYTES: Final = 1024 * 1024
 #: Schools one file may name (each override table costs a little memory per rule).
 MAX_SCHOOLS: Final = 10_000
-_ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_HHMM_RE: Final = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+# \Z, not $ (which also matches before a final newline); [0-9], not \d (any script's digits)
+_HHMM_RE: Final = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])\Z")
 #: Durations and thresholds are bounded so that arithmetic on them stays meaningful.
 _MAX_NUMBER: Final = 1e9
 
@@ -277,8 +279,8 @@ def parse(text: str, name: str = "<rules>") -> RulesConfig:
                 raise r.fail((key,), f"at most {MAX_SCHOOLS} schools, got {len(schools)}")
             for school, body in schools.items():
                 where = (key, school)
-                if not _ID_RE.match(school):
-                    raise r.fail(where, "a school id must match ^[a-z0-9][a-z0-9_-]{0,63}$")
+                if not ID_RE.match(school):
+                    raise r.fail(where, f"a school id must match {ID_PATTERN}")
                 for part, v in r.table(body, where).items():
                     if part == "rules":
                         cfg.schools[school] = r.rules(v, (*where, part))

@@ -28,12 +28,12 @@ from psycopg.types.json import Jsonb
 from ingest_server.control.broker_auth import hash_password
 from ingest_server.control.targets import TargetError, check_tags
 from schemas.events import DeviceKind
+from schemas.topics import ID_PATTERN, ID_RE
 
 ALPHABET: Final = "23456789ABCDEFGHJKMNPQRSTVWXYZ"
 CODE_LEN: Final = 16
 DEFAULT_TTL_S: Final = 24 * 3600
 MAX_TTL_S: Final = 30 * 24 * 3600
-ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 KINDS: Final = frozenset(k.value for k in DeviceKind)
 _SHORT: Final = {
     "smart_board": "sb",
@@ -108,7 +108,7 @@ def create_code(
     """Store a new code's digest; return the code (the only time it is seen) and its expiry.
     The device enrolled with it gets ``tags`` (a replacement: those, else its own)."""
     if not ID_RE.match(school_id):
-        raise EnrolmentError(400, f"school_id {school_id!r} must match {ID_RE.pattern}")
+        raise EnrolmentError(400, f"school_id {school_id!r} must match {ID_PATTERN}")
     if kind is not None and kind not in KINDS:
         raise EnrolmentError(400, f"kind {kind!r} is not one of {', '.join(sorted(KINDS))}")
     if not 0 < ttl_s <= MAX_TTL_S:

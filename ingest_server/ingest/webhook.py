@@ -38,7 +38,8 @@ from msgspec import Meta
 from ingest_server.ingest.batch import Inbound
 from schemas import events as registry
 from schemas.errors import ContractError, UplinkError
-from schemas.topics import Channel, build, check_id
+from schemas.patterns import whole
+from schemas.topics import ID_PATTERN, Channel, build, check_id
 from schemas.uplink import UplinkBatch, UplinkEvent, decode_uplink, encode_batch
 
 MAX_FILE_BYTES: Final = 64 * 1024
@@ -46,7 +47,6 @@ MAX_FILE_BYTES: Final = 64 * 1024
 MAX_EVENTS: Final = 1000
 MAX_EVENT_ID: Final = 256
 _SEQ_MAX: Final = 2**63 - 1
-_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _TOKEN = re.compile(r"\.([A-Za-z0-9_\-]+)|\[(\d+)\]|\[\*\]|\[\"([^\"]*)\"\]")
 
 Short = Annotated[str, Meta(max_length=256)]
@@ -74,7 +74,7 @@ class MappingError(ValueError):
 
 
 class SourceSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
-    name: Annotated[str, Meta(pattern=_NAME)]
+    name: Annotated[str, Meta(pattern=whole(ID_PATTERN))]
     auth: Literal["shared-secret", "hmac-sha256"]
     header: Annotated[str, Meta(min_length=1, max_length=128)]
     #: The secret's file (relative to the mapping file) or environment variable: never inline.

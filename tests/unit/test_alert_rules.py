@@ -259,6 +259,9 @@ def test_per_school_overrides_and_disabled_rules() -> None:
         ("[school_hours]\nstart = '9am'\n", ":2: school_hours.start: must be a time"),
         ("timezone = 'Mars/Base'\n", ":1: timezone: unknown time zone"),
         ("[schools.S1.rules.fever]\nenabled = true\n", ":1: schools.S1: a school id must"),
+        # a final newline is not the end of a value (Python's `$` let both through)
+        ('[school_hours]\nstart = "07:30\\n"\n', ":2: school_hours.start: must be a time"),
+        ('[schools."s001\\n".rules.fever]\nenabled = true\n', "a school id must match"),
         ("[rules.fever\n", "not valid TOML"),
     ],
 )

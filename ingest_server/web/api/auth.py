@@ -33,7 +33,6 @@ opened to a school's administrator).
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 import threading
 import time
@@ -51,7 +50,7 @@ from psycopg_pool import PoolTimeout
 
 from ingest_server.control.enrolment import FailureLimiter
 from ingest_server.storage.files import put_file
-from schemas.patterns import published, whole
+from schemas.topics import ID_PATTERN, ID_RE
 
 Scope = Literal["read", "admin"]
 SCOPES: Final[tuple[Scope, ...]] = ("read", "admin")
@@ -84,7 +83,7 @@ SCOPE_ROLES: Final[dict[str, Role]] = {"admin": "district_admin", "read": "reade
 #: Roles a token may be limited to schools with (school_admin must be, reader may be).
 SCHOOL_ROLES: Final = frozenset({"school_admin", "reader"})
 MAX_SCHOOLS: Final = 1000
-SCHOOL_RE: Final = re.compile(whole(r"^[a-z0-9][a-z0-9_-]{0,63}$"))
+SCHOOL_RE: Final = ID_RE
 #: One body for "unknown" and "another school's": a scoped token learns nothing of the other.
 NO_DEVICE: Final = "no device {!r} is known"
 PREFIX: Final = "cet_"
@@ -133,7 +132,7 @@ def check_grant(role: str, schools: Iterable[str] | None) -> frozenset[str] | No
             raise ValueError(f"schools: at most {MAX_SCHOOLS}, got {len(wanted)}")
         bad = sorted(s for s in wanted if not SCHOOL_RE.match(s))
         if bad:
-            raise ValueError(f"schools: {bad[0]!r} does not match {published(SCHOOL_RE.pattern)}")
+            raise ValueError(f"schools: {bad[0]!r} does not match {ID_PATTERN}")
     elif role == "school_admin":
         raise ValueError("a school_admin token needs its schools (--school S, or schools: [...])")
     return wanted

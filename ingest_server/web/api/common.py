@@ -20,11 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
 from ingest_server.web.api.deps import db
+from schemas.topics import ID_PATTERN
 
 Conn = Annotated[psycopg.Connection[Any], Depends(db)]
 
-#: The wire contract's id pattern (ARCHITECTURE.md section 3).
-ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 #: Event type and metric names: dotted lower-case words.
 NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9_.]{0,63}$"
 #: Without ``from``, a range reaches this far back from ``to``.

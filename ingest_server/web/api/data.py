@@ -150,9 +150,9 @@ def _event_page(
     after: tuple[Any, ...] | None,
     limit: int,
 ) -> tuple[list[bytes], tuple[Any, ...] | None]:
-    """One page of events, each row its JSON text rendered by
-    PostgreSQL (:mod:`sqljson`; ``data`` spliced as stored, numbers as the device wrote
-    them), and the key of its last row if more follow. Python neither parses nor encodes a
+    """One page of events, each row its JSON text rendered by PostgreSQL (:mod:`sqljson`;
+    ``data`` spliced as stored, numbers as the device wrote them), and the key of its last
+    row if more follow. Python neither parses nor encodes a
     row: only that one key comes back typed, for the cursor."""
     if after is not None:
         # The leading `time >=` lets the time index bound the scan; the row comparison is exact.

@@ -12,7 +12,6 @@ from pydantic import BaseModel, Field
 
 from ingest_server.web.api import access, auth
 from ingest_server.web.api.common import (
-    ID_PATTERN,
     Conn,
     CursorQ,
     SchoolQ,
@@ -21,6 +20,7 @@ from ingest_server.web.api.common import (
     encoded,
     next_link,
 )
+from schemas.topics import ID_PATTERN
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"], dependencies=[access.GUARD])
 

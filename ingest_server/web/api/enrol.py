@@ -24,12 +24,12 @@ from starlette.concurrency import run_in_threadpool
 from ingest_server.control import enrolment
 from ingest_server.web.api import access
 from ingest_server.web.api.deps import db
+from schemas.topics import ID_PATTERN
 
 #: ``/enrol`` is public (the code authenticates); the guard lets it through by its rule.
 router = APIRouter(tags=["enrolment"])
 codes = APIRouter(tags=["enrolment"], dependencies=[access.GUARD])
 Conn = Annotated[psycopg.Connection[Any], Depends(db)]
-_ID = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 #: A request body larger than this is refused before it is parsed.
 MAX_BODY = 16 * 1024
 
@@ -45,11 +45,11 @@ class EnrolmentState:
 
 
 class CodeRequest(BaseModel):
-    school_id: str = Field(pattern=_ID)
+    school_id: str = Field(pattern=ID_PATTERN)
     room: str | None = Field(default=None, max_length=64)
     kind: str | None = Field(default=None, description="device kind the code is for")
     replaces: str | None = Field(
-        default=None, pattern=_ID, description="device_id a new device takes over"
+        default=None, pattern=ID_PATTERN, description="device_id a new device takes over"
     )
     ttl_s: int = Field(default=enrolment.DEFAULT_TTL_S, gt=0, le=enrolment.MAX_TTL_S)
     tags: list[str] = Field(

@@ -16,9 +16,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from ingest_server.web.api import access, auth
-from ingest_server.web.api.common import ID_PATTERN, NAME_PATTERN, bad_param
+from ingest_server.web.api.common import NAME_PATTERN, bad_param
 from ingest_server.web.api.limits import HeldResponse, SlotLimiter, SlotsFull
 from ingest_server.web.live import MAX_SUBSCRIBERS, LiveFilter, LiveHub, Subscription
+from schemas.topics import ID_PATTERN
 
 # EventSource cannot send headers: the one endpoint that takes ?access_token= (access.ROUTES).
 router = APIRouter(prefix="/api/v1", tags=["live"], dependencies=[access.GUARD])

@@ -24,8 +24,9 @@ from ingest_server.control.targets import Target, TargetError, check_tags, resol
 from ingest_server.web.api import auth
 from ingest_server.web.api.access import GUARD, Caller
 from ingest_server.web.api.commands import MAX_TTL_S, bounded_args, check_args
-from ingest_server.web.api.common import ID_PATTERN, Conn
+from ingest_server.web.api.common import Conn
 from ingest_server.web.api.config import MAX_CONFIG_BYTES
+from schemas.topics import ID_PATTERN
 
 router = APIRouter(prefix="/api/v1", tags=["rollouts"], dependencies=[GUARD])
 DeviceId = Annotated[str, PathParam(pattern=ID_PATTERN, description="the device's id")]

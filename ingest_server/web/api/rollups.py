@@ -20,7 +20,6 @@ from pydantic import BaseModel, Field
 
 from ingest_server.web.api import access, auth, sqljson
 from ingest_server.web.api.common import (
-    ID_PATTERN,
     NAME_PATTERN,
     Conn,
     DeviceQ,
@@ -36,6 +35,7 @@ from ingest_server.web.api.common import (
     reply,
     time_range,
 )
+from schemas.topics import ID_PATTERN
 
 JSON: Final = "application/json"
 router = APIRouter(prefix="/api/v1/rollups", tags=["rollups"], dependencies=[access.GUARD])

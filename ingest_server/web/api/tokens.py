@@ -15,11 +15,11 @@ from pydantic import BaseModel, Field, model_validator
 
 from ingest_server.web.api import access, auth
 from ingest_server.web.api.deps import db
-from schemas.patterns import published
+from schemas.topics import ID_PATTERN
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"], dependencies=[access.GUARD])
 Conn = Annotated[psycopg.Connection[Any], Depends(db)]
-SchoolId = Annotated[str, Field(pattern=published(auth.SCHOOL_RE.pattern))]
+SchoolId = Annotated[str, Field(pattern=ID_PATTERN)]
 
 
 class TokenRequest(BaseModel):
