@@ -83,7 +83,6 @@ SCOPE_ROLES: Final[dict[str, Role]] = {"admin": "district_admin", "read": "reade
 #: Roles a token may be limited to schools with (school_admin must be, reader may be).
 SCHOOL_ROLES: Final = frozenset({"school_admin", "reader"})
 MAX_SCHOOLS: Final = 1000
-SCHOOL_RE: Final = ID_RE
 #: One body for "unknown" and "another school's": a scoped token learns nothing of the other.
 NO_DEVICE: Final = "no device {!r} is known"
 PREFIX: Final = "cet_"
@@ -130,7 +129,7 @@ def check_grant(role: str, schools: Iterable[str] | None) -> frozenset[str] | No
             raise ValueError("schools: give at least one school, or none for every school")
         if len(wanted) > MAX_SCHOOLS:
             raise ValueError(f"schools: at most {MAX_SCHOOLS}, got {len(wanted)}")
-        bad = sorted(s for s in wanted if not SCHOOL_RE.match(s))
+        bad = sorted(s for s in wanted if not ID_RE.match(s))
         if bad:
             raise ValueError(f"schools: {bad[0]!r} does not match {ID_PATTERN}")
     elif role == "school_admin":
