@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any, Final, LiteralString
 
 import psycopg
@@ -57,6 +58,8 @@ RETURNING device_id, seq
 _MAX_SEQS: Final = "SELECT device_id, max_seq FROM devices WHERE device_id = ANY(%s)"
 #: Bound of the per-device max_seq cache; cleared whole when full (it refills from the upsert).
 MAX_CACHED_DEVICES: Final = 100_000
+#: How far a device's state is put after its previous one received in the same read.
+_PRESENCE_STEP: Final = timedelta(microseconds=1)
 _QUARANTINE_TYPES: Final = ["timestamptz", "text", "bytea", "text", "text", "int8"]
 
 _UPSERT_DEVICES: Final = """
@@ -179,24 +182,61 @@ class BatchWriter:
         self._max_seq: dict[str, int | None] = {}
         #: Fast-path batches rolled back on a unique violation and written the slow way.
         self.fast_path_conflicts = 0
+        #: device_id → (received, stored) time of its last state written: see :meth:`_in_order`.
+        self._presence_at: dict[str, tuple[datetime, datetime]] = {}
 
     def write(self, rows: Rows, encoded: EncodedEvents | None = None) -> WriteResult:
         """Write ``rows``; ``encoded``, when given, must be :func:`encode_events` of its events."""
         try:
             if encoded is None:
                 encoded = _encode(rows)
+            states, presence_at = self._in_order(rows.states)
+            result: WriteResult | None = None
             if encoded.events and self._all_new(encoded):
                 try:
-                    return self._write(rows, encoded, fast=True)
+                    result = self._write(rows, encoded, states, fast=True)
                 except errors.UniqueViolation:
                     # the fast COPY came first in the transaction: all of it was rolled back
                     self.fast_path_conflicts += 1
-            return self._write(rows, encoded, fast=False)
+            if result is None:
+                result = self._write(rows, encoded, states, fast=False)
         except CopyEncodeError as exc:
             # as if the database had refused the value: the caller then tries each message
             raise psycopg.DataError(str(exc)) from exc
+        if presence_at:
+            if len(self._presence_at) + len(presence_at) > MAX_CACHED_DEVICES:
+                self._presence_at.clear()
+            self._presence_at.update(presence_at)
+        return result
 
-    def _write(self, rows: Rows, encoded: EncodedEvents, *, fast: bool) -> WriteResult:
+    def _in_order(
+        self, states: list[StateRow]
+    ) -> tuple[list[StateRow], dict[str, tuple[datetime, datetime]]]:
+        """``states`` with times that keep each device's arrival order in ``device_presence``.
+
+        Every message of one socket read shares its ``received_at``, so a device that went
+        offline and online again within one read would store two rows at one instant, and the
+        presence history (ordered by time) could list them either way round. A state received at
+        or after its device's previous one but not after the time that one was stored at is put
+        :data:`_PRESENCE_STEP` after it; an earlier time (a retained copy's own ``ts``) is left
+        as it is. Returns the rows and the device times to remember once they are committed."""
+        if not states:
+            return states, {}
+        known = self._presence_at
+        seen: dict[str, tuple[datetime, datetime]] = {}
+        out: list[StateRow] = []
+        for s in states:
+            before = seen.get(s.device_id) or known.get(s.device_id)
+            if before is not None and before[0] <= s.state_at <= before[1]:
+                out.append(replace(s, state_at=before[1] + _PRESENCE_STEP))
+            else:
+                out.append(s)
+            seen[s.device_id] = (s.state_at, out[-1].state_at)
+        return out, seen
+
+    def _write(
+        self, rows: Rows, encoded: EncodedEvents, states: list[StateRow], *, fast: bool
+    ) -> WriteResult:
         events = encoded.events
         with self.conn.transaction():
             if fast:
@@ -227,14 +267,14 @@ class BatchWriter:
                     ),
                 )
             new_missing, gaps = self._upsert_devices(encoded, stored)
-            self._upsert_states(rows.states)
+            self._upsert_states(states)
         return WriteResult(
             stored=stored,
             duplicates=len(rows.events) - len(stored),
             quarantine=rows.quarantine,
             new_missing=new_missing,
-            states=len(rows.states),
-            state_rows=rows.states,
+            states=len(states),
+            state_rows=states,
             gap_devices=gaps,
         )
 

@@ -342,6 +342,70 @@ def test_state_updates_the_registry(conn: psycopg.Connection[Any]) -> None:
     assert reason[0].startswith("state: ")
 
 
+def _state(value: str, received_at: Any, *, device: str = "cr-1", retain: bool = False) -> Inbound:
+    body = {"state": value, "boot": 1, "agent_version": "1.2.0", "ts": T0.isoformat()}
+    return Inbound(
+        f"campus/v1/sch-1/{device}/state", msgspec.json.encode(body), 1, 1, received_at, retain
+    )
+
+
+def _presence(conn: psycopg.Connection[Any], device_id: str) -> list[tuple[Any, str]]:
+    return conn.execute(
+        "SELECT time, state FROM device_presence WHERE device_id = %s ORDER BY time", (device_id,)
+    ).fetchall()
+
+
+def test_states_of_one_read_keep_their_arrival_order(conn: psycopg.Connection[Any]) -> None:
+    """Every message of one socket read shares its received_at: a device that went offline and
+    back within one read must not store two rows at one instant (their order would be the
+    database's choice; CI once saw the presence history list online before offline)."""
+    writer = BatchWriter(conn)
+    read = T0 + timedelta(hours=1)
+    us = timedelta(microseconds=1)
+    got = writer.write(
+        rows(
+            _state("offline", read),
+            _state("online", read, device="cr-2"),
+            _state("online", read),
+            _state("online", read),
+        )
+    )
+    assert [(s.device_id, s.state_at) for s in got.state_rows] == [
+        ("cr-1", read),
+        ("cr-2", read),
+        ("cr-1", read + us),
+        ("cr-1", read + 2 * us),
+    ]
+    # the same read's rest in the next batch still comes after; a later read is left as it is
+    writer.write(rows(_state("offline", read)))
+    writer.write(rows(_state("online", read + timedelta(seconds=1))))
+    assert _presence(conn, "cr-1") == [
+        (read, "offline"),
+        (read + us, "online"),
+        (read + 2 * us, "online"),
+        (read + 3 * us, "offline"),
+        (read + timedelta(seconds=1), "online"),
+    ]
+    assert device(conn, "cr-1")["state_at"] == read + timedelta(seconds=1)
+    # a retained copy's own ts, older than what was stored, is not moved
+    writer.write(rows(_state("offline", read + timedelta(seconds=2), retain=True)))
+    assert _presence(conn, "cr-1")[0] == (T0, "offline")
+
+
+def test_a_rolled_back_batch_does_not_move_the_next_ones_states(
+    conn: psycopg.Connection[Any],
+) -> None:
+    writer = BatchWriter(conn)
+    read = T0 + timedelta(hours=1)
+    bad = Rows(states=rows(_state("online", read)).states)
+    conn.execute("ALTER TABLE device_presence ADD CONSTRAINT no_online CHECK (state <> 'online')")
+    with pytest.raises(psycopg.errors.CheckViolation):
+        writer.write(bad)
+    conn.execute("ALTER TABLE device_presence DROP CONSTRAINT no_online")
+    writer.write(bad)  # the retry of the same rows stores them at their own time
+    assert _presence(conn, "cr-1") == [(read, "online")]
+
+
 @pytest.mark.slow
 def test_fast_path_over_many_batches(conn: psycopg.Connection[Any]) -> None:
     """100k card taps in batches of 5000 from 100 devices, all by the fast path. (Its speed is
