@@ -275,6 +275,6 @@ def silent_devices(
         "SELECT device_id, school_id, last_seen, state_at, state FROM devices"
         " WHERE last_seen < now() - make_interval(secs => %s)"
         " AND last_seen >= now() - make_interval(secs => %s)"
-        " ORDER BY last_seen DESC LIMIT %s",
+        " ORDER BY last_seen DESC, device_id LIMIT %s",
         (silent_s, lookback_s, limit),
     ).fetchall()

@@ -584,7 +584,7 @@ class ControlPlane:
             rows = conn.execute(
                 "SELECT id, school_id, device_id, name, args, expires_at FROM commands"
                 " WHERE status = 'pending' AND expires_at > now() AND NOT id = ANY(%s)"
-                " ORDER BY created_at LIMIT %s",
+                " ORDER BY created_at, id LIMIT %s",
                 (busy_cmds, room),
             ).fetchall()
             for cmd_id, school_id, device_id, name, args, expires_at in rows:
@@ -596,7 +596,7 @@ class ControlPlane:
             rows = conn.execute(
                 "SELECT device_id, school_id, version, document::text FROM device_config"
                 " WHERE published_version IS DISTINCT FROM version AND NOT device_id = ANY(%s)"
-                " ORDER BY updated_at LIMIT %s",
+                " ORDER BY updated_at, device_id LIMIT %s",
                 (busy_devs, room),
             ).fetchall()
             for device_id, school_id, version, document in rows:
