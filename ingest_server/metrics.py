@@ -221,6 +221,16 @@ class IngestMetrics:
             "Storage maintenance steps that gave up waiting for a lock (tried again later).",
             ["step"],
         )
+        self.api_answer_cache = Counter(
+            "campus_api_answer_cache_total",
+            "Rollup requests by how they were answered: hit (an answer kept while its table is "
+            "unchanged), not_modified (304 to If-None-Match), miss (rendered, kept), bypass "
+            "(Cache-Control: no-cache), uncacheable (a view: always rendered).",
+            ["result"],
+        )
+        self.api_answer_cache_bytes = Gauge(
+            "campus_api_answer_cache_bytes", "Bytes of rollup answers kept by the API."
+        )
         a = "campus_alert"
         self.alert_notifications = Counter(
             f"{a}_notifications_total",

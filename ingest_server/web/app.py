@@ -20,6 +20,7 @@ from ingest_server.metrics import CONTENT_TYPE, IngestMetrics
 from ingest_server.web import api_docs
 from ingest_server.web.api import (
     access,
+    answer_cache,
     auth,
     data,
     devices,
@@ -82,6 +83,7 @@ def create_app(
         app.state.live = LiveHub()
         app.state.live_slots = live.new_slots()
         app.state.export_slots = export.new_slots()
+        app.state.answer_cache = answer_cache.AnswerCache()
         app.include_router(devices.router)
         app.include_router(schools_api.router)
         app.include_router(data.router)

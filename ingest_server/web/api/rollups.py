@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Any, Final, Generic, Literal, LiteralString, TypeVar
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
-from ingest_server.web.api import access, auth, sqljson
+from ingest_server.web.api import access, answer_cache, auth, sqljson
 from ingest_server.web.api.common import (
     NAME_PATTERN,
     Conn,
@@ -216,9 +216,46 @@ def _fetch_json(
     return sqljson.wrapped(b'{"items":[', items, b'],"truncated":' + more + b"}")
 
 
+def _cached(
+    request: Request,
+    conn: Conn,
+    spec: RollupSpec,
+    conds: list[tuple[LiteralString, Any]],
+    principal: auth.Principal,
+) -> Response:
+    """The answer from :func:`_fetch_json`, or the one rendered for the same request while
+    ``spec``'s table has not changed since (``If-None-Match`` on it: a 304)."""
+    cache: answer_cache.AnswerCache = request.app.state.answer_cache
+    counted = request.app.state.metrics.api_answer_cache
+    valid = answer_cache.validator(conn, spec.relation)  # before rendering: see answer_cache
+    if valid is None:
+        counted.inc(result="uncacheable")
+        return Response(_fetch_json(conn, spec, conds, principal), media_type=JSON)
+    schools = None if principal.schools is None else tuple(sorted(principal.schools))
+    # the rendering's own text too: a server that renders otherwise (an upgrade) never
+    # answers 304 to a copy rendered the old way
+    key = (spec.name, _LINE_TEXT[spec.name], MAX_ROWS, schools, tuple(conds))
+    tag = answer_cache.etag(key, valid)
+    headers = {"ETag": tag, "Cache-Control": "private, no-cache"}
+    if answer_cache.matches(request.headers.get("if-none-match"), tag):
+        counted.inc(result="not_modified")
+        return Response(status_code=304, headers=headers)
+    fresh = "no-cache" in request.headers.get("cache-control", "").lower()
+    body = None if fresh else cache.get(key, valid)
+    if body is None:
+        counted.inc(result="bypass" if fresh else "miss")
+        body = _fetch_json(conn, spec, conds, principal)
+        cache.put(key, valid, body)
+    else:
+        counted.inc(result="hit")
+    request.app.state.metrics.api_answer_cache_bytes.set(cache.size)
+    return Response(body, media_type=JSON, headers=headers)
+
+
 #: Each rollup's row as JSON text (built once, at import: a field type sqljson cannot render
 #: fails here, not on a request).
 _LINES: Final = {spec.name: sqljson.object_sql(spec.model) for spec in ROLLUPS}
+_LINE_TEXT: Final = {name: line.as_string(None) for name, line in _LINES.items()}
 
 
 def _range(spec: RollupSpec, conn: Conn, now: datetime, start: Any, end: Any) -> list[Any]:
@@ -234,6 +271,7 @@ def _route(spec: RollupSpec) -> Callable[..., Response]:
     """The endpoint for ``spec``: query parameters school, from, to, then the spec's filters."""
 
     def endpoint(
+        request: Request,
         conn: Conn,
         *,
         principal: auth.Principal,
@@ -245,8 +283,9 @@ def _route(spec: RollupSpec) -> Callable[..., Response]:
     ) -> Response:
         conds = [("school_id = %s", school), *_range(spec, conn, now, start, end)]
         conds += [(f.condition, keys[f.param]) for f in spec.filters]
-        # the JSON value the model gives (test_rollups checks it)
-        return Response(_fetch_json(conn, spec, conds, principal), media_type=JSON)
+        # the JSON value the model gives (test_rollups checks it), kept for the next identical
+        # request while the table is unchanged (answer_cache)
+        return _cached(request, conn, spec, conds, principal)
 
     day = spec.range == "day"
     query = [
@@ -259,6 +298,9 @@ def _route(spec: RollupSpec) -> Callable[..., Response]:
     # FastAPI reads the parameters from the signature: the same ones a hand-written def had
     endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [
+            inspect.Parameter(
+                "request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request
+            ),
             inspect.Parameter("conn", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Conn),
             inspect.Parameter("principal", kw, annotation=access.Caller),
             inspect.Parameter("now", kw, annotation=Now),
