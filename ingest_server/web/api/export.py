@@ -177,33 +177,59 @@ def ndjson_pages(
     lines, tail = _fetch_lines(pool, q.first, [*q.params, limit])
     while lines:
         if len(lines) < limit:
-            yield b"\n".join(lines) + b"\n"
+            lines.append(b"")  # the last line's newline, without a second copy of the page
+            yield b"\n".join(lines)
             return
         last = tail[0]
         ties, _ = _fetch_lines(pool, q.ties, [*q.params, *last])
-        yield b"\n".join([*lines[: len(lines) - len(tail)], *ties]) + b"\n"
+        yield b"\n".join([*lines[: len(lines) - len(tail)], *ties, b""])
         lines, tail = _fetch_lines(pool, q.after, [*q.params, last[0], *last, limit])
+
+
+#: Pages fetched and waiting while one is being sent (a page of events is ~1.3 MB).
+AHEAD: Final = 1
 
 
 async def stream_rows(header: str, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
     """Header, then ``chunks`` (a page each).
 
-    A worker thread fetches and renders the next page while this one is sent, so the
-    database's work, ours and the client's reading overlap (the export ran at ~0.8x the raw
-    SQL's rate one page after the other); at most two pages are held, and a page fetched ahead
-    holds no connection.
+    A worker thread fetches and renders the pages one after the other while earlier ones are
+    sent, so the database's work, ours and the client's reading overlap: the database, the
+    export's slowest part, starts its next page the moment it is done with one, not when the
+    client has read the page before (one page ahead, the export ran at 0.89-0.92x the raw
+    SQL's rate; one after the other, ~0.8x). At most ``AHEAD`` pages wait, one is sent and one
+    fetched; a page being fetched holds a connection only for its query.
     """
     if header:
         yield header.encode()
-    ahead = asyncio.ensure_future(run_in_threadpool(next, chunks, None))
+    ready: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(AHEAD)
+    producer = asyncio.ensure_future(_produce(chunks, ready))
     try:
-        while (chunk := await ahead) is not None:
-            ahead = asyncio.ensure_future(run_in_threadpool(next, chunks, None))
+        while (chunk := await ready.get()) is not None:
+            if isinstance(chunk, BaseException):
+                raise chunk
             yield chunk
     finally:
-        if not ahead.done():  # the client went away: the page being fetched is dropped
-            ahead.cancel()
-            ahead.add_done_callback(_drop)
+        # the client went away (or a page failed): the page being fetched is dropped
+        producer.cancel()
+
+
+async def _produce(chunks: Iterator[bytes], ready: asyncio.Queue[Any]) -> None:
+    """Each page of ``chunks`` (fetched on a worker thread) into ``ready``, then None; a page
+    that fails is put there too, for the sender to raise."""
+    while True:
+        fetch = asyncio.ensure_future(run_in_threadpool(next, chunks, None))
+        try:
+            chunk = await asyncio.shield(fetch)
+        except asyncio.CancelledError:
+            fetch.add_done_callback(_drop)  # the thread runs on; its page is not wanted
+            raise
+        except Exception as exc:  # noqa: BLE001  # handed to the sender, which raises it
+            await ready.put(exc)
+            return
+        await ready.put(chunk)
+        if chunk is None:
+            return
 
 
 def _drop(task: asyncio.Future[Any]) -> None:
