@@ -239,6 +239,36 @@ def api_server(db_url: str, now: Callable[[], datetime] | None = None) -> Iterat
         app.state.pool.close()
 
 
+@dataclass
+class SeededApi:
+    http: HttpServer
+    tokens: dict[str, str]
+    seeded: Seeded
+    db_url: str
+
+
+@contextmanager
+def seeded_api(
+    pg: Any,
+    prefix: str,
+    more_tokens: Callable[[psycopg.Connection[Any]], dict[str, str]] | None = None,
+) -> Iterator[SeededApi]:
+    """A database of its own on ``pg`` (a ``harness.Postgres``), seeded, with the ``read`` and
+    ``admin`` tokens (and whatever ``more_tokens`` makes), and the API over it; dropped after."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    db_url = pg.create_database(name)
+    try:
+        seeded = seed(db_url)
+        tokens = make_tokens(db_url)
+        if more_tokens is not None:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                tokens.update(more_tokens(conn))
+        with api_server(db_url) as http:
+            yield SeededApi(http, tokens, seeded, db_url)
+    finally:
+        pg.drop_database(name)
+
+
 def get(url: str, token: str | None, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
     """Status, headers and body of a GET."""
     headers = {} if token is None else {"Authorization": f"Bearer {token}"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from email.message import Message
@@ -20,7 +19,7 @@ import pytest
 
 from ingest_server.web.api import auth
 from ingest_server.web.app import HttpServer
-from simulators.api_seed import DAY0, api_server, get, make_tokens, seed
+from simulators.api_seed import DAY0, get, seeded_api
 from simulators.harness import Postgres
 
 pytestmark = pytest.mark.integration
@@ -67,18 +66,11 @@ class Api:
 
 @pytest.fixture(scope="module")
 def api(pg_server: Postgres) -> Iterator[Api]:
-    name = f"t_cache_{uuid.uuid4().hex[:8]}"
-    db_url = pg_server.create_database(name)
-    try:
-        seed(db_url)
-        tokens = make_tokens(db_url)
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            tokens["s001"] = auth.create_token(conn, "tech-1", "reader", ["s001"])[1]
-            tokens["s002"] = auth.create_token(conn, "tech-2", "reader", ["s002"])[1]
-        with api_server(db_url) as http:
-            yield Api(http, db_url, tokens)
-    finally:
-        pg_server.drop_database(name)
+    def readers(conn: psycopg.Connection[Any]) -> dict[str, str]:
+        return {s: auth.create_token(conn, f"tech-{s}", "reader", [s])[1] for s in ("s001", "s002")}
+
+    with seeded_api(pg_server, "t_cache", readers) as seeded:
+        yield Api(seeded.http, seeded.db_url, seeded.tokens)
 
 
 @pytest.fixture

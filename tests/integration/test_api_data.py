@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import typing
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from importlib import metadata
@@ -35,8 +34,7 @@ from simulators.api_seed import (
     api_server,
     get,
     get_json,
-    make_tokens,
-    seed,
+    seeded_api,
 )
 from simulators.harness import Postgres
 
@@ -62,15 +60,8 @@ class Api:
 @pytest.fixture(scope="module")
 def api(pg_server: Postgres) -> Iterator[Api]:
     """One seeded database and server for the module: tests that insert use their own range."""
-    name = f"t_api_{uuid.uuid4().hex[:8]}"
-    db_url = pg_server.create_database(name)
-    try:
-        seeded = seed(db_url)
-        tokens = make_tokens(db_url)
-        with api_server(db_url) as http:
-            yield Api(http, tokens, seeded, db_url)
-    finally:
-        pg_server.drop_database(name)
+    with seeded_api(pg_server, "t_api") as seeded:
+        yield Api(seeded.http, seeded.tokens, seeded.seeded, seeded.db_url)
 
 
 def walk(api: Api, path: str, **params: Any) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
-from uuid import uuid4
 
 import msgspec
 import psycopg
@@ -26,7 +25,7 @@ from ingest_server.web.api import access, auth
 from ingest_server.web.app import HttpServer
 from ingest_server.web.live import LiveHub
 from schemas.uplink import ValidEvent
-from simulators.api_seed import DAY0, T0, api_server, make_tokens, seed
+from simulators.api_seed import DAY0, T0, seeded_api
 from simulators.harness import Postgres
 from tests.api_client import call
 
@@ -131,21 +130,17 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(pg_server: Postgres) -> Iterator[Stack]:
-    name = f"t_roles_{uuid4().hex[:8]}"
-    db_url = pg_server.create_database(name)
-    try:
-        seed(db_url)
-        tokens = make_tokens(db_url)
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            tokens["district"] = tokens.pop("admin")
-            tokens["school_a"] = auth.create_token(conn, "tech-a", "school_admin", [A])[1]
-            tokens["reader_b"] = auth.create_token(conn, "bureau-b", "reader", [B])[1]
-            tokens["service"] = auth.create_token(conn, "platform", "service")[1]
-            _seed_school_b(conn)
-        with api_server(db_url) as http:
-            yield Stack(http, tokens, db_url)
-    finally:
-        pg_server.drop_database(name)
+    def more(conn: psycopg.Connection[Any]) -> dict[str, str]:
+        _seed_school_b(conn)
+        return {
+            "school_a": auth.create_token(conn, "tech-a", "school_admin", [A])[1],
+            "reader_b": auth.create_token(conn, "bureau-b", "reader", [B])[1],
+            "service": auth.create_token(conn, "platform", "service")[1],
+        }
+
+    with seeded_api(pg_server, "t_roles", more) as api:
+        api.tokens["district"] = api.tokens.pop("admin")
+        yield Stack(api.http, api.tokens, api.db_url)
 
 
 def _seed_school_b(conn: psycopg.Connection[Any]) -> None:
