@@ -68,7 +68,12 @@ class Proc:
         return code
 
     def tail(self, n: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+        """The log's last ``n`` characters (for a failure's message)."""
+        return self.text()[-n:]
+
+    def text(self) -> str:
+        """The whole log so far (for what it must or must not say anywhere)."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 class IngestServer(Proc):

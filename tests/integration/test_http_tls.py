@@ -200,6 +200,6 @@ def test_ingest_server_process_serves_https(
         wait_until(healthy, 60, "ingest-server /healthz over https")
         status, body = _https_get(proc.http_port, ctx, "/healthz")
         assert (status, json.loads(body)["db"]) == (200, "ok")
-        assert "https://127.0.0.1:" in proc.tail()  # it says where it listens
+        assert "https://127.0.0.1:" in proc.text()  # it says where it listens
     finally:
         proc.terminate()

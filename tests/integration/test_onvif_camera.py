@@ -175,7 +175,7 @@ pull_timeout_s = 1
             quarantined = conn.execute("SELECT count(*) FROM quarantine").fetchone()
         assert ("CC-2040", True) in health
         assert quarantined == (0,)
-        assert PASSWORD not in agent.tail()
+        assert PASSWORD not in agent.text()
     finally:
         agent.terminate()
         server.terminate()
