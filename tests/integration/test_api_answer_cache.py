@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 import psycopg
 import pytest
 
-from ingest_server.web.api import auth
+from ingest_server.web.api import auth, rollups
 from ingest_server.web.app import HttpServer
 from simulators.api_seed import DAY0, get, seeded_api
 from simulators.harness import Postgres
@@ -134,6 +134,31 @@ def test_a_change_in_an_open_transaction_is_not_seen_until_it_commits(api_fresh:
         assert api.taps() == kept  # not committed: the kept answer is still the truth
         conn.commit()
     assert set(api.taps().values()) == {0}
+
+
+def test_a_change_committed_while_an_answer_renders_is_not_hidden_by_it(
+    api_fresh: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The validator is read before rendering: a change that commits just after the rendering
+    (before the answer is stored) still moves the validator past the stored one, so the next
+    request renders afresh. (Read after rendering, the old answer would be stored under the new
+    generation and served until the next change.)"""
+    api = api_fresh
+    render = rollups._fetch_json
+    changed: list[bool] = []
+
+    def render_then_commit_a_change(*args: Any) -> bytes:
+        body = render(*args)
+        if not changed:  # the server runs in this process: the change lands right here
+            api.sql("UPDATE card_taps_daily SET taps = taps + 1000")
+            changed.append(True)
+        return body
+
+    monkeypatch.setattr(rollups, "_fetch_json", render_then_commit_a_change)
+    before = api.taps()
+    after = api.taps()
+    assert changed
+    assert after == {k: v + 1000 for k, v in before.items()}
 
 
 def test_rows_written_while_the_trigger_was_disabled_are_not_missed(api_fresh: Api) -> None:
