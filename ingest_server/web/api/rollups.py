@@ -311,6 +311,14 @@ def _route(spec: RollupSpec) -> Callable[..., Response]:
     return endpoint
 
 
+#: What the table rollups may also answer (docs/api.md, "Rollup answers kept, ETag and 304").
+_NOT_MODIFIED: Final[dict[int | str, dict[str, Any]]] = {
+    304: {
+        "description": "Not Modified: `If-None-Match` named the answer's current `ETag` "
+        "(its table unchanged since); no body"
+    }
+}
+
 for _spec in ROLLUPS:
     router.add_api_route(
         _spec.path,
@@ -319,6 +327,7 @@ for _spec in ROLLUPS:
         name=_spec.name,
         summary=_spec.summary,
         response_model=Rollup[_spec.model],  # type: ignore[name-defined]
+        responses=_NOT_MODIFIED,
     )
 
 
