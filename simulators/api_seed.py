@@ -28,6 +28,7 @@ from ingest_server.web.api import auth
 from ingest_server.web.api.common import utc_now
 from ingest_server.web.api.enrol import EnrolmentState
 from ingest_server.web.app import HttpServer, create_app
+from simulators.harness import Postgres
 
 T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 DAY0 = date(2026, 11, 20)
@@ -249,11 +250,11 @@ class SeededApi:
 
 @contextmanager
 def seeded_api(
-    pg: Any,
+    pg: Postgres,
     prefix: str,
     more_tokens: Callable[[psycopg.Connection[Any]], dict[str, str]] | None = None,
 ) -> Iterator[SeededApi]:
-    """A database of its own on ``pg`` (a ``harness.Postgres``), seeded, with the ``read`` and
+    """A database of its own on ``pg``, seeded, with the ``read`` and
     ``admin`` tokens (and whatever ``more_tokens`` makes), and the API over it; dropped after."""
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     db_url = pg.create_database(name)

@@ -245,10 +245,10 @@ def _cached(
     if body is None:
         counted.inc(result="bypass" if fresh else "miss")
         body = _fetch_json(conn, spec, conds, principal)
-        cache.put(key, valid, body)
+        cache.put(key, valid, body)  # the only change to what is held: the gauge follows it
+        request.app.state.metrics.api_answer_cache_bytes.set(cache.size)
     else:
         counted.inc(result="hit")
-    request.app.state.metrics.api_answer_cache_bytes.set(cache.size)
     return Response(body, media_type=JSON, headers=headers)
 
 
